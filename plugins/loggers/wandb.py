@@ -1,0 +1,62 @@
+"""Weights & Biases logger: online with a key, offline (syncable later) without one."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from rlhf.registry import register
+
+
+def _has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+@register("logger", "wandb")
+class WandbLogger:
+    @dataclass
+    class Config:
+        project: str = "rlhf"  # wandb project
+        entity: Optional[str] = None  # team or user; null: your default
+        group: Optional[str] = None  # run group (sweeps put their runs in one group)
+        name: Optional[str] = None  # run name; null: wandb picks one
+        mode: str = "auto"  # auto: online if a key is set, else offline; online, offline, disabled
+        init_timeout: float = 30.0  # seconds to wait for the server before falling back to offline
+
+    def __init__(self, cfg: Config):
+        if cfg.mode not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb.mode={cfg.mode!r}: use auto, online, offline or disabled")
+        self.cfg = cfg
+        self.run = None
+
+    def start(self, run_dir: str, config: Mapping[str, Any]) -> None:
+        import wandb
+
+        mode = self.cfg.mode
+        if mode == "auto":
+            mode = "online" if _has_key() else "offline"
+        kwargs = dict(
+            project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group, name=self.cfg.name,
+            dir=run_dir, config=dict(config), reinit="finish_previous",
+            settings=wandb.Settings(init_timeout=self.cfg.init_timeout, silent=True),
+        )
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # no network or a bad key: keep the run, log offline
+            if mode != "online":
+                raise
+            warnings.warn(f"wandb online init failed ({e}); logging offline to {run_dir}/wandb", stacklevel=1)
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        for k, v in summary.items():
+            self.run.summary[k] = v
+        self.run.finish()

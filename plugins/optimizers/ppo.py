@@ -1,0 +1,111 @@
+"""PPO for RLHF, as in Ziegler et al. (2019) and Huang et al. (2024), "The N+ Implementation
+Details of RLHF with PPO": per-token KL penalty, score on the last token, GAE, whitened
+advantages, clipped ratio and value losses, several epochs over minibatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf import numerics
+from rlhf.interfaces import Rollout
+from rlhf.registry import register
+
+
+@register("optimizer", "ppo")
+class PPO:
+    @dataclass
+    class Config:
+        lr: float = 3e-3  # Adam learning rate for adapters and value head
+        beta: float = 0.05  # KL penalty coefficient (initial value if adaptive_kl)
+        kl_estimator: str = "k1"  # per-token KL in the reward: k1 (log ratio) or k3
+        adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
+        kl_target: float = 6.0  # target sequence KL of the adaptive controller
+        kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
+        gamma: float = 1.0  # discount over response tokens
+        gae_lambda: float = 0.95  # GAE lambda
+        clip_coef: float = 0.2  # policy ratio clipping epsilon
+        clip_coef_value: float = 0.2  # value prediction clipping around the rollout values
+        vf_coef: float = 0.1  # weight of the value loss
+        ppo_epochs: int = 4  # passes over each rollout batch
+        num_minibatches: int = 4  # minibatches per pass
+        whiten_advantages: bool = True  # normalise advantages over the batch
+        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
+
+    needs_value_head = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.kl_ctl = numerics.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+
+    def setup(self, policy, temperature: float) -> None:
+        self.policy, self.temperature = policy, temperature
+        self.params = list(policy.trainable_parameters())
+        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr, eps=1e-5)
+
+    def update(self, r: Rollout) -> dict[str, float]:
+        c, mask = self.cfg, r.mask
+        beta = self.kl_ctl.beta
+        with torch.no_grad():
+            kl = numerics.kl_per_token(r.logprobs, r.ref_logprobs, c.kl_estimator)  # (B, T)
+            rewards = numerics.kl_penalized_rewards(r.scores, kl, mask, beta)  # (B, T)
+            advantages, returns = numerics.gae(rewards, r.values, mask, c.gamma, c.gae_lambda)
+            if c.whiten_advantages:
+                advantages = numerics.masked_whiten(advantages, mask)
+
+        B = r.input_ids.shape[0]
+        mb_size = max(1, B // c.num_minibatches)
+        stats: dict[str, list[float]] = {}
+        self.policy.train()
+        for _ in range(c.ppo_epochs):
+            for idx in torch.randperm(B, device=mask.device).split(mb_size):
+                m = mask[idx]
+                logits, vpred = self.policy.forward(r.input_ids[idx], r.attention_mask[idx], r.query_len)
+                new_logprobs = numerics.logprobs_of(logits, r.input_ids[idx, r.query_len :], self.temperature)
+                logratio = (new_logprobs - r.logprobs[idx]) * m  # (b, T)
+                ratio = torch.exp(logratio)
+                adv = advantages[idx]
+                pg_loss1 = -adv * ratio
+                pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
+                pg_loss = numerics.masked_mean(torch.max(pg_loss1, pg_loss2), m)
+
+                old_values, ret = r.values[idx], returns[idx]
+                vpred_clipped = old_values + torch.clamp(vpred - old_values, -c.clip_coef_value, c.clip_coef_value)
+                vf_loss1 = (vpred - ret) ** 2
+                vf_loss2 = (vpred_clipped - ret) ** 2
+                vf_loss = 0.5 * numerics.masked_mean(torch.max(vf_loss1, vf_loss2), m)
+
+                loss = pg_loss + c.vf_coef * vf_loss
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                    if c.max_grad_norm > 0 else torch.tensor(float("nan"))
+                )
+                self.opt.step()
+
+                with torch.no_grad():
+                    for name, value in {
+                        "loss/policy": pg_loss,
+                        "loss/value": vf_loss,
+                        "policy/approx_kl": numerics.masked_mean((ratio - 1) - logratio, m),
+                        "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
+                        "policy/entropy": numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), m),
+                        "val/clipfrac": numerics.masked_mean((vf_loss2 > vf_loss1).float(), m),
+                        "optim/grad_norm": grad_norm,
+                    }.items():
+                        stats.setdefault(name, []).append(float(value))
+
+        seq_kl = (kl * mask).sum(1).mean().item()
+        if c.adaptive_kl:
+            self.kl_ctl.update(seq_kl, B)
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out.update({
+            "objective/beta": beta,
+            "objective/kl_penalty": -beta * seq_kl,
+            "val/explained_var": numerics.explained_variance(r.values, returns, mask).item(),
+            "val/mean": numerics.masked_mean(r.values, mask).item(),
+        })
+        return out

@@ -1,0 +1,61 @@
+"""LengthSampler: each query is a prompt's first n tokens, n drawn from [min, max)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from rlhf.registry import register
+
+
+@register("sampler", "length")
+class LengthSampler:
+    @dataclass
+    class Config:
+        min_query_tokens: int = 2  # shortest query (inclusive)
+        max_query_tokens: int = 8  # longest query (exclusive)
+        temperature: float = 1.0  # sampling temperature; log-probs use the same scaled logits
+        top_k: int = 0  # 0: off. >0 samples from a truncated pi: KL estimates are biased
+        top_p: float = 1.0  # 1: off. <1 samples from a truncated pi: KL estimates are biased
+        num_beams: int = 1  # >1: beam search, not samples from pi
+        repetition_penalty: float = 1.0  # 1: off. Changes the sampling distribution
+        min_new_tokens: int = 0  # >0 forbids EOS early: samples no longer from pi
+        max_new_tokens: int = 24  # response length cap
+        do_sample: bool = True  # false: greedy decoding
+
+    def __init__(self, cfg: Config):
+        if not 1 <= cfg.min_query_tokens < cfg.max_query_tokens:
+            raise ValueError(
+                f"sampler: need 1 <= min_query_tokens < max_query_tokens, got "
+                f"{cfg.min_query_tokens} and {cfg.max_query_tokens}"
+            )
+        if cfg.temperature <= 0:
+            raise ValueError(f"sampler.temperature must be > 0, got {cfg.temperature}")
+        self.cfg = cfg
+        self.temperature = cfg.temperature
+
+    def sample(self, prompts: Sequence[list[int]], rng: Any) -> list[list[int]]:
+        c = self.cfg
+        return [p[: rng.randrange(c.min_query_tokens, c.max_query_tokens)] or p[:1] for p in prompts]
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        c = self.cfg
+        return dict(
+            do_sample=c.do_sample, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+            num_beams=c.num_beams, repetition_penalty=c.repetition_penalty,
+            min_new_tokens=c.min_new_tokens, max_new_tokens=c.max_new_tokens,
+        )
+
+    def kl_bias_warnings(self) -> list[str]:
+        c = self.cfg
+        biased = {
+            "sampler.top_k": c.top_k > 0, "sampler.top_p": c.top_p < 1,
+            "sampler.min_new_tokens": c.min_new_tokens > 0, "sampler.num_beams": c.num_beams > 1,
+            "sampler.repetition_penalty": c.repetition_penalty != 1.0, "sampler.do_sample": not c.do_sample,
+        }
+        return [
+            f"{name}={getattr(c, name.split('.')[1])} makes responses differ from samples of "
+            "pi(.|x) at the sampling temperature, so the KL penalty and KL metrics are biased "
+            "(and can go negative)"
+            for name, on in biased.items() if on
+        ]

@@ -1,0 +1,60 @@
+"""The typed schema of the core's part of the config.
+
+Stored in Hydra's ConfigStore as `rlhf_schema` and listed first in `conf/config.yaml`, so
+every YAML file and command-line override is checked against it: a typo such as
+`train.stpes=5` or `train.steps=five` fails at composition, before any model loads.
+Plugin groups (optimizer, reward, sampler, logger) are typed by their plugins' dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from rlhf.policy import PolicyConfig
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "embedded"  # "embedded", a local .txt/.jsonl/.json file, or a hub dataset name
+    text_field: str = "text"  # column holding the text (jsonl/json files and hub datasets)
+    split: str = "train"  # hub dataset split for training prompts
+    eval_split: Optional[str] = None  # hub split for held-out prompts; null: hold out from `split`
+    n_train: int = 2000  # training prompts drawn (embedded: generated; otherwise the first n)
+    n_eval: int = 64  # held-out prompts for evaluation
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60  # optimizer steps, each on one freshly collected batch
+    batch_size: int = 32  # prompts (rollouts) per step
+    save_final: bool = True  # save adapters + value head (safetensors) to <run>/final
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20  # evaluate every N steps (and always before the first and after the last)
+    samples: int = 8  # generations saved to <run>/samples/step_<N>.jsonl per evaluation
+    seed: int = 1234  # sampling seed of evaluation, fixed so evaluations are comparable
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # seeds python, numpy and torch; the default build is independent of it
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1, mps
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optimizer: Any = MISSING
+    reward: Any = MISSING
+    sampler: Any = MISSING
+    logger: Any = field(default_factory=dict)
+
+
+def store_schema() -> None:
+    ConfigStore.instance().store(name="rlhf_schema", node=RunConfig)

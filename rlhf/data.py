@@ -1,0 +1,65 @@
+"""Prompt sets: the embedded review generator, a local file, or a hub dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf.config import DataConfig
+
+# The embedded prompts come from seeds of their own, apart from the build's and the run's,
+# so runs with different seeds are evaluated on the same held-out prompts.
+EMBEDDED_TRAIN_SEED, EMBEDDED_EVAL_SEED = 10_001, 10_002
+
+
+def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts) as text."""
+    if cfg.prompts == "embedded":
+        from rlhf.embedded.corpus import reviews
+
+        train = [t for t, _ in reviews(cfg.n_train, EMBEDDED_TRAIN_SEED)]
+        held_out = [t for t, _ in reviews(cfg.n_eval, EMBEDDED_EVAL_SEED)]
+    elif Path(cfg.prompts).suffix in (".txt", ".jsonl", ".json"):
+        texts = _read_file(Path(cfg.prompts), cfg.text_field)
+        held_out, train = texts[: cfg.n_eval], texts[cfg.n_eval : cfg.n_eval + cfg.n_train]
+    else:
+        train, held_out = _read_hub(cfg)
+    for name, texts in (("training", train), ("held-out", held_out)):
+        if not texts:
+            raise ValueError(
+                f"data.prompts={cfg.prompts!r} gave no {name} prompts; it needs at least "
+                f"data.n_eval + 1 = {cfg.n_eval + 1} non-empty texts"
+            )
+    return train, held_out
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.prompts: no such file {path}")
+    lines = path.read_text().splitlines()
+    if path.suffix == ".txt":
+        return [line for line in lines if line.strip()]
+    rows = json.loads(path.read_text()) if path.suffix == ".json" else [json.loads(x) for x in lines if x.strip()]
+    texts = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise ValueError(f"{path}: row {i} has no string field {field!r} (set data.text_field)")
+        if row[field].strip():
+            texts.append(row[field])
+    return texts
+
+
+def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"data.prompts={cfg.prompts!r} names a hub dataset, which needs the `datasets` "
+            "package: pip install datasets"
+        ) from e
+    train = datasets.load_dataset(cfg.prompts, split=cfg.split)[cfg.text_field]
+    if cfg.eval_split:
+        held_out = datasets.load_dataset(cfg.prompts, split=cfg.eval_split)[cfg.text_field][: cfg.n_eval]
+    else:
+        held_out, train = train[: cfg.n_eval], train[cfg.n_eval :]
+    return list(train[: cfg.n_train]), list(held_out)

@@ -1,0 +1,225 @@
+"""Build the embedded default offline: tokenizer, SFT policy and sentiment classifier.
+
+Everything comes from the review generator in `corpus.py`, deterministically from a
+seed. The result is cached under `$RLHF_HOME/embedded-<key>` (or
+`$XDG_CACHE_HOME/rlhf/...`, or `~/.cache/rlhf/...`) with a manifest of file hashes;
+a missing or damaged cache is rebuilt. Build into a temporary directory and rename,
+so a killed build never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rlhf.embedded import corpus
+
+VERSION = 1  # bump when the build recipe changes: old caches are then ignored
+EOS, PAD, UNK = "<|endoftext|>", "<pad>", "<unk>"
+LABEL_NAMES = ("NEGATIVE", "NEUTRAL", "POSITIVE")  # same order as corpus.LABELS
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    seed: int = 0
+    n_reviews: int = 8000  # training reviews for the policy and the classifier
+    vocab_size: int = 1024
+    policy_steps: int = 800
+    classifier_steps: int = 300
+    batch_size: int = 32
+
+    def key(self) -> str:
+        blob = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    if os.environ.get("RLHF_HOME"):
+        return Path(os.environ["RLHF_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "rlhf"
+
+
+def ensure_built(spec: BuildSpec = BuildSpec(), quiet: bool = False) -> Path:
+    """Path of a complete build for `spec`, building it first if missing or damaged."""
+    from filelock import FileLock
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"embedded-{spec.key()}"
+    if _is_complete(target):
+        return target
+    with FileLock(str(target) + ".lock"):  # parallel sweep jobs build once
+        if _is_complete(target):
+            return target
+        if target.exists():
+            if not quiet:
+                print(f"[rlhf] embedded default at {target} is damaged; rebuilding")
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+        try:
+            t0 = time.time()
+            if not quiet:
+                print(f"[rlhf] building the embedded default into {target} (one time, ~2 min)")
+            _build(spec, tmp, quiet)
+            _write_manifest(tmp, spec, time.time() - t0)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def policy_path(spec: BuildSpec = BuildSpec()) -> str:
+    return str(ensure_built(spec) / "policy")
+
+
+def sentiment_path(spec: BuildSpec = BuildSpec()) -> str:
+    return str(ensure_built(spec) / "sentiment")
+
+
+def _hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def _write_manifest(d: Path, spec: BuildSpec, seconds: float) -> None:
+    files = {str(p.relative_to(d)): _hash(p) for p in _files(d)}
+    manifest = {"spec": asdict(spec), "version": VERSION, "build_s": round(seconds, 1), "files": files}
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _is_complete(d: Path) -> bool:
+    try:
+        files = json.loads((d / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((d / f).is_file() and _hash(d / f) == h for f, h in files.items())
+
+
+# ---------------------------------------------------------------------------- build
+
+
+def _build(spec: BuildSpec, out: Path, quiet: bool) -> None:
+    import torch
+
+    torch.manual_seed(spec.seed)
+    data = corpus.reviews(spec.n_reviews, seed=spec.seed)
+    tokenizer = _train_tokenizer([t for t, _ in data], spec.vocab_size)
+    _train_policy(spec, tokenizer, [t for t, _ in data], out / "policy", quiet)
+    _train_classifier(spec, tokenizer, data, out / "sentiment", quiet)
+    (out / "corpus_sample.txt").write_text("\n".join(f"{lab}\t{t}" for t, lab in data[:50]) + "\n")
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD, UNK], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=128,
+    )
+
+
+def _batches(encoded: list[list[int]], batch_size: int, pad_id: int, steps: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((batch_size, width), pad_id)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        yield idx, ids, mask
+
+
+def _fit(model, batches, steps: int, lr: float, loss_fn, what: str, quiet: bool) -> None:
+    import torch
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    bar = tqdm(batches, total=steps, desc=f"[rlhf] {what}", disable=quiet, mininterval=2)
+    for batch in bar:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def _train_policy(spec: BuildSpec, tokenizer, texts: list[str], out: Path, quiet: bool) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=2, n_head=4,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    encoded = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+
+    def loss_fn(model, batch):
+        _, ids, mask = batch
+        labels = ids.masked_fill(mask == 0, -100)  # padding is not a target; EOS is
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    batches = _batches(encoded, spec.batch_size, tokenizer.pad_token_id, spec.policy_steps, spec.seed)
+    _fit(model, batches, spec.policy_steps, 3e-3, loss_fn, "SFT policy", quiet)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _train_classifier(spec: BuildSpec, tokenizer, data, out: Path, quiet: bool) -> None:
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=128, dim=64, hidden_dim=128,
+        n_layers=2, n_heads=4, pad_token_id=tokenizer.pad_token_id, num_labels=3,
+        id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)},
+    )
+    model = DistilBertForSequenceClassification(config)
+    encoded = [tokenizer(t)["input_ids"] for t, _ in data]
+    labels = torch.tensor([corpus.LABELS.index(lab) for _, lab in data])
+
+    def loss_fn(model, batch):
+        idx, ids, mask = batch
+        return model(input_ids=ids, attention_mask=mask, labels=labels[idx]).loss
+
+    batches = _batches(encoded, spec.batch_size, tokenizer.pad_token_id, spec.classifier_steps, spec.seed + 1)
+    _fit(model, batches, spec.classifier_steps, 2e-3, loss_fn, "sentiment classifier", quiet)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Build (or verify) the embedded default models.")
+    p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    args = p.parse_args(argv)
+    spec = BuildSpec()
+    if args.force:
+        shutil.rmtree(cache_root() / f"embedded-{spec.key()}", ignore_errors=True)
+    print(ensure_built(spec))

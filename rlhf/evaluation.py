@@ -1,0 +1,59 @@
+"""Held-out evaluation: reward, KL to the reference, response length, distinct-2, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhf import numerics, rollout
+from rlhf.interfaces import RewardSource
+from rlhf.policy import Policy
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Policy,
+    reward: RewardSource,
+    queries: Sequence[list[int]],
+    gen_kwargs: dict[str, Any],
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics on the fixed held-out queries, sampled with a fixed seed so steps compare.
+
+    `eval/kl` is the mean over prompts of sum_t (log pi - log pi_ref)(y_t), y ~ pi: a Monte
+    Carlo estimate of the sequence-level KL(pi || pi_ref) at the sampling temperature.
+    """
+    scores, kls, lengths, rows = [], [], [], []
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(queries), batch_size):
+            batch = rollout.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature)
+            kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
+            scores.append(batch.scores)
+            kls.append(kl)
+            lengths.append(batch.mask.sum(1))
+            rows += [
+                dict(query=q, response=r, reward=float(s), kl=float(k))
+                for q, r, s, k in zip(batch.queries, batch.responses, batch.scores, kl)
+            ]
+    metrics = {
+        "eval/reward": torch.cat(scores).mean().item(),
+        "eval/reward_std": torch.cat(scores).std().item(),
+        "eval/kl": torch.cat(kls).mean().item(),
+        "eval/response_len": torch.cat(lengths).mean().item(),
+        "eval/distinct_2": numerics.distinct_n([r["response"] for r in rows], 2),
+    }
+    return metrics, rows
+
+
+def save_samples(run_dir: Path, step: int, rows: list[dict[str, Any]], n: int) -> None:
+    out = run_dir / "samples"
+    out.mkdir(exist_ok=True)
+    with open(out / f"step_{step:05d}.jsonl", "w") as f:
+        for row in rows[:n]:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,79 @@
+"""The four things a plugin can be. The core talks to plugins only through these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlhf.policy import Policy
+
+
+@dataclass
+class Rollout:
+    """One batch of on-policy experience, collected by the core (`rlhf.rollout`).
+
+    B = batch, T = response length (padded). Query tokens are left-padded in `input_ids`,
+    responses right-padded; `mask` is 1 on real response tokens, EOS included.
+    """
+
+    input_ids: torch.Tensor  # (B, Q + T) query and response tokens
+    attention_mask: torch.Tensor  # (B, Q + T)
+    query_len: int  # Q, the padded query width
+    mask: torch.Tensor  # (B, T) float, 1 on response tokens up to and including EOS
+    logprobs: torch.Tensor  # (B, T) log pi_old(y_t | x, y_<t), temperature-scaled
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(y_t | x, y_<t), temperature-scaled
+    values: torch.Tensor | None  # (B, T) V(s_t) from the value head, if the policy has one
+    scores: torch.Tensor  # (B,) reward source's score of each full response
+    queries: list[str]
+    responses: list[str]
+
+
+@runtime_checkable
+class PolicyOptimizer(Protocol):
+    """Holds a loss and an update rule; the core collects rollouts and runs the loop."""
+
+    needs_value_head: bool  # the core attaches a value head to the policy if True
+
+    def setup(self, policy: Policy, temperature: float) -> None:
+        """Called once before training: create the torch optimizer over trainable params."""
+
+    def update(self, rollout: Rollout) -> Mapping[str, float]:
+        """Run the update on one batch; return scalar metrics (names are free-form)."""
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Frozen judge of responses: never trained, no gradients."""
+
+    def score(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Return one float score per (query, response), shape (B,)."""
+
+
+@runtime_checkable
+class QuerySampler(Protocol):
+    """Turns prompts into queries and owns the generation settings."""
+
+    temperature: float
+
+    def sample(self, prompts: Sequence[list[int]], rng: Any) -> list[list[int]]:
+        """Cut each tokenised prompt into a query (a list of token ids)."""
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` (temperature, top_k, ...)."""
+
+    def kl_bias_warnings(self) -> list[str]:
+        """Settings that make samples differ from pi(.|x) / temperature, one line each."""
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """A metrics sink. `metrics.jsonl` and `summary.json` are written by the core always."""
+
+    def start(self, run_dir: str, config: Mapping[str, Any]) -> None: ...
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def finish(self, summary: Mapping[str, Any]) -> None: ...

@@ -1,0 +1,177 @@
+"""The policy: a causal LM, LoRA adapters, a value head on the shared trunk, and the reference.
+
+With LoRA the reference is the same module with its adapters switched off, so one copy of
+the base weights serves both; with LoRA off it is a frozen deep copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from rlhf import numerics
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True  # false: full fine-tuning, reference is a frozen copy (2x memory)
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scaling is alpha / r
+    dropout: float = 0.0  # dropout on the adapter input (0 keeps PPO ratios exact)
+    target_modules: Optional[list[str]] = None  # null: peft's default for the architecture
+
+
+@dataclass
+class PolicyConfig:
+    path: str = "embedded"  # hub name, local directory, or "embedded" (built offline)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # run model code shipped with a hub repo; off for safety
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def resolve_path(path: str) -> str:
+    if path == "embedded":
+        from rlhf.embedded.build import policy_path
+
+        return policy_path()
+    return path
+
+
+class Policy:
+    """Causal LM (+ adapters) with an optional value head; computes log-probs for the core."""
+
+    def __init__(self, model: nn.Module, tokenizer, lora: bool, device: torch.device):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lora = lora
+        self.device = device
+        self.value_head: nn.Linear | None = None
+        self._ref_model: nn.Module | None = None
+        if not lora:  # a full copy, frozen: the price LoRA avoids
+            self._ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def load(cls, cfg: PolicyConfig, device: torch.device) -> Policy:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_path(cfg.path)
+        common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
+        return cls.from_model(model, tokenizer, cfg.lora, device)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, lora: LoraSettings, device: torch.device) -> Policy:
+        _prepare_tokenizer(tokenizer, model)
+        _disable_dropout(model)
+        model.to(device)
+        if lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            peft_cfg = LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules) if lora.target_modules else None,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, peft_cfg)
+        return cls(model, tokenizer, lora.enabled, device)
+
+    def attach_value_head(self) -> None:
+        """A linear value head on the last hidden state of the (adapted) trunk."""
+        self.value_head = nn.Linear(self.model.config.hidden_size, 1).to(self.device)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 until the critic has learned something
+        nn.init.zeros_(self.value_head.bias)
+
+    # ---------------------------------------------------------------- parameters
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        yield from (p for p in self.model.parameters() if p.requires_grad)
+        if self.value_head is not None:
+            yield from self.value_head.parameters()
+
+    def train(self) -> None:
+        self.model.train()
+
+    # ---------------------------------------------------------------- forward passes
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, with_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits predicting each response token, and the value of the state before it.
+
+        input_ids: (B, Q + T) -> logits (B, T, V), values (B, T) or None
+        """
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask), output_hidden_states=with_values,
+            use_cache=False,
+        )
+        logits = out.logits[:, query_len - 1 : -1]  # position t predicts token t + 1
+        values = None
+        if with_values and self.value_head is not None:
+            hidden = out.hidden_states[-1][:, query_len - 1 : -1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits, values
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+        with self.reference() as ref:
+            out = ref(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask), use_cache=False)
+        return out.logits[:, query_len - 1 : -1]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The reference model: adapters disabled on the same weights, or the frozen copy."""
+        if self._ref_model is not None:
+            yield self._ref_model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, values = self.forward(input_ids, attention_mask, query_len)
+        return numerics.logprobs_of(logits, input_ids[:, query_len:], temperature), values
+
+    # ---------------------------------------------------------------- saving
+
+    def save(self, directory: str) -> None:
+        """Adapters (or full weights) and value head as safetensors, plus the tokenizer."""
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        if self.value_head is not None:
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                      f"{directory}/value_head.safetensors")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them: 0 at the first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _prepare_tokenizer(tokenizer, model: nn.Module) -> None:
+    """Left padding for generation; a pad token (EOS if the model has none: masked anyway)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """Dropout off in the base model: with it, log pi_old and log pi of PPO's first epoch differ."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

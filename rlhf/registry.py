@@ -1,0 +1,159 @@
+"""Plugin registry: `@register(group, name)` and discovery.
+
+A plugin is a class with a nested `Config` dataclass. Registering it stores a typed
+node in Hydra's ConfigStore under `group/name`, with `_target_` pointing at the class,
+so `optimizer=ppo` selects it and `optimizer.clip_coef=0.1` is type-checked by Hydra.
+The dataclass holds the only copy of the defaults.
+
+Discovery order: every module under `rlhf_plugins`, then every entry point in the group
+`rlhf.plugins`, then the modules named in the `RLHF_PLUGINS` environment variable
+(comma-separated). The core names `rlhf_plugins` only as a string, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import os
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from hydra.core.config_store import ConfigStore
+
+BUILTIN_PACKAGE = "rlhf_plugins"
+ENTRY_POINT_GROUP = "rlhf.plugins"
+ENV_MODULES = "RLHF_PLUGINS"
+
+# Groups whose options are combined as a list (`logger=[jsonl,wandb]`): each option
+# lives under its own key, `logger.<name>`, so several can be selected at once.
+LIST_GROUPS = {"logger"}
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be registered, found or instantiated."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    group: str
+    name: str
+    cls: type
+    config: type  # the dataclass stored in the ConfigStore (with `_target_`)
+    source: str  # "builtin", "entry point <dist>", or "module"
+
+    @property
+    def target(self) -> str:
+        return f"{self.cls.__module__}.{self.cls.__qualname__}"
+
+
+_REGISTRY: dict[tuple[str, str], PluginInfo] = {}
+_current_source = "module"
+
+
+def register(group: str, name: str) -> Callable[[type], type]:
+    """Class decorator: register `cls` (with a nested `Config` dataclass) as `group/name`."""
+
+    def wrap(cls: type) -> type:
+        base = getattr(cls, "Config", None)
+        if base is None or not dataclasses.is_dataclass(base):
+            raise PluginError(
+                f"plugin {group}/{name} ({cls.__module__}.{cls.__qualname__}) needs a nested "
+                "`Config` dataclass; add `@dataclass class Config: ...` inside the class"
+            )
+        target = f"{cls.__module__}.{cls.__qualname__}"
+        key = (group, name)
+        old = _REGISTRY.get(key)
+        if old is not None:
+            if old.target == target:  # the same class seen again (module re-import)
+                return cls
+            raise PluginError(
+                f"duplicate plugin {group}/{name}: {target} ({_current_source}) and "
+                f"{old.target} ({old.source}) both register it; rename one of them"
+            )
+        # The stored node: the user's dataclass plus `_target_`, first so it reads well.
+        node = dataclasses.make_dataclass(
+            f"{cls.__name__}Node",
+            [("_target_", str, dataclasses.field(default=target))],
+            bases=(base,),
+        )
+        package = f"{group}.{name}" if group in LIST_GROUPS else group
+        ConfigStore.instance().store(group=group, name=name, node=node, package=package)
+        _REGISTRY[key] = PluginInfo(group, name, cls, node, _current_source)
+        return cls
+
+    return wrap
+
+
+def _import_with_source(module: str, source: str) -> None:
+    global _current_source
+    previous, _current_source = _current_source, source
+    try:
+        importlib.import_module(module)
+    finally:
+        _current_source = previous
+
+
+_discovered = False
+
+
+def discover() -> dict[tuple[str, str], PluginInfo]:
+    """Import built-in, entry-point and user plugin modules (once); return the registry."""
+    global _discovered
+    if _discovered:
+        return _REGISTRY
+    builtin = importlib.import_module(BUILTIN_PACKAGE)
+    for mod in pkgutil.walk_packages(builtin.__path__, prefix=BUILTIN_PACKAGE + "."):
+        _import_with_source(mod.name, "builtin")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        try:
+            _import_with_source(ep.value.split(":")[0], f"entry point {dist}")
+        except PluginError:
+            raise
+        except Exception as e:  # a broken third-party package must say which one it is
+            raise PluginError(
+                f"entry point {ep.name!r} of package {dist!r} ({ep.value}) failed to import: {e}"
+            ) from e
+    for module in filter(None, (m.strip() for m in os.environ.get(ENV_MODULES, "").split(","))):
+        _import_with_source(module, f"${ENV_MODULES}")
+    _discovered = True
+    return _REGISTRY
+
+
+def plugins(group: str | None = None) -> list[PluginInfo]:
+    discover()
+    return sorted(
+        (p for p in _REGISTRY.values() if group is None or p.group == group),
+        key=lambda p: (p.group, p.name),
+    )
+
+
+def instantiate(group: str, node: Any, **kwargs: Any) -> Any:
+    """Build a plugin from its composed config node.
+
+    Only classes registered in `group` are instantiated: a `_target_` from a hand-written
+    YAML file that names anything else (say `os.system`) is refused before it is imported.
+    The class receives its typed `Config` as the single argument `cfg`.
+    """
+    from omegaconf import OmegaConf
+
+    discover()
+    target = node.get("_target_") if node is not None else None
+    if target is None:
+        raise PluginError(f"no {group} selected; choose one with {group}=<name> ({_names(group)})")
+    info = next((p for p in _REGISTRY.values() if p.group == group and p.target == target), None)
+    if info is None:
+        raise PluginError(
+            f"{group}: _target_ {target!r} is not a registered {group} plugin "
+            f"({_names(group)}); register it with @register({group!r}, <name>)"
+        )
+    fields = {f.name for f in dataclasses.fields(info.cls.Config)}
+    values = OmegaConf.to_container(node, resolve=True)
+    cfg = info.cls.Config(**{k: v for k, v in values.items() if k in fields})
+    return info.cls(cfg, **kwargs)
+
+
+def _names(group: str) -> str:
+    return ", ".join(p.name for p in plugins(group)) or "none registered"
