@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -81,7 +82,9 @@ class Policy:
                 target_modules=list(lora.target_modules) if lora.target_modules else None,
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, peft_cfg)
+            with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+                model = get_peft_model(model, peft_cfg)
         return cls(model, tokenizer, lora.enabled, device)
 
     def attach_value_head(self) -> None:

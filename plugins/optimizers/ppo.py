@@ -18,7 +18,7 @@ from rlhf.registry import register
 class PPO:
     @dataclass
     class Config:
-        lr: float = 3e-3  # Adam learning rate for adapters and value head
+        lr: float = 3e-4  # Adam learning rate for adapters and value head
         beta: float = 0.05  # KL penalty coefficient (initial value if adaptive_kl)
         kl_estimator: str = "k1"  # per-token KL in the reward: k1 (log ratio) or k3
         adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)

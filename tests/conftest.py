@@ -1,0 +1,75 @@
+"""Shared fixtures: Hydra composition, the embedded default, tiny hub-style models saved locally."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run an installed console script as a real subprocess; env values of None unset a variable."""
+    exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    assert exe, f"{name} is not installed; run pip install -e '.[test]'"
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={k: v for k, v in full_env.items() if v is not None},
+    )
+
+
+def compose(*overrides: str):
+    """The config exactly as rlhf-train composes it, through Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from rlhf import registry
+    from rlhf.config import store_schema
+
+    registry.discover()
+    store_schema()
+    with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The real embedded default (built once into the user's cache if missing)."""
+    from rlhf.embedded.build import ensure_built
+
+    return ensure_built()
+
+
+@pytest.fixture(scope="session")
+def hub_style_models(tmp_path_factory, embedded_dir) -> dict[str, str]:
+    """Randomly initialised GPT-2 and DistilBERT saved like hub checkpoints.
+
+    The GPT-2 tokenizer has no pad token, as the hub's gpt2 has none; the classifier has
+    the NEGATIVE/POSITIVE labels of lvwerra/distilbert-imdb.
+    """
+    import torch
+    from transformers import (AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification,
+                              GPT2Config, GPT2LMHeadModel)
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("hub")
+    tok = AutoTokenizer.from_pretrained(embedded_dir / "policy")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    gpt2.save_pretrained(out / "gpt2")
+    tok.pad_token = None
+    tok.save_pretrained(out / "gpt2")
+    clf = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=len(tok), dim=32, hidden_dim=64, n_layers=1, n_heads=2, max_position_embeddings=64,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    ))
+    clf.save_pretrained(out / "distilbert")
+    AutoTokenizer.from_pretrained(embedded_dir / "sentiment").save_pretrained(out / "distilbert")
+    return {"policy": str(out / "gpt2"), "reward": str(out / "distilbert")}
