@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from rlhf.policy import PolicyConfig
 
@@ -58,3 +58,21 @@ class RunConfig:
 
 def store_schema() -> None:
     ConfigStore.instance().store(name="rlhf_schema", node=RunConfig)
+
+
+def validate(cfg: Any) -> None:
+    """Range checks Hydra's types cannot express; run before any model loads."""
+    checks = [
+        ("train.steps", cfg.train.steps >= 1, "at least 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "at least 1"),
+        ("eval.every", cfg.eval.every >= 1, "at least 1"),
+        ("eval.samples", cfg.eval.samples >= 0, "0 or more"),
+        ("data.n_train", cfg.data.n_train >= 1, "at least 1"),
+        ("data.n_eval", cfg.data.n_eval >= 1, "at least 1"),
+        ("policy.lora.r", cfg.policy.lora.r >= 1, "at least 1"),
+        ("policy.lora.dropout", 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
+        ("policy.dtype", cfg.policy.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    ]
+    bad = [f"{key} must be {want}, got {OmegaConf.select(cfg, key)!r}" for key, ok, want in checks if not ok]
+    if bad:
+        raise ValueError("invalid config: " + "; ".join(bad))

@@ -82,8 +82,9 @@ class Policy:
                 target_modules=list(lora.target_modules) if lora.target_modules else None,
                 task_type="CAUSAL_LM",
             )
-            with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself
-                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            with warnings.catch_warnings():  # library chatter, not the user's concern:
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2 Conv1D
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
                 model = get_peft_model(model, peft_cfg)
         return cls(model, tokenizer, lora.enabled, device)
 

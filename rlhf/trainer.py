@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf import numerics, registry, rollout
+from rlhf.config import validate
 from rlhf.data import load_prompts
 from rlhf.evaluation import evaluate, save_samples
 from rlhf.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource
@@ -60,8 +61,12 @@ def build_components(cfg: DictConfig) -> tuple[PolicyOptimizer, RewardSource, Qu
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own
 
     t0 = time.time()
+    validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer, reward, sampler, loggers = build_components(cfg)
     for message in sampler.kl_bias_warnings():

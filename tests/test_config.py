@@ -44,6 +44,9 @@ def test_documented_overrides_compose():
         ("optimizer.beta=abc", "could not be converted to Float"),
         ("optimizer=ppoo", "Could not find 'optimizer/ppoo'"),
         ("policy.lora.rank=4", "Key 'rank' not in 'LoraSettings'"),
+        ("train.steps=0", "train.steps must be at least 1, got 0"),
+        ("optimizer.beta=-0.1", "ppo: out of range: optimizer.beta=-0.1"),
+        ("sampler.min_query_tokens=9", "need 1 <= min_query_tokens < max_query_tokens"),
     ],
 )
 def test_bad_override_fails_before_any_model_loads(tmp_path, override, message):

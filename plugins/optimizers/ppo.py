@@ -37,6 +37,16 @@ class PPO:
     needs_value_head = True
 
     def __init__(self, cfg: Config):
+        checks = {
+            "beta": cfg.beta >= 0, "lr": cfg.lr > 0, "clip_coef": cfg.clip_coef > 0,
+            "clip_coef_value": cfg.clip_coef_value > 0, "ppo_epochs": cfg.ppo_epochs >= 1,
+            "num_minibatches": cfg.num_minibatches >= 1, "gamma": 0 <= cfg.gamma <= 1,
+            "gae_lambda": 0 <= cfg.gae_lambda <= 1, "kl_estimator": cfg.kl_estimator in ("k1", "k3"),
+            "kl_target": cfg.kl_target > 0, "kl_horizon": cfg.kl_horizon > 0,
+        }
+        bad = [f"optimizer.{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"ppo: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
         self.cfg = cfg
         self.kl_ctl = numerics.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
 

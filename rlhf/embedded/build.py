@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rlhf.embedded import corpus
 
-VERSION = 1  # bump when the build recipe changes: old caches are then ignored
+VERSION = 2  # bump when the build recipe changes: old caches are then ignored
 EOS, PAD, UNK = "<|endoftext|>", "<pad>", "<unk>"
 LABEL_NAMES = ("NEGATIVE", "NEUTRAL", "POSITIVE")  # same order as corpus.LABELS
 
