@@ -151,7 +151,13 @@ def instantiate(group: str, node: Any, **kwargs: Any) -> Any:
         )
     fields = {f.name for f in dataclasses.fields(info.cls.Config)}
     values = OmegaConf.to_container(node, resolve=True)
-    cfg = info.cls.Config(**{k: v for k, v in values.items() if k in fields})
+    values.pop("_target_")
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise PluginError(
+            f"{group} plugin {info.name!r} has no field(s) {unknown}; its fields: {sorted(fields)}"
+        )
+    cfg = info.cls.Config(**values)
     return info.cls(cfg, **kwargs)
 
 

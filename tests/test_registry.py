@@ -27,6 +27,9 @@ def test_register_stores_typed_node_with_target():
     assert node._target_.endswith("Alpha") and node.x == 3
     obj = registry.instantiate("testgroup", OmegaConf.create({"_target_": node._target_, "x": 5}))
     assert isinstance(obj, Alpha) and obj.cfg == Alpha.Config(x=5)
+    # an untyped YAML node with a stray key is refused, naming the key
+    with pytest.raises(registry.PluginError, match=r"no field\(s\) \['y'\]"):
+        registry.instantiate("testgroup", OmegaConf.create({"_target_": node._target_, "y": 1}))
 
 
 def test_duplicate_name_is_an_error():

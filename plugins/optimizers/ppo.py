@@ -14,6 +14,24 @@ from rlhf.interfaces import Rollout
 from rlhf.registry import register
 
 
+def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, clip_coef_value):
+    """Clipped surrogate and clipped value loss over the masked tokens. All inputs (b, T).
+
+    Returns pg_loss, vf_loss, the ratio, the log-ratio, and where the clipped value loss won.
+    """
+    logratio = (new_logprobs - old_logprobs) * mask
+    ratio = torch.exp(logratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = numerics.masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+
+    vpred_clipped = old_values + torch.clamp(vpred - old_values, -clip_coef_value, clip_coef_value)
+    vf_loss1 = (vpred - returns) ** 2
+    vf_loss2 = (vpred_clipped - returns) ** 2
+    vf_loss = 0.5 * numerics.masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    return pg_loss, vf_loss, ratio, logratio, vf_loss2 > vf_loss1
+
+
 @register("optimizer", "ppo")
 class PPO:
     @dataclass
@@ -74,26 +92,15 @@ class PPO:
                 m = mask[idx]
                 logits, vpred = self.policy.forward(r.input_ids[idx], r.attention_mask[idx], r.query_len)
                 new_logprobs = numerics.logprobs_of(logits, r.input_ids[idx, r.query_len :], self.temperature)
-                logratio = (new_logprobs - r.logprobs[idx]) * m  # (b, T)
-                ratio = torch.exp(logratio)
-                adv = advantages[idx]
-                pg_loss1 = -adv * ratio
-                pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
-                pg_loss = numerics.masked_mean(torch.max(pg_loss1, pg_loss2), m)
-
-                old_values, ret = r.values[idx], returns[idx]
-                vpred_clipped = old_values + torch.clamp(vpred - old_values, -c.clip_coef_value, c.clip_coef_value)
-                vf_loss1 = (vpred - ret) ** 2
-                vf_loss2 = (vpred_clipped - ret) ** 2
-                vf_loss = 0.5 * numerics.masked_mean(torch.max(vf_loss1, vf_loss2), m)
-
+                pg_loss, vf_loss, ratio, logratio, vf_clipped = ppo_losses(
+                    new_logprobs, r.logprobs[idx], advantages[idx], vpred, r.values[idx], returns[idx], m,
+                    c.clip_coef, c.clip_coef_value,
+                )
                 loss = pg_loss + c.vf_coef * vf_loss
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-                    if c.max_grad_norm > 0 else torch.tensor(float("nan"))
-                )
+                max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 self.opt.step()
 
                 with torch.no_grad():
@@ -103,7 +110,7 @@ class PPO:
                         "policy/approx_kl": numerics.masked_mean((ratio - 1) - logratio, m),
                         "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
                         "policy/entropy": numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), m),
-                        "val/clipfrac": numerics.masked_mean((vf_loss2 > vf_loss1).float(), m),
+                        "val/clipfrac": numerics.masked_mean(vf_clipped.float(), m),
                         "optim/grad_norm": grad_norm,
                     }.items():
                         stats.setdefault(name, []).append(float(value))
