@@ -32,8 +32,10 @@ def test_wheel_in_fresh_venv_with_third_party_plugin(tmp_path, embedded_dir):
     _sh(*pip, tmp_path / "plugin_pkg", cwd=tmp_path)
     wheel = next(wheels.glob("rlhf-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "rlhf/conf/config.yaml" in names and "rlhf/conf/policy/gpt2.yaml" in names
-    assert "rlhf_plugins/optimizers/ppo.py" in names
+    for path in (ROOT / "conf").rglob("*.yaml"):  # every preset, and every plugin module
+        assert f"rlhf/conf/{path.relative_to(ROOT / 'conf')}" in names, path
+    for path in (ROOT / "plugins").rglob("*.py"):
+        assert f"rlhf_plugins/{path.relative_to(ROOT / 'plugins')}" in names, path
     assert not [n for n in names if n.startswith("plugins/")]  # no generic top-level package
 
     # A fresh venv. Its dependencies (torch, transformers, ...) come from this environment
