@@ -23,8 +23,12 @@ class DataConfig:
     text_field: str = "text"  # column holding the text (jsonl/json files and hub datasets)
     split: str = "train"  # hub dataset split for training prompts
     eval_split: Optional[str] = None  # hub split for held-out prompts; null: hold out from `split`
-    n_train: int = 2000  # training prompts drawn (embedded: generated; otherwise the first n)
-    n_eval: int = 64  # held-out prompts for evaluation
+    n_train: int = 2000  # training prompts / pairs (embedded: generated; otherwise the first n)
+    n_eval: int = 64  # held-out prompts / pairs for evaluation
+    pairs: str = "embedded"  # preference pairs: "embedded", a .json/.jsonl/.parquet file, or a hub dataset
+    prompt_field: str = "prompt"  # pair files: column of the prompt
+    chosen_field: str = "chosen"  # pair files: column of the preferred response
+    rejected_field: str = "rejected"  # pair files: column of the other response
 
 
 @dataclass
@@ -39,6 +43,7 @@ class EvalConfig:
     every: int = 20  # evaluate every N steps (and always before the first and after the last)
     samples: int = 8  # generations saved to <run>/samples/step_<N>.jsonl per evaluation
     seed: int = 1234  # sampling seed of evaluation, fixed so evaluations are comparable
+    judges: list[str] = field(default_factory=list)  # extra reward plugins scoring the samples, e.g. [lexicon]
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from rlhf.config import DataConfig
@@ -63,3 +64,16 @@ def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
     else:
         held_out, train = train[: cfg.n_eval], train[cfg.n_eval :]
     return list(train[: cfg.n_train]), list(held_out)
+
+
+class Shuffled:
+    """Endless shuffled passes over range(n), taken a batch at a time."""
+
+    def __init__(self, n: int, rng: random.Random):
+        self.n, self.rng, self.order = n, rng, []
+
+    def take(self, k: int) -> list[int]:
+        while len(self.order) < k:  # reshuffle once per pass
+            self.order += self.rng.sample(range(self.n), self.n)
+        out, self.order = self.order[:k], self.order[k:]
+        return out

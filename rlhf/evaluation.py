@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -22,13 +22,18 @@ def evaluate(
     temperature: float,
     seed: int,
     batch_size: int,
+    judges: Mapping[str, RewardSource] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics on the fixed held-out queries, sampled with a fixed seed so steps compare.
 
     `eval/kl` is the mean over prompts of sum_t (log pi - log pi_ref)(y_t), y ~ pi: a Monte
     Carlo estimate of the sequence-level KL(pi || pi_ref) at the sampling temperature.
+    `eval/judge/<name>` is the mean score of each extra judge on the same samples: a reward
+    that rises while an independent judge does not is a sign of reward hacking.
     """
+    judges = judges or {}
     scores, kls, lengths, rows = [], [], [], []
+    judged: dict[str, list[torch.Tensor]] = {name: [] for name in judges}
     with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(queries), batch_size):
@@ -37,9 +42,12 @@ def evaluate(
             scores.append(batch.scores)
             kls.append(kl)
             lengths.append(batch.mask.sum(1))
+            extra = {name: rollout.score(j, batch.queries, batch.responses, policy.device) for name, j in judges.items()}
+            for name, values in extra.items():
+                judged[name].append(values)
             rows += [
-                dict(query=q, response=r, reward=float(s), kl=float(k))
-                for q, r, s, k in zip(batch.queries, batch.responses, batch.scores, kl)
+                dict(query=q, response=r, reward=float(s), kl=float(k), **{n: float(v[i]) for n, v in extra.items()})
+                for i, (q, r, s, k) in enumerate(zip(batch.queries, batch.responses, batch.scores, kl))
             ]
     metrics = {
         "eval/reward": torch.cat(scores).mean().item(),
@@ -47,6 +55,7 @@ def evaluate(
         "eval/kl": torch.cat(kls).mean().item(),
         "eval/response_len": torch.cat(lengths).mean().item(),
         "eval/distinct_2": numerics.distinct_n([r["response"] for r in rows], 2),
+        **{f"eval/judge/{name}": torch.cat(values).mean().item() for name, values in judged.items()},
     }
     return metrics, rows
 

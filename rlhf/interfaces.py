@@ -31,16 +31,39 @@ class Rollout:
     responses: list[str]
 
 
+@dataclass
+class PairBatch:
+    """B preference pairs, collected by the core (`rlhf.preferences`).
+
+    Rows [0, B) hold the chosen responses and rows [B, 2B) the rejected ones, row i and
+    row i + B after the same query (left-padded); responses right-padded.
+    """
+
+    input_ids: torch.Tensor  # (2B, Q + T)
+    attention_mask: torch.Tensor  # (2B, Q + T)
+    query_len: int  # Q
+    mask: torch.Tensor  # (2B, T) float, 1 on response tokens (EOS included)
+    ref_logps: torch.Tensor  # (2B,) sum over response tokens of log pi_ref
+    queries: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    scores: torch.Tensor | None = None  # (2B,) reward source's scores, for online pairs
+
+
 @runtime_checkable
 class PolicyOptimizer(Protocol):
-    """Holds a loss and an update rule; the core collects rollouts and runs the loop."""
+    """Holds a loss and an update rule; the core collects the batches and runs the loop."""
 
     needs_value_head: bool  # the core attaches a value head to the policy if True
+    # what update() takes: "rollouts" (Rollout), "preference_pairs" (PairBatch from the
+    # data's pairs) or "sampled_pairs" (PairBatch of two policy samples per prompt,
+    # labelled by the reward source)
+    consumes: str
 
     def setup(self, policy: Policy, temperature: float) -> None:
         """Called once before training: create the torch optimizer over trainable params."""
 
-    def update(self, rollout: Rollout) -> Mapping[str, float]:
+    def update(self, batch: Rollout | PairBatch) -> Mapping[str, float]:
         """Run the update on one batch; return scalar metrics (names are free-form)."""
 
 

@@ -53,6 +53,7 @@ class PPO:
         max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = True
+    consumes = "rollouts"
 
     def __init__(self, cfg: Config):
         checks = {

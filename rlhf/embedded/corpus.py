@@ -112,16 +112,28 @@ WORDS = {
 }
 
 
-def _sentence(rng: random.Random, label: str) -> str:
+def _slots(rng: random.Random, label: str) -> dict[str, str]:
     w = WORDS[label]
     s, s2 = rng.sample(SUBJECTS, 2)
     x, x2 = rng.sample(ACTORS, 2)
-    slots = dict(
+    return dict(
         a=rng.choice(w["a"]), v=rng.choice(w["v"]), vb=rng.choice(w["vb"]), n=rng.choice(w["n"]),
         s=s, s2=s2, x=x, x2=x2, d=rng.choice(DIRECTORS), g=rng.choice(GENRES),
         t=rng.choice(TIMES), p=rng.choice(PLACES), k=rng.choice(NUMBERS),
     )
-    return rng.choice(SHAPES[label]).format(**slots).replace("-", " ")
+
+
+def _render(shape: str, slots: dict[str, str]) -> str:
+    return shape.format(**slots).replace("-", " ")
+
+
+def _sentence(rng: random.Random, label: str) -> str:
+    slots = _slots(rng, label)
+    return _render(rng.choice(SHAPES[label]), slots)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def review(rng: random.Random, label: str) -> str:
@@ -133,7 +145,7 @@ def review(rng: random.Random, label: str) -> str:
     sentences = [_sentence(rng, lab) for lab in labels]
     if rng.random() < 0.3:
         sentences[0] = f"{rng.choice(OPENERS[label])} {sentences[0]}"
-    return " ".join(s[0].upper() + s[1:] for s in sentences)
+    return " ".join(_cap(s) for s in sentences)
 
 
 def reviews(n: int, seed: int) -> list[tuple[str, str]]:
@@ -158,3 +170,28 @@ def vocabulary() -> set[str]:
         for item in pool:
             words.update(item.replace("-", " ").split())
     return {w for w in words if "{" not in w}
+
+
+def preference_pair(rng: random.Random) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected): one sentence shape with the same facts, continued
+    positively (chosen) or negatively (rejected) from the first word where they differ."""
+    shape = rng.choice(POLAR_SHAPES)
+    facts = _slots(rng, "neutral")
+    versions = {
+        label: _render(shape, {**facts, **{k: rng.choice(v) for k, v in WORDS[label].items()}}).split()
+        for label in ("positive", "negative")
+    }
+    pos, neg = versions["positive"], versions["negative"]
+    k = next(i for i, (a, b) in enumerate(zip(pos, neg)) if a != b)
+    prompt = _cap(" ".join(pos[:k]))
+    if k == 0 or rng.random() < 0.3:  # sometimes a neutral fact first
+        prompt = f"{_cap(_sentence(rng, 'neutral'))} {prompt}".strip()
+    more = rng.randint(1, 2)
+    chosen = " ".join([" ".join(pos[k:])] + [_cap(_sentence(rng, "positive")) for _ in range(more)])
+    rejected = " ".join([" ".join(neg[k:])] + [_cap(_sentence(rng, "negative")) for _ in range(more)])
+    return prompt, chosen, rejected
+
+
+def preference_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
+    rng = random.Random(seed)
+    return [preference_pair(rng) for _ in range(n)]

@@ -1,0 +1,184 @@
+"""Preference pairs (prompt, chosen, rejected): loading, batching, reference log-probs.
+
+Offline pairs come from the embedded generator, a local JSON/JSONL/Parquet file, or a hub
+dataset. Online pairs are two samples per prompt from the current policy, the reward
+source picking the chosen one. Either way an optimizer receives a `PairBatch`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rlhf import numerics, rollout
+from rlhf.config import DataConfig
+from rlhf.data import Shuffled
+from rlhf.interfaces import PairBatch, RewardSource
+from rlhf.policy import Policy
+
+EMBEDDED_PAIRS_TRAIN_SEED, EMBEDDED_PAIRS_EVAL_SEED = 20_001, 20_002
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
+    """(training pairs, held-out pairs)."""
+    if cfg.pairs == "embedded":
+        from rlhf.embedded.corpus import preference_pairs
+
+        train = [Pair(*p) for p in preference_pairs(cfg.n_train, EMBEDDED_PAIRS_TRAIN_SEED)]
+        held_out = [Pair(*p) for p in preference_pairs(cfg.n_eval, EMBEDDED_PAIRS_EVAL_SEED)]
+        return train, held_out
+    if Path(cfg.pairs).suffix in (".json", ".jsonl", ".parquet"):
+        rows, where = _read_rows(Path(cfg.pairs)), cfg.pairs
+    else:
+        rows, where = _read_hub(cfg), f"hub dataset {cfg.pairs}"
+    pairs = [_pair(row, i, cfg, where) for i, row in enumerate(rows)]
+    if len(pairs) <= cfg.n_eval:
+        raise ValueError(f"{where}: {len(pairs)} pairs, need more than data.n_eval={cfg.n_eval}")
+    return pairs[cfg.n_eval : cfg.n_eval + cfg.n_train], pairs[: cfg.n_eval]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.pairs: no such file {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from e
+    return rows
+
+
+def _read_hub(cfg: DataConfig) -> list[dict]:
+    import datasets
+
+    return list(datasets.load_dataset(cfg.pairs, split=cfg.split))
+
+
+def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
+    fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    values = [row.get(f) if isinstance(row, dict) else None for f in fields]
+    for field, value in zip(fields, values):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: row {i} has no string field {field!r} (fields: data.*_field)")
+    if not values[1].strip() or not values[2].strip():
+        raise ValueError(f"{where}: row {i} has an empty chosen or rejected response")
+    return Pair(*values)
+
+
+# ------------------------------------------------------------------------ batching
+
+
+def pair_batch(
+    policy: Policy, queries: Sequence[list[int]], chosen: Sequence[list[int]], rejected: Sequence[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Token lists -> (input_ids (2B, Q+T), attention_mask, Q, response mask (2B, T)).
+
+    Rows [0, B) are the chosen responses and [B, 2B) the rejected ones, each after its
+    query, so one forward pass scores both (queries left-padded, responses right-padded).
+    """
+    tok = policy.tokenizer
+    q_ids, q_mask = rollout.pad_left(list(queries) * 2, tok.pad_token_id, policy.device)
+    responses = list(chosen) + list(rejected)
+    width = max(len(r) for r in responses)
+    r_ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long)
+    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[i, : len(r)] = 1
+    r_ids, r_mask = r_ids.to(policy.device), r_mask.to(policy.device)
+    return torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1], r_mask
+
+
+@torch.no_grad()
+def reference_logps(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, q: int, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of reference log-probs over each row's response tokens. (2B,)"""
+    logits = policy.reference_logits(input_ids, attention_mask, q)
+    return (numerics.logprobs_of(logits, input_ids[:, q:]) * mask).sum(1)
+
+
+class OfflinePairs:
+    """Shuffled passes over a fixed pair set; each pair's reference log-probs computed once."""
+
+    def __init__(self, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int):
+        tok = policy.tokenizer
+        enc = lambda texts, **kw: tok(texts, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        self.policy, self.pairs = policy, pairs
+        self.prompts = enc([p.prompt for p in pairs], truncation=True, max_length=max_prompt_tokens)
+        self.chosen = [ids + eos for ids in enc([p.chosen for p in pairs])]
+        self.rejected = [ids + eos for ids in enc([p.rejected for p in pairs])]
+        self.ref_cache: dict[int, tuple[float, float]] = {}
+        self.order = Shuffled(len(pairs), random.Random(seed))
+
+    def next(self, batch_size: int) -> PairBatch:
+        idx = self.order.take(batch_size)
+        ids, attn, q, mask = pair_batch(
+            self.policy, [self.prompts[i] for i in idx], [self.chosen[i] for i in idx], [self.rejected[i] for i in idx]
+        )
+        B = len(idx)
+        missing = [j for j, i in enumerate(idx) if i not in self.ref_cache]
+        if missing:  # only the pairs never seen before go through the reference
+            rows = torch.tensor(missing + [j + B for j in missing], device=ids.device)
+            ref = reference_logps(self.policy, ids[rows], attn[rows], q, mask[rows].float()).tolist()
+            for k, j in enumerate(missing):
+                self.ref_cache[idx[j]] = (ref[k], ref[k + len(missing)])
+        ref_logps = torch.tensor(
+            [self.ref_cache[i][0] for i in idx] + [self.ref_cache[i][1] for i in idx], device=ids.device
+        )
+        pairs = [self.pairs[i] for i in idx]
+        return PairBatch(
+            input_ids=ids, attention_mask=attn, query_len=q, mask=mask.float(), ref_logps=ref_logps,
+            queries=[p.prompt for p in pairs], chosen=[p.chosen for p in pairs], rejected=[p.rejected for p in pairs],
+        )
+
+
+class OnlinePairs:
+    """Two samples per prompt from the current policy; the reward source picks the chosen one."""
+
+    def __init__(self, policy: Policy, reward: RewardSource, prompts: list[list[int]], sampler, seed: int):
+        self.policy, self.reward, self.prompts, self.sampler = policy, reward, prompts, sampler
+        self.rng = random.Random(seed)
+        self.order = Shuffled(len(prompts), self.rng)
+
+    def next(self, batch_size: int) -> PairBatch:
+        idx = self.order.take(batch_size)
+        queries = self.sampler.sample([self.prompts[i] for i in idx], self.rng)
+        ids, attn, q, mask = rollout.generate(self.policy, queries * 2, self.sampler.generation_kwargs())
+        texts_q, texts_r = rollout.decode(self.policy, ids, attn, q)
+        scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device)
+        B = len(queries)
+        first_wins = scores[:B] >= scores[B:]
+        arange = torch.arange(B, device=ids.device)
+        chosen = torch.where(first_wins, arange, arange + B)
+        rows = torch.cat([chosen, torch.where(first_wins, arange + B, arange)])
+        ids, attn, mask = ids[rows], attn[rows], mask[rows].float()
+        return PairBatch(
+            input_ids=ids, attention_mask=attn, query_len=q, mask=mask,
+            ref_logps=reference_logps(self.policy, ids, attn, q, mask),
+            queries=texts_q[:B], chosen=[texts_r[i] for i in rows[:B].tolist()],
+            rejected=[texts_r[i] for i in rows[B:].tolist()], scores=scores[rows],
+        )
