@@ -116,3 +116,18 @@ class AdaptiveKLController:
         error = min(max(kl / self.target - 1, -0.2), 0.2)
         self.beta *= 1 + error * n_steps / self.horizon
         return self.beta
+
+
+def n_step_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n-step returns R_t = sum_{k<n} gamma^k r_{t+k} + gamma^n V_{t+n}, A_t = R_t - V_t.
+
+    Rewards and values past the last real token are zero. Returns (advantages, returns).
+    """
+    T = rewards.shape[1]
+    values = values * mask
+    r = torch.nn.functional.pad(rewards * mask, (0, n))
+    v = torch.nn.functional.pad(values, (0, n))
+    returns = sum(gamma**k * r[:, k : k + T] for k in range(n)) + gamma**n * v[:, n : n + T]
+    return (returns - values) * mask, returns * mask

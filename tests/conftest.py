@@ -25,18 +25,18 @@ def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: floa
     )
 
 
-def compose(*overrides: str):
-    """The config exactly as rlhf-train composes it, through Hydra's compose API."""
+def compose(*overrides: str, config_name: str = "config"):
+    """The config exactly as rlhf-train (or rlhf-train-rm) composes it, through Hydra's compose API."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from rlhf import registry
-    from rlhf.config import store_schema
+    from rlhf import config, registry, reward_model
 
     registry.discover()
-    store_schema()
+    config.store_schema()
+    reward_model.store_schema()
     with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +73,15 @@ def hub_style_models(tmp_path_factory, embedded_dir) -> dict[str, str]:
     clf.save_pretrained(out / "distilbert")
     AutoTokenizer.from_pretrained(embedded_dir / "sentiment").save_pretrained(out / "distilbert")
     return {"policy": str(out / "gpt2"), "reward": str(out / "distilbert")}
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A small reward model trained by the real rlhf-train-rm code (in-process)."""
+    from rlhf.reward_model import train_reward_model
+
+    run = tmp_path_factory.mktemp("rm")
+    cfg = compose("rm.steps=15", "rm.eval_every=15", "rm.normalize_samples=16", "data.n_eval=16",
+                  "data.n_train=200", config_name="train_rm")
+    train_reward_model(cfg, run)
+    return run

@@ -61,8 +61,8 @@ def test_bad_override_fails_before_any_model_loads(tmp_path, override, message):
 def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ["optimizer: ppo", "reward: sentiment", "sampler: length", "logger: wandb",
-                 "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb"]:
+    for line in ["optimizer: a2c, dpo, ppo", "reward: learned_rm, lexicon, sentiment", "sampler: length",
+                 "logger: wandb", "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 
 

@@ -82,3 +82,26 @@ def test_pad_left():
 
 def test_distinct_n():
     assert numerics.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
+
+
+def test_n_step_advantages_by_hand():
+    # 3 real tokens and 1 pad; n = 2, gamma = 0.5
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 4.0, 9.0]])  # the 9 on padding must be ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = numerics.n_step_advantages(rewards, values, mask, gamma=0.5, n=2)
+    # R_0 = 1 + 0.5 * 0 + 0.25 * V_2 = 1 + 0.25 * 4 = 2
+    # R_1 = 0 + 0.5 * 2 + 0.25 * V_3 (past the end: 0) = 1
+    # R_2 = 2 + 0.5 * 0 + 0 = 2
+    assert_close(ret, torch.tensor([[2.0, 1.0, 2.0, 0.0]]))
+    assert_close(adv, torch.tensor([[1.5, 0.0, -2.0, 0.0]]))
+
+
+def test_n_step_with_long_horizon_is_monte_carlo():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.3, 0.2, 0.1]])
+    mask = torch.ones_like(rewards)
+    _, ret = numerics.n_step_advantages(rewards, values, mask, gamma=1.0, n=10)
+    _, gae_ret = numerics.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert_close(ret, torch.tensor([[1.0, 1.0, 1.0]]))
+    assert_close(gae_ret, ret)  # GAE with lambda 1 is Monte Carlo too

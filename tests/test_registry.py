@@ -66,10 +66,13 @@ def test_builtin_plugins_are_discovered_and_satisfy_their_protocols():
         "sampler": interfaces.QuerySampler, "logger": interfaces.Logger,
     }
     found = {(p.group, p.name) for p in registry.plugins()}
-    assert {("optimizer", "ppo"), ("reward", "sentiment"), ("sampler", "length"), ("logger", "wandb")} <= found
+    assert {("optimizer", "ppo"), ("optimizer", "a2c"), ("optimizer", "dpo"), ("reward", "sentiment"),
+            ("reward", "lexicon"), ("reward", "learned_rm"), ("sampler", "length"), ("logger", "wandb")} <= found
+    needs = {"learned_rm": {"path": "some/dir"}}  # mandatory fields
     for info in registry.plugins():
         if info.group in protocols:
-            assert isinstance(info.cls(info.cls.Config()), protocols[info.group]), info
+            plugin = info.cls(info.cls.Config(**needs.get(info.name, {})))
+            assert isinstance(plugin, protocols[info.group]), info
 
 
 def _imports(path: Path) -> set[str]:

@@ -11,6 +11,7 @@ import torch
 
 from rlhf import numerics
 from rlhf.interfaces import Rollout
+from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
 from rlhf.registry import register
 
 
@@ -35,21 +36,13 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
 @register("optimizer", "ppo")
 class PPO:
     @dataclass
-    class Config:
+    class Config(KLShapedConfig):
         lr: float = 3e-4  # Adam learning rate for adapters and value head
-        beta: float = 0.05  # KL penalty coefficient (initial value if adaptive_kl)
-        kl_estimator: str = "k1"  # per-token KL in the reward: k1 (log ratio) or k3
-        adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
-        kl_target: float = 6.0  # target sequence KL of the adaptive controller
-        kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
-        gamma: float = 1.0  # discount over response tokens
-        gae_lambda: float = 0.95  # GAE lambda
         clip_coef: float = 0.2  # policy ratio clipping epsilon
         clip_coef_value: float = 0.2  # value prediction clipping around the rollout values
         vf_coef: float = 0.1  # weight of the value loss
         ppo_epochs: int = 4  # passes over each rollout batch
         num_minibatches: int = 4  # minibatches per pass
-        whiten_advantages: bool = True  # normalise advantages over the batch
         max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = True
@@ -57,17 +50,14 @@ class PPO:
 
     def __init__(self, cfg: Config):
         checks = {
-            "beta": cfg.beta >= 0, "lr": cfg.lr > 0, "clip_coef": cfg.clip_coef > 0,
-            "clip_coef_value": cfg.clip_coef_value > 0, "ppo_epochs": cfg.ppo_epochs >= 1,
-            "num_minibatches": cfg.num_minibatches >= 1, "gamma": 0 <= cfg.gamma <= 1,
-            "gae_lambda": 0 <= cfg.gae_lambda <= 1, "kl_estimator": cfg.kl_estimator in ("k1", "k3"),
-            "kl_target": cfg.kl_target > 0, "kl_horizon": cfg.kl_horizon > 0,
+            "lr": cfg.lr > 0, "clip_coef": cfg.clip_coef > 0, "clip_coef_value": cfg.clip_coef_value > 0,
+            "ppo_epochs": cfg.ppo_epochs >= 1, "num_minibatches": cfg.num_minibatches >= 1,
         }
-        bad = [f"optimizer.{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
+        bad = cfg.range_errors() + [f"optimizer.{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"ppo: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
         self.cfg = cfg
-        self.kl_ctl = numerics.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.shaping = KLShapedAdvantages(cfg)
 
     def setup(self, policy, temperature: float) -> None:
         self.policy, self.temperature = policy, temperature
@@ -76,13 +66,7 @@ class PPO:
 
     def update(self, r: Rollout) -> dict[str, float]:
         c, mask = self.cfg, r.mask
-        beta = self.kl_ctl.beta
-        with torch.no_grad():
-            kl = numerics.kl_per_token(r.logprobs, r.ref_logprobs, c.kl_estimator)  # (B, T)
-            rewards = numerics.kl_penalized_rewards(r.scores, kl, mask, beta)  # (B, T)
-            advantages, returns = numerics.gae(rewards, r.values, mask, c.gamma, c.gae_lambda)
-            if c.whiten_advantages:
-                advantages = numerics.masked_whiten(advantages, mask)
+        kl, advantages, returns = self.shaping(r)  # (B, T) each
 
         B = r.input_ids.shape[0]
         mb_size = max(1, B // c.num_minibatches)
@@ -116,14 +100,8 @@ class PPO:
                     }.items():
                         stats.setdefault(name, []).append(float(value))
 
-        seq_kl = (kl * mask).sum(1).mean().item()
-        if c.adaptive_kl:
-            self.kl_ctl.update(seq_kl, B)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
-        out.update({
-            "objective/beta": beta,
-            "objective/kl_penalty": -beta * seq_kl,
-            "val/explained_var": numerics.explained_variance(r.values, returns, mask).item(),
-            "val/mean": numerics.masked_mean(r.values, mask).item(),
-        })
+        out.update(self.shaping.after_update(kl, r))
+        out["val/explained_var"] = numerics.explained_variance(r.values, returns, mask).item()
+        out["val/mean"] = numerics.masked_mean(r.values, mask).item()
         return out

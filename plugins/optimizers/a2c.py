@@ -1,0 +1,68 @@
+"""Advantage actor-critic: PPO's rollouts, KL-shaped rewards and value head, but one
+gradient step per batch on the plain policy gradient, with no ratio and no clipping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf import numerics
+from rlhf.interfaces import Rollout
+from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.registry import register
+
+
+@register("optimizer", "a2c")
+class A2C:
+    @dataclass
+    class Config(KLShapedConfig):
+        lr: float = 1e-3  # Adam learning rate for adapters and value head
+        advantage: str = "gae"  # gae (uses gae_lambda) or nstep (uses n_steps)
+        n_steps: int = 8  # bootstrap horizon of n-step returns
+        vf_coef: float = 0.1  # weight of the value loss
+        ent_coef: float = 0.0  # weight of the entropy bonus
+        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
+
+    needs_value_head = True
+    consumes = "rollouts"
+
+    def __init__(self, cfg: Config):
+        checks = {"lr": cfg.lr > 0, "advantage": cfg.advantage in ("gae", "nstep"), "n_steps": cfg.n_steps >= 1}
+        bad = cfg.range_errors() + [f"optimizer.{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"a2c: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
+        self.cfg = cfg
+        self.shaping = KLShapedAdvantages(cfg)
+
+    def setup(self, policy, temperature: float) -> None:
+        self.policy, self.temperature = policy, temperature
+        self.params = list(policy.trainable_parameters())
+        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr, eps=1e-5)
+
+    def update(self, r: Rollout) -> dict[str, float]:
+        c, mask = self.cfg, r.mask
+        kl, advantages, returns = self.shaping(r, n_step=c.n_steps if c.advantage == "nstep" else None)
+
+        self.policy.train()
+        logits, vpred = self.policy.forward(r.input_ids, r.attention_mask, r.query_len)  # (B, T, V), (B, T)
+        logprobs = numerics.logprobs_of(logits, r.input_ids[:, r.query_len :], self.temperature)
+        entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), mask)
+        pg_loss = -numerics.masked_mean(advantages * logprobs, mask)
+        vf_loss = 0.5 * numerics.masked_mean((vpred - returns) ** 2, mask)
+        loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        self.opt.step()
+
+        return {
+            "loss/policy": pg_loss.item(),
+            "loss/value": vf_loss.item(),
+            "policy/entropy": entropy.item(),
+            "optim/grad_norm": grad_norm.item(),
+            "val/explained_var": numerics.explained_variance(r.values, returns, mask).item(),
+            "val/mean": numerics.masked_mean(r.values, mask).item(),
+            **self.shaping.after_update(kl, r),
+        }

@@ -1,0 +1,66 @@
+"""What every on-policy optimizer does to a rollout before its own loss: the per-token KL
+penalty, the score on the last token, advantages (GAE or n-step), whitening, and the
+optional adaptive KL controller. The config fields are shared by inheritance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf import numerics
+from rlhf.interfaces import Rollout
+
+
+@dataclass
+class KLShapedConfig:
+    beta: float = 0.05  # KL penalty coefficient (initial value if adaptive_kl)
+    kl_estimator: str = "k1"  # per-token KL in the reward: k1 (log ratio) or k3
+    adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
+    kl_target: float = 6.0  # target sequence KL of the adaptive controller
+    kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
+    gamma: float = 1.0  # discount over response tokens
+    gae_lambda: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch
+
+    def range_errors(self) -> list[str]:
+        checks = {
+            "beta": self.beta >= 0, "kl_estimator": self.kl_estimator in ("k1", "k3"),
+            "kl_target": self.kl_target > 0, "kl_horizon": self.kl_horizon > 0,
+            "gamma": 0 <= self.gamma <= 1, "gae_lambda": 0 <= self.gae_lambda <= 1,
+        }
+        return [f"optimizer.{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+
+
+class KLShapedAdvantages:
+    def __init__(self, cfg: KLShapedConfig):
+        self.cfg = cfg
+        self.kl_ctl = numerics.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+
+    @property
+    def beta(self) -> float:
+        return self.kl_ctl.beta
+
+    @torch.no_grad()
+    def __call__(self, r: Rollout, n_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token KL, advantages, returns), all (B, T); GAE unless n_step is given."""
+        c = self.cfg
+        if r.values is None:
+            raise ValueError("advantages need values: the optimizer must set needs_value_head = True")
+        kl = numerics.kl_per_token(r.logprobs, r.ref_logprobs, c.kl_estimator)
+        rewards = numerics.kl_penalized_rewards(r.scores, kl, r.mask, self.beta)
+        if n_step is None:
+            advantages, returns = numerics.gae(rewards, r.values, r.mask, c.gamma, c.gae_lambda)
+        else:
+            advantages, returns = numerics.n_step_advantages(rewards, r.values, r.mask, c.gamma, n_step)
+        if c.whiten_advantages:
+            advantages = numerics.masked_whiten(advantages, r.mask)
+        return kl, advantages, returns
+
+    def after_update(self, kl: torch.Tensor, r: Rollout) -> dict[str, float]:
+        """Step the adaptive controller; the metrics every on-policy optimizer reports."""
+        beta = self.beta
+        seq_kl = (kl * r.mask).sum(1).mean().item()
+        if self.cfg.adaptive_kl:
+            self.kl_ctl.update(seq_kl, r.input_ids.shape[0])
+        return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}

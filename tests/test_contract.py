@@ -1,0 +1,55 @@
+"""Every registered optimizer x every reward source, through the core's Trainer.
+
+A few steps run; losses and metrics are finite; every trainable parameter changes; the
+base weights (the reference) and the reward source's weights do not.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import compose
+
+from rlhf import registry
+from rlhf.trainer import Trainer
+
+registry.discover()
+OPTIMIZERS = [[f"optimizer={p.name}"] for p in registry.plugins("optimizer")] + [["optimizer=dpo", "optimizer.online=true"]]
+REWARDS = [p.name for p in registry.plugins("reward")]
+
+
+def _reward_overrides(name, reward_model_dir):
+    return [f"reward.path={reward_model_dir}"] if name == "learned_rm" else []
+
+
+def _reward_weights(reward):
+    model = getattr(reward, "model", None) or getattr(getattr(reward, "_pipe", None), "model", None)
+    return {n: p.clone() for n, p in model.named_parameters()} if model is not None else {}
+
+
+@pytest.mark.parametrize("reward_name", REWARDS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: " ".join(o))
+def test_contract(optimizer, reward_name, tmp_path, reward_model_dir):
+    cfg = compose(*optimizer, f"reward={reward_name}", *_reward_overrides(reward_name, reward_model_dir),
+                  "train.batch_size=4", "sampler.max_new_tokens=8", "data.n_train=16", "data.n_eval=4", "seed=3")
+    torch.manual_seed(0)
+    t = Trainer(cfg, tmp_path)
+    model = t.policy.model
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in t.policy.model.named_parameters() if p.requires_grad}
+    head = [p.detach().clone() for p in t.policy.value_head.parameters()] if t.policy.value_head is not None else []
+
+    t.reward.score(["The film"], ["was fine ."])  # reward models load on first use
+    reward_before = _reward_weights(t.reward)
+    metrics = [t.train_step() for _ in range(4)]
+    assert all(math.isfinite(v) for m in metrics for v in m.values()), metrics
+    assert any(k.startswith("loss/") for k in metrics[0])
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), f"base parameter {n} changed"
+        else:
+            assert not torch.equal(p, trainable[n]), f"trainable parameter {n} did not change"
+    for before, p in zip(head, t.policy.value_head.parameters() if head else []):
+        assert not torch.equal(before, p)
+    for n, p in _reward_weights(t.reward).items():
+        assert torch.equal(p, reward_before[n]) and not p.requires_grad, f"reward weight {n} changed"
