@@ -23,13 +23,16 @@ class KLShapedConfig:
     gae_lambda: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # normalise advantages over the batch
 
-    def range_errors(self) -> list[str]:
+    def check(self, plugin: str, **checks: bool) -> None:
+        """Raise one error naming every out-of-range field: these and the plugin's own."""
         checks = {
             "beta": self.beta >= 0, "kl_estimator": self.kl_estimator in ("k1", "k3"),
             "kl_target": self.kl_target > 0, "kl_horizon": self.kl_horizon > 0,
-            "gamma": 0 <= self.gamma <= 1, "gae_lambda": 0 <= self.gae_lambda <= 1,
+            "gamma": 0 <= self.gamma <= 1, "gae_lambda": 0 <= self.gae_lambda <= 1, **checks,
         }
-        return [f"optimizer.{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        bad = [f"optimizer.{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"{plugin}: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
 
 
 class KLShapedAdvantages:

@@ -101,3 +101,18 @@ def test_online_pairs_chosen_scores_at_least_rejected(embedded_dir):
     b = OnlinePairs(policy, reward, prompts, sampler, seed=0).next(6)
     assert b.input_ids.shape[0] == 12 and (b.scores[:6] >= b.scores[6:]).all()
     assert_close(reward.score(b.queries, b.chosen), b.scores[:6], atol=1e-5, rtol=0)
+
+
+def test_offline_dpo_from_a_local_pair_file(tmp_path, embedded_dir):
+    from rlhf.trainer import Trainer
+
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in preference_pairs(12, seed=5)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = compose("optimizer=dpo", "data=preferences", f"data.pairs={tmp_path / 'pairs.jsonl'}",
+                  "data.n_eval=4", "train.batch_size=4", "train.steps=2", "eval.every=2", "sampler.max_new_tokens=6")
+    t = Trainer(cfg, tmp_path / "run")
+    assert t.optimizer.consumes == "preference_pairs"
+    summary = t.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/dpo" in r] == [1, 2] and summary["steps"] == 2
+    assert rows[1]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1

@@ -11,19 +11,20 @@ from rlhf.policy import LoraSettings, Policy, PolicyConfig
 CPU = torch.device("cpu")
 
 
-def _ppo_steps(policy: Policy, steps: int = 3):
-    cfg = compose()
+def ppo_steps(policy: Policy, steps: int = 3, overrides: tuple[str, ...] = ()):
+    """A few PPO updates on real rollouts; returns (reward source, metrics of each step)."""
+    cfg = compose(*overrides)
     ppo = registry.instantiate("optimizer", cfg.optimizer)
     reward = registry.instantiate("reward", cfg.reward)
     sampler = registry.instantiate("sampler", cfg.sampler)
     policy.attach_value_head()
     ppo.setup(policy, sampler.temperature)
     queries = [policy.tokenizer("The movie was", add_special_tokens=False).input_ids] * 8
-    stats = None
+    history = []
     for _ in range(steps):
         batch = rollout.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
-        stats = ppo.update(batch)
-    return stats
+        history.append(ppo.update(batch))
+    return reward, history
 
 
 def _load(lora: bool) -> Policy:
@@ -37,7 +38,8 @@ def test_lora_ppo_changes_adapters_and_value_head_only(embedded_dir):
     base = {n: p.detach().clone() for n, p in policy.model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
-    stats = _ppo_steps(policy)
+    _, history = ppo_steps(policy)
+    stats = history[-1]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k != "optim/grad_norm")
     for n, p in policy.model.named_parameters():
         if n in base:
@@ -69,7 +71,7 @@ def test_full_finetuning_keeps_a_frozen_reference_copy(embedded_dir):
     policy = _load(False)
     ref_before = {n: p.clone() for n, p in policy._ref_model.named_parameters()}
     trained_before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
-    _ppo_steps(policy, steps=2)
+    ppo_steps(policy, steps=2)
     assert all(torch.equal(p, ref_before[n]) for n, p in policy._ref_model.named_parameters())
     assert any(not torch.equal(p, trained_before[n]) for n, p in policy.model.named_parameters())
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(policy.model.parameters(), policy._ref_model.parameters()))

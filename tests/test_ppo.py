@@ -3,11 +3,9 @@
 import math
 
 import torch
-from conftest import compose
-from test_policy import _load
+from test_policy import _load, ppo_steps
 from torch.testing import assert_close
 
-from rlhf import registry, rollout
 from rlhf_plugins.optimizers.ppo import ppo_losses
 
 
@@ -30,25 +28,10 @@ def test_clipped_surrogate_and_value_loss_by_hand():
     assert vf_clipped[0, :2].tolist() == [True, False]
 
 
-def _steps(policy, overrides, steps=3):
-    cfg = compose(*overrides)
-    ppo = registry.instantiate("optimizer", cfg.optimizer)
-    reward = registry.instantiate("reward", cfg.reward)
-    sampler = registry.instantiate("sampler", cfg.sampler)
-    policy.attach_value_head()
-    ppo.setup(policy, sampler.temperature)
-    queries = [policy.tokenizer("The film", add_special_tokens=False).input_ids] * 8
-    history = []
-    for _ in range(steps):
-        batch = rollout.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
-        history.append(ppo.update(batch))
-    return reward, history
-
-
 def test_adaptive_kl_and_k3_estimator(embedded_dir):
     torch.manual_seed(0)
-    _, history = _steps(_load(True), ["optimizer.adaptive_kl=true", "optimizer.kl_estimator=k3",
-                                      "optimizer.kl_horizon=100", "optimizer.lr=3e-3"])
+    _, history = ppo_steps(_load(True), overrides=("optimizer.adaptive_kl=true", "optimizer.kl_estimator=k3",
+                                                   "optimizer.kl_horizon=100", "optimizer.lr=3e-3"))
     betas = [h["objective/beta"] for h in history]
     assert betas[0] == 0.05 and betas[-1] != betas[0]  # the controller moved beta
     assert all(math.isfinite(v) for h in history for v in h.values())
@@ -56,6 +39,6 @@ def test_adaptive_kl_and_k3_estimator(embedded_dir):
 
 def test_reward_model_stays_frozen(embedded_dir):
     torch.manual_seed(0)
-    reward, _ = _steps(_load(True), [], steps=2)
+    reward, _ = ppo_steps(_load(True), steps=2)
     model = reward._pipeline().model
     assert not model.training and not any(p.requires_grad for p in model.parameters())

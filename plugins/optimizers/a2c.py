@@ -28,10 +28,7 @@ class A2C:
     consumes = "rollouts"
 
     def __init__(self, cfg: Config):
-        checks = {"lr": cfg.lr > 0, "advantage": cfg.advantage in ("gae", "nstep"), "n_steps": cfg.n_steps >= 1}
-        bad = cfg.range_errors() + [f"optimizer.{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"a2c: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
+        cfg.check("a2c", lr=cfg.lr > 0, advantage=cfg.advantage in ("gae", "nstep"), n_steps=cfg.n_steps >= 1)
         self.cfg = cfg
         self.shaping = KLShapedAdvantages(cfg)
 

@@ -49,13 +49,10 @@ class PPO:
     consumes = "rollouts"
 
     def __init__(self, cfg: Config):
-        checks = {
-            "lr": cfg.lr > 0, "clip_coef": cfg.clip_coef > 0, "clip_coef_value": cfg.clip_coef_value > 0,
-            "ppo_epochs": cfg.ppo_epochs >= 1, "num_minibatches": cfg.num_minibatches >= 1,
-        }
-        bad = cfg.range_errors() + [f"optimizer.{k}={getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"ppo: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
+        cfg.check(
+            "ppo", lr=cfg.lr > 0, clip_coef=cfg.clip_coef > 0, clip_coef_value=cfg.clip_coef_value > 0,
+            ppo_epochs=cfg.ppo_epochs >= 1, num_minibatches=cfg.num_minibatches >= 1,
+        )
         self.cfg = cfg
         self.shaping = KLShapedAdvantages(cfg)
 
