@@ -116,3 +116,13 @@ def test_offline_dpo_from_a_local_pair_file(tmp_path, embedded_dir):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss/dpo" in r] == [1, 2] and summary["steps"] == 2
     assert rows[1]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+
+
+def test_pairs_by_dataset_name_go_through_datasets(tmp_path):
+    """A name that is not a file goes to datasets.load_dataset, as a hub name would; a local
+    folder of JSONL files stands in for the hub here (no network)."""
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(6)]
+    (tmp_path / "prefs").mkdir()
+    (tmp_path / "prefs" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    train, held = load_pairs(DataConfig(pairs=str(tmp_path / "prefs"), n_eval=2))
+    assert held == [Pair("p0", "c0", "r0"), Pair("p1", "c1", "r1")] and len(train) == 4
