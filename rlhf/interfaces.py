@@ -91,11 +91,20 @@ class QuerySampler(Protocol):
         """Settings that make samples differ from pi(.|x) / temperature, one line each."""
 
 
+@dataclass
+class RunInfo:
+    """Where a run writes and how dashboards should name and group it."""
+
+    run_dir: str
+    name: str  # the run's command-line overrides (a sweep's runs differ in them), or its directory name
+    group_dir: str  # the sweep directory for a job of a sweep, else the run directory
+
+
 @runtime_checkable
 class Logger(Protocol):
     """A metrics sink. `metrics.jsonl` and `summary.json` are written by the core always."""
 
-    def start(self, run_dir: str, config: Mapping[str, Any]) -> None: ...
+    def start(self, run: RunInfo, config: Mapping[str, Any]) -> None: ...
 
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
 

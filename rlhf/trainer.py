@@ -23,7 +23,7 @@ from rlhf import numerics, registry, rollout
 from rlhf.config import validate
 from rlhf.data import Shuffled, load_prompts
 from rlhf.evaluation import evaluate, save_samples
-from rlhf.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource
+from rlhf.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
 from rlhf.policy import Policy
 from rlhf.preferences import OfflinePairs, OnlinePairs, load_pairs
 
@@ -65,7 +65,7 @@ def judge(name: str) -> RewardSource:
 class Trainer:
     """Builds a run from its config, then `fit()` trains, evaluates and logs it."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, run: RunInfo | None = None):
         from transformers import set_seed
         from transformers.utils import logging as hf_logging
 
@@ -73,6 +73,7 @@ class Trainer:
         self.t0 = time.time()
         validate(cfg)
         self.cfg, self.run_dir = cfg, run_dir
+        self.run = run or RunInfo(run_dir=str(run_dir), name=run_dir.name, group_dir=str(run_dir))
         # plugins first: they are cheap, so their config errors come before any model loads
         self.optimizer: PolicyOptimizer = registry.instantiate("optimizer", cfg.optimizer)
         self.reward: RewardSource = registry.instantiate("reward", cfg.reward)
@@ -148,7 +149,7 @@ class Trainer:
         recorder = RunRecorder(self.run_dir)
         config = OmegaConf.to_container(cfg, resolve=True)
         for lg in self.loggers:
-            lg.start(str(self.run_dir), config)
+            lg.start(self.run, config)
 
         def emit(metrics: dict[str, float], step: int) -> None:
             recorder.log(metrics, step)
@@ -179,6 +180,7 @@ class Trainer:
             "distinct_2_end": last["eval/distinct_2"],
             **judges,
             "steps": cfg.train.steps,
+            "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),
             "run_dir": str(self.run_dir),
         }

@@ -62,7 +62,8 @@ def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     for line in ["optimizer: a2c, dpo, ppo", "reward: learned_rm, lexicon, sentiment", "sampler: length",
-                 "logger: wandb", "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
+                 "logger: jsonl, tensorboard, wandb", "experiment: frontier, imdb_ppo",
+                 "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 
 

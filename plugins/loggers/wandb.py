@@ -7,7 +7,19 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from rlhf.interfaces import RunInfo
 from rlhf.registry import register
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer": {"beta": 0.1}} -> {"optimizer.beta": 0.1}: dashboards filter on flat keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _has_key() -> bool:
@@ -23,8 +35,8 @@ class WandbLogger:
     class Config:
         project: str = "rlhf"  # wandb project
         entity: Optional[str] = None  # team or user; null: your default
-        group: Optional[str] = None  # run group (sweeps put their runs in one group)
-        name: Optional[str] = None  # run name; null: wandb picks one
+        group: Optional[str] = None  # run group; null: the sweep directory, so a sweep's runs group together
+        name: Optional[str] = None  # run name; null: the run's overrides (e.g. optimizer.beta=0.1)
         mode: str = "auto"  # auto: online if a key is set, else offline; online, offline, disabled
         init_timeout: float = 30.0  # seconds to wait for the server before falling back to offline
 
@@ -34,15 +46,16 @@ class WandbLogger:
         self.cfg = cfg
         self.run = None
 
-    def start(self, run_dir: str, config: Mapping[str, Any]) -> None:
+    def start(self, run: RunInfo, config: Mapping[str, Any]) -> None:
         import wandb
 
         mode = self.cfg.mode
         if mode == "auto":
             mode = "online" if _has_key() else "offline"
+        run_dir = run.run_dir
         kwargs = dict(
-            project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group, name=self.cfg.name,
-            dir=run_dir, config=dict(config), reinit="finish_previous",
+            project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group or run.group_dir,
+            name=self.cfg.name or run.name, dir=run_dir, config=flatten(config), reinit="finish_previous",
             settings=wandb.Settings(init_timeout=self.cfg.init_timeout, silent=True),
         )
         try:

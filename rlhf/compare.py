@@ -1,0 +1,204 @@
+"""`rlhf-compare`: what differs between runs, and what it did to reward and KL.
+
+Reads run directories (`.hydra/config.yaml`, `metrics.jsonl`, `summary.json`), prints a
+table of the config fields that differ against the final figures, and writes
+`reward_over_steps.png`, `frontier.png` (held-out reward against KL to the reference, one
+point per evaluation, one curve per optimizer: the figure of Rafailov et al. 2023, Fig. 2)
+and a self-contained `report.html` (images inlined) into the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]  # flattened: {"optimizer.beta": 0.1, ...}
+    summary: dict[str, Any]
+    evals: list[dict[str, float]] = field(default_factory=list)  # metrics.jsonl rows with eval/reward
+
+    @property
+    def optimizer(self) -> str:
+        """The optimizer's registered name, plus `online` for online DPO."""
+        from rlhf import registry
+
+        target = str(self.config.get("optimizer._target_", "?"))
+        names = {p.target: p.name for p in registry.plugins("optimizer")}
+        name = names.get(target, target.rsplit(".", 1)[-1])
+        return f"{name} online" if self.config.get("optimizer.online") else name
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    from omegaconf import OmegaConf
+
+    runs = []
+    for root in paths:
+        if not root.exists():
+            raise FileNotFoundError(f"rlhf-compare: no such directory {root}")
+        for summary in sorted(root.rglob("summary.json"), key=lambda p: _natural(p.parent)):
+            d = summary.parent
+            cfg_file = d / ".hydra" / "config.yaml"
+            if not cfg_file.is_file():
+                continue
+            config = flatten(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False))
+            rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()] if (d / "metrics.jsonl").is_file() else []
+            runs.append(Run(d, config, json.loads(summary.read_text()), [r for r in rows if "eval/reward" in r]))
+    return runs
+
+
+def _natural(p: Path) -> list:
+    return [int(s) if s.isdigit() else s for s in p.parts]
+
+
+def differing_fields(runs: list[Run]) -> list[str]:
+    """Fields every run has, with more than one value among them. (A field only some runs
+    have belongs to a plugin the others did not pick: the optimizer column says that.)"""
+    keys = sorted(set.intersection(*(set(r.config) for r in runs)))
+    return [k for k in keys if not k.endswith("_target_") and len({json.dumps(r.config[k], sort_keys=True) for r in runs}) > 1]
+
+
+def table(runs: list[Run], root: Path) -> tuple[list[str], list[list[str]]]:
+    fields = differing_fields(runs)
+    judges = sorted({k for r in runs for k in r.summary if k.startswith("judge_") and k.endswith("_end")})
+    header = ["run", "optimizer", *fields, *FIGURES, *judges]
+    rows = []
+    for r in runs:
+        rel = str(r.path.relative_to(root)) if r.path.is_relative_to(root) else str(r.path)
+        values = [r.config.get(k) for k in fields] + [r.summary.get(k) for k in (*FIGURES, *judges)]
+        rows.append([rel, r.optimizer, *(_fmt(v) for v in values)])
+    return header, rows
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _label(run: Run, fields: list[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={_fmt(run.config.get(k))}" for k in fields) or run.path.name
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper-left envelope: points no other point beats in reward at lower or equal KL."""
+    best, out = float("-inf"), []
+    for kl, reward in sorted(points):
+        if reward > best:
+            out.append((kl, reward))
+            best = reward
+    return out
+
+
+def plots(runs: list[Run], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = differing_fields(runs)
+    files = {}
+    several = len({r.optimizer for r in runs}) > 1
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        label = f"{r.optimizer}: {_label(r, fields)}" if several else _label(r, fields)
+        ax.plot([e["step"] for e in r.evals], [e["eval/reward"] for e in r.evals], marker="o", ms=3, label=label)
+    ax.set(xlabel="step", ylabel="held-out reward", title="Held-out reward over training")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    files["reward_over_steps"] = out / "reward_over_steps.png"
+    fig.tight_layout()
+    fig.savefig(files["reward_over_steps"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_optimizer: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        by_optimizer.setdefault(r.optimizer, []).extend((e["eval/kl"], e["eval/reward"]) for e in r.evals)
+    for i, (name, points) in enumerate(sorted(by_optimizer.items())):
+        color = f"C{i}"
+        ax.scatter(*zip(*points), s=14, alpha=0.5, color=color)
+        ax.plot(*zip(*frontier(points)), color=color, label=name)
+    ax.set(xlabel="KL(pi || pi_ref), nats", ylabel="held-out reward", title="Reward-KL frontier (one point per evaluation)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    files["frontier"] = out / "frontier.png"
+    fig.tight_layout()
+    fig.savefig(files["frontier"], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def report(runs: list[Run], root: Path, out: Path, files: dict[str, Path]) -> Path:
+    header, rows = table(runs, root)
+    cells = lambda tag, row: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
+    images = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>"
+        for name, p in files.items()
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>rlhf-compare: {html.escape(str(root))}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} th{{background:#eee}}
+figure{{display:inline-block;margin:1em}}</style></head>
+<body><h1>rlhf-compare</h1><p>{len(runs)} runs under <code>{html.escape(str(root))}</code></p>
+<table><thead><tr>{cells("th", header)}</tr></thead>
+<tbody>{"".join(f"<tr>{cells('td', r)}</tr>" for r in rows)}</tbody></table>
+{images}</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def compare(paths: list[Path], out: Path | None = None) -> Path:
+    """Print the table, write the plots and the report; return the report's path."""
+    paths = [p.resolve() for p in paths]
+    runs = find_runs(paths)
+    if not runs:
+        raise SystemExit(f"rlhf-compare: no run directories (with summary.json and .hydra/) under {', '.join(map(str, paths))}")
+    root = paths[0] if len(paths) == 1 else Path(*_common(paths))
+    out = (out or root).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table(runs, root)
+    print(f"{len(runs)} runs\n{text_table(header, rows)}")
+    path = report(runs, root, out, plots(runs, out))
+    print(f"report: {path}")
+    return path
+
+
+def _common(paths: list[Path]) -> list[str]:
+    parts = [p.parts for p in paths]
+    return [a for a, *rest in zip(*parts) if all(a == b for b in rest)] or ["/"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="a sweep directory, or several run directories")
+    p.add_argument("--out", type=Path, help="where to write the plots and report.html (default: the sweep directory)")
+    args = p.parse_args(argv)
+    compare(args.dirs, args.out)

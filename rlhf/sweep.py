@@ -1,0 +1,45 @@
+"""What a sweep ends with: which runs completed, which failed and where their tracebacks
+are, and (when asked, as `+experiment=frontier` does) `rlhf-compare` on the sweep.
+
+Hydra stops calling callbacks when a job fails, so the callback only notes the sweep
+directory when the sweep starts, and `rlhf-train` reports after Hydra returns or exits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+_sweep: dict[str, Any] = {}
+
+
+class SweepCallback(Callback):
+    def __init__(self, compare: bool = False):
+        self.compare = compare  # run rlhf-compare on the sweep directory at the end
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        _sweep.update(dir=Path(config.hydra.sweep.dir), compare=self.compare)
+
+
+def report() -> int:
+    """Print the sweep's outcome (if a sweep ran in this process); return how many runs failed."""
+    if "dir" not in _sweep:
+        return 0
+    from rlhf.train import ERROR_FILE
+
+    root: Path = _sweep.pop("dir")
+    jobs = sorted((d for d in root.iterdir() if (d / ".hydra").is_dir()), key=lambda d: (len(d.name), d.name))
+    done = [d for d in jobs if (d / "summary.json").is_file()]
+    failed = [d for d in jobs if d not in done]
+    print(f"sweep {root}: {len(jobs)} runs, {len(done)} completed, {len(failed)} failed")
+    for d in failed:
+        overrides = (d / ".hydra" / "overrides.yaml").read_text().replace("\n- ", " ").lstrip("- ").strip()
+        where = d / ERROR_FILE if (d / ERROR_FILE).is_file() else d
+        print(f"  FAILED {d.name}: {overrides}\n         traceback: {where} (and the job's log in {d})")
+    if _sweep.pop("compare", False) and done:
+        from rlhf.compare import compare
+
+        compare([root])
+    return len(failed)
