@@ -20,12 +20,13 @@ from rlhf.policy import PolicyConfig
 @dataclass
 class DataConfig:
     prompts: str = "embedded"  # "embedded", a local .txt/.jsonl/.json file, or a hub dataset name
+    prompt_list: list[str] = field(default_factory=list)  # inline prompts for training and evaluation (overrides prompts)
     text_field: str = "text"  # column holding the text (jsonl/json files and hub datasets)
     split: str = "train"  # hub dataset split for training prompts
     eval_split: Optional[str] = None  # hub split for held-out prompts; null: hold out from `split`
     n_train: int = 2000  # training prompts / pairs (embedded: generated; otherwise the first n)
     n_eval: int = 64  # held-out prompts / pairs for evaluation
-    pairs: str = "embedded"  # preference pairs: "embedded", a .json/.jsonl/.parquet file, or a hub dataset
+    pairs: str = "embedded"  # "embedded", a .json/.jsonl/.parquet file, a hub dataset, or "bradley_terry" (see README)
     prompt_field: str = "prompt"  # pair files: column of the prompt
     chosen_field: str = "chosen"  # pair files: column of the preferred response
     rejected_field: str = "rejected"  # pair files: column of the other response
@@ -36,6 +37,7 @@ class TrainConfig:
     steps: int = 60  # optimizer steps, each on one freshly collected batch
     batch_size: int = 32  # prompts (rollouts) per step
     save_final: bool = True  # save adapters + value head (safetensors) to <run>/final
+    lr_schedule: str = "constant"  # constant, or linear: the optimizer's lr decays to 0 over train.steps
 
 
 @dataclass
@@ -44,6 +46,7 @@ class EvalConfig:
     samples: int = 8  # generations saved to <run>/samples/step_<N>.jsonl per evaluation
     seed: int = 1234  # sampling seed of evaluation, fixed so evaluations are comparable
     judges: list[str] = field(default_factory=list)  # extra reward plugins scoring the samples, e.g. [lexicon]
+    kl_to_optimum: bool = False  # one-token problems: exact KL(pi || pi*) to the closed-form optimum
 
 
 @dataclass
@@ -77,6 +80,7 @@ def validate(cfg: Any) -> None:
         ("policy.lora.r", cfg.policy.lora.r >= 1, "at least 1"),
         ("policy.lora.dropout", 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
         ("policy.dtype", cfg.policy.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+        ("train.lr_schedule", cfg.train.lr_schedule in ("constant", "linear"), "constant or linear"),
     ]
     bad = [f"{key} must be {want}, got {OmegaConf.select(cfg, key)!r}" for key, ok, want in checks if not ok]
     if bad:

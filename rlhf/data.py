@@ -15,6 +15,9 @@ EMBEDDED_TRAIN_SEED, EMBEDDED_EVAL_SEED = 10_001, 10_002
 
 def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts) as text."""
+    if cfg.prompt_list:  # the same few prompts for both, as in the toy problem
+        cycle = lambda n: [cfg.prompt_list[i % len(cfg.prompt_list)] for i in range(n)]  # noqa: E731
+        return cycle(cfg.n_train), cycle(cfg.n_eval)
     if cfg.prompts == "embedded":
         from rlhf.embedded.corpus import reviews
 

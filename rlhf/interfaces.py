@@ -48,6 +48,7 @@ class PairBatch:
     chosen: list[str]
     rejected: list[str]
     scores: torch.Tensor | None = None  # (2B,) reward source's scores, for online pairs
+    preference: torch.Tensor | None = None  # (B,) P(chosen preferred), for soft Bradley-Terry labels
 
 
 @runtime_checkable
@@ -59,6 +60,9 @@ class PolicyOptimizer(Protocol):
     # data's pairs) or "sampled_pairs" (PairBatch of two policy samples per prompt,
     # labelled by the reward source)
     consumes: str
+    # optional: `samples_per_prompt = k` makes the core sample each prompt k times, side by
+    # side in the rollout (RLOO and GRPO); train.batch_size then counts prompts.
+    # `opt`, the torch optimizer made in setup(), is what train.lr_schedule=linear decays.
 
     def setup(self, policy: Policy, temperature: float) -> None:
         """Called once before training: create the torch optimizer over trainable params."""

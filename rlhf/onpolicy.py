@@ -13,30 +13,36 @@ from rlhf.interfaces import Rollout
 
 
 @dataclass
-class KLShapedConfig:
+class KLConfig:
     beta: float = 0.05  # KL penalty coefficient (initial value if adaptive_kl)
     kl_estimator: str = "k1"  # per-token KL in the reward: k1 (log ratio) or k3
     adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
     kl_target: float = 6.0  # target sequence KL of the adaptive controller
     kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
-    gamma: float = 1.0  # discount over response tokens
-    gae_lambda: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True  # normalise advantages over the batch
 
     def check(self, plugin: str, **checks: bool) -> None:
         """Raise one error naming every out-of-range field: these and the plugin's own."""
         checks = {
             "beta": self.beta >= 0, "kl_estimator": self.kl_estimator in ("k1", "k3"),
-            "kl_target": self.kl_target > 0, "kl_horizon": self.kl_horizon > 0,
-            "gamma": 0 <= self.gamma <= 1, "gae_lambda": 0 <= self.gae_lambda <= 1, **checks,
+            "kl_target": self.kl_target > 0, "kl_horizon": self.kl_horizon > 0, **checks,
         }
         bad = [f"optimizer.{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"{plugin}: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
 
 
+@dataclass
+class KLShapedConfig(KLConfig):
+    gamma: float = 1.0  # discount over response tokens
+    gae_lambda: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch
+
+    def check(self, plugin: str, **checks: bool) -> None:
+        super().check(plugin, gamma=0 <= self.gamma <= 1, gae_lambda=0 <= self.gae_lambda <= 1, **checks)
+
+
 class KLShapedAdvantages:
-    def __init__(self, cfg: KLShapedConfig):
+    def __init__(self, cfg: KLConfig):
         self.cfg = cfg
         self.kl_ctl = numerics.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
 
@@ -60,6 +66,12 @@ class KLShapedAdvantages:
             advantages = numerics.masked_whiten(advantages, r.mask)
         return kl, advantages, returns
 
+    @torch.no_grad()
+    def sequence_returns(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token KL (B, T), R (B,) = score - beta * sum_t kl_t), for sequence-level methods."""
+        kl = numerics.kl_per_token(r.logprobs, r.ref_logprobs, self.cfg.kl_estimator) * r.mask
+        return kl, r.scores - self.beta * kl.sum(1)
+
     def after_update(self, kl: torch.Tensor, r: Rollout) -> dict[str, float]:
         """Step the adaptive controller; the metrics every on-policy optimizer reports."""
         beta = self.beta
@@ -67,3 +79,19 @@ class KLShapedAdvantages:
         if self.cfg.adaptive_kl:
             self.kl_ctl.update(seq_kl, r.input_ids.shape[0])
         return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}
+
+
+def policy_gradient_step(opt, params, policy, r: Rollout, advantages: torch.Tensor, temperature: float, max_grad_norm: float) -> dict[str, float]:
+    """One step on -mean_i A_i log pi(y_i|x_i), log pi summed over the response tokens."""
+    policy.train()
+    logits, _ = policy.forward(r.input_ids, r.attention_mask, r.query_len, with_values=False)
+    logprobs = numerics.logprobs_of(logits, r.input_ids[:, r.query_len :], temperature)  # (B, T)
+    seq_logprobs = (logprobs * r.mask).sum(1)  # (B,)
+    pg_loss = -(advantages * seq_logprobs).mean()
+    opt.zero_grad(set_to_none=True)
+    pg_loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    opt.step()
+    with torch.no_grad():
+        entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, temperature), r.mask)
+    return {"loss/policy": pg_loss.item(), "policy/entropy": entropy.item(), "optim/grad_norm": grad_norm.item()}

@@ -29,7 +29,7 @@ class LoraSettings:
 
 @dataclass
 class PolicyConfig:
-    path: str = "embedded"  # hub name, local directory, or "embedded" (built offline)
+    path: str = "embedded"  # hub name, local directory, "embedded" (built offline) or "toy" (the exact toy problem)
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run model code shipped with a hub repo; off for safety
     dtype: str = "float32"  # float32, bfloat16 or float16
@@ -41,6 +41,10 @@ def resolve_path(path: str) -> str:
         from rlhf.embedded.build import policy_path
 
         return policy_path()
+    if path == "toy":
+        from rlhf.embedded.toy import toy_policy_path
+
+        return toy_policy_path()
     return path
 
 

@@ -8,6 +8,7 @@ source picking the chosen one. Either way an optimizer receives a `PairBatch`.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,16 +124,22 @@ def reference_logps(policy: Policy, input_ids: torch.Tensor, attention_mask: tor
 class OfflinePairs:
     """Shuffled passes over a fixed pair set; each pair's reference log-probs computed once."""
 
-    def __init__(self, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int):
-        tok = policy.tokenizer
-        enc = lambda texts, **kw: tok(texts, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    def __init__(self, policy: Policy, pairs: list[Pair], prompts, chosen, rejected, seed: int, preference=None):
         self.policy, self.pairs = policy, pairs
-        self.prompts = enc([p.prompt for p in pairs], truncation=True, max_length=max_prompt_tokens)
-        self.chosen = [ids + eos for ids in enc([p.chosen for p in pairs])]
-        self.rejected = [ids + eos for ids in enc([p.rejected for p in pairs])]
+        self.prompts, self.chosen, self.rejected = prompts, chosen, rejected  # token lists per pair
+        self.preference = preference  # P(chosen preferred) per pair, or None for hard labels
         self.ref_cache: dict[int, tuple[float, float]] = {}
         self.order = Shuffled(len(pairs), random.Random(seed))
+
+    @classmethod
+    def from_text(cls, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int) -> OfflinePairs:
+        tok = policy.tokenizer
+        enc = lambda texts, **kw: tok(texts, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []  # the policy learns to stop
+        prompts = enc([p.prompt for p in pairs], truncation=True, max_length=max_prompt_tokens)
+        chosen = [ids + eos for ids in enc([p.chosen for p in pairs])]
+        rejected = [ids + eos for ids in enc([p.rejected for p in pairs])]
+        return cls(policy, pairs, prompts, chosen, rejected, seed)
 
     def next(self, batch_size: int) -> PairBatch:
         idx = self.order.take(batch_size)
@@ -153,6 +160,7 @@ class OfflinePairs:
         return PairBatch(
             input_ids=ids, attention_mask=attn, query_len=q, mask=mask.float(), ref_logps=ref_logps,
             queries=[p.prompt for p in pairs], chosen=[p.chosen for p in pairs], rejected=[p.rejected for p in pairs],
+            preference=None if self.preference is None else torch.tensor([self.preference[i] for i in idx], device=ids.device),
         )
 
 
@@ -182,3 +190,25 @@ class OnlinePairs:
             queries=texts_q[:B], chosen=[texts_r[i] for i in rows[:B].tolist()],
             rejected=[texts_r[i] for i in rows[B:].tolist()], scores=scores[rows],
         )
+
+
+@torch.no_grad()
+def bradley_terry_pairs(
+    policy: Policy, reward: RewardSource, prompts: list[list[int]], n: int, seed: int
+) -> OfflinePairs:
+    """For one-token problems: n pairs of two distinct vocabulary tokens drawn uniformly,
+    labelled by the Bradley-Terry model of the reward, P(y1 preferred) = sigma(r(x, y1) -
+    r(x, y2)), as a soft label: the DPO loss then takes the expectation over the label
+    instead of one coin flip per pair, and its minimiser is exactly the optimum pi*."""
+    rng = random.Random(seed)
+    tok = policy.tokenizer
+    text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    rows, q_ids, c_ids, r_ids, preference = [], [], [], [], []
+    for i in range(n):
+        x = prompts[i % len(prompts)]
+        y1, y2 = rng.sample(range(len(tok)), 2)
+        r1, r2 = reward.score([text(x)] * 2, [text([y1]), text([y2])]).tolist()
+        rows.append(Pair(text(x), text([y1]), text([y2])))
+        q_ids.append(list(x)), c_ids.append([y1]), r_ids.append([y2])
+        preference.append(1 / (1 + math.exp(-(r1 - r2))))
+    return OfflinePairs(policy, rows, q_ids, c_ids, r_ids, seed, preference)

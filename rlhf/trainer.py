@@ -25,7 +25,7 @@ from rlhf.data import Shuffled, load_prompts
 from rlhf.evaluation import evaluate, save_samples
 from rlhf.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
 from rlhf.policy import Policy
-from rlhf.preferences import OfflinePairs, OnlinePairs, load_pairs
+from rlhf.preferences import OfflinePairs, OnlinePairs, bradley_terry_pairs, load_pairs
 
 MAX_PROMPT_TOKENS = 64  # prompts are cut to this before the sampler cuts a query out of them
 CONSUMES = ("rollouts", "preference_pairs", "sampled_pairs")
@@ -93,6 +93,10 @@ class Trainer:
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
         self.optimizer.setup(self.policy, self.sampler.temperature)
+        self.scheduler = None
+        if cfg.train.lr_schedule == "linear":  # plugins keep their torch optimizer as `opt`
+            steps = cfg.train.steps
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.opt, lambda i: max(0.0, 1 - i / steps))
 
         train_texts, eval_texts = load_prompts(cfg.data)
         self.train_prompts, eval_prompts = self._tokenize(train_texts), self._tokenize(eval_texts)
@@ -105,15 +109,19 @@ class Trainer:
     def _batch_source(self) -> Callable[[int], Any]:
         """The core service that feeds this optimizer: rollouts, data pairs or sampled pairs."""
         cfg, kind = self.cfg, self.optimizer.consumes
+        if kind == "preference_pairs" and cfg.data.pairs == "bradley_terry":
+            return bradley_terry_pairs(self.policy, self.reward, self.train_prompts, cfg.data.n_train, cfg.seed).next
         if kind == "preference_pairs":
             pairs, _ = load_pairs(cfg.data)
-            return OfflinePairs(self.policy, pairs, MAX_PROMPT_TOKENS, cfg.seed).next
+            return OfflinePairs.from_text(self.policy, pairs, MAX_PROMPT_TOKENS, cfg.seed).next
         if kind == "sampled_pairs":
             return OnlinePairs(self.policy, self.reward, self.train_prompts, self.sampler, cfg.seed).next
         rng, order = random.Random(cfg.seed), Shuffled(len(self.train_prompts), random.Random(cfg.seed + 1))
+        k = getattr(self.optimizer, "samples_per_prompt", 1)  # RLOO and GRPO compare k samples of a prompt
 
         def rollouts(batch_size: int):
             queries = self.sampler.sample([self.train_prompts[i] for i in order.take(batch_size)], rng)
+            queries = [q for q in queries for _ in range(k)]  # each prompt's k samples side by side
             return rollout.collect(self.policy, self.reward, queries, self.sampler.generation_kwargs(), self.sampler.temperature)
 
         return rollouts
@@ -121,6 +129,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         batch = self.next_batch(self.cfg.train.batch_size)
         stats = dict(self.optimizer.update(batch))
+        if self.scheduler is not None:
+            self.scheduler.step()
         if self.optimizer.consumes == "rollouts":
             seq_kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
             stats = {
@@ -139,6 +149,12 @@ class Trainer:
             self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
         )
         save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
+        if self.cfg.eval.kl_to_optimum:
+            from rlhf.optimum import kl_to_optimum
+
+            metrics["eval/kl_to_optimum"] = kl_to_optimum(
+                self.policy, self.reward, self.eval_queries, self.cfg.optimizer.beta, self.sampler.temperature
+            )
         return metrics
 
     def fit(self) -> dict[str, Any]:
@@ -179,6 +195,7 @@ class Trainer:
             "response_len_end": last["eval/response_len"],
             "distinct_2_end": last["eval/distinct_2"],
             **judges,
+            **({"kl_to_optimum": last["eval/kl_to_optimum"]} if cfg.eval.kl_to_optimum else {}),
             "steps": cfg.train.steps,
             "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),

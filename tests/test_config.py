@@ -61,8 +61,9 @@ def test_bad_override_fails_before_any_model_loads(tmp_path, override, message):
 def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ["optimizer: a2c, dpo, ppo", "reward: learned_rm, lexicon, sentiment", "sampler: length",
-                 "logger: jsonl, tensorboard, wandb", "experiment: frontier, imdb_ppo",
+    for line in ["optimizer: a2c, dpo, grpo, ppo, reinforce, rloo", "reward: learned_rm, lexicon, sentiment, table",
+                 "sampler: length",
+                 "logger: jsonl, tensorboard, wandb", "experiment: frontier, imdb_ppo, toy_bandit",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 

@@ -18,8 +18,13 @@ OPTIMIZERS = [[f"optimizer={p.name}"] for p in registry.plugins("optimizer")] + 
 REWARDS = [p.name for p in registry.plugins("reward")]
 
 
-def _reward_overrides(name, reward_model_dir):
-    return [f"reward.path={reward_model_dir}"] if name == "learned_rm" else []
+def _reward_overrides(name, optimizer, reward_model_dir):
+    if name == "learned_rm":
+        return [f"reward.path={reward_model_dir}"]
+    if name == "table":  # the reward table belongs to the toy problem's prompts and tokens
+        offline_dpo = optimizer == ["optimizer=dpo"]
+        return ["+experiment=toy_bandit", "sampler.max_new_tokens=1", *(["data.pairs=bradley_terry"] if offline_dpo else [])]
+    return []
 
 
 def _reward_weights(reward):
@@ -30,8 +35,8 @@ def _reward_weights(reward):
 @pytest.mark.parametrize("reward_name", REWARDS)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: " ".join(o))
 def test_contract(optimizer, reward_name, tmp_path, reward_model_dir):
-    cfg = compose(*optimizer, f"reward={reward_name}", *_reward_overrides(reward_name, reward_model_dir),
-                  "train.batch_size=4", "sampler.max_new_tokens=8", "data.n_train=16", "data.n_eval=4", "seed=3")
+    cfg = compose(*optimizer, f"reward={reward_name}", "train.batch_size=4", "sampler.max_new_tokens=8",
+                  "data.n_train=16", "data.n_eval=4", "seed=3", *_reward_overrides(reward_name, optimizer, reward_model_dir))
     torch.manual_seed(0)
     t = Trainer(cfg, tmp_path)
     model = t.policy.model
@@ -39,7 +44,7 @@ def test_contract(optimizer, reward_name, tmp_path, reward_model_dir):
     trainable = {n: p.detach().clone() for n, p in t.policy.model.named_parameters() if p.requires_grad}
     head = [p.detach().clone() for p in t.policy.value_head.parameters()] if t.policy.value_head is not None else []
 
-    t.reward.score(["The film"], ["was fine ."])  # reward models load on first use
+    t.reward.score([t.policy.tokenizer.decode(t.eval_queries[0])], ["fine ."])  # reward models load on first use
     reward_before = _reward_weights(t.reward)
     metrics = [t.train_step() for _ in range(4)]
     assert all(math.isfinite(v) for m in metrics for v in m.values()), metrics

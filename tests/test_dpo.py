@@ -72,7 +72,7 @@ def _policy():
 def test_offline_pairs_layout_and_reference_computed_once(embedded_dir):
     policy = _policy()
     pairs = [Pair(*p) for p in preference_pairs(6, seed=1)]
-    source = OfflinePairs(policy, pairs, max_prompt_tokens=64, seed=0)
+    source = OfflinePairs.from_text(policy, pairs, max_prompt_tokens=64, seed=0)
     calls = []
     original = policy.reference_logits
     policy.reference_logits = lambda *a: calls.append(a[0].shape[0]) or original(*a)
@@ -126,3 +126,10 @@ def test_pairs_by_dataset_name_go_through_datasets(tmp_path):
     (tmp_path / "prefs" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     train, held = load_pairs(DataConfig(pairs=str(tmp_path / "prefs"), n_eval=2))
     assert held == [Pair("p0", "c0", "r0"), Pair("p1", "c1", "r1")] and len(train) == 4
+
+
+def test_soft_labels_are_the_expected_hard_label_loss():
+    h, p = torch.tensor([1.5, -0.5]), torch.tensor([0.8, 0.3])  # P(chosen preferred)
+    soft = sigmoid_loss(h, 0.5, 1 - p)
+    hard_chosen, hard_flipped = sigmoid_loss(h, 0.5, 0.0), sigmoid_loss(-h, 0.5, 0.0)
+    assert_close(soft, p * hard_chosen + (1 - p) * hard_flipped)

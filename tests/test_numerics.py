@@ -105,3 +105,16 @@ def test_n_step_with_long_horizon_is_monte_carlo():
     _, gae_ret = numerics.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     assert_close(ret, torch.tensor([[1.0, 1.0, 1.0]]))
     assert_close(gae_ret, ret)  # GAE with lambda 1 is Monte Carlo too
+
+
+def test_leave_one_out_and_group_advantages_by_hand():
+    from rlhf_plugins.optimizers.grpo import group_advantages
+    from rlhf_plugins.optimizers.rloo import leave_one_out_advantages
+
+    returns = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # prompt 1: baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5
+    assert_close(leave_one_out_advantages(returns, 3), torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    # prompt 1: mean 3, std (unbiased) sqrt(7); prompt 2: mean 1, std sqrt(3)
+    expected = torch.tensor([-2 / 7**0.5, -1 / 7**0.5, 3 / 7**0.5, -1 / 3**0.5, -1 / 3**0.5, 2 / 3**0.5])
+    assert_close(group_advantages(returns, 3, scale=True, eps=0.0), expected)
+    assert_close(group_advantages(returns, 3, scale=False), torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))

@@ -19,16 +19,17 @@ from rlhf.interfaces import PairBatch
 from rlhf.registry import register
 
 
-def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing) -> torch.Tensor:
     """-log sigma(beta h) with h = pi_logratios - ref_logratios; with label smoothing eps
     (conservative DPO, the label is flipped with probability eps):
     -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)."""
     return -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
 
 
-def ipo_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    """IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, h on sequence log-likelihoods."""
-    return (logits - 1 / (2 * beta)) ** 2
+def ipo_loss(logits: torch.Tensor, beta: float, label_smoothing) -> torch.Tensor:
+    """IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, h on sequence log-likelihoods; with a
+    label flipped with probability eps the target margin becomes (1 - 2 eps) / (2 beta)."""
+    return (logits - (1 - 2 * label_smoothing) / (2 * beta)) ** 2
 
 
 LOSSES = {"sigmoid": sigmoid_loss, "ipo": ipo_loss}
@@ -81,7 +82,9 @@ class DPO:
         pi_logratios = chosen_logps - rejected_logps
         ref_logratios = ref_chosen_logps - ref_rejected_logps
         h = pi_logratios - ref_logratios  # (B,)
-        loss = LOSSES[c.loss_type](h, c.beta, c.label_smoothing).mean()
+        # soft labels (Bradley-Terry pairs): the probability the chosen one is preferred
+        eps = c.label_smoothing if b.preference is None else 1 - b.preference
+        loss = LOSSES[c.loss_type](h, c.beta, eps).mean()
 
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,95 @@
+"""GRPO (Shao et al. 2024): G samples per prompt, advantages normalised within the group,
+A_i = (R_i - mean_G R) / (std_G R + eps), a PPO-style clipped surrogate averaged over each
+response's tokens, no value function.
+
+kl_penalty: "reward" (default) puts -beta * sum_t KL_t into R, whose fixed point is the
+KL-regularised optimum pi*. "loss" is the paper's form, beta * k3 added to the loss; its
+gradient in expectation is that of KL(pi_ref || pi), the forward KL, so it converges
+elsewhere (the toy-bandit test shows the difference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf import numerics
+from rlhf.interfaces import Rollout
+from rlhf.onpolicy import KLConfig, KLShapedAdvantages
+from rlhf.registry import register
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """(R_i - mean_G R) / (std_G R + eps) within each prompt's group. (B,) -> (B,)"""
+    grouped = returns.view(-1, group_size)
+    advantages = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+@register("optimizer", "grpo")
+class GRPO:
+    @dataclass
+    class Config(KLConfig):
+        lr: float = 1e-3  # Adam learning rate for the adapters
+        group_size: int = 4  # samples per prompt (train.batch_size counts prompts)
+        kl_penalty: str = "reward"  # reward: -beta KL in the return (exact optimum); loss: beta k3 in the loss (paper)
+        clip_coef: float = 0.2  # ratio clipping epsilon
+        epochs: int = 1  # passes over each batch (mu in the paper)
+        num_minibatches: int = 1  # minibatches per pass
+        scale_rewards: bool = True  # divide by the group's std (Dr. GRPO, Liu et al. 2025, argues against)
+        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
+
+    needs_value_head = False
+    consumes = "rollouts"
+
+    def __init__(self, cfg: Config):
+        cfg.check("grpo", lr=cfg.lr > 0, group_size=cfg.group_size >= 2, kl_penalty=cfg.kl_penalty in ("reward", "loss"),
+                  clip_coef=cfg.clip_coef > 0, epochs=cfg.epochs >= 1, num_minibatches=cfg.num_minibatches >= 1)
+        self.cfg = cfg
+        self.samples_per_prompt = cfg.group_size
+        self.shaping = KLShapedAdvantages(cfg)
+
+    def setup(self, policy, temperature: float) -> None:
+        self.policy, self.temperature = policy, temperature
+        self.params = list(policy.trainable_parameters())
+        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
+
+    def update(self, r: Rollout) -> dict[str, float]:
+        c, G = self.cfg, self.cfg.group_size
+        kl, returns = self.shaping.sequence_returns(r)
+        if c.kl_penalty == "loss":
+            returns = r.scores
+        advantages = group_advantages(returns, G, c.scale_rewards)  # (B,)
+
+        B = r.input_ids.shape[0]
+        stats: dict[str, list[float]] = {}
+        self.policy.train()
+        for _ in range(c.epochs):
+            for idx in torch.randperm(B, device=r.mask.device).split(max(1, B // c.num_minibatches)):
+                m = r.mask[idx]
+                logits, _ = self.policy.forward(r.input_ids[idx], r.attention_mask[idx], r.query_len, with_values=False)
+                logprobs = numerics.logprobs_of(logits, r.input_ids[idx, r.query_len :], self.temperature)
+                ratio = torch.exp((logprobs - r.logprobs[idx]) * m)
+                adv = advantages[idx, None]  # (b, 1): one advantage for every token of a response
+                pg_loss1 = -adv * ratio
+                pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
+                per_token = torch.max(pg_loss1, pg_loss2)
+                if c.kl_penalty == "loss":  # k3 = pi_ref / pi - 1 - log(pi_ref / pi)
+                    per_token = per_token + c.beta * numerics.kl_per_token(logprobs, r.ref_logprobs[idx], "k3")
+                loss = numerics.masked_mean(per_token, m, dim=1).mean()  # mean over each response, then over responses
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+                self.opt.step()
+                with torch.no_grad():
+                    for name, value in {
+                        "loss/policy": loss,
+                        "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
+                        "optim/grad_norm": grad_norm,
+                    }.items():
+                        stats.setdefault(name, []).append(float(value))
+        return {**{k: sum(v) / len(v) for k, v in stats.items()}, "objective/return": returns.mean().item(),
+                **self.shaping.after_update(kl, r)}

@@ -1,0 +1,51 @@
+"""REINFORCE (Williams 1992): the plain log-derivative policy gradient with a baseline,
+grad = E[(R - b) grad log pi(y|x)], R = score - beta * sum_t KL_t, one step per batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.interfaces import Rollout
+from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
+from rlhf.registry import register
+
+
+@register("optimizer", "reinforce")
+class Reinforce:
+    @dataclass
+    class Config(KLConfig):
+        lr: float = 1e-3  # Adam learning rate for the adapters
+        baseline: str = "ema"  # ema: moving average of past returns (unbiased); batch: this batch's mean; none
+        baseline_decay: float = 0.9  # weight of the old value in the moving average
+        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
+
+    needs_value_head = False
+    consumes = "rollouts"
+
+    def __init__(self, cfg: Config):
+        cfg.check("reinforce", lr=cfg.lr > 0, baseline=cfg.baseline in ("ema", "batch", "none"),
+                  baseline_decay=0 <= cfg.baseline_decay < 1)
+        self.cfg = cfg
+        self.shaping = KLShapedAdvantages(cfg)
+        self.ema: float | None = None
+
+    def setup(self, policy, temperature: float) -> None:
+        self.policy, self.temperature = policy, temperature
+        self.params = list(policy.trainable_parameters())
+        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
+
+    def update(self, r: Rollout) -> dict[str, float]:
+        c = self.cfg
+        kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)
+        if c.baseline == "batch":
+            b = returns.mean()
+        elif c.baseline == "ema":
+            b = torch.tensor(self.ema if self.ema is not None else 0.0)
+            mean = returns.mean().item()
+            self.ema = mean if self.ema is None else c.baseline_decay * self.ema + (1 - c.baseline_decay) * mean
+        else:
+            b = torch.tensor(0.0)
+        stats = policy_gradient_step(self.opt, self.params, self.policy, r, returns - b, self.temperature, c.max_grad_norm)
+        return {**stats, "objective/baseline": float(b), "objective/return": returns.mean().item(), **self.shaping.after_update(kl, r)}

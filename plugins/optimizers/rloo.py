@@ -1,0 +1,48 @@
+"""RLOO, REINFORCE with the leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024):
+k samples per prompt, each sample's baseline the mean return of the other k - 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.interfaces import Rollout
+from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
+from rlhf.registry import register
+
+
+def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """R_i - mean of the other k - 1 returns of the same prompt. (B,) -> (B,), B = prompts * k."""
+    grouped = returns.view(-1, k)  # the core puts a prompt's samples side by side
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).flatten()
+
+
+@register("optimizer", "rloo")
+class RLOO:
+    @dataclass
+    class Config(KLConfig):
+        lr: float = 1e-3  # Adam learning rate for the adapters
+        k: int = 4  # samples per prompt (train.batch_size counts prompts)
+        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
+
+    needs_value_head = False
+    consumes = "rollouts"
+
+    def __init__(self, cfg: Config):
+        cfg.check("rloo", lr=cfg.lr > 0, k=cfg.k >= 2)
+        self.cfg = cfg
+        self.samples_per_prompt = cfg.k
+        self.shaping = KLShapedAdvantages(cfg)
+
+    def setup(self, policy, temperature: float) -> None:
+        self.policy, self.temperature = policy, temperature
+        self.params = list(policy.trainable_parameters())
+        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
+
+    def update(self, r: Rollout) -> dict[str, float]:
+        kl, returns = self.shaping.sequence_returns(r)
+        advantages = leave_one_out_advantages(returns, self.cfg.k)
+        stats = policy_gradient_step(self.opt, self.params, self.policy, r, advantages, self.temperature, self.cfg.max_grad_norm)
+        return {**stats, "objective/return": returns.mean().item(), **self.shaping.after_update(kl, r)}

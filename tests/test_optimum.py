@@ -1,0 +1,105 @@
+"""The toy problem: the closed-form optimum, estimator bias, and every optimizer landing on pi*."""
+
+import math
+
+import pytest
+import torch
+from conftest import compose
+from torch.testing import assert_close
+
+from rlhf import numerics, registry
+from rlhf.optimum import distributions, kl_to_optimum
+from rlhf.trainer import Trainer
+
+
+def _toy(*overrides):
+    cfg = compose("+experiment=toy_bandit", *overrides)
+    return cfg, registry.instantiate("reward", cfg.reward)
+
+
+def test_table_reward_and_its_errors():
+    _, reward = _toy()
+    assert reward.score(["x0", "x1", "x1"], ["y0", "y2", "x0"]).tolist() == [1.0, 1.0, -1.0]  # -1: not in the row
+    with pytest.raises(ValueError, match="prompt 'x9' has no row"):
+        reward.score(["x9"], ["y0"])
+
+
+def test_closed_form_optimum_maximises_the_regularised_objective(tmp_path):
+    cfg, reward = _toy("optimizer.beta=0.5")
+    t = Trainer(cfg, tmp_path)
+    prompt = t.eval_queries[0]
+    log_pi, log_ref, log_star, r = distributions(t.policy, reward, prompt, beta=0.5)
+    assert_close(log_pi, log_ref)  # LoRA at init: the policy is the reference
+    # pi* = pi_ref exp(r / beta) / Z: log pi* - log pi_ref - r / beta is the same for every y
+    offset = log_star - log_ref - r / 0.5
+    assert_close(offset, offset[0].expand_as(offset))
+
+    def objective(logp):  # E_pi[r] - beta KL(pi || pi_ref)
+        p = logp.exp()
+        return (p * r).sum() - 0.5 * (p * (logp - log_ref)).sum()
+
+    best = objective(log_star)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # no perturbation of pi* does better
+        assert objective(torch.log_softmax(log_star + 0.3 * torch.randn(log_star.shape, generator=g), -1)) < best
+    # at init, KL(pi || pi*) = KL(pi_ref || pi*), and the trainer's figure is that, averaged over prompts
+    by_hand = sum(
+        (lr.exp() * (lr - ls)).sum().item()
+        for lr, ls in (distributions(t.policy, reward, p, 0.5)[1:3] for p in {tuple(q): q for q in t.eval_queries}.values())
+    ) / 2
+    assert kl_to_optimum(t.policy, reward, t.eval_queries, 0.5) == pytest.approx(by_hand)
+
+
+def test_kl_estimators_are_unbiased():
+    """k1 and k3 averaged over many samples of p match the exact KL(p || q)."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = (p * (p / q).log()).sum().item()
+    y = torch.multinomial(p, 400_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for est in ("k1", "k3"):
+        mean = numerics.kl_per_token(p.log()[y], q.log()[y], est).mean().item()
+        assert mean == pytest.approx(exact, abs=0.003), est
+    assert (numerics.kl_per_token(p.log()[y], q.log()[y], "k3") >= 0).all()
+
+
+def _gae_reference(rewards, values, gamma, lam):
+    """GAE as written in the paper, one sequence at a time, with plain floats."""
+    T, adv, last = len(rewards), [0.0] * len(rewards), 0.0
+    for t in reversed(range(T)):
+        next_v = values[t + 1] if t + 1 < T else 0.0
+        last = rewards[t] + gamma * next_v - values[t] + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_and_whitening_match_straightforward_implementations():
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    lengths = [7, 3, 1, 5, 6]
+    mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths])
+    adv, _ = numerics.gae(rewards * mask, values, mask, gamma=0.9, lam=0.8)
+    for i, n in enumerate(lengths):
+        assert_close(adv[i, :n], torch.tensor(_gae_reference(rewards[i, :n].tolist(), values[i, :n].tolist(), 0.9, 0.8)))
+        assert (adv[i, n:] == 0).all()
+    flat = [x for i, n in enumerate(lengths) for x in rewards[i, :n].tolist()]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / (len(flat) - 1))
+    white = numerics.masked_whiten(rewards, mask)
+    assert_close(white[0], (rewards[0] - mean) / std, atol=1e-5, rtol=1e-5)
+
+
+TOY_RUNS = {  # every optimizer at beta 1, and PPO at beta 0.1; the README has the full table
+    "ppo beta=0.1": ["optimizer=ppo", "optimizer.beta=0.1"],
+    **{f"{o} beta=1": [f"optimizer={o}", "optimizer.beta=1.0"] for o in ("ppo", "a2c", "reinforce", "rloo", "grpo")},
+    "dpo beta=1": ["optimizer=dpo", "data.pairs=bradley_terry", "data.n_train=4096", "optimizer.beta=1.0"],
+    "dpo beta=0.5 lr=1e-2": ["optimizer=dpo", "data.pairs=bradley_terry", "data.n_train=4096", "optimizer.beta=0.5",
+                             "optimizer.lr=1e-2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TOY_RUNS)
+def test_optimizers_land_on_the_closed_form_optimum(name, tmp_path):
+    cfg, _ = _toy(*TOY_RUNS[name], "eval.every=1000")
+    summary = Trainer(cfg, tmp_path).fit()
+    assert summary["kl_to_optimum"] < 0.05, summary
