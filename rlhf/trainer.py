@@ -82,6 +82,8 @@ class Trainer:
         self.judges = {name: judge(name) for name in cfg.eval.judges}
         if self.optimizer.consumes not in CONSUMES:
             raise ValueError(f"optimizer consumes {self.optimizer.consumes!r}; the core provides {CONSUMES}")
+        if cfg.eval.kl_to_optimum and self.sampler.generation_kwargs().get("max_new_tokens") != 1:
+            raise ValueError("eval.kl_to_optimum is exact for one-token responses only: set sampler.max_new_tokens=1")
         if self.optimizer.consumes != "preference_pairs":
             for message in self.sampler.kl_bias_warnings():
                 warnings.warn(message, stacklevel=1)

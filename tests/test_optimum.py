@@ -103,3 +103,9 @@ def test_optimizers_land_on_the_closed_form_optimum(name, tmp_path):
     cfg, _ = _toy(*TOY_RUNS[name], "eval.every=1000")
     summary = Trainer(cfg, tmp_path).fit()
     assert summary["kl_to_optimum"] < 0.05, summary
+
+
+def test_kl_to_optimum_refuses_multi_token_responses(tmp_path):
+    cfg, _ = _toy("sampler.max_new_tokens=4")
+    with pytest.raises(ValueError, match="set sampler.max_new_tokens=1"):
+        Trainer(cfg, tmp_path)
