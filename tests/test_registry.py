@@ -98,3 +98,17 @@ def test_nothing_imports_plugins_as_a_top_level_package():
         if ".venv" in p.parts:
             continue
         assert not any(n == "plugins" or n.startswith("plugins.") for n in _imports(p)), p
+
+
+def test_readme_plugin_example_registers_through_the_environment_variable(tmp_path):
+    """The README's `Brevity` reward, as written there, found through $RLHF_PLUGINS."""
+    import re
+
+    from conftest import cli
+
+    example = re.search(r"```python\n# my_rewards.py\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / "my_rewards.py").write_text(example.group(1))
+    r = cli("rlhf-plugins", "reward", cwd=tmp_path, env={"RLHF_PLUGINS": "my_rewards", "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "brevity  (my_rewards.Brevity, $RLHF_PLUGINS)" in r.stdout
+    assert "reward.target_words: int = 8  # length that scores 1" in r.stdout
