@@ -70,10 +70,10 @@ class DPO:
         lr = self.cfg.lr if self.cfg.lr is not None else (1e-3 if self.cfg.online else 2e-4)
         self.opt = torch.optim.Adam(self.params, lr=lr)
 
-    def update(self, b: PairBatch) -> dict[str, float]:
+    def loss(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a batch, and the log-probs the metrics need."""
         c = self.cfg
         B = b.input_ids.shape[0] // 2
-        self.policy.train()
         logits, _ = self.policy.forward(b.input_ids, b.attention_mask, b.query_len, with_values=False)
         logps = (numerics.logprobs_of(logits, b.input_ids[:, b.query_len :]) * b.mask).sum(1)  # (2B,)
         chosen_logps, rejected_logps = logps[:B], logps[B:]
@@ -85,7 +85,15 @@ class DPO:
         # soft labels (Bradley-Terry pairs): the probability the chosen one is preferred
         eps = c.label_smoothing if b.preference is None else 1 - b.preference
         loss = LOSSES[c.loss_type](h, c.beta, eps).mean()
+        return loss, {"chosen": chosen_logps, "rejected": rejected_logps, "ref_chosen": ref_chosen_logps,
+                      "ref_rejected": ref_rejected_logps}
 
+    def update(self, b: PairBatch) -> dict[str, float]:
+        c = self.cfg
+        self.policy.train()
+        loss, lp = self.loss(b)
+        chosen_logps, rejected_logps = lp["chosen"], lp["rejected"]
+        ref_chosen_logps, ref_rejected_logps = lp["ref_chosen"], lp["ref_rejected"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
