@@ -10,6 +10,7 @@ import torch
 
 from rlhf import numerics
 from rlhf.interfaces import Rollout
+from rlhf.optim import gradient_step
 
 
 @dataclass
@@ -88,10 +89,7 @@ def policy_gradient_step(opt, params, policy, r: Rollout, advantages: torch.Tens
     logprobs = numerics.logprobs_of(logits, r.input_ids[:, r.query_len :], temperature)  # (B, T)
     seq_logprobs = (logprobs * r.mask).sum(1)  # (B,)
     pg_loss = -(advantages * seq_logprobs).mean()
-    opt.zero_grad(set_to_none=True)
-    pg_loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    opt.step()
+    grad_norm = gradient_step(opt, params, pg_loss, max_grad_norm)
     with torch.no_grad():
         entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, temperature), r.mask)
     return {"loss/policy": pg_loss.item(), "policy/entropy": entropy.item(), "optim/grad_norm": grad_norm.item()}

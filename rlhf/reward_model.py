@@ -100,7 +100,8 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     from rlhf import registry
     from rlhf.preferences import load_pairs
-    from rlhf.trainer import pick_device
+    from rlhf.optim import gradient_step
+    from rlhf.trainer import RunRecorder, pick_device
 
     hf_logging.disable_progress_bar()
     t0 = time.time()
@@ -123,11 +124,8 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
     order = Shuffled(len(train_pairs), random.Random(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-
-    def log(metrics: dict[str, float], step: int) -> None:
-        metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        metrics_file.flush()
+    recorder = RunRecorder(run_dir)
+    log = recorder.log
 
     accuracy = pairwise_accuracy(model, tokenizer, held_out)
     log({"eval/pairwise_accuracy": accuracy}, 0)
@@ -138,17 +136,13 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         r_chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen) for p in batch], s.batch_size)
         r_rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected) for p in batch], s.batch_size)
         loss = -F.logsigmoid(r_chosen - r_rejected).mean()  # Bradley-Terry
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        gradient_step(opt, list(model.parameters()), loss, 1.0)
         log({"loss/bt": loss.item(), "train/accuracy": (r_chosen > r_rejected).float().mean().item()}, step)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % s.eval_every == 0 or step == s.steps:
             accuracy = pairwise_accuracy(model, tokenizer, held_out)
             log({"eval/pairwise_accuracy": accuracy}, step)
     bar.close()
-    metrics_file.close()
 
     out = run_dir / "reward_model"
     model.eval()
@@ -158,7 +152,7 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if s.normalize:
         summary.update(_normalization(cfg, model, tokenizer, sampler, device, out, s.normalize_samples))
     summary.update(wall_s=round(time.time() - t0, 2), reward_model=str(out))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    recorder.summary(summary)
     return summary
 
 

@@ -1,6 +1,5 @@
 """Composition of every preset, and bad overrides failing before any model loads."""
 
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli, compose

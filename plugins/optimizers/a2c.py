@@ -10,6 +10,7 @@ import torch
 from rlhf import numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.optim import gradient_step
 from rlhf.registry import register
 
 
@@ -49,10 +50,7 @@ class A2C:
         vf_loss = 0.5 * numerics.masked_mean((vpred - returns) ** 2, mask)
         loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
 
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-        self.opt.step()
+        grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
 
         return {
             "loss/policy": pg_loss.item(),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from rlhf import numerics
 from rlhf.interfaces import PairBatch
+from rlhf.optim import gradient_step
 from rlhf.registry import register
 
 
@@ -94,10 +95,7 @@ class DPO:
         loss, lp = self.loss(b)
         chosen_logps, rejected_logps = lp["chosen"], lp["rejected"]
         ref_chosen_logps, ref_rejected_logps = lp["ref_chosen"], lp["ref_rejected"]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-        self.opt.step()
+        grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
 
         with torch.no_grad():
             chosen_rewards = c.beta * (chosen_logps - ref_chosen_logps)

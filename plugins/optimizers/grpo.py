@@ -17,6 +17,7 @@ import torch
 from rlhf import numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLConfig, KLShapedAdvantages
+from rlhf.optim import gradient_step
 from rlhf.registry import register
 
 
@@ -80,10 +81,7 @@ class GRPO:
                 if c.kl_penalty == "loss":  # k3 = pi_ref / pi - 1 - log(pi_ref / pi)
                     per_token = per_token + c.beta * numerics.kl_per_token(logprobs, r.ref_logprobs[idx], "k3")
                 loss = numerics.masked_mean(per_token, m, dim=1).mean()  # mean over each response, then over responses
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-                self.opt.step()
+                grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
                 with torch.no_grad():
                     for name, value in {
                         "loss/policy": loss,

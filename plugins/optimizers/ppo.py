@@ -12,6 +12,7 @@ import torch
 from rlhf import numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.optim import gradient_step
 from rlhf.registry import register
 
 
@@ -79,11 +80,7 @@ class PPO:
                     c.clip_coef, c.clip_coef_value,
                 )
                 loss = pg_loss + c.vf_coef * vf_loss
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-                self.opt.step()
+                grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
 
                 with torch.no_grad():
                     for name, value in {
