@@ -27,12 +27,13 @@ def distributions(policy: Policy, reward: RewardSource, prompt: list[int], beta:
     full_mask = torch.cat([mask, mask[:, -1:]], 1)
     logits, _ = policy.forward(full, full_mask, q, with_values=False)
     ref = policy.reference_logits(full, full_mask, q)
-    log_pi = torch.log_softmax(logits[0, 0].float() / temperature, -1)
-    log_ref = torch.log_softmax(ref[0, 0].float() / temperature, -1)
+    # float64: KL(pi || pi*) near its minimum is a difference of nearly equal terms
+    log_pi = torch.log_softmax(logits[0, 0].double() / temperature, -1)
+    log_ref = torch.log_softmax(ref[0, 0].double() / temperature, -1)
     tok = policy.tokenizer
     vocab = range(log_pi.shape[0])
     query = tok.decode(prompt, skip_special_tokens=True)
-    r = torch.as_tensor(reward.score([query] * len(vocab), [tok.decode([y], skip_special_tokens=True) for y in vocab]), dtype=torch.float32).to(log_pi.device)
+    r = torch.as_tensor(reward.score([query] * len(vocab), [tok.decode([y], skip_special_tokens=True) for y in vocab]), dtype=torch.float64).to(log_pi.device)
     log_star = torch.log_softmax(log_ref + r / beta, -1)
     return log_pi, log_ref, log_star, r
 

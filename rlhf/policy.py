@@ -87,7 +87,7 @@ class Policy:
                 task_type="CAUSAL_LM",
             )
             with warnings.catch_warnings():  # library chatter, not the user's concern:
-                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2 Conv1D
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")  # GPT-2: Conv1D and a Linear lm_head, set per layer
                 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
                 model = get_peft_model(model, peft_cfg)
         return cls(model, tokenizer, lora.enabled, device)
