@@ -93,6 +93,13 @@ def test_core_never_imports_a_concrete_plugin():
     assert not {k: v for k, v in offenders.items() if v}
 
 
+def test_the_framework_never_imports_trl():
+    """TRL is a test-and-benchmark extra: the core and the plugins must run without it."""
+    offenders = [str(p.relative_to(ROOT)) for d in ("rlhf", "plugins") for p in (ROOT / d).rglob("*.py")
+                 if any(n.split(".")[0] == "trl" for n in _imports(p))]
+    assert not offenders
+
+
 def test_nothing_imports_plugins_as_a_top_level_package():
     for p in list(ROOT.glob("*/**/*.py")):
         if ".venv" in p.parts:
