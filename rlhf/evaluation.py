@@ -37,7 +37,7 @@ def evaluate(
     with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(queries), batch_size):
-            batch = rollout.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature)
+            batch = rollout.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature, with_values=False)
             kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
             scores.append(batch.scores)
             kls.append(kl)

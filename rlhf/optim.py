@@ -1,8 +1,15 @@
-"""The gradient step every optimizer plugin takes."""
+"""The torch optimizer and the gradient step every optimizer plugin takes."""
 
 from __future__ import annotations
 
 import torch
+
+
+def adam(params: list, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
+    """Adam over `params`, fused into one kernel where torch has one for their device (CPU and
+    CUDA): one call per step instead of a loop over tensors, the same update."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=fused or None)
 
 
 def gradient_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

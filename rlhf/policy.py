@@ -89,6 +89,8 @@ class Policy:
             with warnings.catch_warnings():  # library chatter, not the user's concern:
                 warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")  # GPT-2: Conv1D and a Linear lm_head, set per layer
                 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+                # an adapter on a tied lm_head (the toy preset) adapts the output side only; we never merge
+                warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
                 model = get_peft_model(model, peft_cfg)
         return cls(model, tokenizer, lora.enabled, device)
 

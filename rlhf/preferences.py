@@ -175,7 +175,8 @@ class OnlinePairs:
     def next(self, batch_size: int) -> PairBatch:
         idx = self.order.take(batch_size)
         queries = self.sampler.sample([self.prompts[i] for i in idx], self.rng)
-        ids, attn, q, mask = rollout.generate(self.policy, queries * 2, self.sampler.generation_kwargs())
+        g = rollout.generate(self.policy, queries * 2, self.sampler.generation_kwargs())
+        ids, attn, q, mask = g.input_ids, g.attention_mask, g.query_len, g.mask
         texts_q, texts_r = rollout.decode(self.policy, ids, attn, q)
         scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device)
         B = len(queries)

@@ -171,8 +171,8 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
     queries = sampler.sample(ids, random.Random(cfg.seed))
     texts = []
     for i in range(0, len(queries), 64):
-        batch_ids, attn, q, _ = rollout.generate(policy, queries[i : i + 64], sampler.generation_kwargs())
-        texts += [text_of(a, b) for a, b in zip(*rollout.decode(policy, batch_ids, attn, q))]
+        g = rollout.generate(policy, queries[i : i + 64], sampler.generation_kwargs())
+        texts += [text_of(a, b) for a, b in zip(*rollout.decode(policy, g.input_ids, g.attention_mask, g.query_len))]
     scores = rm_scores(model, tokenizer, texts)
     stats = {"mean": scores.mean().item(), "std": scores.std().item(), "samples": len(texts)}
     (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2) + "\n")

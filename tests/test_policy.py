@@ -146,3 +146,64 @@ def test_forward_logprobs_equal_generate_scores_with_left_padding(embedded_dir):
     full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, q:])], 1)
     logp, _ = policy.logprobs(out.sequences, full_mask, q, temperature=0.7)
     torch.testing.assert_close(logp, gen_logp, atol=1e-4, rtol=0)
+
+
+def test_sampling_loop_logprobs_and_values_equal_a_full_forward(embedded_dir):
+    """The loop reads log pi and V off the logits it samples from; they must be what a
+    separate forward pass over the finished sequences gives (left padding included)."""
+    policy = _load(True)
+    policy.attach_value_head()
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)  # adapters that matter
+        policy.value_head.weight.normal_()
+    tok = policy.tokenizer
+    queries = [tok("The", add_special_tokens=False).input_ids, tok("Honestly, the plot was", add_special_tokens=False).input_ids]
+    torch.manual_seed(0)
+    g = rollout.generate(policy, queries * 4, dict(do_sample=True, temperature=0.7, max_new_tokens=10), 0.7, with_values=True)
+    assert g.logprobs is not None and g.values is not None
+    logp, values = policy.logprobs(g.input_ids, g.attention_mask, g.query_len, temperature=0.7)
+    torch.testing.assert_close(g.logprobs, logp * g.mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g.values, values * g.mask, atol=1e-5, rtol=0)
+    assert (g.logprobs[g.mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(top_k=3), dict(top_p=0.6), dict(temperature=0.5, top_k=5, top_p=0.9)])
+def test_sampling_loop_draws_from_the_filtered_softmax(settings):
+    """20,000 one-token draws on the toy model: frequencies match softmax(logits / T) after
+    transformers' own top-k and top-p filters, within 4 standard errors."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from rlhf.embedded.toy import toy_policy_path
+
+    policy = Policy.load(PolicyConfig(path=toy_policy_path()), CPU)
+    x = policy.tokenizer("x1", add_special_tokens=False).input_ids
+    n = 20_000
+    torch.manual_seed(0)
+    g = rollout.generate(policy, [x] * n, dict(do_sample=True, max_new_tokens=1, **settings))
+    counts = torch.bincount(g.input_ids[:, -1], minlength=len(policy.tokenizer)).double()
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.tensor([x])).logits[:, -1]
+    for warper in (TemperatureLogitsWarper(settings.get("temperature", 1.0)), TopKLogitsWarper(settings.get("top_k", 0) or logits.shape[-1]),
+                   TopPLogitsWarper(settings.get("top_p", 1.0))):
+        logits = warper(None, logits)
+    p = logits.softmax(-1)[0].double()
+    se = (p * (1 - p) / n).sqrt()
+    assert ((counts / n - p).abs() <= 4 * se + 1e-12).all(), (counts / n, p)
+    assert (counts[p == 0] == 0).all()  # filtered tokens never drawn
+
+
+def test_other_generation_settings_go_to_transformers_generate(embedded_dir):
+    """Beams and a repetition penalty are not the loop's: generate() hands them to
+    transformers, and collect() then computes log-probs with a forward pass."""
+    policy = _load(True)
+    cfg = compose("sampler.repetition_penalty=1.3", "sampler.max_new_tokens=6")
+    sampler = registry.instantiate("sampler", cfg.sampler)
+    assert not rollout.sampling_loop_handles(sampler.generation_kwargs())
+    tok = policy.tokenizer
+    queries = [tok("The movie was", add_special_tokens=False).input_ids] * 3
+    g = rollout.generate(policy, queries, sampler.generation_kwargs())
+    assert g.logprobs is None
+    r = rollout.collect(policy, registry.instantiate("reward", cfg.reward), queries, sampler.generation_kwargs(), 1.0)
+    assert torch.allclose(r.logprobs, r.ref_logprobs, atol=1e-5) and (r.logprobs != 0).any()

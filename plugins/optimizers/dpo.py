@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rlhf import numerics
 from rlhf.interfaces import PairBatch
-from rlhf.optim import gradient_step
+from rlhf.optim import adam, gradient_step
 from rlhf.registry import register
 
 
@@ -69,7 +69,7 @@ class DPO:
         # likelihood down until the policy writes gibberish (measured on the embedded default:
         # lr 1e-3 offline reached KL ~60 nats). Fresh online pairs tolerate, and need, more.
         lr = self.cfg.lr if self.cfg.lr is not None else (1e-3 if self.cfg.online else 2e-4)
-        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.opt = adam(self.params, lr=lr)
 
     def loss(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a batch, and the log-probs the metrics need."""

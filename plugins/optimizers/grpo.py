@@ -17,7 +17,7 @@ import torch
 from rlhf import numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLConfig, KLShapedAdvantages
-from rlhf.optim import gradient_step
+from rlhf.optim import adam, gradient_step
 from rlhf.registry import register
 
 
@@ -56,7 +56,7 @@ class GRPO:
     def setup(self, policy, temperature: float) -> None:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
-        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
+        self.opt = adam(self.params, lr=self.cfg.lr)
 
     def update(self, r: Rollout) -> dict[str, float]:
         c, G = self.cfg, self.cfg.group_size

@@ -12,7 +12,7 @@ import torch
 from rlhf import numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
-from rlhf.optim import gradient_step
+from rlhf.optim import adam, gradient_step
 from rlhf.registry import register
 
 
@@ -60,7 +60,7 @@ class PPO:
     def setup(self, policy, temperature: float) -> None:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
-        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr, eps=1e-5)
+        self.opt = adam(self.params, lr=self.cfg.lr, eps=1e-5)
 
     def update(self, r: Rollout) -> dict[str, float]:
         c, mask = self.cfg, r.mask

@@ -9,6 +9,7 @@ import torch
 
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
+from rlhf.optim import adam
 from rlhf.registry import register
 
 
@@ -34,7 +35,7 @@ class Reinforce:
     def setup(self, policy, temperature: float) -> None:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
-        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
+        self.opt = adam(self.params, lr=self.cfg.lr)
 
     def update(self, r: Rollout) -> dict[str, float]:
         c = self.cfg

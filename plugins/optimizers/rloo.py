@@ -9,6 +9,7 @@ import torch
 
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
+from rlhf.optim import adam
 from rlhf.registry import register
 
 
@@ -39,7 +40,7 @@ class RLOO:
     def setup(self, policy, temperature: float) -> None:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
-        self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
+        self.opt = adam(self.params, lr=self.cfg.lr)
 
     def update(self, r: Rollout) -> dict[str, float]:
         kl, returns = self.shaping.sequence_returns(r)
