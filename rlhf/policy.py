@@ -58,6 +58,7 @@ class Policy:
         self.device = device
         self.value_head: nn.Linear | None = None
         self._ref_model: nn.Module | None = None
+        self._keeps_logits: bool | None = None  # does the model's forward take logits_to_keep
         if not lora:  # a full copy, frozen: the price LoRA avoids
             self._ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -122,9 +123,9 @@ class Policy:
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask,
             position_ids=position_ids(attention_mask), output_hidden_states=with_values,
-            use_cache=False,
+            use_cache=False, **self._response_logits_only(input_ids, query_len),
         )
-        logits = out.logits[:, query_len - 1 : -1]  # position t predicts token t + 1
+        logits = _response_logits(out.logits, input_ids, query_len)
         values = None
         if with_values and self.value_head is not None:
             hidden = out.hidden_states[-1][:, query_len - 1 : -1]
@@ -134,9 +135,24 @@ class Policy:
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
         with self.reference() as ref:
-            out = ref(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False)
-        return out.logits[:, query_len - 1 : -1]
+            out = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                      use_cache=False, **self._response_logits_only(input_ids, query_len))
+        return _response_logits(out.logits, input_ids, query_len)
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the model's forward takes `logits_to_keep` (most transformers causal LMs)."""
+        if self._keeps_logits is None:
+            import inspect
+
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._keeps_logits
+
+    def _response_logits_only(self, input_ids: torch.Tensor, query_len: int) -> dict:
+        """Ask for the logits of the last T + 1 positions only: the query's rows of the
+        vocabulary projection are never computed."""
+        return {"logits_to_keep": input_ids.shape[1] - query_len + 1} if self.keeps_logits else {}
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:
@@ -164,6 +180,13 @@ class Policy:
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                       f"{directory}/value_head.safetensors")
+
+
+def _response_logits(logits: torch.Tensor, input_ids: torch.Tensor, query_len: int) -> torch.Tensor:
+    """(B, T, V): the logits predicting response tokens 0..T-1, from the full sequence's logits
+    or from the last T + 1 positions' (logits_to_keep)."""
+    T = input_ids.shape[1] - query_len
+    return logits[:, -T - 1 : -1]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

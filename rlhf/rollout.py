@@ -102,7 +102,7 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
     """Ancestral sampling with a KV cache. Returns (ids (B, Q+T), log-probs (B, T), values (B, T) or None)."""
     model, tok = policy.model, policy.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    keep_last = {"logits_to_keep": 1} if policy.keeps_logits else {}
     attn, x = qmask, ids
     pos = position_ids(qmask)
     cache = None
@@ -152,13 +152,6 @@ def _draw(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
     cdf = logits.softmax(-1).double().cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()
