@@ -363,13 +363,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="dpo,online,limit,memory,scaling")
     p.add_argument("--model", default="embedded", choices=["embedded", "tiny", "small", "medium"])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (dpo, limit)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()
     import trl
 
     from rlhf import registry

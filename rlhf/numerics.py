@@ -94,6 +94,15 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def means(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Each list of scalar tensors averaged, moved to the host once at the end."""
+    if not stats:
+        return {}
+    names = list(stats)
+    values = torch.stack([torch.stack([v.float() for v in stats[n]]).mean() for n in names]).tolist()
+    return dict(zip(names, values))
+
+
 def explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[target - pred] / Var[target] over masked entries (1 is perfect, <= 0 useless)."""
     var_y = masked_var(target, mask)

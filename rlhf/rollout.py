@@ -7,7 +7,7 @@ reference -> decoded text -> reward source's scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -195,3 +195,22 @@ def collect(
         values=None if values is None else values * maskf, scores=scores,
         queries=query_text, responses=response_text,
     )
+
+
+def minibatch(r: Rollout, idx: torch.Tensor, **per_token: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:
+    """Rows `idx` of a rollout, and of other (B, T) tensors, without the columns that are
+    padding in every one of those rows: the query padding on the left, the response padding
+    on the right. Position ids and causal attention make this exact, and a minibatch of
+    short responses costs what short responses cost."""
+    attn, mask = r.attention_mask[idx], r.mask[idx]
+    q_start = int((attn[:, : r.query_len].sum(0) > 0).long().argmax())  # first query column someone uses
+    T = max(1, int(mask.sum(1).max()))
+    cols = slice(q_start, r.query_len + T)
+    rows = idx.tolist()
+    sub = replace(
+        r, input_ids=r.input_ids[idx, cols], attention_mask=attn[:, cols], query_len=r.query_len - q_start,
+        mask=mask[:, :T], logprobs=r.logprobs[idx, :T], ref_logprobs=r.ref_logprobs[idx, :T],
+        values=None if r.values is None else r.values[idx, :T], scores=r.scores[idx],
+        queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
+    )
+    return sub, {k: v[idx, :T] for k, v in per_token.items()}

@@ -42,3 +42,41 @@ def test_reward_model_stays_frozen(embedded_dir):
     reward, _ = ppo_steps(_load(True), steps=2)
     model = reward._pipeline().model
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_minibatch_drops_shared_padding_and_changes_no_loss(embedded_dir):
+    """A minibatch of rows keeps only the columns some of them use; the PPO losses on it equal
+    those computed on the untrimmed rows."""
+    import random
+
+    from conftest import compose
+
+    from rlhf import numerics, registry, rollout
+
+    policy = _load(True)
+    policy.attach_value_head()
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    cfg = compose("sampler.max_new_tokens=16")
+    sampler = registry.instantiate("sampler", cfg.sampler)
+    tok = policy.tokenizer
+    texts = ["The", "What a dull and", "I loved it", "Honestly, the plot was", "A", "This film"]
+    queries = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    torch.manual_seed(0)
+    r = rollout.collect(policy, registry.instantiate("reward", cfg.reward), queries, sampler.generation_kwargs(), 1.0)
+    adv = torch.randn(r.mask.shape) * r.mask
+    idx = torch.tensor(sorted(random.Random(0).sample(range(len(texts)), 3)))
+    mb, t = rollout.minibatch(r, idx, advantages=adv)
+    assert mb.input_ids.shape[1] < r.input_ids.shape[1] and mb.mask.sum() == r.mask[idx].sum()
+    assert (mb.attention_mask[:, : mb.query_len].sum(0) > 0).all()  # no query column all padding
+    assert (mb.mask.sum(0) > 0).all()  # no response column all padding
+
+    def losses(ids, attn, q, mask, old, a, values):
+        logits, v = policy.forward(ids, attn, q)
+        new = numerics.logprobs_of(logits, ids[:, q:])
+        return ppo_losses(new, old, a, v, values, a, mask, 0.2, 0.2)[:2]
+
+    full = losses(r.input_ids[idx], r.attention_mask[idx], r.query_len, r.mask[idx], r.logprobs[idx], adv[idx], r.values[idx])
+    trimmed = losses(mb.input_ids, mb.attention_mask, mb.query_len, mb.mask, mb.logprobs, t["advantages"], mb.values)
+    for a, b in zip(full, trimmed):
+        assert_close(a, b, atol=1e-6, rtol=1e-6)

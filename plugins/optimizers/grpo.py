@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import numerics
+from rlhf import numerics, rollout
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLConfig, KLShapedAdvantages
 from rlhf.optim import adam, gradient_step
@@ -66,20 +66,21 @@ class GRPO:
         advantages = group_advantages(returns, G, c.scale_rewards)  # (B,)
 
         B = r.input_ids.shape[0]
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[torch.Tensor]] = {}
         self.policy.train()
         for _ in range(c.epochs):
             for idx in torch.randperm(B, device=r.mask.device).split(max(1, B // c.num_minibatches)):
-                m = r.mask[idx]
-                logits, _ = self.policy.forward(r.input_ids[idx], r.attention_mask[idx], r.query_len, with_values=False)
-                logprobs = numerics.logprobs_of(logits, r.input_ids[idx, r.query_len :], self.temperature)
-                ratio = torch.exp((logprobs - r.logprobs[idx]) * m)
+                mb, _ = rollout.minibatch(r, idx)  # (b, T_mb)
+                m = mb.mask
+                logits, _ = self.policy.forward(mb.input_ids, mb.attention_mask, mb.query_len, with_values=False)
+                logprobs = numerics.logprobs_of(logits, mb.input_ids[:, mb.query_len :], self.temperature)
+                ratio = torch.exp((logprobs - mb.logprobs) * m)
                 adv = advantages[idx, None]  # (b, 1): one advantage for every token of a response
                 pg_loss1 = -adv * ratio
                 pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
                 per_token = torch.max(pg_loss1, pg_loss2)
                 if c.kl_penalty == "loss":  # k3 = pi_ref / pi - 1 - log(pi_ref / pi)
-                    per_token = per_token + c.beta * numerics.kl_per_token(logprobs, r.ref_logprobs[idx], "k3")
+                    per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, "k3")
                 loss = numerics.masked_mean(per_token, m, dim=1).mean()  # mean over each response, then over responses
                 grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
                 with torch.no_grad():
@@ -88,6 +89,6 @@ class GRPO:
                         "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
                         "optim/grad_norm": grad_norm,
                     }.items():
-                        stats.setdefault(name, []).append(float(value))
-        return {**{k: sum(v) / len(v) for k, v in stats.items()}, "objective/return": returns.mean().item(),
+                        stats.setdefault(name, []).append(value.detach())  # tensors: no device sync per minibatch
+        return {**numerics.means(stats), "objective/return": returns.mean().item(),
                 **self.shaping.after_update(kl, r)}

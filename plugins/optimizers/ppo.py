@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import numerics
+from rlhf import numerics, rollout
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
 from rlhf.optim import adam, gradient_step
@@ -68,15 +68,16 @@ class PPO:
 
         B = r.input_ids.shape[0]
         mb_size = max(1, B // c.num_minibatches)
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[torch.Tensor]] = {}
         self.policy.train()
         for _ in range(c.ppo_epochs):
             for idx in torch.randperm(B, device=mask.device).split(mb_size):
-                m = mask[idx]
-                logits, vpred = self.policy.forward(r.input_ids[idx], r.attention_mask[idx], r.query_len)
-                new_logprobs = numerics.logprobs_of(logits, r.input_ids[idx, r.query_len :], self.temperature)
+                mb, t = rollout.minibatch(r, idx, advantages=advantages, returns=returns)  # (b, T_mb) each
+                m = mb.mask
+                logits, vpred = self.policy.forward(mb.input_ids, mb.attention_mask, mb.query_len)
+                new_logprobs = numerics.logprobs_of(logits, mb.input_ids[:, mb.query_len :], self.temperature)
                 pg_loss, vf_loss, ratio, logratio, vf_clipped = ppo_losses(
-                    new_logprobs, r.logprobs[idx], advantages[idx], vpred, r.values[idx], returns[idx], m,
+                    new_logprobs, mb.logprobs, t["advantages"], vpred, mb.values, t["returns"], m,
                     c.clip_coef, c.clip_coef_value,
                 )
                 loss = pg_loss + c.vf_coef * vf_loss
@@ -92,9 +93,9 @@ class PPO:
                         "val/clipfrac": numerics.masked_mean(vf_clipped.float(), m),
                         "optim/grad_norm": grad_norm,
                     }.items():
-                        stats.setdefault(name, []).append(float(value))
+                        stats.setdefault(name, []).append(value.detach())  # tensors: no device sync per minibatch
 
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out = numerics.means(stats)
         out.update(self.shaping.after_update(kl, r))
         out["val/explained_var"] = numerics.explained_variance(r.values, returns, mask).item()
         out["val/mean"] = numerics.masked_mean(r.values, mask).item()
