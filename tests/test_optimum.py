@@ -91,7 +91,7 @@ def test_gae_and_whitening_match_straightforward_implementations():
 ON_POLICY = ("ppo", "a2c", "reinforce", "rloo", "grpo")
 TOY_RUNS = {  # beta 0.1, the hardest (pi* nearly deterministic), for all; beta 1 for the cheap ones; the README has the full table
     **{f"{o} beta=0.1": ["+experiment=toy_bandit", f"optimizer={o}", "optimizer.beta=0.1"] for o in ON_POLICY},
-    **{f"{o} beta=1": ["+experiment=toy_bandit", f"optimizer={o}", "optimizer.beta=1.0"] for o in ON_POLICY[1:]},
+    **{f"{o} beta=1": ["+experiment=toy_bandit", f"optimizer={o}", "optimizer.beta=1.0"] for o in ("a2c", "reinforce")},
     "dpo beta=0.1": ["+experiment=toy_bandit_dpo", "optimizer.beta=0.1"],
     "dpo beta=1": ["+experiment=toy_bandit_dpo", "optimizer.beta=1.0"],
 }
