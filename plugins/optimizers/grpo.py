@@ -5,7 +5,7 @@ response's tokens, no value function.
 kl_penalty: "reward" (default) puts -beta * sum_t KL_t into R, whose fixed point is the
 KL-regularised optimum pi*. "loss" is the paper's form, beta * k3 added to the loss; its
 gradient in expectation is that of KL(pi_ref || pi), the forward KL, so it converges
-elsewhere (the toy-bandit test shows the difference).
+elsewhere (KL 0.70 from pi* on the toy bandit at beta 0.5; README).
 """
 
 from __future__ import annotations
