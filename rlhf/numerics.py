@@ -36,13 +36,13 @@ def masked_whiten(
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) gathered at `tokens`. (B, T, V), (B, T) -> (B, T)."""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     # logsumexp + gather avoids materialising the (B, T, V) log-softmax twice
     return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -70,7 +70,7 @@ class PPO:
         mb_size = max(1, B // c.num_minibatches)
         stats: dict[str, list[torch.Tensor]] = {}
         self.policy.train()
-        for _ in range(c.ppo_epochs):
+        for epoch in range(c.ppo_epochs):
             for idx in torch.randperm(B, device=mask.device).split(mb_size):
                 mb, t = rollout.minibatch(r, idx, advantages=advantages, returns=returns)  # (b, T_mb) each
                 m = mb.mask
@@ -89,11 +89,13 @@ class PPO:
                         "loss/value": vf_loss,
                         "policy/approx_kl": numerics.masked_mean((ratio - 1) - logratio, m),
                         "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
-                        "policy/entropy": numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), m),
                         "val/clipfrac": numerics.masked_mean(vf_clipped.float(), m),
                         "optim/grad_norm": grad_norm,
                     }.items():
                         stats.setdefault(name, []).append(value.detach())  # tensors: no device sync per minibatch
+                    if epoch == 0:  # a full-vocabulary pass: once per batch, on the policy that sampled it
+                        entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), m)
+                        stats.setdefault("policy/entropy", []).append(entropy)
 
         out = numerics.means(stats)
         out.update(self.shaping.after_update(kl, r))
