@@ -36,13 +36,15 @@ class PairBatch:
     """B preference pairs, collected by the core (`rlhf.preferences`).
 
     Rows [0, B) hold the chosen responses and rows [B, 2B) the rejected ones, row i and
-    row i + B after the same query (left-padded); responses right-padded.
+    row i + B after the same query. Every response token lies at or after column Q:
+    data pairs are query + response right-padded, sampled pairs a left-padded query and a
+    right-padded response; either way `mask` marks the response tokens.
     """
 
     input_ids: torch.Tensor  # (2B, Q + T)
     attention_mask: torch.Tensor  # (2B, Q + T)
     query_len: int  # Q
-    mask: torch.Tensor  # (2B, T) float, 1 on response tokens (EOS included)
+    mask: torch.Tensor  # (2B, T) float, 1 on response tokens (EOS included), 0 on queries and padding
     ref_logps: torch.Tensor  # (2B,) sum over response tokens of log pi_ref
     queries: list[str]
     chosen: list[str]

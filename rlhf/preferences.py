@@ -96,22 +96,28 @@ def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
 def pair_batch(
     policy: Policy, queries: Sequence[list[int]], chosen: Sequence[list[int]], rejected: Sequence[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Token lists -> (input_ids (2B, Q+T), attention_mask, Q, response mask (2B, T)).
+    """Token lists -> (input_ids (2B, L), attention_mask, Q, response mask (2B, L - Q)).
 
-    Rows [0, B) are the chosen responses and [B, 2B) the rejected ones, each after its
-    query, so one forward pass scores both (queries left-padded, responses right-padded).
+    Rows [0, B) are the chosen responses and [B, 2B) the rejected ones, each row its query
+    followed directly by its response, right-padded: one forward pass scores both, and a
+    batch is as wide as its longest query + response, not its longest query plus its
+    longest response (16% fewer positions on the embedded pairs). Q is the shortest query,
+    so every response token lies at or after column Q; `mask` marks them.
     """
-    tok = policy.tokenizer
-    q_ids, q_mask = rollout.pad_left(list(queries) * 2, tok.pad_token_id, policy.device)
-    responses = list(chosen) + list(rejected)
-    width = max(len(r) for r in responses)
-    r_ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long)
-    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, r in enumerate(responses):
-        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        r_mask[i, : len(r)] = 1
-    r_ids, r_mask = r_ids.to(policy.device), r_mask.to(policy.device)
-    return torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1], r_mask
+    rows = [list(q) + list(r) for q, r in zip(list(queries) * 2, list(chosen) + list(rejected))]
+    starts = [len(q) for q in list(queries) * 2]
+    if min(starts) == 0:
+        raise ValueError("preference pairs: a prompt is empty after tokenisation; the first response token needs a context")
+    width, q = max(len(r) for r in rows), min(starts)
+    ids = torch.full((len(rows), width), policy.tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[i, : len(row)] = 1
+    mask = attn.clone()
+    for i, start in enumerate(starts):
+        mask[i, :start] = 0  # the query's own tokens are not scored
+    return ids.to(policy.device), attn.to(policy.device), q, mask[:, q:].to(policy.device)
 
 
 @torch.no_grad()

@@ -79,12 +79,18 @@ def test_offline_pairs_layout_and_reference_computed_once(embedded_dir):
     b = source.next(4)
     tok = policy.tokenizer
     q = b.query_len
-    for i in range(4):  # row i and i + 4 share the query; responses end with EOS
-        assert torch.equal(b.input_ids[i, :q], b.input_ids[i + 4, :q])
-        for row in (i, i + 4):
-            n = int(b.mask[row].sum())
-            assert b.input_ids[row, q + n - 1] == tok.eos_token_id
-        assert tok.decode(b.input_ids[i, q:][b.mask[i].bool()], skip_special_tokens=True) == b.chosen[i]
+    for i in range(4):  # row i and i + 4: the same query, then the response, right-padded
+        for row, text in ((i, b.chosen[i]), (i + 4, b.rejected[i])):
+            real = b.input_ids[row][b.attention_mask[row].bool()]
+            response = b.input_ids[row, q:][b.mask[row].bool()]
+            assert torch.equal(real[len(real) - len(response) :], response)  # the response ends the row
+            assert response[-1] == tok.eos_token_id
+            assert tok.decode(response, skip_special_tokens=True) == text
+        n_query = [int(b.attention_mask[r].sum() - b.mask[r].sum()) for r in (i, i + 4)]
+        assert n_query[0] == n_query[1] >= q
+        assert torch.equal(b.input_ids[i, : n_query[0]], b.input_ids[i + 4, : n_query[0]])
+    # packed: as wide as the longest query + response, not the longest query plus the longest response
+    assert b.input_ids.shape[1] == int(b.attention_mask.sum(1).max())
     assert calls == [8]
     source.next(2)  # the 2 pairs left in this pass: not seen yet
     assert calls == [8, 4]

@@ -98,6 +98,8 @@ def test_dpo_loss_and_gradient_match_trl(models, beta, tmp_path):
 
 
 def _unpad(b: PairBatch):
-    for ids, attn in zip(b.input_ids, b.attention_mask):
-        q, r = ids[: b.query_len], ids[b.query_len :]
-        yield q[attn[: b.query_len].bool()].tolist(), r[attn[b.query_len :].bool()].tolist()
+    """Each row as (query tokens, response tokens)."""
+    for ids, attn, mask in zip(b.input_ids, b.attention_mask, b.mask):
+        real = ids[attn.bool()].tolist()
+        n = int(mask.sum())
+        yield real[: len(real) - n], real[len(real) - n :]
