@@ -50,6 +50,12 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 20  # write a checkpoint every N steps (and always at the last); 0: only at the last
+    keep: int = 2  # complete checkpoints kept, newest first
+
+
+@dataclass
 class RunConfig:
     seed: int = 0  # seeds python, numpy and torch; the default build is independent of it
     device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1, mps
@@ -58,6 +64,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Optional[str] = None  # a run directory: continue it from its newest complete checkpoint, in place
+    resume_force: bool = False  # resume even though settings that change the result differ (they are listed)
     optimizer: Any = MISSING
     reward: Any = MISSING
     sampler: Any = MISSING
@@ -81,7 +90,24 @@ def validate(cfg: Any) -> None:
         ("policy.lora.dropout", 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
         ("policy.dtype", cfg.policy.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
         ("train.lr_schedule", cfg.train.lr_schedule in ("constant", "linear"), "constant or linear"),
+        ("checkpoint.every", cfg.checkpoint.every >= 0, "0 or more"),
+        ("checkpoint.keep", cfg.checkpoint.keep >= 1, "at least 1"),
     ]
     bad = [f"{key} must be {want}, got {OmegaConf.select(cfg, key)!r}" for key, ok, want in checks if not ok]
     if bad:
         raise ValueError("invalid config: " + "; ".join(bad))
+
+
+def compose(overrides: list[str], config_name: str = "config") -> Any:
+    """The config exactly as `rlhf-train` (or `rlhf-train-rm`) composes it from these
+    overrides, through Hydra's compose API (plugins discovered first)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from rlhf import registry, reward_model
+
+    registry.discover()
+    store_schema()
+    reward_model.store_schema()
+    with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -80,3 +80,10 @@ class Shuffled:
             self.order += self.rng.sample(range(self.n), self.n)
         out, self.order = self.order[:k], self.order[k:]
         return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])

@@ -64,7 +64,10 @@ class PolicyOptimizer(Protocol):
     consumes: str
     # optional: `samples_per_prompt = k` makes the core sample each prompt k times, side by
     # side in the rollout (RLOO and GRPO); train.batch_size then counts prompts.
-    # `opt`, the torch optimizer made in setup(), is what train.lr_schedule=linear decays.
+    # `opt`, the torch optimizer made in setup(), is what train.lr_schedule=linear decays and
+    # what checkpoints save. Any other state (an adaptive KL coefficient, a moving baseline)
+    # goes through optional `state_dict() -> dict` and `load_state_dict(dict)` methods of
+    # plain Python values, so a resumed run continues exactly.
 
     def setup(self, policy: Policy, temperature: float) -> None:
         """Called once before training: create the torch optimizer over trainable params."""

@@ -51,6 +51,13 @@ class KLShapedAdvantages:
     def beta(self) -> float:
         return self.kl_ctl.beta
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the adaptive controller's current beta."""
+        return {"beta": self.kl_ctl.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.beta = state["beta"]
+
     @torch.no_grad()
     def __call__(self, r: Rollout, n_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-token KL, advantages, returns), all (B, T); GAE unless n_step is given."""

@@ -111,6 +111,24 @@ class Policy:
     def train(self) -> None:
         self.model.train()
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor by name (adapters, or all weights, and the value head),
+        sharing storage with the parameters."""
+        out = {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.value_head is not None:
+            out.update({f"value_head.{n}": p.detach() for n, p in self.value_head.named_parameters()})
+        return out
+
+    @torch.no_grad()
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        current = self.trainable_state()
+        if set(tensors) != set(current):
+            missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+            raise ValueError(f"checkpoint does not fit this policy: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                             "(was it written with other policy.lora settings or another optimizer?)")
+        for name, t in tensors.items():
+            current[name].copy_(t)
+
     # ---------------------------------------------------------------- forward passes
 
     def forward(
@@ -138,6 +156,15 @@ class Policy:
             out = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False, **self._response_logits_only(input_ids, query_len))
         return _response_logits(out.logits, input_ids, query_len)
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model can attend over, if its config says."""
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            if isinstance(getattr(config, key, None), int):
+                return getattr(config, key)
+        return None
 
     @property
     def keeps_logits(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    row: int = field(default=-1, compare=False)  # its row in the file it came from, for error messages
 
 
 # ------------------------------------------------------------------------ loading
@@ -87,7 +88,7 @@ def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
             raise ValueError(f"{where}: row {i} has no string field {field!r} (fields: data.*_field)")
     if not values[1].strip() or not values[2].strip():
         raise ValueError(f"{where}: row {i} has an empty chosen or rejected response")
-    return Pair(*values)
+    return Pair(*values, row=i)
 
 
 # ------------------------------------------------------------------------ batching
@@ -138,14 +139,33 @@ class OfflinePairs:
         self.order = Shuffled(len(pairs), random.Random(seed))
 
     @classmethod
-    def from_text(cls, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int) -> OfflinePairs:
+    def from_text(cls, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int, where: str = "preference pairs") -> OfflinePairs:
         tok = policy.tokenizer
         enc = lambda texts, **kw: tok(texts, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []  # the policy learns to stop
         prompts = enc([p.prompt for p in pairs], truncation=True, max_length=max_prompt_tokens)
         chosen = [ids + eos for ids in enc([p.chosen for p in pairs])]
         rejected = [ids + eos for ids in enc([p.rejected for p in pairs])]
+        limit = policy.context_length
+        for i, (pair, p, c, r) in enumerate(zip(pairs, prompts, chosen, rejected)):
+            row = f"{where}: row {pair.row if pair.row >= 0 else i}"
+            if not p:
+                raise ValueError(f"{row} has an empty prompt; the first response token needs a context")
+            if limit is not None and len(p) + max(len(c), len(r)) > limit:
+                raise ValueError(
+                    f"{row} is {len(p) + max(len(c), len(r))} tokens (prompt + the longer response), more than the "
+                    f"model's context of {limit}; shorten or drop it"
+                )
         return cls(policy, pairs, prompts, chosen, rejected, seed)
+
+    def state_dict(self) -> dict:
+        """The data position and the cached reference log-probs (recomputing them in other
+        batches could differ in the last bit)."""
+        return {"order": self.order.state_dict(), "ref_cache": {str(k): list(v) for k, v in self.ref_cache.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
+        self.ref_cache = {int(k): tuple(v) for k, v in state["ref_cache"].items()}
 
     def next(self, batch_size: int) -> PairBatch:
         idx = self.order.take(batch_size)
@@ -177,6 +197,12 @@ class OnlinePairs:
         self.policy, self.reward, self.prompts, self.sampler = policy, reward, prompts, sampler
         self.rng = random.Random(seed)
         self.order = Shuffled(len(prompts), self.rng)
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.state_dict()}  # its rng is the sampler's too
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
 
     def next(self, batch_size: int) -> PairBatch:
         idx = self.order.take(batch_size)

@@ -77,6 +77,12 @@ def generate(
     """
     tok = policy.tokenizer
     ids, qmask = pad_left(queries, tok.pad_token_id, policy.device)
+    limit, new = policy.context_length, gen_kwargs.get("max_new_tokens", 20)
+    if limit is not None and ids.shape[1] + new > limit:
+        raise ValueError(
+            f"a query of {ids.shape[1]} tokens plus sampler.max_new_tokens={new} is more than the model's context of "
+            f"{limit} positions; lower sampler.max_new_tokens or the query length (sampler.max_query_tokens)"
+        )
     was_training = policy.model.training
     policy.model.eval()
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf import registry
-from rlhf.config import store_schema
+from rlhf.config import compose, store_schema
 from rlhf.interfaces import RunInfo
 
 log = logging.getLogger("rlhf")
@@ -64,8 +66,17 @@ def _train(cfg: DictConfig) -> float:
     info = run_info()
     if cfg.threads == 0 and parallel_jobs() > 1:  # share the cores, do not oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel_jobs()))
+    resume = None
+    if cfg.resume:
+        from rlhf import checkpoint
+
+        resume = checkpoint.complete(Path(info.run_dir))[-1]
+        print(f"resuming {info.run_dir} from {resume.name}")
     try:
-        s = Trainer(cfg, Path(info.run_dir), info).fit()
+        try:
+            s = Trainer(cfg, Path(info.run_dir), info).fit(resume=resume)
+        except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
+            raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
     except Exception:
         # into the job's own log (Hydra writes it to the run directory) and a file of its own,
         # so a failed job of a sweep can be found and read after the others finish
@@ -78,11 +89,71 @@ def _train(cfg: DictConfig) -> float:
     return s["reward_end"]
 
 
+# Settings a resumed run may change: they decide how long it runs, what it logs and
+# where, not what a step computes (a linear lr schedule makes train.steps one that does).
+RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "checkpoint.", "threads", "device",
+                     "resume", "resume_force")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`rlhf-train resume=<run dir> [overrides]` -> the run's own overrides, then the new
+    ones, in the run's own directory. Refuses (SystemExit, naming the fields) when the new
+    overrides change what a step computes, unless resume_force=true."""
+    from omegaconf import OmegaConf
+
+    from rlhf import checkpoint
+
+    args = argv[1:]
+    given = [a for a in args if a.startswith("resume=")]
+    if not given:
+        return argv
+    if any(a in ("-m", "--multirun") for a in args):
+        raise SystemExit("rlhf-train: resume= continues one run; it cannot be combined with -m")
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise SystemExit(f"rlhf-train: resume={run_dir}: not a run directory (no .hydra/config.yaml)")
+    if not checkpoint.complete(run_dir):
+        raise SystemExit(f"rlhf-train: resume={run_dir}: no complete checkpoint in {run_dir / checkpoint.DIR}")
+    ours = ("resume=", "resume_force=", "hydra.")
+    before = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if not str(o).startswith(ours)]
+    new = [a for a in args if not a.startswith("resume=")]
+    recorded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:
+        prospective = compose([*before, *[a for a in new if not a.startswith("hydra.")]])
+    except Exception as e:
+        raise SystemExit(f"rlhf-train: resume={run_dir}: the overrides do not compose: {e}") from e
+    old_flat, new_flat = _flat(OmegaConf.to_container(recorded)), _flat(OmegaConf.to_container(prospective))
+    may_change = RESUME_MAY_CHANGE if prospective.train.lr_schedule == "constant" else RESUME_MAY_CHANGE[1:]
+    changed = sorted(k for k in set(old_flat) | set(new_flat)
+                     if old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>") and not k.startswith(may_change))
+    if changed and not prospective.resume_force:
+        shown = "; ".join(f"{k}: {old_flat.get(k, '<absent>')!r} -> {new_flat.get(k, '<absent>')!r}" for k in changed[:12])
+        raise SystemExit(
+            f"rlhf-train: resume={run_dir} refused: these settings change what a step computes, so the run would "
+            f"not continue the one it resumes: {shown}{' ...' if len(changed) > 12 else ''}. "
+            "Start a new run, or add resume_force=true to continue anyway."
+        )
+    if changed:
+        log.warning("resuming with changed settings (resume_force=true): %s", ", ".join(changed))
+    # the run's own overrides, then the new ones; its directory; one run even if a preset sweeps
+    return [argv[0], *before, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+
+
 def main() -> None:
     from rlhf import sweep
 
     registry.discover()
     store_schema()
+    sys.argv = resume_argv(sys.argv)
     try:
         _train()
     finally:  # also when Hydra exits because a job of a sweep failed: the others' results stand

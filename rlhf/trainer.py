@@ -10,16 +10,17 @@ logging are the same for all.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf import numerics, registry, rollout
+from rlhf import checkpoint, numerics, registry, rollout
 from rlhf.config import validate
 from rlhf.data import Shuffled, load_prompts
 from rlhf.evaluation import evaluate, save_samples
@@ -34,9 +35,18 @@ CONSUMES = ("rollouts", "preference_pairs", "sampled_pairs")
 class RunRecorder:
     """Writes `metrics.jsonl` (one object per logged step) and `summary.json`, always."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, truncate_to: int | None = None):
         self.run_dir = run_dir
-        self._file = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if truncate_to is not None:  # a resumed run: drop the rows logged after its checkpoint
+            with open(path, "r+") as f:
+                f.truncate(truncate_to)
+        self._file = open(path, "a")
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far: where a resumed run cuts the file."""
+        return self._file.tell()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -103,46 +113,47 @@ class Trainer:
         train_texts, eval_texts = load_prompts(cfg.data)
         self.train_prompts, eval_prompts = self._tokenize(train_texts), self._tokenize(eval_texts)
         self.eval_queries = self.sampler.sample(eval_prompts, random.Random(cfg.eval.seed))
-        self.next_batch = self._batch_source()
+        self.source = self._batch_source()
+        self.problem = ""  # why the last batch was not trained on, if it was not
+        self.kl_watch = NegativeKLWatch(self.sampler)
+        self.next_batch = self.source.next
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.policy.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
 
-    def _batch_source(self) -> Callable[[int], Any]:
-        """The core service that feeds this optimizer: rollouts, data pairs or sampled pairs."""
+    def _batch_source(self):
+        """The core service that feeds this optimizer: rollouts, data pairs or sampled pairs.
+        Each has `next(batch_size)` and a `state_dict()` for checkpoints."""
         cfg, kind = self.cfg, self.optimizer.consumes
         if kind == "preference_pairs" and cfg.data.pairs == "bradley_terry":
-            return bradley_terry_pairs(self.policy, self.reward, self.train_prompts, cfg.data.n_train, cfg.seed).next
+            return bradley_terry_pairs(self.policy, self.reward, self.train_prompts, cfg.data.n_train, cfg.seed)
         if kind == "preference_pairs":
             pairs, _ = load_pairs(cfg.data)
-            return OfflinePairs.from_text(self.policy, pairs, MAX_PROMPT_TOKENS, cfg.seed).next
+            return OfflinePairs.from_text(self.policy, pairs, MAX_PROMPT_TOKENS, cfg.seed, where=cfg.data.pairs)
         if kind == "sampled_pairs":
-            return OnlinePairs(self.policy, self.reward, self.train_prompts, self.sampler, cfg.seed).next
-        rng, order = random.Random(cfg.seed), Shuffled(len(self.train_prompts), random.Random(cfg.seed + 1))
-        k = getattr(self.optimizer, "samples_per_prompt", 1)  # RLOO and GRPO compare k samples of a prompt
-
-        def rollouts(batch_size: int):
-            queries = self.sampler.sample([self.train_prompts[i] for i in order.take(batch_size)], rng)
-            queries = [q for q in queries for _ in range(k)]  # each prompt's k samples side by side
-            return rollout.collect(self.policy, self.reward, queries, self.sampler.generation_kwargs(), self.sampler.temperature)
-
-        return rollouts
+            return OnlinePairs(self.policy, self.reward, self.train_prompts, self.sampler, cfg.seed)
+        return Rollouts(self, cfg.seed)
 
     def train_step(self) -> dict[str, float]:
+        """One batch and one update. A batch with a non-finite score or KL is not trained on:
+        its metrics come back (with the NaN) and `fit` stops the run."""
         batch = self.next_batch(self.cfg.train.batch_size)
-        stats = dict(self.optimizer.update(batch))
-        if self.scheduler is not None:
-            self.scheduler.step()
+        head: dict[str, float] = {}
         if self.optimizer.consumes == "rollouts":
             seq_kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
-            stats = {
+            head = {
                 "train/reward": batch.scores.mean().item(),
                 "train/kl": seq_kl.mean().item(),
                 "train/response_len": batch.mask.sum(1).mean().item(),
-                **stats,
             }
         elif batch.scores is not None:  # online pairs: what the reward source thought of them
-            stats = {"train/reward": batch.scores.mean().item(), **stats}
+            head = {"train/reward": batch.scores.mean().item()}
+        self.problem = _nonfinite_rows(batch)
+        if self.problem:
+            return head
+        stats = {**head, **dict(self.optimizer.update(batch))}
+        if self.scheduler is not None:
+            self.scheduler.step()
         return stats
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -159,12 +170,57 @@ class Trainer:
             )
         return metrics
 
-    def fit(self) -> dict[str, Any]:
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self, step: int, metrics_offset: int, first: dict, last: dict) -> dict[str, Any]:
+        """Everything but the trained tensors that step `step + 1` depends on."""
+        opt = self.optimizer
+        return {
+            "step": step,
+            "optimizer": opt.opt.state_dict(),
+            "plugin": opt.state_dict() if hasattr(opt, "state_dict") else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "source": self.source.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "metrics_offset": metrics_offset,
+            "first_eval": first,
+            "last_eval": last,
+            "negative_kl_steps": self.kl_watch.streak,
+        }
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        tensors, state = checkpoint.load(path)
+        self.policy.load_trainable_state(tensors)
+        self.optimizer.opt.load_state_dict(state["optimizer"])
+        if hasattr(self.optimizer, "load_state_dict"):
+            self.optimizer.load_state_dict(state["plugin"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.source.load_state_dict(state["source"])
+        checkpoint.set_rng_state(state["rng"])
+        self.kl_watch.streak = state["negative_kl_steps"]
+        return state
+
+    def _checkpoint(self, step: int, recorder: RunRecorder, first: dict, last: dict) -> None:
+        tensors = self.policy.trainable_state()
+        bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        if bad:  # never write weights a NaN has reached
+            raise NonFiniteError(f"step {step}: non-finite values in {bad[:3]}; no checkpoint written")
+        checkpoint.save(self.run_dir, step, tensors, self.state_dict(step, recorder.offset, first, last), self.cfg.checkpoint.keep)
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self, resume: Path | None = None) -> dict[str, Any]:
+        """Train, evaluate and log; with `resume` (a checkpoint directory), continue from it."""
         from tqdm import tqdm
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        recorder = RunRecorder(self.run_dir)
+        start, first, last = 0, None, None
+        if resume is not None:
+            state = self.restore(resume)
+            start, first, last = state["step"], state["first_eval"], state["last_eval"]
+        recorder = RunRecorder(self.run_dir, truncate_to=state["metrics_offset"] if resume is not None else None)
         config = OmegaConf.to_container(cfg, resolve=True)
         for lg in self.loggers:
             lg.start(self.run, config)
@@ -174,16 +230,30 @@ class Trainer:
             for lg in self.loggers:
                 lg.log(metrics, step)
 
-        first = last = self.evaluate(0)
-        emit(first, 0)
-        bar = tqdm(range(1, cfg.train.steps + 1), desc="rlhf-train", mininterval=1, dynamic_ncols=True)
+        if resume is None:
+            first = last = self.evaluate(0)
+            emit(first, 0)
+        every = cfg.checkpoint.every
+        bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="rlhf-train", mininterval=1, dynamic_ncols=True,
+                   initial=start, total=cfg.train.steps)
         for step in bar:
             metrics = self.train_step()
-            emit(metrics, step)
+            emit(metrics, step)  # the NaN itself is logged, not filtered out
+            bad = {k: v for k, v in metrics.items() if k.startswith(GUARDED) and not math.isfinite(v)}
+            if bad or self.problem:
+                last_ckpt = checkpoint.complete(self.run_dir)
+                raise NonFiniteError(
+                    f"step {step}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                    + (f" ({self.problem})" if self.problem else "") + "; stopped before any weights it touched were saved"
+                    + (f"; the last checkpoint is {last_ckpt[-1]}" if last_ckpt else "")
+                )
+            self.kl_watch.update(metrics.get("train/kl"))
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("train/reward", "train/kl", "loss/dpo") if k in metrics}, refresh=False)
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 last = self.evaluate(step)
                 emit(last, step)
+            if (every > 0 and step % every == 0) or step == cfg.train.steps:
+                self._checkpoint(step, recorder, first, last)
         bar.close()
 
         if cfg.train.save_final:
@@ -199,6 +269,7 @@ class Trainer:
             **judges,
             **({"kl_to_optimum": last["eval/kl_to_optimum"]} if cfg.eval.kl_to_optimum else {}),
             "steps": cfg.train.steps,
+            **({"resumed_from_step": start} if resume is not None else {}),
             "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),
             "run_dir": str(self.run_dir),
@@ -207,6 +278,76 @@ class Trainer:
         for lg in self.loggers:
             lg.finish(summary)
         return summary
+
+
+GUARDED = ("loss/", "train/reward", "train/kl")  # metrics that stop the run when not finite
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, reward or KL became NaN or infinite; names the step and the quantity."""
+
+
+def _nonfinite_rows(batch) -> str:
+    """'' or which rows of a batch have a non-finite score or KL, for the error message."""
+    scores = batch.scores
+    if scores is not None and not torch.isfinite(scores).all():
+        i = int((~torch.isfinite(scores)).nonzero()[0])
+        texts = batch.responses if hasattr(batch, "responses") else batch.chosen + batch.rejected
+        n = int((~torch.isfinite(scores)).sum())
+        return f"the reward source returned {scores[i].item()} for {n} of {len(scores)} responses, first row {i}: {texts[i]!r}"
+    if hasattr(batch, "ref_logprobs"):
+        kl = (batch.logprobs - batch.ref_logprobs) * batch.mask
+        if not torch.isfinite(kl).all():
+            i = int((~torch.isfinite(kl).all(1)).nonzero()[0])
+            return f"log pi - log pi_ref is not finite in row {i}: the policy or the reference gives a token probability 0 or NaN"
+    return ""
+
+
+class NegativeKLWatch:
+    """Warns once when the per-batch KL estimate stays negative: the samples are then not
+    draws from pi at the sampling temperature, and the KL penalty is biased."""
+
+    STEPS = 5
+
+    def __init__(self, sampler: QuerySampler):
+        self.sampler, self.streak, self.warned = sampler, 0, False
+
+    def update(self, kl: float | None) -> None:
+        if kl is None:
+            return
+        self.streak = self.streak + 1 if kl < 0 else 0
+        if self.streak >= self.STEPS and not self.warned:
+            self.warned = True
+            causes = [m.split(" makes ")[0] for m in self.sampler.kl_bias_warnings()]
+            warnings.warn(
+                f"train/kl has been negative for {self.streak} steps in a row (last {kl:.3f} nats): responses are not "
+                "samples of pi at the sampling temperature, so the KL estimate and penalty are biased. "
+                + (f"Settings that cause it: {', '.join(causes)}." if causes else
+                   "None of the sampler's own settings does this: check a custom sampler or generation settings."),
+                stacklevel=2,
+            )
+
+
+class Rollouts:
+    """On-policy batches: queries cut from shuffled prompts, k samples each, collected."""
+
+    def __init__(self, trainer: Trainer, seed: int):
+        self.t = trainer
+        self.rng, self.order = random.Random(seed), Shuffled(len(trainer.train_prompts), random.Random(seed + 1))
+        self.k = getattr(trainer.optimizer, "samples_per_prompt", 1)  # RLOO and GRPO compare k samples of a prompt
+
+    def next(self, batch_size: int):
+        t = self.t
+        queries = t.sampler.sample([t.train_prompts[i] for i in self.order.take(batch_size)], self.rng)
+        queries = [q for q in queries for _ in range(self.k)]  # each prompt's k samples side by side
+        return rollout.collect(t.policy, t.reward, queries, t.sampler.generation_kwargs(), t.sampler.temperature)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": self.order.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.order.load_state_dict(state["order"])
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -27,16 +27,9 @@ def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: floa
 
 def compose(*overrides: str, config_name: str = "config"):
     """The config exactly as rlhf-train (or rlhf-train-rm) composes it, through Hydra's compose API."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from rlhf.config import compose as rlhf_compose
 
-    from rlhf import config, registry, reward_model
-
-    registry.discover()
-    config.store_schema()
-    reward_model.store_schema()
-    with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return rlhf_compose(list(overrides), config_name)
 
 
 @pytest.fixture(scope="session")

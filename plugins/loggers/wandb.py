@@ -43,6 +43,11 @@ class WandbLogger:
     def __init__(self, cfg: Config):
         if cfg.mode not in ("auto", "online", "offline", "disabled"):
             raise ValueError(f"logger.wandb.mode={cfg.mode!r}: use auto, online, offline or disabled")
+        if cfg.mode == "online" and not _has_key():  # wandb would ask for a key on the terminal, or wait
+            raise ValueError(
+                "logger.wandb.mode=online needs an API key: set WANDB_API_KEY or run `wandb login`; "
+                "or use logger.wandb.mode=auto (offline without a key) or offline"
+            )
         self.cfg = cfg
         self.run = None
 

@@ -37,6 +37,12 @@ class A2C:
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr, eps=1e-5)
 
+    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+        return self.shaping.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shaping.load_state_dict(state)
+
     def update(self, r: Rollout) -> dict[str, float]:
         c, mask = self.cfg, r.mask
         kl, advantages, returns = self.shaping(r, n_step=c.n_steps if c.advantage == "nstep" else None)

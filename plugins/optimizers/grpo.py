@@ -58,6 +58,12 @@ class GRPO:
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr)
 
+    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+        return self.shaping.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shaping.load_state_dict(state)
+
     def update(self, r: Rollout) -> dict[str, float]:
         c, G = self.cfg, self.cfg.group_size
         kl, returns = self.shaping.sequence_returns(r)

@@ -45,6 +45,7 @@ class PPO:
         ppo_epochs: int = 4  # passes over each rollout batch
         num_minibatches: int = 4  # minibatches per pass
         max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
+        ratio_threshold: float = 10.0  # skip a minibatch whose mean ratio pi / pi_old exceeds this (counted)
 
     needs_value_head = True
     consumes = "rollouts"
@@ -52,7 +53,7 @@ class PPO:
     def __init__(self, cfg: Config):
         cfg.check(
             "ppo", lr=cfg.lr > 0, clip_coef=cfg.clip_coef > 0, clip_coef_value=cfg.clip_coef_value > 0,
-            ppo_epochs=cfg.ppo_epochs >= 1, num_minibatches=cfg.num_minibatches >= 1,
+            ppo_epochs=cfg.ppo_epochs >= 1, num_minibatches=cfg.num_minibatches >= 1, ratio_threshold=cfg.ratio_threshold > 1,
         )
         self.cfg = cfg
         self.shaping = KLShapedAdvantages(cfg)
@@ -62,6 +63,12 @@ class PPO:
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr, eps=1e-5)
 
+    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+        return self.shaping.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shaping.load_state_dict(state)
+
     def update(self, r: Rollout) -> dict[str, float]:
         c, mask = self.cfg, r.mask
         kl, advantages, returns = self.shaping(r)  # (B, T) each
@@ -69,6 +76,7 @@ class PPO:
         B = r.input_ids.shape[0]
         mb_size = max(1, B // c.num_minibatches)
         stats: dict[str, list[torch.Tensor]] = {}
+        skipped = 0
         self.policy.train()
         for epoch in range(c.ppo_epochs):
             for idx in torch.randperm(B, device=mask.device).split(mb_size):
@@ -81,6 +89,9 @@ class PPO:
                     c.clip_coef, c.clip_coef_value,
                 )
                 loss = pg_loss + c.vf_coef * vf_loss
+                if numerics.masked_mean(ratio.detach(), m) > c.ratio_threshold:
+                    skipped += 1  # far outside the trust region: a step on it would blow up, not learn
+                    continue
                 grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
 
                 with torch.no_grad():
@@ -98,6 +109,7 @@ class PPO:
                         stats.setdefault("policy/entropy", []).append(entropy)
 
         out = numerics.means(stats)
+        out["policy/skipped_minibatches"] = skipped
         out.update(self.shaping.after_update(kl, r))
         out["val/explained_var"] = numerics.explained_variance(r.values, returns, mask).item()
         out["val/mean"] = numerics.masked_mean(r.values, mask).item()

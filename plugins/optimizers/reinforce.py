@@ -37,6 +37,13 @@ class Reinforce:
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr)
 
+    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+        return {**self.shaping.state_dict(), "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shaping.load_state_dict(state)
+        self.ema = state["ema"]
+
     def update(self, r: Rollout) -> dict[str, float]:
         c = self.cfg
         kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)

@@ -42,6 +42,12 @@ class RLOO:
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr)
 
+    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+        return self.shaping.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shaping.load_state_dict(state)
+
     def update(self, r: Rollout) -> dict[str, float]:
         kl, returns = self.shaping.sequence_returns(r)
         advantages = leave_one_out_advantages(returns, self.cfg.k)

@@ -29,8 +29,17 @@ class LengthSampler:
                 f"sampler: need 1 <= min_query_tokens < max_query_tokens, got "
                 f"{cfg.min_query_tokens} and {cfg.max_query_tokens}"
             )
-        if cfg.temperature <= 0:
-            raise ValueError(f"sampler.temperature must be > 0, got {cfg.temperature}")
+        bad = [f"sampler.{k}={getattr(cfg, k)!r} (must be {want})" for k, ok, want in (
+            ("temperature", cfg.temperature > 0, "> 0"),
+            ("top_k", cfg.top_k >= 0, ">= 0; 0 is off"),
+            ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]; 1 is off"),
+            ("num_beams", cfg.num_beams >= 1, ">= 1"),
+            ("repetition_penalty", cfg.repetition_penalty > 0, "> 0; 1 is off"),
+            ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+            ("min_new_tokens", 0 <= cfg.min_new_tokens <= cfg.max_new_tokens, f"in [0, max_new_tokens={cfg.max_new_tokens}]"),
+        ) if not ok]
+        if bad:
+            raise ValueError("sampler: out of range: " + ", ".join(bad))
         self.cfg = cfg
         self.temperature = cfg.temperature
 

@@ -1,0 +1,180 @@
+"""Nothing lost: checkpoints, kill -9 and resume, determinism, changed configs, unsafe files."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, ROOT, cli
+
+from rlhf import checkpoint
+
+FAULTS = {"PYTHONPATH": str(ROOT / "tests"), "RLHF_PLUGINS": "fault_plugins"}
+SMALL = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=8"]
+RUNS = {  # long enough that a poll every few ms catches the run between two checkpoints
+    "ppo": ["optimizer=ppo", "train.steps=30", "checkpoint.every=10", "eval.every=10", *SMALL],
+    "dpo": ["optimizer=dpo", "data.n_train=40", "train.steps=60", "checkpoint.every=20", "eval.every=20", *SMALL],
+}
+
+
+def run_dir(cwd: Path) -> Path:
+    dirs = [p.parent.parent for p in (cwd / "outputs").rglob(".hydra/config.yaml")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def final_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run / "final").glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    assert out
+    return out
+
+
+def kill_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:
+    """Start rlhf-train, wait until it has logged two steps past its first checkpoint and not
+    written the second, kill -9 it there."""
+    proc = subprocess.Popen([str(BIN / "rlhf-train"), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            runs = [p.parent for p in (cwd / "outputs").rglob("metrics.jsonl")] if (cwd / "outputs").exists() else []
+            if runs:
+                steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+                done = [p.name for p in checkpoint.complete(runs[0])]
+                if steps and max(steps) >= every + 2 and done == [f"step_{every:06d}"]:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return runs[0]
+            time.sleep(0.003)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    pytest.fail(f"the run ended ({proc.returncode}) before it could be killed between checkpoints: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", RUNS)
+def test_killed_run_resumes_bit_identical(optimizer, tmp_path, embedded_dir):
+    args = RUNS[optimizer]
+    every = int(next(a for a in args if a.startswith("checkpoint.every=")).split("=")[1])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    r = cli("rlhf-train", *args, cwd=tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = run_dir(tmp_path / "a")
+
+    killed = kill_between_checkpoints(tmp_path / "b", args, every)
+    assert not (killed / "summary.json").exists()
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged) > every  # rows past the checkpoint, which the resume must replace
+
+    r = cli("rlhf-train", f"resume={killed}", cwd=tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming {killed} from step_{every:06d}" in r.stdout
+    a, b = final_tensors(whole), final_tensors(killed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # every logged row after the checkpoint is what the uninterrupted run logged, and only once
+    assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] == every
+
+
+@pytest.mark.slow
+def test_checkpoint_half_written_by_a_dying_process_is_never_loaded(tmp_path, embedded_dir):
+    """The second checkpoint write dies half-way (os._exit in the middle of its state file):
+    resume passes over the wreck, continues from the first, and ends where an unbroken run does."""
+    args = ["train.steps=6", "checkpoint.every=2", "eval.every=2", *SMALL]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    assert cli("rlhf-train", *args, cwd=tmp_path / "a").returncode == 0
+    r = cli("rlhf-train", *args, cwd=tmp_path / "b", env={**FAULTS, "CRASH_IN_CHECKPOINT": "2"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    run = run_dir(tmp_path / "b")
+    assert sorted(p.name for p in (run / checkpoint.DIR).iterdir()) == [".partial-step_000004", "step_000002"]
+    assert [p.name for p in checkpoint.complete(run)] == ["step_000002"]
+    r = cli("rlhf-train", f"resume={run}", cwd=tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "from step_000002" in r.stdout
+    a, b = final_tensors(run_dir(tmp_path / "a")), final_tensors(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in checkpoint.complete(run)] == ["step_000004", "step_000006"]  # keep=2
+
+
+def test_a_damaged_checkpoint_is_skipped_and_old_ones_pruned(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, {"w": torch.full((3,), float(step))}, {"step": step}, keep=2)
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step_000002", "step_000003"]
+    state = tmp_path / checkpoint.DIR / "step_000003" / checkpoint.STATE
+    state.write_bytes(state.read_bytes()[:-5])  # truncated after it was written
+    with pytest.warns(UserWarning, match="step_000003 is incomplete or damaged"):
+        assert [p.name for p in checkpoint.complete(tmp_path)] == ["step_000002"]
+    tensors, loaded = checkpoint.load(tmp_path / checkpoint.DIR / "step_000002")
+    assert torch.equal(tensors["w"], torch.full((3,), 2.0)) and loaded == {"step": 2}
+
+
+class _Payload:
+    """Unpickling this would write a file: the classic pickle attack."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (exec, (f"open({self.target!r}, 'w').write('pwned')",))
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_runs(tmp_path, embedded_dir):
+    args = ["train.steps=2", "checkpoint.every=1", "eval.every=2", *SMALL]
+    assert cli("rlhf-train", *args, cwd=tmp_path).returncode == 0
+    run = run_dir(tmp_path)
+    ckpt = checkpoint.complete(run)[-1]
+    marker = tmp_path / "pwned.txt"
+    state = torch.load(ckpt / checkpoint.STATE, weights_only=True)
+    state["rng"]["python"] = _Payload(str(marker))
+    torch.save(state, ckpt / checkpoint.STATE)
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())  # sizes updated: it looks complete
+    manifest["files"][checkpoint.STATE] = (ckpt / checkpoint.STATE).stat().st_size
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    r = cli("rlhf-train", f"resume={run}", "train.steps=3", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "holds something other than tensors and plain values, and is refused" in r.stderr
+    assert not marker.exists()
+
+
+def test_resume_with_settings_that_change_the_result_is_refused_unless_forced(tmp_path, embedded_dir):
+    args = ["train.steps=2", "checkpoint.every=1", "eval.every=2", *SMALL]
+    assert cli("rlhf-train", *args, cwd=tmp_path).returncode == 0
+    run = run_dir(tmp_path)
+    before = (run / "metrics.jsonl").read_text(), (run / ".hydra" / "config.yaml").read_text()
+    r = cli("rlhf-train", f"resume={run}", "seed=7", "train.batch_size=8", "optimizer=a2c", "train.steps=4", cwd=tmp_path)
+    assert r.returncode != 0
+    for field in ("seed: 0 -> 7", "train.batch_size: 4 -> 8", "optimizer._target_: 'rlhf_plugins.optimizers.ppo.PPO'"):
+        assert field in r.stderr, r.stderr[-2000:]
+    assert "resume_force=true" in r.stderr
+    assert ((run / "metrics.jsonl").read_text(), (run / ".hydra" / "config.yaml").read_text()) == before  # untouched
+    # longer, and logging elsewhere, changes no step: allowed
+    r = cli("rlhf-train", f"resume={run}", "train.steps=3", "eval.every=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    r = cli("rlhf-train", f"resume={run}", "seed=7", "train.steps=4", "resume_force=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming with changed settings (resume_force=true): seed" in r.stderr
+    for bad, message in ((tmp_path / "nothing", "not a run directory"),):
+        r = cli("rlhf-train", f"resume={bad}", cwd=tmp_path)
+        assert r.returncode != 0 and message in r.stderr
+
+
+def test_same_seed_same_metrics_and_another_seed_other_metrics(tmp_path, embedded_dir):
+    texts = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        (tmp_path / name).mkdir()
+        r = cli("rlhf-train", f"seed={seed}", "train.steps=3", "eval.every=3", *SMALL, cwd=tmp_path / name)
+        assert r.returncode == 0, r.stderr[-2000:]
+        texts[name] = (run_dir(tmp_path / name) / "metrics.jsonl").read_text()
+    assert texts["a"] == texts["b"]
+    train_rows = lambda t: [row for row in map(json.loads, t.splitlines()) if "train/reward" in row]  # noqa: E731
+    assert train_rows(texts["a"]) != train_rows(texts["c"])  # the seed reaches the training batches
