@@ -83,9 +83,9 @@ def _read_hub(cfg: DataConfig) -> list[dict]:
 def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     values = [row.get(f) if isinstance(row, dict) else None for f in fields]
-    for field, value in zip(fields, values):
+    for name, value in zip(fields, values):
         if not isinstance(value, str):
-            raise ValueError(f"{where}: row {i} has no string field {field!r} (fields: data.*_field)")
+            raise ValueError(f"{where}: row {i} has no string field {name!r} (fields: data.*_field)")
     if not values[1].strip() or not values[2].strip():
         raise ValueError(f"{where}: row {i} has an empty chosen or rejected response")
     return Pair(*values, row=i)
