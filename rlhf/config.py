@@ -78,7 +78,13 @@ def store_schema() -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Range checks Hydra's types cannot express; run before any model loads."""
+    """Missing values and range checks Hydra's types cannot express; run before any model loads."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(
+            f"missing mandatory value{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
+            f"set {'them' if len(missing) > 1 else 'it'} on the command line, e.g. {missing[0]}=<value>"
+        )
     checks = [
         ("train.steps", cfg.train.steps >= 1, "at least 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "at least 1"),

@@ -46,15 +46,39 @@ def test_documented_overrides_compose():
         ("train.steps=0", "train.steps must be at least 1, got 0"),
         ("optimizer.beta=-0.1", "ppo: out of range: optimizer.beta=-0.1"),
         ("sampler.min_query_tokens=9", "need 1 <= min_query_tokens < max_query_tokens"),
+        ("sampler.top_p=0", "sampler.top_p=0.0 (must be in (0, 1]; 1 is off)"),
+        ("sampler.top_p=1.5", "sampler.top_p=1.5 (must be in (0, 1]; 1 is off)"),
+        ("sampler.min_new_tokens=30", "sampler.min_new_tokens=30 (must be in [0, max_new_tokens=24])"),
+        ("sampler.temperature=-1", "sampler.temperature=-1.0 (must be > 0)"),
+        ("reward=learned_rm", "missing mandatory value: reward.path; set it on the command line"),
+        ("policy.path=???", "missing mandatory value: policy.path"),
+        ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+        ("policy.lora.dropout=1.5", "policy.lora.dropout must be in [0, 1), got 1.5"),
+        ("checkpoint.keep=0", "checkpoint.keep must be at least 1, got 0"),
+        ("optimizer=dpo optimizer.beta=0", "dpo: out of range: optimizer.beta=0.0"),
+        ("optimizer=grpo optimizer.group_size=1", "grpo: out of range: optimizer.group_size=1"),
+        ("logger=[wandb] logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes': use auto, online, offline or disabled"),
     ],
 )
 def test_bad_override_fails_before_any_model_loads(tmp_path, override, message):
     home = tmp_path / "cache"  # an empty cache: loading the default model would build into it
-    r = cli("rlhf-train", override, cwd=tmp_path, env={"RLHF_HOME": str(home)}, timeout=120)
+    r = cli("rlhf-train", *override.split(), cwd=tmp_path, env={"RLHF_HOME": str(home)}, timeout=120)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
     assert not home.exists() or not any(home.iterdir())
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.jsonl"))
+
+
+def test_a_typo_in_a_yaml_file_fails_naming_the_key(tmp_path):
+    """A user's own preset, passed with --config-dir, is checked like the command line."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("# @package _global_\ntrain:\n  stpes: 5\n")
+    home = tmp_path / "cache"
+    r = cli("rlhf-train", "--config-dir", str(tmp_path / "conf"), "+experiment=mine", cwd=tmp_path,
+            env={"RLHF_HOME": str(home)}, timeout=120)
+    assert r.returncode != 0
+    assert "Key 'stpes' not in 'TrainConfig'" in r.stderr and "train.stpes" in r.stderr, r.stderr
+    assert not home.exists() or not any(home.iterdir())
 
 
 def test_help_lists_groups_and_options(tmp_path):
