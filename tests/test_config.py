@@ -34,9 +34,7 @@ def test_documented_overrides_compose():
     assert cfg.logger.wandb.mode == "auto"
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
+BAD_CONFIGS = [  # (overrides, what the error must say): typos, wrong types, out of range, missing values
         ("train.stpes=5", "Key 'stpes' not in 'TrainConfig'"),
         ("train.steps=five", "Value 'five' of type 'str' could not be converted to Integer"),
         ("optimizer.clip_coeff=0.1", "Key 'clip_coeff' not in"),
@@ -58,15 +56,34 @@ def test_documented_overrides_compose():
         ("optimizer=dpo optimizer.beta=0", "dpo: out of range: optimizer.beta=0.0"),
         ("optimizer=grpo optimizer.group_size=1", "grpo: out of range: optimizer.group_size=1"),
         ("logger=[wandb] logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes': use auto, online, offline or disabled"),
-    ],
-)
-def test_bad_override_fails_before_any_model_loads(tmp_path, override, message):
-    home = tmp_path / "cache"  # an empty cache: loading the default model would build into it
-    r = cli("rlhf-train", *override.split(), cwd=tmp_path, env={"RLHF_HOME": str(home)}, timeout=120)
-    assert r.returncode != 0
-    assert message in r.stderr, r.stderr
-    assert not home.exists() or not any(home.iterdir())
-    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.jsonl"))
+    ("eval.judges=[nosuch]", "eval.judges: no reward plugin named 'nosuch'"),
+]
+
+
+def test_bad_configs_fail_before_any_model_loads(tmp_path):
+    """Each as a real rlhf-train process (four at a time): non-zero exit, the key named,
+    and nothing built or loaded into an empty model cache, no run started."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(i: int) -> str | None:
+        override, message = BAD_CONFIGS[i]
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        home = cwd / "cache"  # an empty cache: loading the default model would build into it
+        r = cli("rlhf-train", *override.split(), cwd=cwd, env={"RLHF_HOME": str(home)}, timeout=300)
+        problems = [
+            r.returncode == 0 and "exit status 0",
+            message not in r.stderr and f"no {message!r} in: {r.stderr[-800:]}",
+            home.exists() and any(home.iterdir()) and "a model was built",
+            (cwd / "outputs").exists() and list((cwd / "outputs").rglob("metrics.jsonl")) and "a run started",
+        ]
+        bad = [p for p in problems if p]
+        return f"{override}: {'; '.join(bad)}" if bad else None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failures = [f for f in pool.map(attempt, range(len(BAD_CONFIGS))) if f]
+    assert not failures, "\n".join(failures)
+    assert len(BAD_CONFIGS) == 22
 
 
 def test_a_typo_in_a_yaml_file_fails_naming_the_key(tmp_path):
