@@ -131,7 +131,7 @@ def test_wandb_online_without_a_key_fails_at_once(tmp_path, embedded_dir):
 @pytest.mark.slow
 def test_wandb_online_without_a_network_falls_back_to_offline_and_exits(tmp_path, embedded_dir):
     t0 = time.time()
-    r = cli("rlhf-train", "logger=[wandb]", "logger.wandb.mode=online", "logger.wandb.init_timeout=10", "train.steps=2",
+    r = cli("rlhf-train", "logger=[wandb]", "logger.wandb.mode=online", "logger.wandb.init_timeout=5", "train.steps=2",
             "eval.every=2", *SMALL, cwd=tmp_path, timeout=300,
             env={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HOME": str(tmp_path),
                  "RLHF_HOME": str(embedded_dir.parent)})

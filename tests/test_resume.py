@@ -169,12 +169,17 @@ def test_resume_with_settings_that_change_the_result_is_refused_unless_forced(tm
 
 
 def test_same_seed_same_metrics_and_another_seed_other_metrics(tmp_path, embedded_dir):
-    texts = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name_seed):
+        name, seed = name_seed
         (tmp_path / name).mkdir()
         r = cli("rlhf-train", f"seed={seed}", "train.steps=3", "eval.every=3", *SMALL, cwd=tmp_path / name)
         assert r.returncode == 0, r.stderr[-2000:]
-        texts[name] = (run_dir(tmp_path / name) / "metrics.jsonl").read_text()
+        return name, (run_dir(tmp_path / name) / "metrics.jsonl").read_text()
+
+    with ThreadPoolExecutor(max_workers=3) as pool:  # side by side: the same result either way
+        texts = dict(pool.map(run, [("a", 0), ("b", 0), ("c", 1)]))
     assert texts["a"] == texts["b"]
     train_rows = lambda t: [row for row in map(json.loads, t.splitlines()) if "train/reward" in row]  # noqa: E731
     assert train_rows(texts["a"]) != train_rows(texts["c"])  # the seed reaches the training batches
