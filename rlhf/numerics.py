@@ -9,6 +9,7 @@ import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1, over everything or along `dim`."""
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
@@ -24,10 +25,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None
 ) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out entries come back as zero."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    """(x - mean) / std over the masked entries; masked-out entries come back as zero.
+
+    `reduce` sums a tensor over the data-parallel ranks (rlhf.distributed.all_sum), so the
+    statistics are those of the whole batch, not of this rank's share.
+    """
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        n = reduce(mask.sum())
+        mean = reduce((x * mask).sum()) / n.clamp(min=1)
+        var = reduce(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -92,6 +102,13 @@ def gae(
         next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
         advantages[:, t] = next_adv
     return advantages, (advantages + values) * mask
+
+
+def batch_mean(x: torch.Tensor, reduce=None) -> torch.Tensor:
+    """Mean over the whole batch: with `reduce` (a sum over data-parallel ranks), over every rank's rows."""
+    if reduce is None:
+        return x.mean()
+    return reduce(x.sum()) / reduce(torch.tensor(float(x.numel()), device=x.device))
 
 
 def means(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import numerics
+from rlhf import distributed, numerics
 from rlhf.interfaces import Rollout
 from rlhf.optim import gradient_step
 
@@ -71,7 +71,7 @@ class KLShapedAdvantages:
         else:
             advantages, returns = numerics.n_step_advantages(rewards, r.values, r.mask, c.gamma, n_step)
         if c.whiten_advantages:
-            advantages = numerics.masked_whiten(advantages, r.mask)
+            advantages = numerics.masked_whiten(advantages, r.mask, reduce=distributed.all_sum)  # whole-batch statistics
         return kl, advantages, returns
 
     @torch.no_grad()
@@ -83,9 +83,9 @@ class KLShapedAdvantages:
     def after_update(self, kl: torch.Tensor, r: Rollout) -> dict[str, float]:
         """Step the adaptive controller; the metrics every on-policy optimizer reports."""
         beta = self.beta
-        seq_kl = (kl * r.mask).sum(1).mean().item()
+        seq_kl = numerics.batch_mean((kl * r.mask).sum(1), reduce=distributed.all_sum).item()
         if self.cfg.adaptive_kl:
-            self.kl_ctl.update(seq_kl, r.input_ids.shape[0])
+            self.kl_ctl.update(seq_kl, r.input_ids.shape[0] * distributed.world())
         return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}
 
 

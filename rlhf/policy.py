@@ -59,6 +59,8 @@ class Policy:
         self.value_head: nn.Linear | None = None
         self._ref_model: nn.Module | None = None
         self._keeps_logits: bool | None = None  # does the model's forward take logits_to_keep
+        self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
+        self._local: _Trunk | None = None
         if not lora:  # a full copy, frozen: the price LoRA avoids
             self._ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -138,17 +140,23 @@ class Policy:
 
         input_ids: (B, Q + T) -> logits (B, T, V), values (B, T) or None
         """
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask), output_hidden_states=with_values,
-            use_cache=False, **self._response_logits_only(input_ids, query_len),
-        )
-        logits = _response_logits(out.logits, input_ids, query_len)
-        values = None
-        if with_values and self.value_head is not None:
-            hidden = out.hidden_states[-1][:, query_len - 1 : -1]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        if self._ddp is not None and torch.is_grad_enabled():
+            trunk = self._ddp
+        else:
+            if self._local is None or self._local.value_head is not self.value_head:
+                self._local = _Trunk(self.model, self.value_head)
+            trunk = self._local
+        logits, values = trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits)
         return logits, values
+
+    def enable_data_parallel(self) -> None:
+        """Route training forwards through DistributedDataParallel, which averages the
+        gradients of every rank in backward(). Sampling and the reference stay local."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        trunk = _Trunk(self.model, self.value_head)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(trunk, device_ids=ids)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
@@ -207,6 +215,26 @@ class Policy:
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                       f"{directory}/value_head.safetensors")
+
+
+class _Trunk(nn.Module):
+    """The policy's trainable forward as one module (the LM and its value head), so that
+    DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, value_head: nn.Module | None):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool):
+        keep = {"logits_to_keep": input_ids.shape[1] - query_len + 1} if keeps_logits else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                         output_hidden_states=with_values, use_cache=False, **keep)
+        logits = _response_logits(out.logits, input_ids, query_len)
+        values = None
+        if with_values and self.value_head is not None:
+            hidden = out.hidden_states[-1][:, query_len - 1 : -1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits, values
 
 
 def _response_logits(logits: torch.Tensor, input_ids: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf import numerics, rollout
+from rlhf import distributed, numerics, rollout
 from rlhf.config import DataConfig
 from rlhf.data import Shuffled
 from rlhf.interfaces import PairBatch, RewardSource
@@ -160,15 +160,18 @@ class OfflinePairs:
 
     def state_dict(self) -> dict:
         """The data position and the cached reference log-probs (recomputing them in other
-        batches could differ in the last bit)."""
-        return {"order": self.order.state_dict(), "ref_cache": {str(k): list(v) for k, v in self.ref_cache.items()}}
+        batches could differ in the last bit), every data-parallel rank's."""
+        cache = {k: v for part in distributed.gather_objects(self.ref_cache) for k, v in part.items()}
+        return {"order": self.order.state_dict(), "ref_cache": {str(k): list(v) for k, v in cache.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state["order"])
         self.ref_cache = {int(k): tuple(v) for k, v in state["ref_cache"].items()}
 
     def next(self, batch_size: int) -> PairBatch:
-        idx = self.order.take(batch_size)
+        idx = self.order.take(batch_size)  # the whole batch, the same on every rank
+        start, stop = distributed.shard(len(idx))
+        idx = idx[start:stop]  # this rank's pairs
         ids, attn, q, mask = pair_batch(
             self.policy, [self.prompts[i] for i in idx], [self.chosen[i] for i in idx], [self.rejected[i] for i in idx]
         )
@@ -206,8 +209,11 @@ class OnlinePairs:
 
     def next(self, batch_size: int) -> PairBatch:
         idx = self.order.take(batch_size)
-        queries = self.sampler.sample([self.prompts[i] for i in idx], self.rng)
-        g = rollout.generate(self.policy, queries * 2, self.sampler.generation_kwargs())
+        queries = self.sampler.sample([self.prompts[i] for i in idx], self.rng)  # the whole batch, on every rank
+        start, stop = distributed.shard(len(queries))
+        queries = queries[start:stop]
+        n = 2 * len(queries)  # this rank's share of the random numbers: its own samples
+        g = rollout.generate(self.policy, queries * 2, self.sampler.generation_kwargs(), rows=(distributed.rank() * n, distributed.world() * n))
         ids, attn, q, mask = g.input_ids, g.attention_mask, g.query_len, g.mask
         texts_q, texts_r = rollout.decode(self.policy, ids, attn, q)
         scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device)

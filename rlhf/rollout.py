@@ -66,7 +66,7 @@ def sampling_loop_handles(gen_kwargs: dict[str, Any]) -> bool:
 @torch.no_grad()
 def generate(
     policy: Policy, queries: Sequence[list[int]], gen_kwargs: dict[str, Any],
-    temperature: float | None = None, with_values: bool = False,
+    temperature: float | None = None, with_values: bool = False, rows: tuple[int, int] | None = None,
 ) -> Generation:
     """Sample a response to each query (left-padded, KV cache, one batch).
 
@@ -74,6 +74,11 @@ def generate(
     returns log pi at `temperature` (and the value head's values) from the very logits it
     sampled from, so no second forward pass of the policy is needed. Other settings go to
     transformers' `generate`.
+
+    The loop's random numbers come from a generator seeded by one draw of torch's, one
+    uniform per row of the whole batch and token: `rows=(offset, total)` says these queries
+    are rows offset.. of a batch of `total` (a data-parallel rank's share), and they then
+    get exactly the samples those rows get when one process samples the whole batch.
     """
     tok = policy.tokenizer
     ids, qmask = pad_left(queries, tok.pad_token_id, policy.device)
@@ -85,13 +90,18 @@ def generate(
         )
     was_training = policy.model.training
     policy.model.eval()
+    offset, total = rows or (0, len(queries))
+    seed = int(torch.randint(2**62, (1,)))  # the one draw from torch's generator, whatever the length
     try:
         if sampling_loop_handles(gen_kwargs):
+            g = torch.Generator(ids.device).manual_seed(seed)
             out, logprobs, values = _sampling_loop(policy, ids, qmask, gen_kwargs, temperature or gen_kwargs.get("temperature", 1.0),
-                                                   with_values and policy.value_head is not None)
-        else:
-            out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
-                                        eos_token_id=tok.eos_token_id, **gen_kwargs)
+                                                   with_values and policy.value_head is not None, g, offset, total)
+        else:  # transformers draws from torch's generator: seeded per batch (and per rank's share)
+            with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+                torch.manual_seed(seed + offset)
+                out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
+                                            eos_token_id=tok.eos_token_id, **gen_kwargs)
             logprobs = values = None
     finally:
         policy.model.train(was_training)
@@ -104,7 +114,7 @@ def generate(
 
 
 def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: dict[str, Any], temperature: float,
-                   with_values: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   with_values: bool, g: torch.Generator, offset: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Ancestral sampling with a KV cache. Returns (ids (B, Q+T), log-probs (B, T), values (B, T) or None)."""
     model, tok = policy.model, policy.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -119,7 +129,8 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
                     output_hidden_states=with_values, **keep_last)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()  # (B, V)
-        y = _draw(logits, gen)  # (B,)
+        u = torch.rand(total, 1, dtype=torch.float64, device=ids.device, generator=g)[offset : offset + ids.shape[0]]
+        y = _draw(logits, gen, u)  # (B,)
         y = torch.where(finished, torch.full_like(y, pad), y)  # after EOS: padding, as generate does
         tokens.append(y)
         logps.append(torch.log_softmax(logits / temperature, -1).gather(-1, y[:, None]).squeeze(-1))
@@ -136,9 +147,10 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
             torch.stack(values, 1) if with_values else None)
 
 
-def _draw(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, gen: dict[str, Any], u: torch.Tensor) -> torch.Tensor:
     """One token per row from softmax(logits / temperature), after top-k then top-p (the order
-    transformers applies them in); greedy if do_sample is false. (B, V) -> (B,)"""
+    transformers applies them in), given one uniform per row (B, 1); greedy if do_sample is
+    false. (B, V) -> (B,)"""
     if not gen.get("do_sample", True):
         return logits.argmax(-1)
     logits = logits / gen.get("temperature", 1.0)
@@ -156,8 +168,7 @@ def _draw(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
     # which transformers' generate calls once per token (0.8 ms at vocabulary 1k, 38 ms at 50k
     # for 32 rows, measured here)
     cdf = logits.softmax(-1).double().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -182,9 +193,9 @@ def score(reward: RewardSource, queries: list[str], responses: list[str], device
 @torch.no_grad()
 def collect(
     policy: Policy, reward: RewardSource, queries: Sequence[list[int]], gen_kwargs: dict[str, Any], temperature: float,
-    with_values: bool = True,
+    with_values: bool = True, rows: tuple[int, int] | None = None,
 ) -> Rollout:
-    g = generate(policy, queries, gen_kwargs, temperature, with_values)
+    g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
     input_ids, attention_mask, q = g.input_ids, g.attention_mask, g.query_len
     responses_ids = input_ids[:, q:]
     logprobs, values = g.logprobs, g.values

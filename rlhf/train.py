@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf import registry
+from rlhf import distributed, registry
 from rlhf.config import compose, store_schema
 from rlhf.interfaces import RunInfo
 
@@ -57,15 +57,16 @@ def parallel_jobs() -> int:
     return (os.cpu_count() or 1) if n < 0 else n
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://rlhf.conf", config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> float:
     import torch
 
     from rlhf.trainer import Trainer
 
     info = run_info()
-    if cfg.threads == 0 and parallel_jobs() > 1:  # share the cores, do not oversubscribe them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel_jobs()))
+    sharing = parallel_jobs() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
+    if cfg.threads == 0 and sharing > 1:  # share the cores, do not oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
     resume = None
     if cfg.resume:
         from rlhf import checkpoint
@@ -81,8 +82,11 @@ def _train(cfg: DictConfig) -> float:
         # into the job's own log (Hydra writes it to the run directory) and a file of its own,
         # so a failed job of a sweep can be found and read after the others finish
         log.exception("run failed")
-        Path(info.run_dir, ERROR_FILE).write_text(traceback.format_exc())
+        if distributed.is_main():
+            Path(info.run_dir, ERROR_FILE).write_text(traceback.format_exc())
         raise
+    if not distributed.is_main():
+        return 0.0
     print(f"held-out reward   {s['reward_start']:.3f} -> {s['reward_end']:.3f}")
     print(f"KL to reference   {s['kl_start']:.3f} -> {s['kl_end']:.3f} nats")
     print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
@@ -148,16 +152,40 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [argv[0], *before, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
 
 
+def data_parallel_argv(argv: list[str]) -> list[str]:
+    """Under torchrun (or accelerate launch) with several processes: join the process group
+    and give every rank rank 0's run directory; only rank 0 writes Hydra's files and log."""
+    if distributed.env_world_size() <= 1:
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        raise SystemExit("rlhf-train: a sweep (-m) runs each job as one process; start data-parallel runs one at a time")
+    distributed.setup()
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv[1:]):
+        import datetime
+
+        now = datetime.datetime.now()
+        extra.append("hydra.run.dir=" + distributed.broadcast_object(f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}"))
+    if not distributed.is_main():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return [*argv, *extra]
+
+
 def main() -> None:
     from rlhf import sweep
 
     registry.discover()
     store_schema()
     sys.argv = resume_argv(sys.argv)
+    sys.argv = data_parallel_argv(sys.argv)
     try:
         _train()
     finally:  # also when Hydra exits because a job of a sweep failed: the others' results stand
         sweep.report()
+        if distributed.active():
+            import torch
+
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

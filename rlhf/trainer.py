@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf import checkpoint, numerics, registry, rollout
+from rlhf import checkpoint, distributed, numerics, registry, rollout
 from rlhf.config import validate
 from rlhf.data import Shuffled, load_prompts
 from rlhf.evaluation import evaluate, save_samples
@@ -58,8 +58,9 @@ class RunRecorder:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: this rank's GPU if there is one (cuda:LOCAL_RANK when data-parallel), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -82,6 +83,8 @@ class Trainer:
         hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own
         self.t0 = time.time()
         validate(cfg)
+        distributed.setup()  # a no-op unless started by torchrun / accelerate with several processes
+        distributed.shard(cfg.train.batch_size)  # the batch must split evenly over the processes
         self.cfg, self.run_dir = cfg, run_dir
         self.run = run or RunInfo(run_dir=str(run_dir), name=run_dir.name, group_dir=str(run_dir))
         # plugins first: they are cheap, so their config errors come before any model loads
@@ -104,6 +107,8 @@ class Trainer:
         self.policy = Policy.load(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
+        if distributed.active():
+            self.policy.enable_data_parallel()
         self.optimizer.setup(self.policy, self.sampler.temperature)
         self.scheduler = None
         if cfg.train.lr_schedule == "linear":  # plugins keep their torch optimizer as `opt`
@@ -148,13 +153,14 @@ class Trainer:
             }
         elif batch.scores is not None:  # online pairs: what the reward source thought of them
             head = {"train/reward": batch.scores.mean().item()}
-        self.problem = _nonfinite_rows(batch)
-        if self.problem:
-            return head
+        device = self.policy.device
+        self.problem = next((p for p in distributed.gather_objects(_nonfinite_rows(batch)) if p), "")
+        if self.problem:  # on any rank: no rank trains on this batch
+            return distributed.mean_metrics(head, device)
         stats = {**head, **dict(self.optimizer.update(batch))}
         if self.scheduler is not None:
             self.scheduler.step()
-        return stats
+        return distributed.mean_metrics(stats, device)
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics, rows = evaluate(
@@ -201,41 +207,48 @@ class Trainer:
         self.kl_watch.streak = state["negative_kl_steps"]
         return state
 
-    def _checkpoint(self, step: int, recorder: RunRecorder, first: dict, last: dict) -> None:
+    def _checkpoint(self, step: int, metrics_offset: int, first: dict, last: dict) -> None:
         tensors = self.policy.trainable_state()
         bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
         if bad:  # never write weights a NaN has reached
             raise NonFiniteError(f"step {step}: non-finite values in {bad[:3]}; no checkpoint written")
-        checkpoint.save(self.run_dir, step, tensors, self.state_dict(step, recorder.offset, first, last), self.cfg.checkpoint.keep)
+        state = self.state_dict(step, metrics_offset, first, last)  # on every rank: it gathers their data state
+        if distributed.is_main():
+            checkpoint.save(self.run_dir, step, tensors, state, self.cfg.checkpoint.keep)
+        distributed.barrier()  # no rank runs ahead of a checkpoint it may be resumed from
 
     # ---------------------------------------------------------------- the loop
 
     def fit(self, resume: Path | None = None) -> dict[str, Any]:
-        """Train, evaluate and log; with `resume` (a checkpoint directory), continue from it."""
+        """Train, evaluate and log; with `resume` (a checkpoint directory), continue from it.
+        Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints."""
         from tqdm import tqdm
 
-        cfg = self.cfg
+        cfg, main = self.cfg, distributed.is_main()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start, first, last = 0, None, None
         if resume is not None:
             state = self.restore(resume)
             start, first, last = state["step"], state["first_eval"], state["last_eval"]
-        recorder = RunRecorder(self.run_dir, truncate_to=state["metrics_offset"] if resume is not None else None)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        for lg in self.loggers:
-            lg.start(self.run, config)
+        recorder = None
+        if main:
+            recorder = RunRecorder(self.run_dir, truncate_to=state["metrics_offset"] if resume is not None else None)
+            config = OmegaConf.to_container(cfg, resolve=True)
+            for lg in self.loggers:
+                lg.start(self.run, config)
 
         def emit(metrics: dict[str, float], step: int) -> None:
-            recorder.log(metrics, step)
-            for lg in self.loggers:
-                lg.log(metrics, step)
+            if recorder is not None:
+                recorder.log(metrics, step)
+                for lg in self.loggers:
+                    lg.log(metrics, step)
 
-        if resume is None:
+        if resume is None and main:
             first = last = self.evaluate(0)
             emit(first, 0)
         every = cfg.checkpoint.every
         bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="rlhf-train", mininterval=1, dynamic_ncols=True,
-                   initial=start, total=cfg.train.steps)
+                   initial=start, total=cfg.train.steps, disable=not main)
         for step in bar:
             metrics = self.train_step()
             emit(metrics, step)  # the NaN itself is logged, not filtered out
@@ -247,15 +260,20 @@ class Trainer:
                     + (f" ({self.problem})" if self.problem else "") + "; stopped before any weights it touched were saved"
                     + (f"; the last checkpoint is {last_ckpt[-1]}" if last_ckpt else "")
                 )
-            self.kl_watch.update(metrics.get("train/kl"))
+            if main:
+                self.kl_watch.update(metrics.get("train/kl"))
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("train/reward", "train/kl", "loss/dpo") if k in metrics}, refresh=False)
-            if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 last = self.evaluate(step)
                 emit(last, step)
             if (every > 0 and step % every == 0) or step == cfg.train.steps:
-                self._checkpoint(step, recorder, first, last)
+                self._checkpoint(step, recorder.offset if recorder is not None else 0, first, last)
         bar.close()
 
+        # data-parallel: the ranks' parameters must not have drifted apart
+        divergence = distributed.max_param_difference(self.policy.trainable_state())
+        if not main:
+            return {"steps": cfg.train.steps, "rank": distributed.rank()}
         if cfg.train.save_final:
             self.policy.save(str(self.run_dir / "final"))
         judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"] for name in self.judges for when, m in (("start", first), ("end", last))}
@@ -270,6 +288,8 @@ class Trainer:
             **({"kl_to_optimum": last["eval/kl_to_optimum"]} if cfg.eval.kl_to_optimum else {}),
             "steps": cfg.train.steps,
             **({"resumed_from_step": start} if resume is not None else {}),
+            **({"data_parallel_ranks": distributed.world(), "max_param_diff_across_ranks": divergence}
+               if distributed.active() else {}),
             "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),
             "run_dir": str(self.run_dir),
@@ -338,9 +358,12 @@ class Rollouts:
 
     def next(self, batch_size: int):
         t = self.t
+        # the whole batch's queries, the same on every rank; this rank samples its share of them
         queries = t.sampler.sample([t.train_prompts[i] for i in self.order.take(batch_size)], self.rng)
-        queries = [q for q in queries for _ in range(self.k)]  # each prompt's k samples side by side
-        return rollout.collect(t.policy, t.reward, queries, t.sampler.generation_kwargs(), t.sampler.temperature)
+        start, stop = distributed.shard(len(queries))
+        mine = [q for q in queries[start:stop] for _ in range(self.k)]  # each prompt's k samples side by side
+        return rollout.collect(t.policy, t.reward, mine, t.sampler.generation_kwargs(), t.sampler.temperature,
+                               rows=(start * self.k, len(queries) * self.k))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order.state_dict()}

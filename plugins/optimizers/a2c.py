@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from rlhf import numerics
+from rlhf import distributed, numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
 from rlhf.optim import adam, gradient_step
@@ -50,9 +50,10 @@ class A2C:
         self.policy.train()
         logits, vpred = self.policy.forward(r.input_ids, r.attention_mask, r.query_len)  # (B, T, V), (B, T)
         logprobs = numerics.logprobs_of(logits, r.input_ids[:, r.query_len :], self.temperature)
-        entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), mask)
-        pg_loss = -numerics.masked_mean(advantages * logprobs, mask)
-        vf_loss = 0.5 * numerics.masked_mean((vpred - returns) ** 2, mask)
+        # token means over the whole batch, every data-parallel rank's rows included
+        entropy = distributed.loss_mean(numerics.entropy_from_logits(logits, self.temperature), mask)
+        pg_loss = -distributed.loss_mean(advantages * logprobs, mask)
+        vf_loss = 0.5 * distributed.loss_mean((vpred - returns) ** 2, mask)
         loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
 
         grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)

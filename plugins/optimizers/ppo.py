@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import numerics, rollout
+from rlhf import distributed, numerics, rollout
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
 from rlhf.optim import adam, gradient_step
@@ -89,7 +89,8 @@ class PPO:
                     c.clip_coef, c.clip_coef_value,
                 )
                 loss = pg_loss + c.vf_coef * vf_loss
-                if numerics.masked_mean(ratio.detach(), m) > c.ratio_threshold:
+                too_far = bool(numerics.masked_mean(ratio.detach(), m) > c.ratio_threshold)
+                if distributed.any_rank(too_far, m.device):  # every data-parallel rank skips together
                     skipped += 1  # far outside the trust region: a step on it would blow up, not learn
                     continue
                 grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)

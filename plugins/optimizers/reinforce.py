@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf import distributed, numerics
 from rlhf.interfaces import Rollout
 from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
 from rlhf.optim import adam
@@ -47,13 +48,14 @@ class Reinforce:
     def update(self, r: Rollout) -> dict[str, float]:
         c = self.cfg
         kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)
+        mean = numerics.batch_mean(returns, reduce=distributed.all_sum)  # over every rank's rows
         if c.baseline == "batch":
-            b = returns.mean()
+            b = mean
         elif c.baseline == "ema":
             b = torch.tensor(self.ema if self.ema is not None else 0.0)
-            mean = returns.mean().item()
+            mean = mean.item()
             self.ema = mean if self.ema is None else c.baseline_decay * self.ema + (1 - c.baseline_decay) * mean
         else:
             b = torch.tensor(0.0)
         stats = policy_gradient_step(self.opt, self.params, self.policy, r, returns - b, self.temperature, c.max_grad_norm)
-        return {**stats, "objective/baseline": float(b), "objective/return": returns.mean().item(), **self.shaping.after_update(kl, r)}
+        return {**stats, "objective/baseline": float(b), "objective/return": float(mean), **self.shaping.after_update(kl, r)}

@@ -1,0 +1,126 @@
+"""Data parallelism on torch.distributed: one process per device, started by torchrun or
+`accelerate launch` (which set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT).
+
+Every rank builds the same global batch of prompts and keeps its own slice of the rows, so
+a run on N ranks samples what one process with the same global batch would; gradients are
+averaged by DistributedDataParallel; batch statistics (advantage whitening, baselines, the
+KL controller, logged metrics) are reduced across ranks. Rank 0 alone evaluates, logs and
+writes checkpoints. With one process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def setup() -> None:
+    """Join the process group the launcher describes: NCCL on GPUs, gloo on the CPU."""
+    if env_world_size() <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    torch.distributed.init_process_group(backend=backend)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(n: int) -> tuple[int, int]:
+    """(start, stop) of this rank's rows of a global batch of n."""
+    if n % world():
+        raise ValueError(f"a global batch of {n} does not split evenly over {world()} processes; "
+                         f"set train.batch_size to a multiple of {world()}")
+    size = n // world()
+    return rank() * size, (rank() + 1) * size
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (a new tensor; autograd does not flow through it)."""
+    if not active():
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x
+
+
+def loss_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A token mean for a loss: this rank's sum over all ranks' token count, times the
+    number of ranks, so that DDP's average of the gradients is the whole batch's token mean.
+    With one process, the masked mean."""
+    n = all_sum(mask.sum())
+    return (x * mask).sum() / n.clamp(min=1) * world()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any: decisions that must agree (stop, skip)."""
+    return bool(all_sum(torch.tensor(float(flag), device=device)) > 0)
+
+
+def mean_metrics(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each metric averaged over ranks (every rank must log the same keys)."""
+    if not active() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)) / world()
+    return dict(zip(keys, values.tolist()))
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
+
+
+def max_param_difference(tensors: dict[str, torch.Tensor]) -> float:
+    """Largest |difference| between any rank's parameters and rank 0's (0 when they agree)."""
+    if not active():
+        return 0.0
+    worst = torch.zeros((), dtype=torch.float64, device=next(iter(tensors.values())).device)
+    for t in tensors.values():
+        reference = t.detach().clone()
+        torch.distributed.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (t.detach() - reference).abs().max().double())
+    torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    return worst.item()

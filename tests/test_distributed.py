@@ -1,0 +1,95 @@
+"""Data-parallel training: 2 processes on the CPU (gloo), started by torchrun.
+
+Every rank builds the same global batch and samples its own rows of it with the random
+numbers those rows get in one process, so two ranks of 4 must reproduce one process of 8
+up to floating-point summation order, and the ranks' parameters must stay identical.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, cli
+
+SMALL = ["train.batch_size=8", "data.n_eval=4", "sampler.max_new_tokens=8", "eval.every=100", "threads=1"]
+
+
+def torchrun(*args: str, cwd: Path):
+    return cli("torchrun", "--standalone", "--nproc_per_node=2", "-m", "rlhf.train", *args, cwd=cwd, timeout=600)
+
+
+def result(cwd: Path) -> tuple[dict[str, torch.Tensor], dict, list[dict]]:
+    from safetensors.torch import load_file
+
+    run = next((cwd / "outputs").rglob("summary.json")).parent
+    tensors = {}
+    for f in (run / "final").glob("*.safetensors"):
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return tensors, json.loads((run / "summary.json").read_text()), rows
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_torchrun_is_installed_with_torch():
+    assert (BIN / "torchrun").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_equal_one_process_with_the_same_global_batch(tmp_path, embedded_dir):
+    """REINFORCE: 2 ranks x 4 rollouts for 2 steps, resumed by torchrun for 2 more, against one
+    process of 8 rollouts for 4 steps."""
+    args = ["optimizer=reinforce", "checkpoint.every=2", *SMALL]
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+    r = cli("rlhf-train", *args, "train.steps=4", cwd=tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(*args, "train.steps=2", cwd=tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = next((tmp_path / "two" / "outputs").rglob("summary.json")).parent
+    r = torchrun(f"resume={run}", "train.steps=4", cwd=tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout
+
+    one, _, rows_one = result(tmp_path / "one")
+    two, summary, rows_two = result(tmp_path / "two")
+    assert summary["data_parallel_ranks"] == 2 and summary["resumed_from_step"] == 2
+    assert summary["max_param_diff_across_ranks"] == 0.0  # the ranks never drift apart
+    assert max_diff(one, two) < 1e-5, max_diff(one, two)
+    train = lambda rows: [(r["step"], r["train/reward"], r["train/response_len"]) for r in rows if "train/reward" in r]  # noqa: E731
+    assert [(s, round(x, 5), n) for s, x, n in train(rows_one)] == [(s, round(x, 5), n) for s, x, n in train(rows_two)]
+
+
+@pytest.mark.slow
+def test_two_ranks_of_dpo_equal_one_process(tmp_path, embedded_dir):
+    args = ["optimizer=dpo", "data.n_train=32", "train.steps=3", *SMALL]
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+    assert cli("rlhf-train", *args, cwd=tmp_path / "one").returncode == 0
+    r = torchrun(*args, cwd=tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (one, _, _), (two, summary, _) = result(tmp_path / "one"), result(tmp_path / "two")
+    assert summary["max_param_diff_across_ranks"] == 0.0
+    assert max_diff(one, two) < 1e-5, max_diff(one, two)
+
+
+@pytest.mark.slow
+def test_ppo_ranks_stay_identical(tmp_path, embedded_dir):
+    """PPO's minibatches are each rank's own (as in every data-parallel PPO), so it is not the
+    one-process run step for step; the ranks must still hold the same parameters throughout."""
+    r = torchrun("optimizer=ppo", "train.steps=3", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, summary, rows = result(tmp_path)
+    assert summary["data_parallel_ranks"] == 2 and summary["max_param_diff_across_ranks"] == 0.0
+    assert [row["step"] for row in rows if "loss/policy" in row] == [1, 2, 3]
+    assert summary["torch_threads"] == 1
+
+
+def test_an_uneven_batch_is_refused(tmp_path, embedded_dir):
+    r = torchrun("train.batch_size=7", "train.steps=1", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "a global batch of 7 does not split evenly over 2 processes; set train.batch_size to a multiple of 2" in r.stderr
