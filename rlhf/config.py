@@ -60,6 +60,7 @@ class RunConfig:
     seed: int = 0  # seeds python, numpy and torch; the default build is independent of it
     device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1, mps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (also on CPU)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -94,6 +95,7 @@ def validate(cfg: Any) -> None:
         ("data.n_eval", cfg.data.n_eval >= 1, "at least 1"),
         ("policy.lora.r", cfg.policy.lora.r >= 1, "at least 1"),
         ("policy.lora.dropout", 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
+        ("precision", cfg.precision in ("auto", "fp32", "bf16"), "auto, fp32 or bf16 (fp16 would need loss scaling)"),
         ("policy.dtype", cfg.policy.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
         ("train.lr_schedule", cfg.train.lr_schedule in ("constant", "linear"), "constant or linear"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "0 or more"),

@@ -199,7 +199,11 @@ def collect(
     input_ids, attention_mask, q = g.input_ids, g.attention_mask, g.query_len
     responses_ids = input_ids[:, q:]
     logprobs, values = g.logprobs, g.values
-    if logprobs is None or (with_values and policy.value_head is not None and values is None):
+    # Under bf16 autocast the cached sampling pass and a full forward round differently (by
+    # ~1e-2 nats a token), so PPO's ratio would not start at 1 and the KL not at 0: recompute
+    # on the path that the reference and the update use. In fp32 they agree to ~1e-6.
+    low_precision = torch.is_autocast_enabled(policy.device.type)
+    if low_precision or logprobs is None or (with_values and policy.value_head is not None and values is None):
         logits, values = policy.forward(input_ids, attention_mask, q, with_values=with_values)
         logprobs = numerics.logprobs_of(logits, responses_ids, temperature)
     ref_logprobs = numerics.logprobs_of(policy.reference_logits(input_ids, attention_mask, q), responses_ids, temperature)

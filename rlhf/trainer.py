@@ -9,6 +9,7 @@ logging are the same for all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -64,6 +65,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. auto: bf16 on a GPU that supports it.
+    Weights, gradients and the optimizer state stay fp32 (autocast computes matmuls in bf16
+    and keeps softmax, log-softmax and reductions in fp32); bf16 needs no loss scaling."""
+    if name == "fp32" or (name == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return None
+    return torch.bfloat16
+
+
 def judge(name: str) -> RewardSource:
     """A reward plugin by name with its default settings, as an evaluation judge."""
     info = next((p for p in registry.plugins("reward") if p.name == name), None)
@@ -107,6 +117,7 @@ class Trainer:
         self.policy = Policy.load(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
+        self.autocast_dtype = pick_precision(cfg.precision, self.policy.device)
         if distributed.active():
             self.policy.enable_data_parallel()
         self.optimizer.setup(self.policy, self.sampler.temperature)
@@ -139,9 +150,17 @@ class Trainer:
             return OnlinePairs(self.policy, self.reward, self.train_prompts, self.sampler, cfg.seed)
         return Rollouts(self, cfg.seed)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast_dtype
+        return torch.autocast(self.policy.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def train_step(self) -> dict[str, float]:
         """One batch and one update. A batch with a non-finite score or KL is not trained on:
         its metrics come back (with the NaN) and `fit` stops the run."""
+        with self.autocast():
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, float]:
         batch = self.next_batch(self.cfg.train.batch_size)
         head: dict[str, float] = {}
         if self.optimizer.consumes == "rollouts":
@@ -163,6 +182,10 @@ class Trainer:
         return distributed.mean_metrics(stats, device)
 
     def evaluate(self, step: int) -> dict[str, float]:
+        with self.autocast():
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
         metrics, rows = evaluate(
             self.policy, self.reward, self.eval_queries, self.sampler.generation_kwargs(),
             self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
@@ -290,6 +313,8 @@ class Trainer:
             **({"resumed_from_step": start} if resume is not None else {}),
             **({"data_parallel_ranks": distributed.world(), "max_param_diff_across_ranks": divergence}
                if distributed.active() else {}),
+            "device": str(self.policy.device),
+            "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),
             "run_dir": str(self.run_dir),

@@ -1,0 +1,50 @@
+"""Mixed precision: bf16 autocast, chosen automatically on GPUs, available on the CPU too.
+
+The CPU runs bf16 autocast for real (slowly), so the code path is tested on every machine;
+the GPU-only choice of `precision=auto` is checked where a CUDA device is present.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import cli
+
+from rlhf.trainer import pick_precision
+
+
+def test_auto_is_fp32_on_the_cpu_and_bf16_only_when_asked():
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu) is None
+    assert pick_precision("fp32", cpu) is None
+    assert pick_precision("bf16", cpu) is torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present")
+def test_auto_is_bf16_on_a_gpu_that_supports_it():
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    assert pick_precision("auto", torch.device("cuda:0")) is expected
+
+
+@pytest.mark.slow
+def test_bf16_ppo_run_starts_at_the_reference_and_trains(tmp_path, embedded_dir):
+    """Old log-probs are recomputed on the update's path under autocast, so the first PPO
+    epoch sees ratio 1 (approx_kl 0) and the policy starts exactly at the reference."""
+    r = cli("rlhf-train", "optimizer=ppo", "precision=bf16", "train.steps=3", "train.batch_size=8", "data.n_eval=8",
+            "eval.every=100", "sampler.max_new_tokens=12", "threads=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = next((tmp_path / "outputs").rglob("summary.json")).parent
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == "bfloat16" and summary["device"] == "cpu"
+    assert summary["kl_start"] == 0.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "policy/approx_kl" in row]
+    assert len(train) == 3 and all(abs(row["policy/approx_kl"]) < 1e-3 for row in train)
+    assert summary["kl_end"] > 0.01  # it did move away from the reference
+
+
+def test_fp16_is_refused_with_the_reason(tmp_path):
+    r = cli("rlhf-train", "precision=fp16", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "precision" in r.stderr and "auto, fp32 or bf16" in r.stderr
