@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from rlhf import distributed, registry
 from rlhf.config import compose, store_schema
 from rlhf.interfaces import RunInfo
+from rlhf.preemption import Preemption, Requeued, resume_point, under_submitit
 
 log = logging.getLogger("rlhf")
 ERROR_FILE = "error.txt"  # in the run directory of a run that raised, with its traceback
@@ -65,7 +66,10 @@ def _train(cfg: DictConfig) -> float:
 
     info = run_info()
     sharing = parallel_jobs() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
-    if cfg.threads == 0 and sharing > 1:  # share the cores, do not oversubscribe them
+    granted = HydraConfig.get().launcher.get("cpus_per_task") if under_submitit() else None
+    if cfg.threads == 0 and granted:  # a submitit job: the cores it was given
+        torch.set_num_threads(int(granted))
+    elif cfg.threads == 0 and sharing > 1:  # share the cores, do not oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
     resume = None
     if cfg.resume:
@@ -73,9 +77,16 @@ def _train(cfg: DictConfig) -> float:
 
         resume = checkpoint.complete(Path(info.run_dir))[-1]
         print(f"resuming {info.run_dir} from {resume.name}")
+    preemption = Preemption()
+    if preemption.install():  # a submitit job: a requeued one continues from its checkpoint
+        resume = resume or resume_point(Path(info.run_dir))
+        if resume is not None:
+            print(f"requeued: resuming {info.run_dir} from {resume.name}")
     try:
         try:
-            s = Trainer(cfg, Path(info.run_dir), info).fit(resume=resume)
+            s = Trainer(cfg, Path(info.run_dir), info).fit(resume=resume, preemption=preemption if preemption.installed else None)
+        except Requeued:
+            raise
         except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
             raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
     except Exception:

@@ -27,6 +27,7 @@ from rlhf.data import Shuffled, load_prompts
 from rlhf.evaluation import evaluate, save_samples
 from rlhf.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
 from rlhf.policy import Policy
+from rlhf.preemption import Preemption
 from rlhf.preferences import OfflinePairs, OnlinePairs, bradley_terry_pairs, load_pairs
 
 MAX_PROMPT_TOKENS = 64  # prompts are cut to this before the sampler cuts a query out of them
@@ -242,9 +243,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
 
-    def fit(self, resume: Path | None = None) -> dict[str, Any]:
+    def fit(self, resume: Path | None = None, preemption: Preemption | None = None) -> dict[str, Any]:
         """Train, evaluate and log; with `resume` (a checkpoint directory), continue from it.
-        Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints."""
+        Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints.
+        With `preemption` (under submitit), a preemption signal ends the run at the end of
+        the step it arrives in, with a checkpoint, and submitit requeues it."""
         from tqdm import tqdm
 
         cfg, main = self.cfg, distributed.is_main()
@@ -289,8 +292,16 @@ class Trainer:
             if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 last = self.evaluate(step)
                 emit(last, step)
-            if (every > 0 and step % every == 0) or step == cfg.train.steps:
+            saved = (every > 0 and step % every == 0) or step == cfg.train.steps
+            if saved:
                 self._checkpoint(step, recorder.offset if recorder is not None else 0, first, last)
+            if preemption is not None and distributed.any_rank(preemption.requested, self.policy.device):
+                if not saved:
+                    self._checkpoint(step, recorder.offset if recorder is not None else 0, first, last)
+                bar.close()
+                print(f"preempted: checkpoint of step {step} written to {self.run_dir / checkpoint.DIR}; "
+                      "submitit requeues the job, which resumes from it", flush=True)
+                preemption.hand_over()
         bar.close()
 
         # data-parallel: the ranks' parameters must not have drifted apart
