@@ -25,7 +25,14 @@ def active() -> bool:
 
 
 def setup() -> None:
-    """Join the process group the launcher describes: NCCL on GPUs, gloo on the CPU."""
+    """Join the process group the launcher describes: NCCL on GPUs, gloo on the CPU. In a
+    submitit job of several tasks (hydra.launcher.tasks_per_node=N), submitit describes it."""
+    if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:  # MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if env_world_size() <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"

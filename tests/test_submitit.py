@@ -102,3 +102,14 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_same_result(tm
     a, b = final_tensors(plain), final_tensors(signalled)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_a_job_of_two_tasks_trains_data_parallel(tmp_path):
+    """hydra.launcher.tasks_per_node=2: submitit starts two processes for the job, which
+    join one process group (gloo here) as torchrun's would."""
+    r = cli("rlhf-train", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", *ARGS, "train.steps=3",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "multirun").rglob("summary.json")).read_text())
+    assert summary["data_parallel_ranks"] == 2 and summary["max_param_diff_across_ranks"] == 0.0
