@@ -57,12 +57,50 @@ BAD_CONFIGS = [  # (overrides, what the error must say): typos, wrong types, out
         ("optimizer=grpo optimizer.group_size=1", "grpo: out of range: optimizer.group_size=1"),
         ("logger=[wandb] logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes': use auto, online, offline or disabled"),
     ("eval.judges=[nosuch]", "eval.judges: no reward plugin named 'nosuch'"),
+        ("precision=fp16", "auto, fp32 or bf16 (fp16 would need loss scaling)"),
 ]
 
 
-def test_bad_configs_fail_before_any_model_loads(tmp_path):
-    """Each as a real rlhf-train process (four at a time): non-zero exit, the key named,
-    and nothing built or loaded into an empty model cache, no run started."""
+def config_error(overrides: list[str]) -> str | None:
+    """What rlhf-train checks before any model loads, in this process: composition (the
+    schema), `validate`, and building every plugin from its typed config."""
+    from rlhf import registry
+    from rlhf.config import validate
+    from rlhf.trainer import judge
+
+    try:
+        cfg = compose(*overrides)
+        validate(cfg)
+        for group in ("optimizer", "reward", "sampler"):
+            registry.instantiate(group, cfg[group])
+        for node in (cfg.logger or {}).values():
+            registry.instantiate("logger", node)
+        for name in cfg.eval.judges:
+            judge(name)
+    except Exception as e:  # Hydra puts the reason in the cause
+        chain = [e]
+        while chain[-1].__cause__ is not None:
+            chain.append(chain[-1].__cause__)
+        return " | ".join(str(x) for x in chain)
+    return None
+
+
+def test_every_bad_config_is_refused_naming_the_problem():
+    failures = []
+    for override, message in BAD_CONFIGS:
+        error = config_error(override.split())
+        if error is None or message not in error:
+            failures.append(f"{override}: {error!r}")
+    assert not failures, "\n".join(failures)
+    assert len(BAD_CONFIGS) == 23
+
+
+CLI_CASES = [0, 1, 4, 6, 7, 13, 21]  # one of each kind: schema typo and type, group, core range, plugin range, missing, judge
+
+
+def test_bad_configs_fail_in_the_cli_before_any_model_loads(tmp_path):
+    """A real rlhf-train process for each kind of error (four at a time): non-zero exit,
+    the key named, nothing built or loaded into an empty model cache, no run started."""
     from concurrent.futures import ThreadPoolExecutor
 
     def attempt(i: int) -> str | None:
@@ -81,9 +119,8 @@ def test_bad_configs_fail_before_any_model_loads(tmp_path):
         return f"{override}: {'; '.join(bad)}" if bad else None
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        failures = [f for f in pool.map(attempt, range(len(BAD_CONFIGS))) if f]
+        failures = [f for f in pool.map(attempt, CLI_CASES) if f]
     assert not failures, "\n".join(failures)
-    assert len(BAD_CONFIGS) == 22
 
 
 def test_a_typo_in_a_yaml_file_fails_naming_the_key(tmp_path):

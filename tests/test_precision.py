@@ -42,9 +42,3 @@ def test_bf16_ppo_run_starts_at_the_reference_and_trains(tmp_path, embedded_dir)
     train = [row for row in rows if "policy/approx_kl" in row]
     assert len(train) == 3 and all(abs(row["policy/approx_kl"]) < 1e-3 for row in train)
     assert summary["kl_end"] > 0.01  # it did move away from the reference
-
-
-def test_fp16_is_refused_with_the_reason(tmp_path):
-    r = cli("rlhf-train", "precision=fp16", cwd=tmp_path)
-    assert r.returncode != 0
-    assert "precision" in r.stderr and "auto, fp32 or bf16" in r.stderr
