@@ -112,10 +112,11 @@ def compose(overrides: list[str], config_name: str = "config") -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from rlhf import registry, reward_model
+    from rlhf import label, registry, reward_model
 
     registry.discover()
     store_schema()
     reward_model.store_schema()
+    label.store_schema()
     with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -75,6 +76,42 @@ class Policy:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
         return cls.from_model(model, tokenizer, cfg.lora, device)
+
+    @classmethod
+    def load_trained(cls, cfg: PolicyConfig, device: torch.device) -> Policy:
+        """A policy to sample from: `cfg.path` may also be a run directory of rlhf-train (its
+        base model, as recorded in `.hydra/config.yaml`, with the adapters of `final/`) or a
+        directory of saved adapters (peft's adapter_config.json names the base)."""
+        import json
+
+        from omegaconf import OmegaConf
+
+        path = Path(cfg.path).expanduser()
+        adapters = path / "final" if (path / ".hydra" / "config.yaml").is_file() else path
+        if not (adapters / "adapter_config.json").is_file():
+            if (path / ".hydra" / "config.yaml").is_file():
+                raise FileNotFoundError(f"policy.path={path}: a run directory without final/adapter_config.json "
+                                        "(did the run finish with train.save_final=true, and with LoRA?)")
+            return cls.load(cfg, device)
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if adapters is path:
+            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base_cfg = PolicyConfig(path=base, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        else:
+            recorded = OmegaConf.load(path / ".hydra" / "config.yaml").policy
+            base_cfg = PolicyConfig(path=recorded.path, revision=recorded.get("revision"), dtype=cfg.dtype,
+                                    trust_remote_code=recorded.get("trust_remote_code", False))
+        base_path = resolve_path(base_cfg.path)
+        common = dict(revision=base_cfg.revision, trust_remote_code=base_cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(adapters) if (adapters / "tokenizer_config.json").is_file() else base_path, **common)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, cfg.dtype), **common)
+        model = PeftModel.from_pretrained(model, str(adapters), is_trainable=False)
+        _prepare_tokenizer(tokenizer, model)
+        _disable_dropout(model)
+        model.to(device)
+        return cls(model, tokenizer, True, device)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer, lora: LoraSettings, device: torch.device) -> Policy:

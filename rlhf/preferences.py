@@ -48,7 +48,9 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
         rows, where = _read_rows(Path(cfg.pairs)), cfg.pairs
     else:
         rows, where = _read_hub(cfg), f"hub dataset {cfg.pairs}"
-    pairs = [_pair(row, i, cfg, where) for i, row in enumerate(rows)]
+    # rlhf-label's files also record ties and skips: they are answers, not preferences
+    pairs = [_pair(row, i, cfg, where) for i, row in enumerate(rows)
+             if not (isinstance(row, dict) and row.get("label") in ("tie", "skip"))]
     if len(pairs) <= cfg.n_eval:
         raise ValueError(f"{where}: {len(pairs)} pairs, need more than data.n_eval={cfg.n_eval}")
     return pairs[cfg.n_eval : cfg.n_eval + cfg.n_train], pairs[: cfg.n_eval]

@@ -1,0 +1,264 @@
+"""`rlhf-label`: a person compares two sampled responses; the answers become preference pairs.
+
+For each prompt the policy samples two responses with the sampler's settings; the person
+picks the better one, calls it a tie, or skips it. Every answer is appended to a JSONL
+file, flushed and fsync'd, before the next pair is shown, so nothing is lost when the
+browser, the terminal or the process goes away. A restarted session reads the file and
+continues with the first pair not yet answered (pairs are numbered; the answered numbers
+are in the file), so nothing is asked twice.
+
+A record (one line):
+
+    {"prompt": ..., "chosen": ..., "rejected": ..., "label": "preferred" | "tie" | "skip",
+     "index": 7, "who": "ann", "when": "2026-11-23T10:00:00+00:00",
+     "policy": "<path or run dir>", "sampler": {...settings}, "seed": 0}
+
+`chosen`/`rejected` are the person's preference when `label` is "preferred"; for a tie or
+a skip they are the left and right response as shown. `rlhf-train-rm data.pairs=<file>`
+and `rlhf-train optimizer=dpo data.pairs=<file>` read the file and use the preferred rows
+(ties and skips are counted and left out).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rlhf.config import DataConfig
+from rlhf.policy import PolicyConfig
+
+CHOICES = ("left", "right", "tie", "skip")
+LABELS = {"left": "preferred", "right": "preferred", "tie": "tie", "skip": "skip"}
+NOT_PREFERENCES = ("tie", "skip")  # labels that readers of the file leave out
+
+
+@dataclass
+class LabelSettings:
+    pairs: int = 20  # pairs in this labelling session's file (answered ones count, skips included)
+    out: str = "preferences.jsonl"  # the JSONL file answers are appended to (relative to where you run)
+    mode: str = "web"  # web: a page on localhost; terminal: questions in this terminal
+    host: str = "127.0.0.1"  # web: the address served (localhost only by default)
+    port: int = 8765  # web: the port; 0 picks a free one (printed)
+    who: str = "${oc.env:USER,anonymous}"  # the labeller's name, recorded with every answer
+    seed: int = 0  # fixes the order of prompts and the samples of every pair number
+    exit_when_done: bool = True  # web: stop the server once the last pair is answered
+
+
+@dataclass
+class LabelRunConfig:
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: Any = MISSING
+    reward: Any = None  # optional: a reward source whose agreement with the person is shown
+    label: LabelSettings = field(default_factory=LabelSettings)
+
+
+def store_schema() -> None:
+    ConfigStore.instance().store(name="rlhf_label_schema", node=LabelRunConfig)
+
+
+class PreferenceFileError(ValueError):
+    """The preference file cannot be continued: names the line and the fix."""
+
+
+class PreferenceFile:
+    """The JSONL file of answers: read and checked at start, appended one durable line at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            self.records = self._read()
+
+    def _read(self) -> list[dict]:
+        records = []
+        fix = "fix or remove that line, or choose another file with label.out=<path>"
+        for n, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PreferenceFileError(f"{self.path}: line {n} is not JSON ({e.msg}); {fix}") from None
+            missing = [k for k in ("prompt", "chosen", "rejected", "label", "index") if k not in record] if isinstance(record, dict) else ["(not an object)"]
+            if missing:
+                raise PreferenceFileError(f"{self.path}: line {n} lacks {', '.join(missing)}; "
+                                          f"it was not written by rlhf-label; {fix}")
+            if record["label"] not in ("preferred", *NOT_PREFERENCES) or not isinstance(record["index"], int):
+                raise PreferenceFileError(f"{self.path}: line {n} has label {record['label']!r} and index "
+                                          f"{record['index']!r} (expected preferred/tie/skip and a number); {fix}")
+            records.append(record)
+        return records
+
+    @property
+    def answered(self) -> set[int]:
+        return {r["index"] for r in self.records}
+
+    def append(self, record: dict) -> None:
+        """One line, on disk (flushed and fsync'd) before this returns."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+
+
+@dataclass
+class Pair:
+    index: int
+    prompt: str
+    left: str
+    right: str
+
+
+class PairSource:
+    """Pair number i: the i-th prompt of a seeded order, cut by the sampler, and two responses
+    sampled from the policy with a seed of its own, so a restart shows the same pair i."""
+
+    TRIES = 8  # resamples when the two responses are equal or one is empty
+
+    def __init__(self, policy, sampler, prompts: list[list[int]], seed: int):
+        if not prompts:
+            raise ValueError("no prompts to label: check data.prompts")
+        self.policy, self.sampler, self.prompts, self.seed = policy, sampler, prompts, seed
+        self.order = list(range(len(prompts)))
+        random.Random(seed).shuffle(self.order)
+        self._cache: dict[int, Pair] = {}
+
+    def __call__(self, index: int) -> Pair:
+        if index not in self._cache:
+            self._cache = {index: self._make(index)}  # the current pair only
+        return self._cache[index]
+
+    def _make(self, index: int) -> Pair:
+        import torch
+
+        from rlhf import rollout
+
+        prompt = self.prompts[self.order[index % len(self.order)]]
+        query = self.sampler.sample([prompt], random.Random(f"{self.seed}:{index}"))[0]
+        for attempt in range(self.TRIES):
+            torch.manual_seed(hash((self.seed, index, attempt)) % 2**62)
+            g = rollout.generate(self.policy, [query, query], self.sampler.generation_kwargs(), self.sampler.temperature)
+            (q, _), responses = rollout.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
+            a, b = (r.strip() for r in responses)
+            if a and b and a != b:
+                return Pair(index, q, a, b)
+        raise RuntimeError(
+            f"pair {index}: in {self.TRIES} tries the policy gave two different non-empty responses to {q!r} "
+            "in none; raise sampler.temperature or sampler.max_new_tokens, or set sampler.min_new_tokens"
+        )
+
+
+class Session:
+    """The labelling session: which pair is next, recording answers, agreement."""
+
+    def __init__(self, file: PreferenceFile, source: PairSource, total: int, meta: dict, reward=None):
+        self.file, self.source, self.total, self.meta, self.reward = file, source, total, meta, reward
+
+    def next_index(self) -> int | None:
+        answered = self.file.answered
+        return next((i for i in range(self.total) if i not in answered), None)
+
+    def progress(self) -> dict:
+        answered = self.file.answered
+        done = sum(1 for i in range(self.total) if i in answered)
+        labels = [r["label"] for r in self.file.records if r["index"] < self.total]
+        return {"answered": done, "total": self.total, "preferred": labels.count("preferred"),
+                "ties": labels.count("tie"), "skips": labels.count("skip")}
+
+    def current(self) -> Pair | None:
+        i = self.next_index()
+        return None if i is None else self.source(i)
+
+    def answer(self, index: int, choice: str) -> bool:
+        """Record the answer to pair `index`. False (nothing written) when that pair is not
+        the one being asked: already answered (a second tab, a double key press) or stale."""
+        if choice not in CHOICES:
+            raise ValueError(f"unknown choice {choice!r}: one of {', '.join(CHOICES)}")
+        if index != self.next_index():
+            return False
+        pair = self.source(index)
+        chosen, rejected = (pair.right, pair.left) if choice == "right" else (pair.left, pair.right)
+        self.file.append({
+            "prompt": pair.prompt, "chosen": chosen, "rejected": rejected, "label": LABELS[choice],
+            "index": index, "shown": {"left": pair.left, "right": pair.right},
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **self.meta,
+        })
+        return True
+
+    def agreement(self) -> dict | None:
+        """How often the reward source ranks the person's chosen response above the rejected one."""
+        if self.reward is None:
+            return None
+        rows = [r for r in self.file.records if r["label"] == "preferred"]
+        if not rows:
+            return {"pairs": 0, "agree": 0, "rate": None}
+        prompts = [r["prompt"] for r in rows]
+        chosen = list(self.reward.score(prompts, [r["chosen"] for r in rows]))
+        rejected = list(self.reward.score(prompts, [r["rejected"] for r in rows]))
+        agree = sum(float(c) > float(r) for c, r in zip(chosen, rejected))
+        same = sum(float(c) == float(r) for c, r in zip(chosen, rejected))
+        return {"pairs": len(rows), "agree": agree, "equal_scores": same, "rate": agree / len(rows),
+                "reward": self.meta.get("reward")}
+
+
+# --------------------------------------------------------------------- building a session
+
+
+def build_session(cfg: DictConfig) -> Session:
+    import torch
+
+    from rlhf import registry
+    from rlhf.data import load_prompts
+    from rlhf.policy import Policy
+    from rlhf.trainer import pick_device
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars
+    label = cfg.label
+    if label.mode not in ("web", "terminal"):
+        raise ValueError(f"label.mode={label.mode!r}: web or terminal")
+    if label.pairs < 1:
+        raise ValueError(f"label.pairs={label.pairs}: at least 1")
+    file = PreferenceFile(Path(label.out).expanduser())  # a malformed file fails before any model loads
+    sampler = registry.instantiate("sampler", cfg.sampler)
+    reward = registry.instantiate("reward", cfg.reward) if cfg.reward is not None else None
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    policy = Policy.load_trained(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
+    texts, _ = load_prompts(cfg.data)
+    prompts = policy.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
+    meta = {
+        "who": label.who, "policy": cfg.policy.path, "seed": label.seed,
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+        **({"reward": cfg.reward.get("_target_", "").rsplit(".", 1)[-1]} if cfg.reward is not None else {}),
+    }
+    meta["sampler"].pop("_target_", None)
+    return Session(file, PairSource(policy, sampler, prompts, label.seed), label.pairs, meta, reward)
+
+
+def next_steps(out: str) -> str:
+    return (f"train on them:  rlhf-train-rm data.pairs={out}\n"
+            f"            or  rlhf-train optimizer=dpo data.pairs={out}")
+
+
+def agreement_line(a: dict | None) -> str:
+    if a is None:
+        return "agreement: no reward source given (add reward=<name>, e.g. reward=learned_rm reward.path=<rm run>)"
+    if not a["pairs"]:
+        return "agreement: no preferences yet (ties and skips are not compared)"
+    return f"agreement: the reward source prefers your choice in {a['agree']} of {a['pairs']} pairs ({a['rate']:.0%})"
