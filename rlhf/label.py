@@ -222,7 +222,6 @@ def build_session(cfg: DictConfig) -> Session:
     import torch
 
     from rlhf import registry
-    from rlhf.data import load_prompts
     from rlhf.policy import Policy
     from rlhf.trainer import pick_device
 
@@ -240,7 +239,7 @@ def build_session(cfg: DictConfig) -> Session:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     policy = Policy.load_trained(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
-    texts, _ = load_prompts(cfg.data)
+    texts = label_prompts(cfg.data)
     prompts = policy.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
     meta = {
         "who": label.who, "policy": cfg.policy.path, "seed": label.seed,
@@ -249,6 +248,19 @@ def build_session(cfg: DictConfig) -> Session:
     }
     meta["sampler"].pop("_target_", None)
     return Session(file, PairSource(policy, sampler, prompts, label.seed), label.pairs, meta, reward)
+
+
+def label_prompts(data: DataConfig) -> list[str]:
+    """Every prompt of a local file (up to data.n_train; none is held out), else the
+    training prompts of load_prompts."""
+    from rlhf.data import _read_file, load_prompts
+
+    if not data.prompt_list and Path(data.prompts).suffix in (".txt", ".jsonl", ".json"):
+        texts = _read_file(Path(data.prompts), data.text_field)[: data.n_train]
+        if not texts:
+            raise ValueError(f"data.prompts={data.prompts!r} holds no non-empty prompt")
+        return texts
+    return load_prompts(data)[0]
 
 
 def next_steps(out: str) -> str:
