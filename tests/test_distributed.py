@@ -89,7 +89,14 @@ def test_ppo_ranks_stay_identical(tmp_path, embedded_dir):
     assert summary["torch_threads"] == 1
 
 
-def test_an_uneven_batch_is_refused(tmp_path, embedded_dir):
-    r = torchrun("train.batch_size=7", "train.steps=1", cwd=tmp_path)
-    assert r.returncode != 0
-    assert "a global batch of 7 does not split evenly over 2 processes; set train.batch_size to a multiple of 2" in r.stderr
+def test_rows_of_the_global_batch_and_an_uneven_batch_refused(monkeypatch):
+    """Rank 1 of 2 keeps rows 4..7 of 8; a batch that does not split is refused, naming the fix
+    (the Trainer calls this before any model loads)."""
+    from rlhf import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert distributed.shard(8) == (4, 8)
+    with pytest.raises(ValueError, match="a global batch of 7 does not split evenly over 2 processes; "
+                                         "set train.batch_size to a multiple of 2"):
+        distributed.shard(7)

@@ -46,19 +46,6 @@ def test_presets_compose_on_the_plugin_launchers():
 
 
 @pytest.mark.slow
-def test_local_sweep_runs_every_job_in_its_own_process(tmp_path):
-    r = cli("rlhf-train", "-m", "hydra/launcher=submitit_local", "optimizer.beta=0.1,1.0", *ARGS, "train.steps=3",
-            "threads=1", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sweep = next((tmp_path / "multirun").glob("*/*"))
-    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
-    assert len(summaries) == 2 and all(s["steps"] == 3 for s in summaries)
-    logs = list((sweep / ".submitit").glob("*/*_0_log.out"))
-    assert len(logs) == 2  # two submitit jobs, one per run
-    assert "2 runs, 2 completed, 0 failed" in r.stdout + r.stderr
-
-
-@pytest.mark.slow
 def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_same_result(tmp_path):
     """USR2 reaches the job after its first checkpoint: it finishes the step, checkpoints,
     submitit requeues it, and the requeued job resumes in the same run directory. Its
