@@ -191,6 +191,7 @@ def main() -> None:
     sys.argv = data_parallel_argv(sys.argv)
     try:
         _train()
+        distributed.barrier()  # ranks leave together: one tearing down gloo while another still talks aborts it
     finally:  # also when Hydra exits because a job of a sweep failed: the others' results stand
         sweep.report()
         if distributed.active():
