@@ -5,7 +5,8 @@ Every rank builds the same global batch of prompts and keeps its own slice of th
 a run on N ranks samples what one process with the same global batch would; gradients are
 averaged by DistributedDataParallel; batch statistics (advantage whitening, baselines, the
 KL controller, logged metrics) are reduced across ranks. Rank 0 alone evaluates, logs and
-writes checkpoints. With one process every function here is a no-op.
+writes checkpoints. With one process every function here is a no-op. Here too: which
+device and which autocast precision this process uses.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def world() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: this rank's GPU if there is one (cuda:LOCAL_RANK when data-parallel), else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. auto: bf16 on a GPU that supports it.
+    Weights, gradients and the optimizer state stay fp32 (autocast computes matmuls in bf16
+    and keeps softmax, log-softmax and reductions in fp32); bf16 needs no loss scaling."""
+    if name == "fp32" or (name == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return None
+    return torch.bfloat16
 
 
 def is_main() -> bool:

@@ -223,7 +223,7 @@ def build_session(cfg: DictConfig) -> Session:
 
     from rlhf import registry
     from rlhf.policy import Policy
-    from rlhf.trainer import pick_device
+    from rlhf.distributed import pick_device
 
     from transformers.utils import logging as hf_logging
 

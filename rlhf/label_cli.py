@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf import registry
-from rlhf.label import CHOICES, PreferenceFileError, Session, agreement_line, build_session, next_steps, store_schema
+from rlhf.label import PreferenceFileError, Session, agreement_line, build_session, next_steps, store_schema
 
 TERMINAL_KEYS = {"1": "left", "l": "left", "left": "left", "2": "right", "r": "right", "right": "right",
                  "t": "tie", "tie": "tie", "s": "skip", "skip": "skip"}
@@ -102,5 +102,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["CHOICES", "main"]

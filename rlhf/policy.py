@@ -69,13 +69,7 @@ class Policy:
 
     @classmethod
     def load(cls, cfg: PolicyConfig, device: torch.device) -> Policy:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = resolve_path(cfg.path)
-        common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
-        return cls.from_model(model, tokenizer, cfg.lora, device)
+        return cls.from_model(*_from_pretrained(cfg), cfg.lora, device)
 
     @classmethod
     def load_trained(cls, cfg: PolicyConfig, device: torch.device) -> Policy:
@@ -94,7 +88,6 @@ class Policy:
                                         "(did the run finish with train.save_final=true, and with LoRA?)")
             return cls.load(cfg, device)
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if adapters is path:
             base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -103,21 +96,13 @@ class Policy:
             recorded = OmegaConf.load(path / ".hydra" / "config.yaml").policy
             base_cfg = PolicyConfig(path=recorded.path, revision=recorded.get("revision"), dtype=cfg.dtype,
                                     trust_remote_code=recorded.get("trust_remote_code", False))
-        base_path = resolve_path(base_cfg.path)
-        common = dict(revision=base_cfg.revision, trust_remote_code=base_cfg.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(adapters) if (adapters / "tokenizer_config.json").is_file() else base_path, **common)
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, cfg.dtype), **common)
+        model, tokenizer = _from_pretrained(base_cfg)
         model = PeftModel.from_pretrained(model, str(adapters), is_trainable=False)
-        _prepare_tokenizer(tokenizer, model)
-        _disable_dropout(model)
-        model.to(device)
-        return cls(model, tokenizer, True, device)
+        return cls(_ready(model, tokenizer, device), tokenizer, True, device)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer, lora: LoraSettings, device: torch.device) -> Policy:
-        _prepare_tokenizer(tokenizer, model)
-        _disable_dropout(model)
-        model.to(device)
+        model = _ready(model, tokenizer, device)
         if lora.enabled:
             from peft import LoraConfig, get_peft_model
 
@@ -284,6 +269,23 @@ def _response_logits(logits: torch.Tensor, input_ids: torch.Tensor, query_len: i
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` uses them: 0 at the first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _from_pretrained(cfg: PolicyConfig) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of `cfg.path` (hub name, local directory, "embedded" or "toy")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_path(cfg.path)
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
+    return model, AutoTokenizer.from_pretrained(path, **common)
+
+
+def _ready(model: nn.Module, tokenizer, device: torch.device) -> nn.Module:
+    """Padding set up, dropout off, on its device."""
+    _prepare_tokenizer(tokenizer, model)
+    _disable_dropout(model)
+    return model.to(device)
 
 
 def _prepare_tokenizer(tokenizer, model: nn.Module) -> None:

@@ -101,7 +101,8 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from rlhf import registry
     from rlhf.preferences import load_pairs
     from rlhf.optim import gradient_step
-    from rlhf.trainer import RunRecorder, pick_device
+    from rlhf.distributed import pick_device
+    from rlhf.trainer import RunRecorder
 
     hf_logging.disable_progress_bar()
     t0 = time.time()

@@ -59,22 +59,6 @@ class RunRecorder:
         self._file.close()
 
 
-def pick_device(name: str) -> torch.device:
-    """auto: this rank's GPU if there is one (cuda:LOCAL_RANK when data-parallel), else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. auto: bf16 on a GPU that supports it.
-    Weights, gradients and the optimizer state stay fp32 (autocast computes matmuls in bf16
-    and keeps softmax, log-softmax and reductions in fp32); bf16 needs no loss scaling."""
-    if name == "fp32" or (name == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return None
-    return torch.bfloat16
-
-
 def judge(name: str) -> RewardSource:
     """A reward plugin by name with its default settings, as an evaluation judge."""
     info = next((p for p in registry.plugins("reward") if p.name == name), None)
@@ -115,10 +99,10 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         set_seed(cfg.seed)
-        self.policy = Policy.load(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
+        self.policy = Policy.load(OmegaConf.to_object(cfg.policy), distributed.pick_device(cfg.device))
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
-        self.autocast_dtype = pick_precision(cfg.precision, self.policy.device)
+        self.autocast_dtype = distributed.pick_precision(cfg.precision, self.policy.device)
         if distributed.active():
             self.policy.enable_data_parallel()
         self.optimizer.setup(self.policy, self.sampler.temperature)
@@ -292,12 +276,10 @@ class Trainer:
             if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 last = self.evaluate(step)
                 emit(last, step)
-            saved = (every > 0 and step % every == 0) or step == cfg.train.steps
-            if saved:
+            preempted = preemption is not None and distributed.any_rank(preemption.requested, self.policy.device)
+            if preempted or (every > 0 and step % every == 0) or step == cfg.train.steps:
                 self._checkpoint(step, recorder.offset if recorder is not None else 0, first, last)
-            if preemption is not None and distributed.any_rank(preemption.requested, self.policy.device):
-                if not saved:
-                    self._checkpoint(step, recorder.offset if recorder is not None else 0, first, last)
+            if preempted:
                 bar.close()
                 print(f"preempted: checkpoint of step {step} written to {self.run_dir / checkpoint.DIR}; "
                       "submitit requeues the job, which resumes from it", flush=True)

@@ -25,6 +25,17 @@ def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: floa
     )
 
 
+def final_tensors(run: Path) -> dict:
+    """Every tensor a run saved in `final/` (adapters, value head), named by file and key."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run / "final").glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    assert out
+    return out
+
+
 def compose(*overrides: str, config_name: str = "config"):
     """The config exactly as rlhf-train (or rlhf-train-rm) composes it, through Hydra's compose API."""
     from rlhf.config import compose as rlhf_compose

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, cli
+from conftest import BIN, cli, final_tensors
 
 SMALL = ["train.batch_size=8", "data.n_eval=4", "sampler.max_new_tokens=8", "eval.every=100", "threads=1"]
 
@@ -20,14 +20,9 @@ def torchrun(*args: str, cwd: Path):
 
 
 def result(cwd: Path) -> tuple[dict[str, torch.Tensor], dict, list[dict]]:
-    from safetensors.torch import load_file
-
     run = next((cwd / "outputs").rglob("summary.json")).parent
-    tensors = {}
-    for f in (run / "final").glob("*.safetensors"):
-        tensors.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return tensors, json.loads((run / "summary.json").read_text()), rows
+    return final_tensors(run), json.loads((run / "summary.json").read_text()), rows
 
 
 def max_diff(a: dict, b: dict) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, cli
+from conftest import BIN, ROOT, cli, final_tensors
 
 from rlhf import checkpoint
 
@@ -24,16 +24,6 @@ def run_dir(cwd: Path) -> Path:
     dirs = [p.parent.parent for p in (cwd / "outputs").rglob(".hydra/config.yaml")]
     assert len(dirs) == 1, dirs
     return dirs[0]
-
-
-def final_tensors(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((run / "final").glob("*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    assert out
-    return out
 
 
 def kill_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:

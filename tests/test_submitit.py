@@ -9,27 +9,16 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import BIN, cli, compose
+from conftest import BIN, cli, compose, final_tensors
 
 from rlhf import checkpoint
 
 ARGS = ["optimizer=reinforce", "train.steps=40", "train.batch_size=8", "data.n_eval=4", "eval.every=20",
         "sampler.max_new_tokens=8", "checkpoint.every=2"]
-
-
-def final_tensors(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((run / "final").glob("*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    assert out
-    return out
 
 
 def test_presets_compose_on_the_plugin_launchers():
