@@ -78,7 +78,7 @@ def ours(path: str, *overrides: str):
     """Our Trainer for a config, as rlhf-train builds it (no evaluation, nothing saved)."""
     from conftest import compose
 
-    from rlhf.trainer import Trainer
+    from rlhf.core.trainer import Trainer
 
     cfg = compose(f"policy.path={path}", "train.save_final=false", *overrides)
     return Trainer(cfg, Path(tempfile.mkdtemp()))
@@ -236,7 +236,7 @@ def bench_online(path: str, rounds: int) -> None:
     }
     rows = []
     for label, (mine, kind, schedule, per_step) in setups.items():
-        lr = mine.optimizer.opt.param_groups[0]["lr"]
+        lr = mine.torch_optimizer.param_groups[0]["lr"]
         trainer, clock = trl_online(kind, path, prompts, mine.reward, per_step * 2, lr, **schedule)
         ours_per_tok, theirs_per_tok = [], []
         for _ in range(rounds):
@@ -244,7 +244,7 @@ def bench_online(path: str, rounds: int) -> None:
             for _ in range(2):
                 t = time.perf_counter()
                 stats = mine.train_step()
-                k = getattr(mine.optimizer, "samples_per_prompt", 1)
+                k = mine.optimizer.samples_per_prompt
                 ours_per_tok.append((time.perf_counter() - t) / (stats["train/response_len"] * B * k))
             clock.starts.clear(), clock.lengths.clear()
             trainer.train()  # two generations: the first a warm-up
@@ -264,7 +264,7 @@ def bare_reinforce_step(policy, reward, queries, opt, beta: float, sample: Calla
     """REINFORCE with a KL penalty and a batch-mean baseline, as a short script would write it:
     sample, score, reference log-probs with the adapters off, one forward with gradients,
     one backward, one Adam step."""
-    from rlhf.policy import position_ids
+    from rlhf.core.policy import position_ids
 
     tok, model = policy.tokenizer, policy.model
     ids, attn, q = sample(queries)  # (B, Q + T), left-padded queries
@@ -288,8 +288,8 @@ def bare_reinforce_step(policy, reward, queries, opt, beta: float, sample: Calla
 
 
 def bench_limit(path: str, rounds: int, steps: int) -> None:
-    from rlhf import rollout
-    from rlhf.optim import adam
+    from rlhf.core import rollout
+    from rlhf.core.optim import adam
 
     mine = ours(path, "optimizer=reinforce", "optimizer.baseline=batch", "optimizer.max_grad_norm=0")
     bare = ours(path, "optimizer=reinforce")  # only for its policy, reward, sampler and prompts
@@ -375,7 +375,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     import trl
 
-    from rlhf import registry
+    from rlhf.contracts import registry
 
     registry.discover()
     sections = args.sections.split(",")

@@ -29,8 +29,9 @@ def measure(variant: str) -> float:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+    from rlhf.contracts.schema import LoraSettings
+    from rlhf.core.policy import Policy
     from rlhf.embedded.build import policy_path
-    from rlhf.policy import LoraSettings, Policy
 
     tokenizer = AutoTokenizer.from_pretrained(policy_path())  # any tokenizer: ids < vocab size
     torch.manual_seed(0)

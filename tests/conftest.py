@@ -38,7 +38,7 @@ def final_tensors(run: Path) -> dict:
 
 def compose(*overrides: str, config_name: str = "config"):
     """The config exactly as rlhf-train (or rlhf-train-rm) composes it, through Hydra's compose API."""
-    from rlhf.config import compose as rlhf_compose
+    from rlhf.contracts.schema import compose as rlhf_compose
 
     return rlhf_compose(list(overrides), config_name)
 
@@ -59,8 +59,7 @@ def hub_style_models(tmp_path_factory, embedded_dir) -> dict[str, str]:
     the NEGATIVE/POSITIVE labels of lvwerra/distilbert-imdb.
     """
     import torch
-    from transformers import (AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification,
-                              GPT2Config, GPT2LMHeadModel)
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("hub")
@@ -82,7 +81,7 @@ def hub_style_models(tmp_path_factory, embedded_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reward_model_dir(tmp_path_factory, embedded_dir) -> Path:
     """A small reward model trained by the real rlhf-train-rm code (in-process)."""
-    from rlhf.reward_model import train_reward_model
+    from rlhf.apps.train_rm import train_reward_model
 
     run = tmp_path_factory.mktemp("rm")
     cfg = compose("rm.steps=15", "rm.eval_every=15", "rm.normalize_samples=16", "data.n_eval=16",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.registry import register
+from rlhf.contracts.registry import register
 
 
 @register("reward", "faulty")

@@ -41,21 +41,22 @@ BAD_CONFIGS = [  # (overrides, what the error must say): typos, wrong types, out
         ("optimizer.beta=abc", "could not be converted to Float"),
         ("optimizer=ppoo", "Could not find 'optimizer/ppoo'"),
         ("policy.lora.rank=4", "Key 'rank' not in 'LoraSettings'"),
-        ("train.steps=0", "train.steps must be at least 1, got 0"),
+        ("train.steps=0", "config: out of range: train.steps=0 (must be at least 1)"),
         ("optimizer.beta=-0.1", "ppo: out of range: optimizer.beta=-0.1"),
-        ("sampler.min_query_tokens=9", "need 1 <= min_query_tokens < max_query_tokens"),
+        ("sampler.min_query_tokens=9", "sampler: out of range: sampler.min_query_tokens=9 (must be in [1, max_query_tokens=8))"),
         ("sampler.top_p=0", "sampler.top_p=0.0 (must be in (0, 1]; 1 is off)"),
         ("sampler.top_p=1.5", "sampler.top_p=1.5 (must be in (0, 1]; 1 is off)"),
         ("sampler.min_new_tokens=30", "sampler.min_new_tokens=30 (must be in [0, max_new_tokens=24])"),
         ("sampler.temperature=-1", "sampler.temperature=-1.0 (must be > 0)"),
         ("reward=learned_rm", "missing mandatory value: reward.path; set it on the command line"),
         ("policy.path=???", "missing mandatory value: policy.path"),
-        ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
-        ("policy.lora.dropout=1.5", "policy.lora.dropout must be in [0, 1), got 1.5"),
-        ("checkpoint.keep=0", "checkpoint.keep must be at least 1, got 0"),
+        ("train.batch_size=0", "config: out of range: train.batch_size=0 (must be at least 1)"),
+        ("policy.lora.dropout=1.5", "config: out of range: policy.lora.dropout=1.5 (must be in [0, 1))"),
+        ("checkpoint.keep=0", "config: out of range: checkpoint.keep=0 (must be at least 1)"),
         ("optimizer=dpo optimizer.beta=0", "dpo: out of range: optimizer.beta=0.0"),
         ("optimizer=grpo optimizer.group_size=1", "grpo: out of range: optimizer.group_size=1"),
-        ("logger=[wandb] logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes': use auto, online, offline or disabled"),
+        ("logger=[wandb] logger.wandb.mode=sometimes",
+         "wandb: out of range: logger.wandb.mode='sometimes' (must be auto, online, offline or disabled)"),
     ("eval.judges=[nosuch]", "eval.judges: no reward plugin named 'nosuch'"),
         ("precision=fp16", "auto, fp32 or bf16 (fp16 would need loss scaling)"),
 ]
@@ -64,9 +65,9 @@ BAD_CONFIGS = [  # (overrides, what the error must say): typos, wrong types, out
 def config_error(overrides: list[str]) -> str | None:
     """What rlhf-train checks before any model loads, in this process: composition (the
     schema), `validate`, and building every plugin from its typed config."""
-    from rlhf import registry
-    from rlhf.config import validate
-    from rlhf.trainer import judge
+    from rlhf.contracts import registry
+    from rlhf.contracts.schema import validate
+    from rlhf.core.trainer import judge
 
     try:
         cfg = compose(*overrides)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import compose
 
-from rlhf import registry
-from rlhf.trainer import Trainer
+from rlhf.contracts import registry
+from rlhf.core.trainer import Trainer
 
 registry.discover()
 OPTIMIZERS = [[f"optimizer={p.name}"] for p in registry.plugins("optimizer")] + [["optimizer=dpo", "optimizer.online=true"]]

@@ -6,13 +6,15 @@ import math
 import pytest
 import torch
 from conftest import compose
+from rlhf_plugins.optimizers.dpo import ipo_loss, sigmoid_loss
 from torch.testing import assert_close
 
-from rlhf import registry
+from rlhf.contracts import registry
+from rlhf.contracts.schema import DataConfig
+from rlhf.core.pairs import Pair, load_pairs
+from rlhf.core.sources.preference_pairs import OfflinePairs
+from rlhf.core.sources.sampled_pairs import OnlinePairs
 from rlhf.embedded.corpus import preference_pairs
-from rlhf.preferences import OfflinePairs, OnlinePairs, Pair, load_pairs
-from rlhf.config import DataConfig
-from rlhf_plugins.optimizers.dpo import ipo_loss, sigmoid_loss
 
 
 def test_sigmoid_loss_by_hand():
@@ -110,7 +112,7 @@ def test_online_pairs_chosen_scores_at_least_rejected(embedded_dir):
 
 
 def test_offline_dpo_from_a_local_pair_file(tmp_path, embedded_dir):
-    from rlhf.trainer import Trainer
+    from rlhf.core.trainer import Trainer
 
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in preference_pairs(12, seed=5)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, cli, compose
 
-from rlhf import checkpoint
-from rlhf.trainer import NonFiniteError, Trainer
+from rlhf.core import checkpoint
+from rlhf.core.trainer import NonFiniteError, Trainer
 
 FAULTS = {"PYTHONPATH": str(ROOT / "tests"), "RLHF_PLUGINS": "fault_plugins"}
 SMALL = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=8"]
@@ -101,7 +101,8 @@ def test_a_sustained_negative_kl_warns_and_names_the_sampling_settings(tmp_path,
         return batch
 
     t.next_batch = biased
-    with pytest.warns(UserWarning, match=r"train/kl has been negative for 5 steps in a row .* Settings that cause it: sampler.top_k=5"):
+    with pytest.warns(UserWarning,
+                      match=r"train/kl has been negative for 5 steps in a row .* Settings that cause it: sampler.top_k=5"):
         t.fit()
 
 

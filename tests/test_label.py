@@ -179,7 +179,7 @@ def test_a_malformed_preference_file_is_refused_before_any_model_loads(tmp_path)
     r = cli("rlhf-label", f"label.out={out}", cwd=tmp_path, timeout=120)
     assert r.returncode != 0
     assert f"{out}: line 2 is not JSON" in r.stderr and "label.out=<path>" in r.stderr
-    from rlhf.label import PreferenceFile, PreferenceFileError
+    from rlhf.apps.label import PreferenceFile, PreferenceFileError
 
     out.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')  # someone else's pair file
     with pytest.raises(PreferenceFileError, match="line 1 lacks label, index; it was not written by rlhf-label"):
@@ -200,8 +200,8 @@ def test_a_taken_port_is_named_with_the_fix(tmp_path, embedded_dir):
 
 @pytest.fixture
 def app(tmp_path, embedded_dir):
-    from rlhf.label import agreement_line, build_session, next_steps
-    from rlhf.label_web import make_app
+    from rlhf.apps.label import agreement_line, build_session, next_steps
+    from rlhf.apps.label_web import make_app
 
     out = str(tmp_path / "prefs.jsonl")
     cfg = compose("label.pairs=3", f"label.out={out}", *SMALL, config_name="label")
@@ -226,7 +226,7 @@ def test_api_refuses_bad_answers_and_ignores_a_second_answer_to_the_same_pair(ap
 
 
 def test_tie_and_skip_rows_are_left_out_of_training_pairs(tmp_path):
-    from rlhf.preferences import load_pairs
+    from rlhf.core.pairs import load_pairs
 
     rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad", "label": lab, "index": i}
             for i, lab in enumerate(["preferred", "tie", "skip", "preferred", "preferred"])]
@@ -241,7 +241,8 @@ def test_a_run_directory_is_loaded_as_its_trained_policy(tmp_path, embedded_dir)
     import torch
     from safetensors.torch import load_file
 
-    from rlhf.policy import Policy, PolicyConfig
+    from rlhf.contracts.schema import PolicyConfig
+    from rlhf.core.policy import Policy
 
     r = cli("rlhf-train", "optimizer=reinforce", "train.steps=2", "train.batch_size=4", "data.n_eval=2",
             "sampler.max_new_tokens=6", "threads=1", cwd=tmp_path)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf import numerics
-from rlhf.rollout import pad_left, response_mask
+from rlhf.core import numerics
+from rlhf.core.rollout import pad_left, response_mask
 
 
 def test_masked_mean_and_whiten():

@@ -8,9 +8,10 @@ import torch
 from conftest import cli, compose
 from torch.testing import assert_close
 
-from rlhf import numerics, registry
-from rlhf.optimum import distributions, kl_to_optimum
-from rlhf.trainer import Trainer
+from rlhf.contracts import registry
+from rlhf.core import numerics
+from rlhf.core.optimum import distributions, kl_to_optimum
+from rlhf.core.trainer import Trainer
 
 
 def _toy(*overrides):

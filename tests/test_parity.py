@@ -13,11 +13,13 @@ import warnings
 import pytest
 import torch
 
+from rlhf.contracts.interfaces import PairBatch
+from rlhf.contracts.schema import LoraSettings
+from rlhf.core.data import MAX_PROMPT_TOKENS
+from rlhf.core.pairs import Pair
+from rlhf.core.policy import Policy
+from rlhf.core.sources.preference_pairs import OfflinePairs
 from rlhf.embedded.corpus import preference_pairs
-from rlhf.interfaces import PairBatch
-from rlhf.policy import LoraSettings, Policy
-from rlhf.preferences import OfflinePairs, Pair
-from rlhf.trainer import MAX_PROMPT_TOKENS
 
 trl = pytest.importorskip("trl", reason="TRL is in the test extra: pip install -e '.[test]'")
 

@@ -5,10 +5,18 @@ import torch
 from conftest import compose
 from omegaconf import OmegaConf
 
-from rlhf import registry, rollout
-from rlhf.policy import LoraSettings, Policy, PolicyConfig
+from rlhf.contracts import registry
+from rlhf.contracts.schema import LoraSettings, PolicyConfig
+from rlhf.core import numerics, rollout
+from rlhf.core.policy import Policy
 
 CPU = torch.device("cpu")
+
+
+def logprobs(policy, input_ids, attention_mask, query_len, temperature):
+    """log pi of each response token at `temperature`, and the values: one forward pass."""
+    logits, values = policy.forward(input_ids, attention_mask, query_len)
+    return numerics.logprobs_of(logits, input_ids[:, query_len:], temperature), values
 
 
 def ppo_steps(policy: Policy, steps: int = 3, overrides: tuple[str, ...] = ()):
@@ -127,7 +135,8 @@ def test_sampler_names_settings_that_bias_the_kl():
     info = next(p for p in registry.plugins("sampler") if p.name == "length")
     assert info.cls(info.cls.Config()).kl_bias_warnings() == []
     warnings = info.cls(info.cls.Config(top_k=5, top_p=0.9, min_new_tokens=2, num_beams=2)).kl_bias_warnings()
-    assert [w.split("=")[0] for w in warnings] == ["sampler.top_k", "sampler.top_p", "sampler.min_new_tokens", "sampler.num_beams"]
+    assert [w.split("=")[0] for w in warnings] == ["sampler.top_k", "sampler.top_p", "sampler.min_new_tokens",
+                                                   "sampler.num_beams"]
 
 
 def test_forward_logprobs_equal_generate_scores_with_left_padding(embedded_dir):
@@ -141,10 +150,10 @@ def test_forward_logprobs_equal_generate_scores_with_left_padding(embedded_dir):
                                 temperature=0.7, max_new_tokens=6, min_new_tokens=6, eos_token_id=None,
                                 pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
     q = ids.shape[1]
-    gen_logp = torch.stack([torch.log_softmax(l / 0.7, -1) for l in out.logits], 1)  # (B, T, V)
+    gen_logp = torch.stack([torch.log_softmax(step_logits / 0.7, -1) for step_logits in out.logits], 1)  # (B, T, V)
     gen_logp = gen_logp.gather(-1, out.sequences[:, q:, None]).squeeze(-1)
     full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, q:])], 1)
-    logp, _ = policy.logprobs(out.sequences, full_mask, q, temperature=0.7)
+    logp, _ = logprobs(policy, out.sequences, full_mask, q, temperature=0.7)
     torch.testing.assert_close(logp, gen_logp, atol=1e-4, rtol=0)
 
 
@@ -163,7 +172,7 @@ def test_sampling_loop_logprobs_and_values_equal_a_full_forward(embedded_dir):
     torch.manual_seed(0)
     g = rollout.generate(policy, queries * 4, dict(do_sample=True, temperature=0.7, max_new_tokens=10), 0.7, with_values=True)
     assert g.logprobs is not None and g.values is not None
-    logp, values = policy.logprobs(g.input_ids, g.attention_mask, g.query_len, temperature=0.7)
+    logp, values = logprobs(policy, g.input_ids, g.attention_mask, g.query_len, temperature=0.7)
     torch.testing.assert_close(g.logprobs, logp * g.mask, atol=1e-5, rtol=0)
     torch.testing.assert_close(g.values, values * g.mask, atol=1e-5, rtol=0)
     assert (g.logprobs[g.mask == 0] == 0).all()
@@ -185,7 +194,8 @@ def test_sampling_loop_draws_from_the_filtered_softmax(settings):
     counts = torch.bincount(g.input_ids[:, -1], minlength=len(policy.tokenizer)).double()
     with torch.no_grad():
         logits = policy.model(input_ids=torch.tensor([x])).logits[:, -1]
-    for warper in (TemperatureLogitsWarper(settings.get("temperature", 1.0)), TopKLogitsWarper(settings.get("top_k", 0) or logits.shape[-1]),
+    for warper in (TemperatureLogitsWarper(settings.get("temperature", 1.0)),
+                   TopKLogitsWarper(settings.get("top_k", 0) or logits.shape[-1]),
                    TopPLogitsWarper(settings.get("top_p", 1.0))):
         logits = warper(None, logits)
     p = logits.softmax(-1)[0].double()

@@ -3,10 +3,9 @@
 import math
 
 import torch
+from rlhf_plugins.optimizers.ppo import ppo_losses
 from test_policy import _load, ppo_steps
 from torch.testing import assert_close
-
-from rlhf_plugins.optimizers.ppo import ppo_losses
 
 
 def test_clipped_surrogate_and_value_loss_by_hand():
@@ -51,7 +50,8 @@ def test_minibatch_drops_shared_padding_and_changes_no_loss(embedded_dir):
 
     from conftest import compose
 
-    from rlhf import numerics, registry, rollout
+    from rlhf.contracts import registry
+    from rlhf.core import numerics, rollout
 
     policy = _load(True)
     policy.attach_value_head()

@@ -8,7 +8,7 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from rlhf import interfaces, registry
+from rlhf.contracts import interfaces, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

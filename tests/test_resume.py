@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import BIN, ROOT, cli, final_tensors
 
-from rlhf import checkpoint
+from rlhf.core import checkpoint
 
 FAULTS = {"PYTHONPATH": str(ROOT / "tests"), "RLHF_PLUGINS": "fault_plugins"}
 SMALL = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=8"]
@@ -35,7 +35,8 @@ def kill_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:
         while time.time() < deadline and proc.poll() is None:
             runs = [p.parent for p in (cwd / "outputs").rglob("metrics.jsonl")] if (cwd / "outputs").exists() else []
             if runs:
-                steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+                lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
+                steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
                 done = [p.name for p in checkpoint.complete(runs[0])]
                 if steps and max(steps) >= every + 2 and done == [f"step_{every:06d}"]:
                     proc.send_signal(signal.SIGKILL)
@@ -140,7 +141,7 @@ def test_resume_with_settings_that_change_the_result_is_refused_unless_forced(tm
     assert cli("rlhf-train", *args, cwd=tmp_path).returncode == 0
     run = run_dir(tmp_path)
     before = (run / "metrics.jsonl").read_text(), (run / ".hydra" / "config.yaml").read_text()
-    from rlhf.train import resume_argv
+    from rlhf.apps.train import resume_argv
 
     with pytest.raises(SystemExit) as refused:  # what rlhf-train does first with its argv, before Hydra
         resume_argv(["rlhf-train", f"resume={run}", "seed=7", "train.batch_size=8", "optimizer=a2c", "train.steps=4"])

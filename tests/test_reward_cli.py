@@ -4,7 +4,7 @@ import json
 
 from conftest import cli, compose
 
-from rlhf import registry
+from rlhf.contracts import registry
 
 
 def test_train_rm_then_ppo_on_it(tmp_path, embedded_dir):
@@ -34,7 +34,8 @@ def test_train_rm_then_ppo_on_it(tmp_path, embedded_dir):
 def test_lexicon_scores_sentiment():
     info = next(p for p in registry.plugins("reward") if p.name == "lexicon")
     scores = info.cls(info.cls.Config()).score(
-        ["The movie was", "The plot is", "It was"], ["wonderful . I adored it .", "dreadful and boring .", "released in five cinemas ."]
+        ["The movie was", "The plot is", "It was"],
+        ["wonderful . I adored it .", "dreadful and boring .", "released in five cinemas ."],
     )
     assert scores[0] > 0.5 and scores[1] < -0.5 and scores[2] == 0
 

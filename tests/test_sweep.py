@@ -64,7 +64,7 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, embedded_dir):
             "hydra.sweep.dir=sw", cwd=tmp_path)
     assert r.returncode != 0
     assert "sweep sw: 2 runs, 1 completed, 1 failed" in r.stdout and "FAILED 0: train.steps=0" in r.stdout
-    assert "train.steps must be at least 1" in (tmp_path / "sw" / "0" / "error.txt").read_text()
+    assert "train.steps=0 (must be at least 1)" in (tmp_path / "sw" / "0" / "error.txt").read_text()
     assert "Traceback" in (tmp_path / "sw" / "0" / "train.log").read_text()
     assert json.loads((tmp_path / "sw" / "1" / "summary.json").read_text())["steps"] == 1
 
@@ -72,8 +72,8 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path, embedded_dir):
 def test_wandb_groups_a_sweep_and_names_runs_by_overrides(monkeypatch, tmp_path):
     import wandb
 
-    from rlhf import registry
-    from rlhf.interfaces import RunInfo
+    from rlhf.contracts import registry
+    from rlhf.contracts.interfaces import RunInfo
 
     seen = {}
     monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(kw) or None)

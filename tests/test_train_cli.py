@@ -57,7 +57,8 @@ def test_hub_style_checkpoints_load_through_the_presets(tmp_path, hub_style_mode
 
 def test_full_finetuning_and_wandb_offline(tmp_path, embedded_dir):
     r = cli("rlhf-train", "policy.lora.enabled=false", "logger=[wandb]", "train.steps=2", "eval.every=2",
-            "train.batch_size=4", "data.n_eval=4", cwd=tmp_path, env={"WANDB_API_KEY": None, "WANDB_MODE": None, "HOME": str(tmp_path),
+            "train.batch_size=4", "data.n_eval=4", cwd=tmp_path,
+            env={"WANDB_API_KEY": None, "WANDB_MODE": None, "HOME": str(tmp_path),
                  "RLHF_HOME": str(embedded_dir.parent)})  # no ~/.netrc key either
     assert r.returncode == 0, r.stderr[-3000:]
     run = _run_dir(tmp_path)

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from rlhf.interfaces import RunInfo
-from rlhf.registry import register
+from rlhf.contracts.interfaces import RunInfo
+from rlhf.contracts.registry import register
 
 
 @register("logger", "tensorboard")

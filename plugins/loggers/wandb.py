@@ -7,8 +7,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from rlhf.interfaces import RunInfo
-from rlhf.registry import register
+from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import RunInfo
+from rlhf.contracts.registry import register
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -41,8 +42,8 @@ class WandbLogger:
         init_timeout: float = 30.0  # seconds to wait for the server before falling back to offline
 
     def __init__(self, cfg: Config):
-        if cfg.mode not in ("auto", "online", "offline", "disabled"):
-            raise ValueError(f"logger.wandb.mode={cfg.mode!r}: use auto, online, offline or disabled")
+        require("wandb", [("logger.wandb.mode", cfg.mode, cfg.mode in ("auto", "online", "offline", "disabled"),
+                           "auto, online, offline or disabled")])
         if cfg.mode == "online" and not _has_key():  # wandb would ask for a key on the terminal, or wait
             raise ValueError(
                 "logger.wandb.mode=online needs an API key: set WANDB_API_KEY or run `wandb login`; "

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 
-from rlhf import distributed, numerics
-from rlhf.interfaces import Rollout
-from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
-from rlhf.optim import adam, gradient_step
-from rlhf.registry import register
+from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.registry import register
+from rlhf.core import distributed, numerics
+from rlhf.core.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.core.optim import adam, gradient_step
 
 
 @register("optimizer", "a2c")
@@ -26,18 +27,22 @@ class A2C:
 
     needs_value_head = True
     consumes = "rollouts"
+    samples_per_prompt = 1
 
     def __init__(self, cfg: Config):
-        cfg.check("a2c", lr=cfg.lr > 0, advantage=cfg.advantage in ("gae", "nstep"), n_steps=cfg.n_steps >= 1)
+        cfg.check("a2c", lr=(cfg.lr > 0, "> 0"), advantage=(cfg.advantage in ("gae", "nstep"), "gae or nstep"),
+                  n_steps=(cfg.n_steps >= 1, "at least 1"))
         self.cfg = cfg
+        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.shaping = KLShapedAdvantages(cfg)
 
-    def setup(self, policy, temperature: float) -> None:
+    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr, eps=1e-5)
+        return self.opt
 
-    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return self.shaping.state_dict()
 
     def load_state_dict(self, state: dict) -> None:

@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlhf import numerics
-from rlhf.interfaces import PairBatch
-from rlhf.optim import adam, gradient_step
-from rlhf.registry import register
+from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import PairBatch
+from rlhf.contracts.registry import register
+from rlhf.core import numerics
+from rlhf.core.optim import adam, gradient_step
 
 
 def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing) -> torch.Tensor:
@@ -48,21 +49,26 @@ class DPO:
         max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
+    samples_per_prompt = 1
 
     def __init__(self, cfg: Config):
-        bad = [
-            f"optimizer.{k}={getattr(cfg, k)!r}"
-            for k, ok in {
-                "lr": cfg.lr is None or cfg.lr > 0, "beta": cfg.beta > 0, "label_smoothing": 0 <= cfg.label_smoothing < 0.5,
-                "loss_type": cfg.loss_type in LOSSES,
-            }.items() if not ok
-        ]
-        if bad:
-            raise ValueError(f"dpo: out of range: {', '.join(bad)} (loss_type: {', '.join(LOSSES)})")
+        require("dpo", [(f"optimizer.{k}", getattr(cfg, k), ok, want) for k, ok, want in (
+            ("lr", cfg.lr is None or cfg.lr > 0, "> 0, or null for the default"),
+            ("beta", cfg.beta > 0, "> 0"),
+            ("label_smoothing", 0 <= cfg.label_smoothing < 0.5, "in [0, 0.5)"),
+            ("loss_type", cfg.loss_type in LOSSES, " or ".join(LOSSES)),
+        )])
         self.cfg = cfg
+        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.consumes = "sampled_pairs" if cfg.online else "preference_pairs"
 
-    def setup(self, policy, temperature: float) -> None:
+    def state_dict(self) -> dict:
+        return {}  # the torch optimizer holds all of DPO's state
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
         self.policy = policy
         self.params = list(policy.trainable_parameters())
         # Offline pairs are fixed and off-policy: larger steps push the rejected responses'
@@ -70,6 +76,7 @@ class DPO:
         # lr 1e-3 offline reached KL ~60 nats). Fresh online pairs tolerate, and need, more.
         lr = self.cfg.lr if self.cfg.lr is not None else (1e-3 if self.cfg.online else 2e-4)
         self.opt = adam(self.params, lr=lr)
+        return self.opt
 
     def loss(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a batch, and the log-probs the metrics need."""

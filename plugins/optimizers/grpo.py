@@ -2,10 +2,12 @@
 A_i = (R_i - mean_G R) / (std_G R + eps), a PPO-style clipped surrogate averaged over each
 response's tokens, no value function.
 
-kl_penalty: "reward" (default) puts -beta * sum_t KL_t into R, whose fixed point is the
-KL-regularised optimum pi*. "loss" is the paper's form, beta * k3 added to the loss; its
-gradient in expectation is that of KL(pi_ref || pi), the forward KL, so it converges
-elsewhere (KL 0.70 from pi* on the toy bandit at beta 0.5; README).
+kl_penalty: "reward" (default) puts -beta * sum_t KL_t (kl_estimator per token) into R,
+whose fixed point is the KL-regularised optimum pi*. "loss" is the paper's form: R is the
+score alone and beta * KL_t (kl_estimator) is added to each token's loss. With k3 (the
+paper's choice) its expected gradient is that of KL(pi_ref || pi), the forward KL, so it
+converges elsewhere (KL 0.70 from pi* on the toy bandit at beta 0.5; README); k1 in the
+loss has an expected gradient of zero (E_pi[grad log pi] = 0), so it is refused.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import numerics, rollout
-from rlhf.interfaces import Rollout
-from rlhf.onpolicy import KLConfig, KLShapedAdvantages
-from rlhf.optim import adam, gradient_step
-from rlhf.registry import register
+from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.registry import register
+from rlhf.core import numerics, rollout
+from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages
+from rlhf.core.optim import adam, gradient_step
 
 
 def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
@@ -47,18 +49,24 @@ class GRPO:
     consumes = "rollouts"
 
     def __init__(self, cfg: Config):
-        cfg.check("grpo", lr=cfg.lr > 0, group_size=cfg.group_size >= 2, kl_penalty=cfg.kl_penalty in ("reward", "loss"),
-                  clip_coef=cfg.clip_coef > 0, epochs=cfg.epochs >= 1, num_minibatches=cfg.num_minibatches >= 1)
+        cfg.check("grpo", lr=(cfg.lr > 0, "> 0"), group_size=(cfg.group_size >= 2, "at least 2"),
+                  kl_penalty=(cfg.kl_penalty in ("reward", "loss"), "reward or loss"),
+                  kl_estimator=(cfg.kl_penalty == "reward" or cfg.kl_estimator != "k1",
+                                "k3 with kl_penalty=loss: k1 in the loss has an expected gradient of zero"),
+                  clip_coef=(cfg.clip_coef > 0, "> 0"), epochs=(cfg.epochs >= 1, "at least 1"),
+                  num_minibatches=(cfg.num_minibatches >= 1, "at least 1"))
         self.cfg = cfg
+        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.samples_per_prompt = cfg.group_size
         self.shaping = KLShapedAdvantages(cfg)
 
-    def setup(self, policy, temperature: float) -> None:
+    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr)
+        return self.opt
 
-    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return self.shaping.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
@@ -66,9 +74,10 @@ class GRPO:
 
     def update(self, r: Rollout) -> dict[str, float]:
         c, G = self.cfg, self.cfg.group_size
-        kl, returns = self.shaping.sequence_returns(r)
-        if c.kl_penalty == "loss":
-            returns = r.scores
+        if c.kl_penalty == "reward":
+            kl, returns = self.shaping.sequence_returns(r)  # R = score - beta * sum_t KL_t
+        else:  # the KL goes into the loss below; R is the score alone
+            kl, returns = self.shaping.kl(r), r.scores
         advantages = group_advantages(returns, G, c.scale_rewards)  # (B,)
 
         B = r.input_ids.shape[0]
@@ -85,8 +94,8 @@ class GRPO:
                 pg_loss1 = -adv * ratio
                 pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
                 per_token = torch.max(pg_loss1, pg_loss2)
-                if c.kl_penalty == "loss":  # k3 = pi_ref / pi - 1 - log(pi_ref / pi)
-                    per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, "k3")
+                if c.kl_penalty == "loss":  # the paper's k3 = pi_ref / pi - 1 - log(pi_ref / pi)
+                    per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, c.kl_estimator)
                 loss = numerics.masked_mean(per_token, m, dim=1).mean()  # mean over each response, then over responses
                 grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
                 with torch.no_grad():

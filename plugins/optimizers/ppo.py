@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import distributed, numerics, rollout
-from rlhf.interfaces import Rollout
-from rlhf.onpolicy import KLShapedAdvantages, KLShapedConfig
-from rlhf.optim import adam, gradient_step
-from rlhf.registry import register
+from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.registry import register
+from rlhf.core import distributed, numerics, rollout
+from rlhf.core.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.core.optim import adam, gradient_step
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, clip_coef_value):
@@ -49,21 +49,25 @@ class PPO:
 
     needs_value_head = True
     consumes = "rollouts"
+    samples_per_prompt = 1
 
     def __init__(self, cfg: Config):
         cfg.check(
-            "ppo", lr=cfg.lr > 0, clip_coef=cfg.clip_coef > 0, clip_coef_value=cfg.clip_coef_value > 0,
-            ppo_epochs=cfg.ppo_epochs >= 1, num_minibatches=cfg.num_minibatches >= 1, ratio_threshold=cfg.ratio_threshold > 1,
+            "ppo", lr=(cfg.lr > 0, "> 0"), clip_coef=(cfg.clip_coef > 0, "> 0"), clip_coef_value=(cfg.clip_coef_value > 0, "> 0"),
+            ppo_epochs=(cfg.ppo_epochs >= 1, "at least 1"), num_minibatches=(cfg.num_minibatches >= 1, "at least 1"),
+            ratio_threshold=(cfg.ratio_threshold > 1, "> 1"),
         )
         self.cfg = cfg
+        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.shaping = KLShapedAdvantages(cfg)
 
-    def setup(self, policy, temperature: float) -> None:
+    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr, eps=1e-5)
+        return self.opt
 
-    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return self.shaping.state_dict()
 
     def load_state_dict(self, state: dict) -> None:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import distributed, numerics
-from rlhf.interfaces import Rollout
-from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
-from rlhf.optim import adam
-from rlhf.registry import register
+from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.registry import register
+from rlhf.core import distributed, numerics
+from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
+from rlhf.core.optim import adam
 
 
 @register("optimizer", "reinforce")
@@ -25,20 +25,23 @@ class Reinforce:
 
     needs_value_head = False
     consumes = "rollouts"
+    samples_per_prompt = 1
 
     def __init__(self, cfg: Config):
-        cfg.check("reinforce", lr=cfg.lr > 0, baseline=cfg.baseline in ("ema", "batch", "none"),
-                  baseline_decay=0 <= cfg.baseline_decay < 1)
+        cfg.check("reinforce", lr=(cfg.lr > 0, "> 0"), baseline=(cfg.baseline in ("ema", "batch", "none"), "ema, batch or none"),
+                  baseline_decay=(0 <= cfg.baseline_decay < 1, "in [0, 1)"))
         self.cfg = cfg
+        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.shaping = KLShapedAdvantages(cfg)
         self.ema: float | None = None
 
-    def setup(self, policy, temperature: float) -> None:
+    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr)
+        return self.opt
 
-    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return {**self.shaping.state_dict(), "ema": self.ema}
 
     def load_state_dict(self, state: dict) -> None:

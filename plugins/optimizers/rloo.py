@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.interfaces import Rollout
-from rlhf.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
-from rlhf.optim import adam
-from rlhf.registry import register
+from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.registry import register
+from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
+from rlhf.core.optim import adam
 
 
 def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,17 +32,19 @@ class RLOO:
     consumes = "rollouts"
 
     def __init__(self, cfg: Config):
-        cfg.check("rloo", lr=cfg.lr > 0, k=cfg.k >= 2)
+        cfg.check("rloo", lr=(cfg.lr > 0, "> 0"), k=(cfg.k >= 2, "at least 2"))
         self.cfg = cfg
+        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.samples_per_prompt = cfg.k
         self.shaping = KLShapedAdvantages(cfg)
 
-    def setup(self, policy, temperature: float) -> None:
+    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
         self.policy, self.temperature = policy, temperature
         self.params = list(policy.trainable_parameters())
         self.opt = adam(self.params, lr=self.cfg.lr)
+        return self.opt
 
-    def state_dict(self) -> dict:  # beyond `opt`, what a resumed run needs
+    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return self.shaping.state_dict()
 
     def load_state_dict(self, state: dict) -> None:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf.registry import register
+from rlhf.contracts.registry import register
 
 
 @register("reward", "learned_rm")
@@ -29,29 +29,28 @@ class LearnedReward:
         self.model = None
 
     def _load(self) -> None:
-        from rlhf.reward_model import NORMALIZATION_FILE, load_reward_model
+        from rlhf.core import rundir
+        from rlhf.core.distributed import pick_device
+        from rlhf.core.reward_model import load_reward_model
 
         path = Path(self.cfg.path)
-        if (path / "reward_model").is_dir():
-            path = path / "reward_model"
+        if (path / rundir.REWARD_MODEL).is_dir():
+            path = path / rundir.REWARD_MODEL
         if not path.exists():
             raise FileNotFoundError(f"reward.path: no reward model at {self.cfg.path}")
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_reward_model(str(path), device, self.cfg.trust_remote_code)
+        self.model, self.tokenizer = load_reward_model(str(path), pick_device(self.cfg.device), self.cfg.trust_remote_code)
         self.model.eval().requires_grad_(False)  # frozen: a judge, never trained by the policy
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward.path={path}: a reward model has one output, this one has {self.model.config.num_labels}")
         self.mean, self.std = 0.0, 1.0
-        stats = path / NORMALIZATION_FILE
+        stats = path / rundir.NORMALIZATION
         if self.cfg.normalize and stats.is_file():
             s = json.loads(stats.read_text())
             self.mean, self.std = s["mean"], max(s["std"], 1e-6)
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        from rlhf.reward_model import rm_scores, text_of
+        from rlhf.core.reward_model import rm_scores, text_of
 
         if self.model is None:
             self._load()

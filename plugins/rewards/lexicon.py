@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from rlhf.registry import register
+from rlhf.contracts.checks import require
+from rlhf.contracts.registry import register
 
 OUTPUTS = ("compound", "pos", "neg")
 
@@ -24,8 +25,7 @@ class LexiconReward:
         score_query: bool = True  # score query + response, or the response alone
 
     def __init__(self, cfg: Config):
-        if cfg.output not in OUTPUTS:
-            raise ValueError(f"reward.output={cfg.output!r}: use one of {', '.join(OUTPUTS)}")
+        require("lexicon", [("reward.output", cfg.output, cfg.output in OUTPUTS, f"one of {', '.join(OUTPUTS)}")])
         self.cfg = cfg
         self._analyzer = None
 

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 
-from rlhf.registry import register
+from rlhf.contracts.checks import require
+from rlhf.contracts.registry import register
 
 
 @register("reward", "sentiment")
@@ -23,8 +24,7 @@ class SentimentReward:
         trust_remote_code: bool = False  # run model code shipped with a hub repo
 
     def __init__(self, cfg: Config):
-        if cfg.output not in ("prob", "logit"):
-            raise ValueError(f"reward.output={cfg.output!r}: use 'prob' or 'logit'")
+        require("sentiment", [("reward.output", cfg.output, cfg.output in ("prob", "logit"), "prob or logit")])
         self.cfg = cfg
         self._pipe = None
 
@@ -37,9 +37,9 @@ class SentimentReward:
                 from rlhf.embedded.build import sentiment_path
 
                 path = sentiment_path()
-            device = self.cfg.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            from rlhf.core.distributed import pick_device
+
+            device = pick_device(self.cfg.device)
             self._pipe = pipeline(
                 "sentiment-analysis", model=path, device=device, top_k=None,
                 trust_remote_code=self.cfg.trust_remote_code,

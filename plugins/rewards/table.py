@@ -7,7 +7,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from rlhf.registry import register
+from rlhf.contracts.registry import register
 
 
 def _default_table() -> Dict[str, Dict[str, float]]:

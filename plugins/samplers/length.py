@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rlhf.registry import register
+from rlhf.contracts.checks import require
+from rlhf.contracts.registry import register
 
 
 @register("sampler", "length")
@@ -24,12 +25,9 @@ class LengthSampler:
         do_sample: bool = True  # false: greedy decoding
 
     def __init__(self, cfg: Config):
-        if not 1 <= cfg.min_query_tokens < cfg.max_query_tokens:
-            raise ValueError(
-                f"sampler: need 1 <= min_query_tokens < max_query_tokens, got "
-                f"{cfg.min_query_tokens} and {cfg.max_query_tokens}"
-            )
-        bad = [f"sampler.{k}={getattr(cfg, k)!r} (must be {want})" for k, ok, want in (
+        require("sampler", [(f"sampler.{k}", getattr(cfg, k), ok, want) for k, ok, want in (
+            ("min_query_tokens", 1 <= cfg.min_query_tokens < cfg.max_query_tokens,
+             f"in [1, max_query_tokens={cfg.max_query_tokens})"),
             ("temperature", cfg.temperature > 0, "> 0"),
             ("top_k", cfg.top_k >= 0, ">= 0; 0 is off"),
             ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]; 1 is off"),
@@ -37,9 +35,7 @@ class LengthSampler:
             ("repetition_penalty", cfg.repetition_penalty > 0, "> 0; 1 is off"),
             ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
             ("min_new_tokens", 0 <= cfg.min_new_tokens <= cfg.max_new_tokens, f"in [0, max_new_tokens={cfg.max_new_tokens}]"),
-        ) if not ok]
-        if bad:
-            raise ValueError("sampler: out of range: " + ", ".join(bad))
+        )])
         self.cfg = cfg
         self.temperature = cfg.temperature
 

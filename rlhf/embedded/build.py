@@ -9,7 +9,6 @@ so a killed build never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -213,13 +212,3 @@ def _train_classifier(spec: BuildSpec, tokenizer, data, out: Path, quiet: bool) 
     _fit(model, batches, spec.classifier_steps, 2e-3, loss_fn, "sentiment classifier", quiet)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build (or verify) the embedded default models.")
-    p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    args = p.parse_args(argv)
-    spec = BuildSpec()
-    if args.force:
-        shutil.rmtree(cache_root() / f"embedded-{spec.key()}", ignore_errors=True)
-    print(ensure_built(spec))

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf import numerics
-from rlhf.interfaces import RewardSource, Rollout
-from rlhf.policy import Policy, position_ids
+from rlhf.contracts.interfaces import RewardSource, Rollout
+from rlhf.core import numerics
+from rlhf.core.policy import Policy, position_ids
 
 
 def pad_left(queries: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +95,8 @@ def generate(
     try:
         if sampling_loop_handles(gen_kwargs):
             g = torch.Generator(ids.device).manual_seed(seed)
-            out, logprobs, values = _sampling_loop(policy, ids, qmask, gen_kwargs, temperature or gen_kwargs.get("temperature", 1.0),
+            out, logprobs, values = _sampling_loop(policy, ids, qmask, gen_kwargs,
+                                                   temperature or gen_kwargs.get("temperature", 1.0),
                                                    with_values and policy.value_head is not None, g, offset, total)
         else:  # transformers draws from torch's generator: seeded per batch (and per rank's share)
             with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
@@ -114,7 +115,8 @@ def generate(
 
 
 def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: dict[str, Any], temperature: float,
-                   with_values: bool, g: torch.Generator, offset: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   with_values: bool, g: torch.Generator, offset: int,
+                   total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Ancestral sampling with a KV cache. Returns (ids (B, Q+T), log-probs (B, T), values (B, T) or None)."""
     model, tok = policy.model, policy.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id

@@ -24,12 +24,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None
-) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries come back as zero.
 
-    `reduce` sums a tensor over the data-parallel ranks (rlhf.distributed.all_sum), so the
+    `reduce` sums a tensor over the data-parallel ranks (rlhf.core.distributed.all_sum), so the
     statistics are those of the whole batch, not of this rank's share.
     """
     if reduce is None:
@@ -38,10 +36,7 @@ def masked_whiten(
         n = reduce(mask.sum())
         mean = reduce((x * mask).sum()) / n.clamp(min=1)
         var = reduce(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

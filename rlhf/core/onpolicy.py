@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import distributed, numerics
-from rlhf.interfaces import Rollout
-from rlhf.optim import gradient_step
+from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import Rollout
+from rlhf.core import distributed, numerics
+from rlhf.core.optim import gradient_step
 
 
 @dataclass
@@ -21,15 +22,14 @@ class KLConfig:
     kl_target: float = 6.0  # target sequence KL of the adaptive controller
     kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
 
-    def check(self, plugin: str, **checks: bool) -> None:
-        """Raise one error naming every out-of-range field: these and the plugin's own."""
+    def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
+        """Raise one error naming every out-of-range field: these and the plugin's own
+        (each `field=(ok, requirement)`)."""
         checks = {
-            "beta": self.beta >= 0, "kl_estimator": self.kl_estimator in ("k1", "k3"),
-            "kl_target": self.kl_target > 0, "kl_horizon": self.kl_horizon > 0, **checks,
+            "beta": (self.beta >= 0, ">= 0"), "kl_estimator": (self.kl_estimator in ("k1", "k3"), "k1 or k3"),
+            "kl_target": (self.kl_target > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"), **checks,
         }
-        bad = [f"optimizer.{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"{plugin}: out of range: {', '.join(bad)} (see `rlhf-plugins optimizer`)")
+        require(plugin, [(f"optimizer.{k}", getattr(self, k), ok, want) for k, (ok, want) in checks.items()])
 
 
 @dataclass
@@ -38,8 +38,9 @@ class KLShapedConfig(KLConfig):
     gae_lambda: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # normalise advantages over the batch
 
-    def check(self, plugin: str, **checks: bool) -> None:
-        super().check(plugin, gamma=0 <= self.gamma <= 1, gae_lambda=0 <= self.gae_lambda <= 1, **checks)
+    def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
+        super().check(plugin, gamma=(0 <= self.gamma <= 1, "in [0, 1]"), gae_lambda=(0 <= self.gae_lambda <= 1, "in [0, 1]"),
+                      **checks)
 
 
 class KLShapedAdvantages:
@@ -75,9 +76,14 @@ class KLShapedAdvantages:
         return kl, advantages, returns
 
     @torch.no_grad()
+    def kl(self, r: Rollout) -> torch.Tensor:
+        """Per-token KL estimate of the sampled tokens (kl_estimator), 0 on padding. (B, T)"""
+        return numerics.kl_per_token(r.logprobs, r.ref_logprobs, self.cfg.kl_estimator) * r.mask
+
+    @torch.no_grad()
     def sequence_returns(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token KL (B, T), R (B,) = score - beta * sum_t kl_t), for sequence-level methods."""
-        kl = numerics.kl_per_token(r.logprobs, r.ref_logprobs, self.cfg.kl_estimator) * r.mask
+        kl = self.kl(r)
         return kl, r.scores - self.beta * kl.sum(1)
 
     def after_update(self, kl: torch.Tensor, r: Rollout) -> dict[str, float]:
@@ -89,7 +95,8 @@ class KLShapedAdvantages:
         return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}
 
 
-def policy_gradient_step(opt, params, policy, r: Rollout, advantages: torch.Tensor, temperature: float, max_grad_norm: float) -> dict[str, float]:
+def policy_gradient_step(opt, params, policy, r: Rollout, advantages: torch.Tensor, temperature: float,
+                         max_grad_norm: float) -> dict[str, float]:
     """One step on -mean_i A_i log pi(y_i|x_i), log pi summed over the response tokens."""
     policy.train()
     logits, _ = policy.forward(r.input_ids, r.attention_mask, r.query_len, with_values=False)

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.contracts import registry
+from rlhf.core import rundir
+
 FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
 
 
@@ -30,8 +33,6 @@ class Run:
     @property
     def optimizer(self) -> str:
         """The optimizer's registered name, plus `online` for online DPO."""
-        from rlhf import registry
-
         target = str(self.config.get("optimizer._target_", "?"))
         names = {p.target: p.name for p in registry.plugins("optimizer")}
         name = names.get(target, target.rsplit(".", 1)[-1])
@@ -54,13 +55,13 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for root in paths:
         if not root.exists():
             raise FileNotFoundError(f"rlhf-compare: no such directory {root}")
-        for summary in sorted(root.rglob("summary.json"), key=lambda p: _natural(p.parent)):
+        for summary in sorted(root.rglob(rundir.SUMMARY), key=lambda p: _natural(p.parent)):
             d = summary.parent
-            cfg_file = d / ".hydra" / "config.yaml"
-            if not cfg_file.is_file():
+            if not rundir.is_run(d):
                 continue
-            config = flatten(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False))
-            rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()] if (d / "metrics.jsonl").is_file() else []
+            config = flatten(OmegaConf.to_container(OmegaConf.load(d / rundir.CONFIG), resolve=False))
+            metrics = d / rundir.METRICS
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
             runs.append(Run(d, config, json.loads(summary.read_text()), [r for r in rows if "eval/reward" in r]))
     return runs
 

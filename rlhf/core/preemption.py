@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-from rlhf import checkpoint
+from rlhf.core import checkpoint
 
 
 def under_submitit() -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from rlhf.label import CHOICES, Session
+from rlhf.apps.label import CHOICES, Session
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>rlhf-label</title>

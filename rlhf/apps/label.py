@@ -25,46 +25,22 @@ import datetime
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import DataConfig
-from rlhf.policy import PolicyConfig
+from rlhf.contracts import registry
+from rlhf.contracts.checks import require
+from rlhf.contracts.schema import DataConfig
+from rlhf.core import rollout
+from rlhf.core.data import load_prompts, read_prompt_file, tokenize_prompts
+from rlhf.core.distributed import pick_device
+from rlhf.core.policy import Policy
 
 CHOICES = ("left", "right", "tie", "skip")
 LABELS = {"left": "preferred", "right": "preferred", "tie": "tie", "skip": "skip"}
 NOT_PREFERENCES = ("tie", "skip")  # labels that readers of the file leave out
-
-
-@dataclass
-class LabelSettings:
-    pairs: int = 20  # pairs in this labelling session's file (answered ones count, skips included)
-    out: str = "preferences.jsonl"  # the JSONL file answers are appended to (relative to where you run)
-    mode: str = "web"  # web: a page on localhost; terminal: questions in this terminal
-    host: str = "127.0.0.1"  # web: the address served (localhost only by default)
-    port: int = 8765  # web: the port; 0 picks a free one (printed)
-    who: str = "${oc.env:USER,anonymous}"  # the labeller's name, recorded with every answer
-    seed: int = 0  # fixes the order of prompts and the samples of every pair number
-    exit_when_done: bool = True  # web: stop the server once the last pair is answered
-
-
-@dataclass
-class LabelRunConfig:
-    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampler: Any = MISSING
-    reward: Any = None  # optional: a reward source whose agreement with the person is shown
-    label: LabelSettings = field(default_factory=LabelSettings)
-
-
-def store_schema() -> None:
-    ConfigStore.instance().store(name="rlhf_label_schema", node=LabelRunConfig)
 
 
 class PreferenceFileError(ValueError):
@@ -90,7 +66,8 @@ class PreferenceFile:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PreferenceFileError(f"{self.path}: line {n} is not JSON ({e.msg}); {fix}") from None
-            missing = [k for k in ("prompt", "chosen", "rejected", "label", "index") if k not in record] if isinstance(record, dict) else ["(not an object)"]
+            missing = ([k for k in ("prompt", "chosen", "rejected", "label", "index") if k not in record]
+                       if isinstance(record, dict) else ["(not an object)"])
             if missing:
                 raise PreferenceFileError(f"{self.path}: line {n} lacks {', '.join(missing)}; "
                                           f"it was not written by rlhf-label; {fix}")
@@ -144,8 +121,6 @@ class PairSource:
 
     def _make(self, index: int) -> Pair:
         import torch
-
-        from rlhf import rollout
 
         prompt = self.prompts[self.order[index % len(self.order)]]
         query = self.sampler.sample([prompt], random.Random(f"{self.seed}:{index}"))[0]
@@ -220,19 +195,12 @@ class Session:
 
 def build_session(cfg: DictConfig) -> Session:
     import torch
-
-    from rlhf import registry
-    from rlhf.policy import Policy
-    from rlhf.distributed import pick_device
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars
     label = cfg.label
-    if label.mode not in ("web", "terminal"):
-        raise ValueError(f"label.mode={label.mode!r}: web or terminal")
-    if label.pairs < 1:
-        raise ValueError(f"label.pairs={label.pairs}: at least 1")
+    require("label", [("label.mode", label.mode, label.mode in ("web", "terminal"), "web or terminal"),
+                      ("label.pairs", label.pairs, label.pairs >= 1, "at least 1")])
     file = PreferenceFile(Path(label.out).expanduser())  # a malformed file fails before any model loads
     sampler = registry.instantiate("sampler", cfg.sampler)
     reward = registry.instantiate("reward", cfg.reward) if cfg.reward is not None else None
@@ -240,7 +208,7 @@ def build_session(cfg: DictConfig) -> Session:
         torch.set_num_threads(cfg.threads)
     policy = Policy.load_trained(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
     texts = label_prompts(cfg.data)
-    prompts = policy.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
+    prompts = tokenize_prompts(policy.tokenizer, texts)
     meta = {
         "who": label.who, "policy": cfg.policy.path, "seed": label.seed,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
@@ -253,10 +221,8 @@ def build_session(cfg: DictConfig) -> Session:
 def label_prompts(data: DataConfig) -> list[str]:
     """Every prompt of a local file (up to data.n_train; none is held out), else the
     training prompts of load_prompts."""
-    from rlhf.data import _read_file, load_prompts
-
     if not data.prompt_list and Path(data.prompts).suffix in (".txt", ".jsonl", ".json"):
-        texts = _read_file(Path(data.prompts), data.text_field)[: data.n_train]
+        texts = read_prompt_file(Path(data.prompts), data.text_field)[: data.n_train]
         if not texts:
             raise ValueError(f"data.prompts={data.prompts!r} holds no non-empty prompt")
         return texts

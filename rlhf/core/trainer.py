@@ -10,7 +10,6 @@ logging are the same for all.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -21,42 +20,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf import checkpoint, distributed, numerics, registry, rollout
-from rlhf.config import validate
-from rlhf.data import Shuffled, load_prompts
-from rlhf.evaluation import evaluate, save_samples
-from rlhf.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
-from rlhf.policy import Policy
-from rlhf.preemption import Preemption
-from rlhf.preferences import OfflinePairs, OnlinePairs, bradley_terry_pairs, load_pairs
-
-MAX_PROMPT_TOKENS = 64  # prompts are cut to this before the sampler cuts a query out of them
-CONSUMES = ("rollouts", "preference_pairs", "sampled_pairs")
-
-
-class RunRecorder:
-    """Writes `metrics.jsonl` (one object per logged step) and `summary.json`, always."""
-
-    def __init__(self, run_dir: Path, truncate_to: int | None = None):
-        self.run_dir = run_dir
-        path = run_dir / "metrics.jsonl"
-        if truncate_to is not None:  # a resumed run: drop the rows logged after its checkpoint
-            with open(path, "r+") as f:
-                f.truncate(truncate_to)
-        self._file = open(path, "a")
-
-    @property
-    def offset(self) -> int:
-        """Bytes written so far: where a resumed run cuts the file."""
-        return self._file.tell()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
-
-    def summary(self, summary: dict[str, Any]) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._file.close()
+from rlhf.contracts import registry
+from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
+from rlhf.contracts.schema import validate
+from rlhf.core import checkpoint, distributed, rundir, sources
+from rlhf.core.data import load_prompts, tokenize_prompts
+from rlhf.core.evaluation import evaluate, save_samples
+from rlhf.core.policy import Policy
+from rlhf.core.preemption import Preemption
+from rlhf.core.rundir import RunRecorder
 
 
 def judge(name: str) -> RewardSource:
@@ -88,8 +60,8 @@ class Trainer:
         self.sampler: QuerySampler = registry.instantiate("sampler", cfg.sampler)
         self.loggers: list[Logger] = [registry.instantiate("logger", n) for n in (cfg.logger or {}).values()]
         self.judges = {name: judge(name) for name in cfg.eval.judges}
-        if self.optimizer.consumes not in CONSUMES:
-            raise ValueError(f"optimizer consumes {self.optimizer.consumes!r}; the core provides {CONSUMES}")
+        if self.optimizer.consumes not in sources.kinds():
+            raise ValueError(f"optimizer consumes {self.optimizer.consumes!r}; the core provides {sources.kinds()}")
         if cfg.eval.kl_to_optimum and self.sampler.generation_kwargs().get("max_new_tokens") != 1:
             raise ValueError("eval.kl_to_optimum is exact for one-token responses only: set sampler.max_new_tokens=1")
         if self.optimizer.consumes != "preference_pairs":
@@ -105,35 +77,21 @@ class Trainer:
         self.autocast_dtype = distributed.pick_precision(cfg.precision, self.policy.device)
         if distributed.active():
             self.policy.enable_data_parallel()
-        self.optimizer.setup(self.policy, self.sampler.temperature)
+        self.torch_optimizer = self.optimizer.setup(self.policy, self.sampler.temperature)
         self.scheduler = None
-        if cfg.train.lr_schedule == "linear":  # plugins keep their torch optimizer as `opt`
+        if cfg.train.lr_schedule == "linear":
             steps = cfg.train.steps
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.opt, lambda i: max(0.0, 1 - i / steps))
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer, lambda i: max(0.0, 1 - i / steps))
 
         train_texts, eval_texts = load_prompts(cfg.data)
-        self.train_prompts, eval_prompts = self._tokenize(train_texts), self._tokenize(eval_texts)
+        tokenizer = self.policy.tokenizer
+        self.train_prompts, eval_prompts = tokenize_prompts(tokenizer, train_texts), tokenize_prompts(tokenizer, eval_texts)
         self.eval_queries = self.sampler.sample(eval_prompts, random.Random(cfg.eval.seed))
-        self.source = self._batch_source()
+        self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
+            self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed))
         self.problem = ""  # why the last batch was not trained on, if it was not
         self.kl_watch = NegativeKLWatch(self.sampler)
         self.next_batch = self.source.next
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.policy.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
-
-    def _batch_source(self):
-        """The core service that feeds this optimizer: rollouts, data pairs or sampled pairs.
-        Each has `next(batch_size)` and a `state_dict()` for checkpoints."""
-        cfg, kind = self.cfg, self.optimizer.consumes
-        if kind == "preference_pairs" and cfg.data.pairs == "bradley_terry":
-            return bradley_terry_pairs(self.policy, self.reward, self.train_prompts, cfg.data.n_train, cfg.seed)
-        if kind == "preference_pairs":
-            pairs, _ = load_pairs(cfg.data)
-            return OfflinePairs.from_text(self.policy, pairs, MAX_PROMPT_TOKENS, cfg.seed, where=cfg.data.pairs)
-        if kind == "sampled_pairs":
-            return OnlinePairs(self.policy, self.reward, self.train_prompts, self.sampler, cfg.seed)
-        return Rollouts(self, cfg.seed)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.autocast_dtype
@@ -147,18 +105,9 @@ class Trainer:
 
     def _train_step(self) -> dict[str, float]:
         batch = self.next_batch(self.cfg.train.batch_size)
-        head: dict[str, float] = {}
-        if self.optimizer.consumes == "rollouts":
-            seq_kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
-            head = {
-                "train/reward": batch.scores.mean().item(),
-                "train/kl": seq_kl.mean().item(),
-                "train/response_len": batch.mask.sum(1).mean().item(),
-            }
-        elif batch.scores is not None:  # online pairs: what the reward source thought of them
-            head = {"train/reward": batch.scores.mean().item()}
+        head = self.source.head_metrics(batch)
         device = self.policy.device
-        self.problem = next((p for p in distributed.gather_objects(_nonfinite_rows(batch)) if p), "")
+        self.problem = next((p for p in distributed.gather_objects(self.source.problem(batch)) if p), "")
         if self.problem:  # on any rank: no rank trains on this batch
             return distributed.mean_metrics(head, device)
         stats = {**head, **dict(self.optimizer.update(batch))}
@@ -177,10 +126,10 @@ class Trainer:
         )
         save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
         if self.cfg.eval.kl_to_optimum:
-            from rlhf.optimum import kl_to_optimum
+            from rlhf.core.optimum import kl_to_optimum
 
             metrics["eval/kl_to_optimum"] = kl_to_optimum(
-                self.policy, self.reward, self.eval_queries, self.cfg.optimizer.beta, self.sampler.temperature
+                self.policy, self.reward, self.eval_queries, self.optimizer.beta, self.sampler.temperature
             )
         return metrics
 
@@ -188,11 +137,10 @@ class Trainer:
 
     def state_dict(self, step: int, metrics_offset: int, first: dict, last: dict) -> dict[str, Any]:
         """Everything but the trained tensors that step `step + 1` depends on."""
-        opt = self.optimizer
         return {
             "step": step,
-            "optimizer": opt.opt.state_dict(),
-            "plugin": opt.state_dict() if hasattr(opt, "state_dict") else {},
+            "optimizer": self.torch_optimizer.state_dict(),
+            "plugin": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "source": self.source.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -205,9 +153,8 @@ class Trainer:
     def restore(self, path: Path) -> dict[str, Any]:
         tensors, state = checkpoint.load(path)
         self.policy.load_trainable_state(tensors)
-        self.optimizer.opt.load_state_dict(state["optimizer"])
-        if hasattr(self.optimizer, "load_state_dict"):
-            self.optimizer.load_state_dict(state["plugin"])
+        self.torch_optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["plugin"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
@@ -272,7 +219,8 @@ class Trainer:
                 )
             if main:
                 self.kl_watch.update(metrics.get("train/kl"))
-            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("train/reward", "train/kl", "loss/dpo") if k in metrics}, refresh=False)
+            shown = [k for k in metrics if k in ("train/reward", "train/kl")] + [k for k in metrics if k.startswith("loss/")][:1]
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown}, refresh=False)
             if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 last = self.evaluate(step)
                 emit(last, step)
@@ -291,8 +239,9 @@ class Trainer:
         if not main:
             return {"steps": cfg.train.steps, "rank": distributed.rank()}
         if cfg.train.save_final:
-            self.policy.save(str(self.run_dir / "final"))
-        judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"] for name in self.judges for when, m in (("start", first), ("end", last))}
+            self.policy.save(str(self.run_dir / rundir.FINAL))
+        judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"]
+                  for name in self.judges for when, m in (("start", first), ("end", last))}
         summary = {
             "reward_start": first["eval/reward"],
             "reward_end": last["eval/reward"],
@@ -325,22 +274,6 @@ class NonFiniteError(FloatingPointError):
     """A loss, reward or KL became NaN or infinite; names the step and the quantity."""
 
 
-def _nonfinite_rows(batch) -> str:
-    """'' or which rows of a batch have a non-finite score or KL, for the error message."""
-    scores = batch.scores
-    if scores is not None and not torch.isfinite(scores).all():
-        i = int((~torch.isfinite(scores)).nonzero()[0])
-        texts = batch.responses if hasattr(batch, "responses") else batch.chosen + batch.rejected
-        n = int((~torch.isfinite(scores)).sum())
-        return f"the reward source returned {scores[i].item()} for {n} of {len(scores)} responses, first row {i}: {texts[i]!r}"
-    if hasattr(batch, "ref_logprobs"):
-        kl = (batch.logprobs - batch.ref_logprobs) * batch.mask
-        if not torch.isfinite(kl).all():
-            i = int((~torch.isfinite(kl).all(1)).nonzero()[0])
-            return f"log pi - log pi_ref is not finite in row {i}: the policy or the reference gives a token probability 0 or NaN"
-    return ""
-
-
 class NegativeKLWatch:
     """Warns once when the per-batch KL estimate stays negative: the samples are then not
     draws from pi at the sampling temperature, and the KL penalty is biased."""
@@ -364,32 +297,3 @@ class NegativeKLWatch:
                    "None of the sampler's own settings does this: check a custom sampler or generation settings."),
                 stacklevel=2,
             )
-
-
-class Rollouts:
-    """On-policy batches: queries cut from shuffled prompts, k samples each, collected."""
-
-    def __init__(self, trainer: Trainer, seed: int):
-        self.t = trainer
-        self.rng, self.order = random.Random(seed), Shuffled(len(trainer.train_prompts), random.Random(seed + 1))
-        self.k = getattr(trainer.optimizer, "samples_per_prompt", 1)  # RLOO and GRPO compare k samples of a prompt
-
-    def next(self, batch_size: int):
-        t = self.t
-        # the whole batch's queries, the same on every rank; this rank samples its share of them
-        queries = t.sampler.sample([t.train_prompts[i] for i in self.order.take(batch_size)], self.rng)
-        start, stop = distributed.shard(len(queries))
-        mine = [q for q in queries[start:stop] for _ in range(self.k)]  # each prompt's k samples side by side
-        return rollout.collect(t.policy, t.reward, mine, t.sampler.generation_kwargs(), t.sampler.temperature,
-                               rows=(start * self.k, len(queries) * self.k))
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "order": self.order.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(state["rng"])
-        self.order.load_state_dict(state["order"])
-
-
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    return Trainer(cfg, run_dir).fit()

@@ -1,4 +1,6 @@
-"""The four things a plugin can be. The core talks to plugins only through these."""
+"""The four things a plugin can be, the batches the core hands them, and the batch
+sources that make those batches. The core talks to plugins only through these, and checks
+every plugin it builds against its group's Protocol (`PROTOCOLS`) before using it."""
 
 from __future__ import annotations
 
@@ -8,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_chec
 if TYPE_CHECKING:
     import torch
 
-    from rlhf.policy import Policy
+    from rlhf.core.policy import Policy
 
 
 @dataclass
 class Rollout:
-    """One batch of on-policy experience, collected by the core (`rlhf.rollout`).
+    """One batch of on-policy experience, collected by the core (`rlhf.core.rollout`).
 
     B = batch, T = response length (padded). Query tokens are left-padded in `input_ids`,
     responses right-padded; `mask` is 1 on real response tokens, EOS included.
@@ -33,7 +35,7 @@ class Rollout:
 
 @dataclass
 class PairBatch:
-    """B preference pairs, collected by the core (`rlhf.preferences`).
+    """B preference pairs, collected by the core (`rlhf.core.sources`).
 
     Rows [0, B) hold the chosen responses and rows [B, 2B) the rejected ones, row i and
     row i + B after the same query. Every response token lies at or after column Q:
@@ -58,22 +60,31 @@ class PolicyOptimizer(Protocol):
     """Holds a loss and an update rule; the core collects the batches and runs the loop."""
 
     needs_value_head: bool  # the core attaches a value head to the policy if True
-    # what update() takes: "rollouts" (Rollout), "preference_pairs" (PairBatch from the
-    # data's pairs) or "sampled_pairs" (PairBatch of two policy samples per prompt,
-    # labelled by the reward source)
+    # what update() takes: the name of a batch source (`rlhf.core.sources`): "rollouts"
+    # (Rollout), "preference_pairs" (PairBatch from the data's pairs) or "sampled_pairs"
+    # (PairBatch of two policy samples per prompt, labelled by the reward source)
     consumes: str
-    # optional: `samples_per_prompt = k` makes the core sample each prompt k times, side by
-    # side in the rollout (RLOO and GRPO); train.batch_size then counts prompts.
-    # `opt`, the torch optimizer made in setup(), is what train.lr_schedule=linear decays and
-    # what checkpoints save. Any other state (an adaptive KL coefficient, a moving baseline)
-    # goes through optional `state_dict() -> dict` and `load_state_dict(dict)` methods of
-    # plain Python values, so a resumed run continues exactly.
+    # rollouts: each prompt is sampled k times, side by side (RLOO, GRPO); train.batch_size
+    # then counts prompts. 1 for everything else.
+    samples_per_prompt: int
+    # the KL coefficient of the objective E[r] - beta KL(pi || pi_ref) this optimizer
+    # solves, as configured: eval.kl_to_optimum compares the policy with its optimum
+    beta: float
 
-    def setup(self, policy: Policy, temperature: float) -> None:
-        """Called once before training: create the torch optimizer over trainable params."""
+    def setup(self, policy: Policy, temperature: float) -> torch.optim.Optimizer:
+        """Called once before training: create the torch optimizer over the trainable
+        parameters and return it. The core decays its learning rate
+        (train.lr_schedule=linear) and saves and restores its state in checkpoints."""
 
     def update(self, batch: Rollout | PairBatch) -> Mapping[str, float]:
         """Run the update on one batch; return scalar metrics (names are free-form)."""
+
+    def state_dict(self) -> dict:
+        """State beyond the torch optimizer's that a resumed run needs (an adaptive KL
+        coefficient, a moving baseline), as plain Python values; {} when there is none."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
 
 
 @runtime_checkable
@@ -118,3 +129,33 @@ class Logger(Protocol):
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
 
     def finish(self, summary: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Feeds the optimizers that consume one kind of batch (their `consumes` names it).
+
+    A source owns everything the loop must know about its batches: how to make the next
+    one, the metrics that describe a batch before any update, and whether a batch is fit
+    to train on. Sources live in `rlhf.core.sources`, one class per file.
+    """
+
+    def next(self, batch_size: int) -> Any:
+        """The next batch of `batch_size` prompts or pairs (this rank's share of them)."""
+
+    def head_metrics(self, batch: Any) -> dict[str, float]:
+        """What the batch itself shows before the update (train/reward, train/kl, ...)."""
+
+    def problem(self, batch: Any) -> str:
+        """'' or why the batch must not be trained on (a non-finite score or KL), naming the row."""
+
+    def state_dict(self) -> dict:
+        """The data position (and caches) a resumed run needs to continue exactly."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# The Protocol every plugin of a group must satisfy; checked when the core builds one.
+PROTOCOLS: dict[str, type] = {
+    "optimizer": PolicyOptimizer, "reward": RewardSource, "sampler": QuerySampler, "logger": Logger,
+}

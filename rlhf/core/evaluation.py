@@ -8,9 +8,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from rlhf import numerics, rollout
-from rlhf.interfaces import RewardSource
-from rlhf.policy import Policy
+from rlhf.contracts.interfaces import RewardSource
+from rlhf.core import numerics, rollout, rundir
+from rlhf.core.policy import Policy
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def evaluate(
 
 
 def save_samples(run_dir: Path, step: int, rows: list[dict[str, Any]], n: int) -> None:
-    out = run_dir / "samples"
+    out = run_dir / rundir.SAMPLES
     out.mkdir(exist_ok=True)
     with open(out / f"step_{step:05d}.jsonl", "w") as f:
         for row in rows[:n]:

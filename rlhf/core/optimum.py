@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from rlhf.interfaces import RewardSource
-from rlhf.policy import Policy
+from rlhf.contracts.interfaces import RewardSource
+from rlhf.core.policy import Policy
 
 
 @torch.no_grad()
@@ -33,12 +33,14 @@ def distributions(policy: Policy, reward: RewardSource, prompt: list[int], beta:
     tok = policy.tokenizer
     vocab = range(log_pi.shape[0])
     query = tok.decode(prompt, skip_special_tokens=True)
-    r = torch.as_tensor(reward.score([query] * len(vocab), [tok.decode([y], skip_special_tokens=True) for y in vocab]), dtype=torch.float64).to(log_pi.device)
+    responses = [tok.decode([y], skip_special_tokens=True) for y in vocab]
+    r = torch.as_tensor(reward.score([query] * len(vocab), responses), dtype=torch.float64).to(log_pi.device)
     log_star = torch.log_softmax(log_ref + r / beta, -1)
     return log_pi, log_ref, log_star, r
 
 
-def kl_to_optimum(policy: Policy, reward: RewardSource, prompts: Sequence[list[int]], beta: float, temperature: float = 1.0) -> float:
+def kl_to_optimum(policy: Policy, reward: RewardSource, prompts: Sequence[list[int]], beta: float,
+                  temperature: float = 1.0) -> float:
     """Mean over distinct prompts of KL(pi(.|x) || pi*(.|x)), in nats."""
     kls = []
     for prompt in {tuple(p) for p in prompts}:

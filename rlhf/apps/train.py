@@ -14,13 +14,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf import distributed, registry
-from rlhf.config import compose, store_schema
-from rlhf.interfaces import RunInfo
-from rlhf.preemption import Preemption, Requeued, resume_point, under_submitit
+from rlhf.apps import sweep
+from rlhf.contracts import registry, schema
+from rlhf.contracts.interfaces import RunInfo
+from rlhf.core import checkpoint, distributed, rundir
+from rlhf.core.preemption import Preemption, Requeued, resume_point, under_submitit
 
 log = logging.getLogger("rlhf")
-ERROR_FILE = "error.txt"  # in the run directory of a run that raised, with its traceback
 
 
 def run_info() -> RunInfo:
@@ -62,7 +62,7 @@ def parallel_jobs() -> int:
 def _train(cfg: DictConfig) -> float:
     import torch
 
-    from rlhf.trainer import Trainer
+    from rlhf.core.trainer import Trainer
 
     info = run_info()
     sharing = parallel_jobs() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
@@ -73,8 +73,6 @@ def _train(cfg: DictConfig) -> float:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
     resume = None
     if cfg.resume:
-        from rlhf import checkpoint
-
         resume = checkpoint.complete(Path(info.run_dir))[-1]
         print(f"resuming {info.run_dir} from {resume.name}")
     preemption = Preemption()
@@ -94,7 +92,7 @@ def _train(cfg: DictConfig) -> float:
         # so a failed job of a sweep can be found and read after the others finish
         log.exception("run failed")
         if distributed.is_main():
-            Path(info.run_dir, ERROR_FILE).write_text(traceback.format_exc())
+            Path(info.run_dir, rundir.ERROR).write_text(traceback.format_exc())
         raise
     if not distributed.is_main():
         return 0.0
@@ -125,8 +123,6 @@ def resume_argv(argv: list[str]) -> list[str]:
     overrides change what a step computes, unless resume_force=true."""
     from omegaconf import OmegaConf
 
-    from rlhf import checkpoint
-
     args = argv[1:]
     given = [a for a in args if a.startswith("resume=")]
     if not given:
@@ -134,16 +130,16 @@ def resume_argv(argv: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in args):
         raise SystemExit("rlhf-train: resume= continues one run; it cannot be combined with -m")
     run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
-    if not (run_dir / ".hydra" / "config.yaml").is_file():
+    if not rundir.is_run(run_dir):
         raise SystemExit(f"rlhf-train: resume={run_dir}: not a run directory (no .hydra/config.yaml)")
     if not checkpoint.complete(run_dir):
         raise SystemExit(f"rlhf-train: resume={run_dir}: no complete checkpoint in {run_dir / checkpoint.DIR}")
     ours = ("resume=", "resume_force=", "hydra.")
-    before = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if not str(o).startswith(ours)]
+    before = [str(o) for o in OmegaConf.load(run_dir / rundir.OVERRIDES) if not str(o).startswith(ours)]
     new = [a for a in args if not a.startswith("resume=")]
-    recorded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    recorded = OmegaConf.load(run_dir / rundir.CONFIG)
     try:
-        prospective = compose([*before, *[a for a in new if not a.startswith("hydra.")]])
+        prospective = schema.compose([*before, *[a for a in new if not a.startswith("hydra.")]])
     except Exception as e:
         raise SystemExit(f"rlhf-train: resume={run_dir}: the overrides do not compose: {e}") from e
     old_flat, new_flat = _flat(OmegaConf.to_container(recorded)), _flat(OmegaConf.to_container(prospective))
@@ -183,10 +179,8 @@ def data_parallel_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from rlhf import sweep
-
     registry.discover()
-    store_schema()
+    schema.store()
     sys.argv = resume_argv(sys.argv)
     sys.argv = data_parallel_argv(sys.argv)
     try:

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from hydra.core.config_store import ConfigStore
 
+from rlhf.contracts.interfaces import PROTOCOLS
+
 BUILTIN_PACKAGE = "rlhf_plugins"
 ENTRY_POINT_GROUP = "rlhf.plugins"
 ENV_MODULES = "RLHF_PLUGINS"
@@ -135,7 +137,9 @@ def instantiate(group: str, node: Any, **kwargs: Any) -> Any:
 
     Only classes registered in `group` are instantiated: a `_target_` from a hand-written
     YAML file that names anything else (say `os.system`) is refused before it is imported.
-    The class receives its typed `Config` as the single argument `cfg`.
+    The class receives its typed `Config` as the single argument `cfg`. The plugin must
+    satisfy its group's Protocol (`interfaces.PROTOCOLS`): one that lacks a member the core
+    uses is refused here, naming it, not when the loop first reaches for it.
     """
     from omegaconf import OmegaConf
 
@@ -158,7 +162,22 @@ def instantiate(group: str, node: Any, **kwargs: Any) -> Any:
             f"{group} plugin {info.name!r} has no field(s) {unknown}; its fields: {sorted(fields)}"
         )
     cfg = info.cls.Config(**values)
-    return info.cls(cfg, **kwargs)
+    plugin = info.cls(cfg, **kwargs)
+    protocol = PROTOCOLS.get(group)
+    if protocol is not None and not isinstance(plugin, protocol):
+        missing = [m for m in protocol_members(protocol) if not hasattr(plugin, m)]
+        raise PluginError(
+            f"{group} plugin {info.name!r} ({info.target}) lacks {', '.join(missing)}, which the "
+            f"{protocol.__name__} protocol declares (rlhf/contracts/interfaces.py); add them"
+        )
+    return plugin
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The attributes and methods a Protocol declares (its own, in order)."""
+    names = list(getattr(protocol, "__annotations__", {}))
+    names += [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_") and n not in names]
+    return names
 
 
 def _names(group: str) -> str:

@@ -6,7 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from rlhf.config import DataConfig
+from rlhf.contracts.schema import DataConfig
+
+MAX_PROMPT_TOKENS = 64  # prompts are cut to this before the sampler cuts a query out of them
 
 # The embedded prompts come from seeds of their own, apart from the build's and the run's,
 # so runs with different seeds are evaluated on the same held-out prompts.
@@ -24,7 +26,7 @@ def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
         train = [t for t, _ in reviews(cfg.n_train, EMBEDDED_TRAIN_SEED)]
         held_out = [t for t, _ in reviews(cfg.n_eval, EMBEDDED_EVAL_SEED)]
     elif Path(cfg.prompts).suffix in (".txt", ".jsonl", ".json"):
-        texts = _read_file(Path(cfg.prompts), cfg.text_field)
+        texts = read_prompt_file(Path(cfg.prompts), cfg.text_field)
         held_out, train = texts[: cfg.n_eval], texts[cfg.n_eval : cfg.n_eval + cfg.n_train]
     else:
         train, held_out = _read_hub(cfg)
@@ -37,7 +39,7 @@ def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return train, held_out
 
 
-def _read_file(path: Path, field: str) -> list[str]:
+def read_prompt_file(path: Path, field: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"data.prompts: no such file {path}")
     lines = path.read_text().splitlines()
@@ -67,6 +69,11 @@ def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
     else:
         held_out, train = train[: cfg.n_eval], train[cfg.n_eval :]
     return list(train[: cfg.n_train]), list(held_out)
+
+
+def tokenize_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, cut to MAX_PROMPT_TOKENS, no special tokens added."""
+    return tokenizer(texts, add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
 
 
 class Shuffled:

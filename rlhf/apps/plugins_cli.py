@@ -8,7 +8,7 @@ import inspect
 import re
 from typing import Any
 
-from rlhf import registry
+from rlhf.contracts import registry
 
 _FIELD = re.compile(r"^\s*(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-DIR = "checkpoints"
+from rlhf.core.rundir import CHECKPOINTS as DIR
+
 MANIFEST = "checkpoint.json"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"

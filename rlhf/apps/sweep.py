@@ -12,6 +12,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from rlhf.core import rundir
+
 _sweep: dict[str, Any] = {}
 
 
@@ -27,19 +29,17 @@ def report() -> int:
     """Print the sweep's outcome (if a sweep ran in this process); return how many runs failed."""
     if "dir" not in _sweep:
         return 0
-    from rlhf.train import ERROR_FILE
-
     root: Path = _sweep.pop("dir")
-    jobs = sorted((d for d in root.iterdir() if (d / ".hydra").is_dir()), key=lambda d: (len(d.name), d.name))
-    done = [d for d in jobs if (d / "summary.json").is_file()]
+    jobs = sorted((d for d in root.iterdir() if (d / rundir.HYDRA).is_dir()), key=lambda d: (len(d.name), d.name))
+    done = [d for d in jobs if (d / rundir.SUMMARY).is_file()]
     failed = [d for d in jobs if d not in done]
     print(f"sweep {root}: {len(jobs)} runs, {len(done)} completed, {len(failed)} failed")
     for d in failed:
-        overrides = (d / ".hydra" / "overrides.yaml").read_text().replace("\n- ", " ").lstrip("- ").strip()
-        where = d / ERROR_FILE if (d / ERROR_FILE).is_file() else d
+        overrides = (d / rundir.OVERRIDES).read_text().replace("\n- ", " ").lstrip("- ").strip()
+        where = d / rundir.ERROR if (d / rundir.ERROR).is_file() else d
         print(f"  FAILED {d.name}: {overrides}\n         traceback: {where} (and the job's log in {d})")
     if _sweep.pop("compare", False) and done:
-        from rlhf.compare import compare
+        from rlhf.apps.compare import compare
 
         compare([root])
     return len(failed)

@@ -6,7 +6,7 @@ by default started from the embedded SFT policy (as in Ouyang et al. 2022, where
 starts from the SFT model). The run directory gets `reward_model/` (safetensors,
 tokenizer, and optionally `normalization.json`: mean and std of its scores on samples of
 the reference policy, so the reward is mean 0, std 1 there) and `summary.json` with
-`pairwise_accuracy` on held-out pairs.
+`pairwise_accuracy` on held-out pairs. Shares `conf/` with rlhf-train.
 """
 
 from __future__ import annotations
@@ -14,83 +14,26 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 import torch.nn.functional as F
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import DataConfig
-from rlhf.data import Shuffled
-from rlhf.policy import PolicyConfig
-
-NORMALIZATION_FILE = "normalization.json"
-MAX_TOKENS = 128
-
-
-@dataclass
-class RMSettings:
-    base: str = "embedded"  # model to start from: "embedded" (the SFT policy), a hub name or a local dir
-    steps: int = 100  # optimizer steps
-    batch_size: int = 32  # pairs per step
-    lr: float = 1e-3  # AdamW learning rate (the whole model is trained)
-    eval_every: int = 50  # held-out pairwise accuracy every N steps (and at the end)
-    normalize: bool = True  # store mean/std of scores on reference samples; reward=learned_rm applies them
-    normalize_samples: int = 256  # reference samples for those statistics
-    trust_remote_code: bool = False  # run model code shipped with a hub repo
-
-
-@dataclass
-class RMRunConfig:
-    seed: int = 0  # seeds python and torch
-    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampler: Any = MISSING
-    rm: RMSettings = field(default_factory=RMSettings)
-
-
-def store_schema() -> None:
-    ConfigStore.instance().store(name="rlhf_rm_schema", node=RMRunConfig)
-
-
-def text_of(prompt: str, response: str) -> str:
-    """How a (prompt, response) is shown to the reward model, in training and in scoring."""
-    return f"{prompt} {response}"
-
-
-def load_reward_model(path: str, device: torch.device | str, trust_remote_code: bool = False, **kwargs):
-    """(model, tokenizer), right padding; `num_labels=1` starts a new one-logit head on a base."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    if tokenizer.pad_token_id is None:  # GPT-2 style: pad with EOS; the head reads the last real token
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "right"
-    return model.to(device), tokenizer
-
-
-def rm_scores(model, tokenizer, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    out = []
-    device = next(model.parameters()).device
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        out.append(model(**enc.to(device)).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-@torch.no_grad()
-def pairwise_accuracy(model, tokenizer, pairs) -> float:
-    model.eval()
-    chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen) for p in pairs])
-    rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected) for p in pairs])
-    return (chosen > rejected).float().mean().item()
+from rlhf.contracts import registry, schema
+from rlhf.contracts.checks import require
+from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
+from rlhf.core import rollout, rundir
+from rlhf.core.data import Shuffled, load_prompts, tokenize_prompts
+from rlhf.core.distributed import pick_device
+from rlhf.core.optim import gradient_step
+from rlhf.core.pairs import load_pairs
+from rlhf.core.policy import Policy
+from rlhf.core.reward_model import load_reward_model, pairwise_accuracy, rm_scores, text_of
+from rlhf.core.rundir import RunRecorder
 
 
 def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -98,17 +41,12 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    from rlhf import registry
-    from rlhf.preferences import load_pairs
-    from rlhf.optim import gradient_step
-    from rlhf.distributed import pick_device
-    from rlhf.trainer import RunRecorder
-
     hf_logging.disable_progress_bar()
     t0 = time.time()
     s: RMSettings = OmegaConf.to_object(cfg.rm)
-    if s.steps < 1 or s.batch_size < 1 or s.lr <= 0 or s.eval_every < 1:
-        raise ValueError(f"rm: steps, batch_size and eval_every must be >= 1 and lr > 0, got {s}")
+    require("rm", [(f"rm.{key}", getattr(s, key), getattr(s, key) >= 1, "at least 1")
+                   for key in ("steps", "batch_size", "eval_every", "normalize_samples")]
+            + [("rm.lr", s.lr, s.lr > 0, "> 0")])
     sampler = registry.instantiate("sampler", cfg.sampler)  # cheap, and checks its settings early
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -145,7 +83,7 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             log({"eval/pairwise_accuracy": accuracy}, step)
     bar.close()
 
-    out = run_dir / "reward_model"
+    out = run_dir / rundir.REWARD_MODEL
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -160,15 +98,11 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 @torch.no_grad()
 def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) -> dict[str, float]:
     """Mean and std of the RM's scores on samples of the reference policy."""
-    from rlhf import rollout
-    from rlhf.data import load_prompts
-    from rlhf.policy import LoraSettings, Policy
-
     policy_cfg: PolicyConfig = OmegaConf.to_object(cfg.policy)
     policy_cfg.lora = LoraSettings(enabled=True)  # adapters at init: exactly the reference
     policy = Policy.load(policy_cfg, device)
     prompts, _ = load_prompts(cfg.data)
-    ids = policy.tokenizer(prompts[:n], add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
+    ids = tokenize_prompts(policy.tokenizer, prompts[:n])
     queries = sampler.sample(ids, random.Random(cfg.seed))
     texts = []
     for i in range(0, len(queries), 64):
@@ -176,5 +110,25 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
         texts += [text_of(a, b) for a, b in zip(*rollout.decode(policy, g.input_ids, g.attention_mask, g.query_len))]
     scores = rm_scores(model, tokenizer, texts)
     stats = {"mean": scores.mean().item(), "std": scores.std().item(), "samples": len(texts)}
-    (out / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    (out / rundir.NORMALIZATION).write_text(json.dumps(stats, indent=2) + "\n")
     return {"reference_mean": stats["mean"], "reference_std": stats["std"]}
+
+
+@hydra.main(config_path="pkg://rlhf.conf", config_name="train_rm", version_base="1.3")
+def _train_rm(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    s = train_reward_model(cfg, run_dir)
+    print(f"held-out pairwise accuracy   {s['pairwise_accuracy']:.3f}  ({s['held_out_pairs']} pairs)")
+    print(f"reward model                 {s['reward_model']}")
+    print(f"use it with                  rlhf-train reward=learned_rm reward.path={run_dir}")
+    return s["pairwise_accuracy"]
+
+
+def main() -> None:
+    registry.discover()
+    schema.store()
+    _train_rm()
+
+
+if __name__ == "__main__":
+    main()

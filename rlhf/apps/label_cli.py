@@ -9,8 +9,8 @@ import textwrap
 import hydra
 from omegaconf import DictConfig
 
-from rlhf import registry
-from rlhf.label import PreferenceFileError, Session, agreement_line, build_session, next_steps, store_schema
+from rlhf.apps.label import PreferenceFileError, Session, agreement_line, build_session, next_steps
+from rlhf.contracts import registry, schema
 
 TERMINAL_KEYS = {"1": "left", "l": "left", "left": "left", "2": "right", "r": "right", "right": "right",
                  "t": "tie", "tie": "tie", "s": "skip", "skip": "skip"}
@@ -64,7 +64,7 @@ def check_port(host: str, port: int) -> None:
                          "choose another with label.port=<n> (0 picks a free one)") from None
 
 
-@hydra.main(config_path="conf", config_name="label", version_base="1.3")
+@hydra.main(config_path="pkg://rlhf.conf", config_name="label", version_base="1.3")
 def _label(cfg: DictConfig) -> None:
     if cfg.label.mode == "web":
         check_port(cfg.label.host, cfg.label.port)
@@ -80,7 +80,7 @@ def _label(cfg: DictConfig) -> None:
     if cfg.label.mode == "terminal":
         run_terminal(session, out)
         return
-    from rlhf.label_web import make_app, serve
+    from rlhf.apps.label_web import make_app, serve
 
     app = make_app(session, out, next_steps(out), agreement_line)
     announce = lambda url: print(f"label in your browser: {url}   (Ctrl-C stops; answers are saved as you go)", flush=True)  # noqa: E731
@@ -96,7 +96,7 @@ def _label(cfg: DictConfig) -> None:
 
 def main() -> None:
     registry.discover()
-    store_schema()
+    schema.store()
     _label()
 
 

@@ -9,32 +9,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from rlhf import numerics
-
-
-@dataclass
-class LoraSettings:
-    enabled: bool = True  # false: full fine-tuning, reference is a frozen copy (2x memory)
-    r: int = 8  # adapter rank
-    alpha: int = 16  # scaling is alpha / r
-    dropout: float = 0.0  # dropout on the adapter input (0 keeps PPO ratios exact)
-    target_modules: Optional[list[str]] = None  # null: peft's default for the architecture
-
-
-@dataclass
-class PolicyConfig:
-    path: str = "embedded"  # hub name, local directory, "embedded" (built offline) or "toy" (the exact toy problem)
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
-    trust_remote_code: bool = False  # run model code shipped with a hub repo; off for safety
-    dtype: str = "float32"  # float32, bfloat16 or float16
-    lora: LoraSettings = field(default_factory=LoraSettings)
+from rlhf.contracts.schema import LoraSettings, PolicyConfig
+from rlhf.core import rundir
 
 
 def resolve_path(path: str) -> str:
@@ -81,9 +63,9 @@ class Policy:
         from omegaconf import OmegaConf
 
         path = Path(cfg.path).expanduser()
-        adapters = path / "final" if (path / ".hydra" / "config.yaml").is_file() else path
+        adapters = path / rundir.FINAL if rundir.is_run(path) else path
         if not (adapters / "adapter_config.json").is_file():
-            if (path / ".hydra" / "config.yaml").is_file():
+            if rundir.is_run(path):
                 raise FileNotFoundError(f"policy.path={path}: a run directory without final/adapter_config.json "
                                         "(did the run finish with train.save_final=true, and with LoRA?)")
             return cls.load(cfg, device)
@@ -93,7 +75,7 @@ class Policy:
             base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
             base_cfg = PolicyConfig(path=base, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         else:
-            recorded = OmegaConf.load(path / ".hydra" / "config.yaml").policy
+            recorded = OmegaConf.load(path / rundir.CONFIG).policy
             base_cfg = PolicyConfig(path=recorded.path, revision=recorded.get("revision"), dtype=cfg.dtype,
                                     trust_remote_code=recorded.get("trust_remote_code", False))
         model, tokenizer = _from_pretrained(base_cfg)
@@ -112,7 +94,8 @@ class Policy:
                 task_type="CAUSAL_LM",
             )
             with warnings.catch_warnings():  # library chatter, not the user's concern:
-                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")  # GPT-2: Conv1D and a Linear lm_head, set per layer
+                # GPT-2: Conv1D and a Linear lm_head, set per layer
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
                 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
                 # an adapter on a tied lm_head (the toy preset) adapts the output side only; we never merge
                 warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
@@ -219,12 +202,6 @@ class Policy:
         else:
             with self.model.disable_adapter():
                 yield self.model
-
-    def logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, temperature: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits, values = self.forward(input_ids, attention_mask, query_len)
-        return numerics.logprobs_of(logits, input_ids[:, query_len:], temperature), values
 
     # ---------------------------------------------------------------- saving
 

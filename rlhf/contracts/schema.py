@@ -1,0 +1,193 @@
+"""Every typed config schema, and `compose`.
+
+The schemas of rlhf-train (`rlhf_schema`), rlhf-train-rm (`rlhf_rm_schema`) and
+rlhf-label (`rlhf_label_schema`) are stored in Hydra's ConfigStore and listed first in
+their `conf/*.yaml`, so every YAML file and command-line override is checked against
+them: a typo such as `train.stpes=5` or `train.steps=five` fails at composition, before
+any model loads. Plugin groups (optimizer, reward, sampler, logger) are typed by their
+plugins' dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from rlhf.contracts.checks import require
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True  # false: full fine-tuning, reference is a frozen copy (2x memory)
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scaling is alpha / r
+    dropout: float = 0.0  # dropout on the adapter input (0 keeps PPO ratios exact)
+    target_modules: Optional[list[str]] = None  # null: peft's default for the architecture
+
+
+@dataclass
+class PolicyConfig:
+    path: str = "embedded"  # hub name, local directory, "embedded" (built offline) or "toy" (the exact toy problem)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # run model code shipped with a hub repo; off for safety
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "embedded"  # "embedded", a local .txt/.jsonl/.json file, or a hub dataset name
+    prompt_list: list[str] = field(default_factory=list)  # inline prompts for training and evaluation (overrides prompts)
+    text_field: str = "text"  # column holding the text (jsonl/json files and hub datasets)
+    split: str = "train"  # hub dataset split for training prompts
+    eval_split: Optional[str] = None  # hub split for held-out prompts; null: hold out from `split`
+    n_train: int = 2000  # training prompts / pairs (embedded: generated; otherwise the first n)
+    n_eval: int = 64  # held-out prompts / pairs for evaluation
+    pairs: str = "embedded"  # "embedded", a .json/.jsonl/.parquet file, a hub dataset, or "bradley_terry" (see README)
+    prompt_field: str = "prompt"  # pair files: column of the prompt
+    chosen_field: str = "chosen"  # pair files: column of the preferred response
+    rejected_field: str = "rejected"  # pair files: column of the other response
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60  # optimizer steps, each on one freshly collected batch
+    batch_size: int = 32  # prompts (rollouts) per step
+    save_final: bool = True  # save adapters + value head (safetensors) to <run>/final
+    lr_schedule: str = "constant"  # constant, or linear: the optimizer's lr decays to 0 over train.steps
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20  # evaluate every N steps (and always before the first and after the last)
+    samples: int = 8  # generations saved to <run>/samples/step_<N>.jsonl per evaluation
+    seed: int = 1234  # sampling seed of evaluation, fixed so evaluations are comparable
+    judges: list[str] = field(default_factory=list)  # extra reward plugins scoring the samples, e.g. [lexicon]
+    kl_to_optimum: bool = False  # one-token problems: exact KL(pi || pi*) to the closed-form optimum
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 20  # write a checkpoint every N steps (and always at the last); 0: only at the last
+    keep: int = 2  # complete checkpoints kept, newest first
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # seeds python, numpy and torch; the default build is independent of it
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1, mps
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (also on CPU)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Optional[str] = None  # a run directory: continue it from its newest complete checkpoint, in place
+    resume_force: bool = False  # resume even though settings that change the result differ (they are listed)
+    optimizer: Any = MISSING
+    reward: Any = MISSING
+    sampler: Any = MISSING
+    logger: Any = field(default_factory=dict)
+
+
+@dataclass
+class RMSettings:
+    base: str = "embedded"  # model to start from: "embedded" (the SFT policy), a hub name or a local dir
+    steps: int = 100  # optimizer steps
+    batch_size: int = 32  # pairs per step
+    lr: float = 1e-3  # AdamW learning rate (the whole model is trained)
+    eval_every: int = 50  # held-out pairwise accuracy every N steps (and at the end)
+    normalize: bool = True  # store mean/std of scores on reference samples; reward=learned_rm applies them
+    normalize_samples: int = 256  # reference samples for those statistics
+    trust_remote_code: bool = False  # run model code shipped with a hub repo
+
+
+@dataclass
+class RMRunConfig:
+    """rlhf-train-rm (`conf/train_rm.yaml`)."""
+
+    seed: int = 0  # seeds python and torch
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: Any = MISSING
+    rm: RMSettings = field(default_factory=RMSettings)
+
+
+@dataclass
+class LabelSettings:
+    pairs: int = 20  # pairs in this labelling session's file (answered ones count, skips included)
+    out: str = "preferences.jsonl"  # the JSONL file answers are appended to (relative to where you run)
+    mode: str = "web"  # web: a page on localhost; terminal: questions in this terminal
+    host: str = "127.0.0.1"  # web: the address served (localhost only by default)
+    port: int = 8765  # web: the port; 0 picks a free one (printed)
+    who: str = "${oc.env:USER,anonymous}"  # the labeller's name, recorded with every answer
+    seed: int = 0  # fixes the order of prompts and the samples of every pair number
+    exit_when_done: bool = True  # web: stop the server once the last pair is answered
+
+
+@dataclass
+class LabelRunConfig:
+    """rlhf-label (`conf/label.yaml`)."""
+
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: Any = MISSING
+    reward: Any = None  # optional: a reward source whose agreement with the person is shown
+    label: LabelSettings = field(default_factory=LabelSettings)
+
+
+def store() -> None:
+    """Every command's schema into Hydra's ConfigStore (each config file names its own)."""
+    cs = ConfigStore.instance()
+    cs.store(name="rlhf_schema", node=RunConfig)
+    cs.store(name="rlhf_rm_schema", node=RMRunConfig)
+    cs.store(name="rlhf_label_schema", node=LabelRunConfig)
+
+
+def validate(cfg: Any) -> None:
+    """Missing values and range checks Hydra's types cannot express; run before any model loads."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(
+            f"missing mandatory value{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
+            f"set {'them' if len(missing) > 1 else 'it'} on the command line, e.g. {missing[0]}=<value>"
+        )
+    require("config", [
+        ("train.steps", cfg.train.steps, cfg.train.steps >= 1, "at least 1"),
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "at least 1"),
+        ("eval.every", cfg.eval.every, cfg.eval.every >= 1, "at least 1"),
+        ("eval.samples", cfg.eval.samples, cfg.eval.samples >= 0, "0 or more"),
+        ("data.n_train", cfg.data.n_train, cfg.data.n_train >= 1, "at least 1"),
+        ("data.n_eval", cfg.data.n_eval, cfg.data.n_eval >= 1, "at least 1"),
+        ("policy.lora.r", cfg.policy.lora.r, cfg.policy.lora.r >= 1, "at least 1"),
+        ("policy.lora.dropout", cfg.policy.lora.dropout, 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
+        ("precision", cfg.precision, cfg.precision in ("auto", "fp32", "bf16"),
+         "auto, fp32 or bf16 (fp16 would need loss scaling)"),
+        ("policy.dtype", cfg.policy.dtype, cfg.policy.dtype in ("float32", "bfloat16", "float16"),
+         "float32, bfloat16 or float16"),
+        ("train.lr_schedule", cfg.train.lr_schedule, cfg.train.lr_schedule in ("constant", "linear"), "constant or linear"),
+        ("checkpoint.every", cfg.checkpoint.every, cfg.checkpoint.every >= 0, "0 or more"),
+        ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 1, "at least 1"),
+    ])
+
+
+def compose(overrides: list[str], config_name: str = "config") -> Any:
+    """The config exactly as `rlhf-train` (or `rlhf-train-rm`, `rlhf-label`) composes it
+    from these overrides, through Hydra's compose API (plugins discovered first)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from rlhf.contracts import registry
+
+    registry.discover()
+    store()
+    with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,127 @@
+"""Preference pairs (prompt, chosen, rejected): loading, batching, reference log-probs.
+
+Pairs come from the embedded generator, a local JSON/JSONL/Parquet file, or a hub
+dataset. The batch sources `preference_pairs` and `sampled_pairs` (rlhf.core.sources)
+turn them, or two policy samples per prompt, into `PairBatch`es.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rlhf.contracts.schema import DataConfig
+from rlhf.core import numerics
+from rlhf.core.policy import Policy
+
+EMBEDDED_PAIRS_TRAIN_SEED, EMBEDDED_PAIRS_EVAL_SEED = 20_001, 20_002
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    row: int = field(default=-1, compare=False)  # its row in the file it came from, for error messages
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
+    """(training pairs, held-out pairs)."""
+    if cfg.pairs == "embedded":
+        from rlhf.embedded.corpus import preference_pairs
+
+        train = [Pair(*p) for p in preference_pairs(cfg.n_train, EMBEDDED_PAIRS_TRAIN_SEED)]
+        held_out = [Pair(*p) for p in preference_pairs(cfg.n_eval, EMBEDDED_PAIRS_EVAL_SEED)]
+        return train, held_out
+    if Path(cfg.pairs).suffix in (".json", ".jsonl", ".parquet"):
+        rows, where = _read_rows(Path(cfg.pairs)), cfg.pairs
+    else:
+        rows, where = _read_hub(cfg), f"hub dataset {cfg.pairs}"
+    # rlhf-label's files also record ties and skips: they are answers, not preferences
+    pairs = [_pair(row, i, cfg, where) for i, row in enumerate(rows)
+             if not (isinstance(row, dict) and row.get("label") in ("tie", "skip"))]
+    if len(pairs) <= cfg.n_eval:
+        raise ValueError(f"{where}: {len(pairs)} pairs, need more than data.n_eval={cfg.n_eval}")
+    return pairs[cfg.n_eval : cfg.n_eval + cfg.n_train], pairs[: cfg.n_eval]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.pairs: no such file {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from e
+    return rows
+
+
+def _read_hub(cfg: DataConfig) -> list[dict]:
+    import datasets
+
+    return list(datasets.load_dataset(cfg.pairs, split=cfg.split))
+
+
+def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
+    fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    values = [row.get(f) if isinstance(row, dict) else None for f in fields]
+    for name, value in zip(fields, values):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: row {i} has no string field {name!r} (fields: data.*_field)")
+    if not values[1].strip() or not values[2].strip():
+        raise ValueError(f"{where}: row {i} has an empty chosen or rejected response")
+    return Pair(*values, row=i)
+
+
+# ------------------------------------------------------------------------ batching
+
+
+def pair_batch(
+    policy: Policy, queries: Sequence[list[int]], chosen: Sequence[list[int]], rejected: Sequence[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Token lists -> (input_ids (2B, L), attention_mask, Q, response mask (2B, L - Q)).
+
+    Rows [0, B) are the chosen responses and [B, 2B) the rejected ones, each row its query
+    followed directly by its response, right-padded: one forward pass scores both, and a
+    batch is as wide as its longest query + response, not its longest query plus its
+    longest response (16% fewer positions on the embedded pairs). Q is the shortest query,
+    so every response token lies at or after column Q; `mask` marks them.
+    """
+    rows = [list(q) + list(r) for q, r in zip(list(queries) * 2, list(chosen) + list(rejected))]
+    starts = [len(q) for q in list(queries) * 2]
+    if min(starts) == 0:
+        raise ValueError("preference pairs: a prompt is empty after tokenisation; the first response token needs a context")
+    width, q = max(len(r) for r in rows), min(starts)
+    ids = torch.full((len(rows), width), policy.tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[i, : len(row)] = 1
+    mask = attn.clone()
+    for i, start in enumerate(starts):
+        mask[i, :start] = 0  # the query's own tokens are not scored
+    return ids.to(policy.device), attn.to(policy.device), q, mask[:, q:].to(policy.device)
+
+
+@torch.no_grad()
+def reference_logps(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, q: int,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """Sum of reference log-probs over each row's response tokens. (2B,)"""
+    logits = policy.reference_logits(input_ids, attention_mask, q)
+    return (numerics.logprobs_of(logits, input_ids[:, q:]) * mask).sum(1)

@@ -1,0 +1,47 @@
+"""Reward models: how one is loaded, what text it reads, and its scores. Trained by
+`rlhf-train-rm` (rlhf.apps.train_rm); read, frozen, by the `learned_rm` reward plugin.
+
+A reward model is an AutoModelForSequenceClassification with one label that reads
+`text_of(prompt, response)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_TOKENS = 128  # a (prompt, response) text is cut to this many tokens
+
+
+def text_of(prompt: str, response: str) -> str:
+    """How a (prompt, response) is shown to the reward model, in training and in scoring."""
+    return f"{prompt} {response}"
+
+
+def load_reward_model(path: str, device: torch.device | str, trust_remote_code: bool = False, **kwargs):
+    """(model, tokenizer), right padding; `num_labels=1` starts a new one-logit head on a base."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer.pad_token_id is None:  # GPT-2 style: pad with EOS; the head reads the last real token
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    return model.to(device), tokenizer
+
+
+def rm_scores(model, tokenizer, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        out.append(model(**enc.to(device)).logits[:, 0].float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, pairs) -> float:
+    model.eval()
+    chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen) for p in pairs])
+    rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected) for p in pairs])
+    return (chosen > rejected).float().mean().item()

@@ -1,0 +1,118 @@
+"""`preference_pairs`: offline DPO's batches, fixed pairs from the data in shuffled passes."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from rlhf.contracts.interfaces import PairBatch, RewardSource
+from rlhf.core import distributed
+from rlhf.core.data import MAX_PROMPT_TOKENS, Shuffled
+from rlhf.core.pairs import Pair, load_pairs, pair_batch, reference_logps
+from rlhf.core.policy import Policy
+from rlhf.core.sources import SourceContext, source
+
+
+@source("preference_pairs")
+class OfflinePairs:
+    """Shuffled passes over a fixed pair set; each pair's reference log-probs computed once."""
+
+    def __init__(self, policy: Policy, pairs: list[Pair], prompts, chosen, rejected, seed: int, preference=None):
+        self.policy, self.pairs = policy, pairs
+        self.prompts, self.chosen, self.rejected = prompts, chosen, rejected  # token lists per pair
+        self.preference = preference  # P(chosen preferred) per pair, or None for hard labels
+        self.ref_cache: dict[int, tuple[float, float]] = {}
+        self.order = Shuffled(len(pairs), random.Random(seed))
+
+    @classmethod
+    def from_context(cls, ctx: SourceContext) -> OfflinePairs:
+        """The data's pairs (data.pairs), or Bradley-Terry-labelled token pairs for one-token problems."""
+        if ctx.data.pairs == "bradley_terry":
+            return bradley_terry_pairs(ctx.policy, ctx.reward, ctx.prompts, ctx.data.n_train, ctx.seed)
+        pairs, _ = load_pairs(ctx.data)
+        return cls.from_text(ctx.policy, pairs, MAX_PROMPT_TOKENS, ctx.seed, where=ctx.data.pairs)
+
+    @classmethod
+    def from_text(cls, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int,
+                  where: str = "preference pairs") -> OfflinePairs:
+        tok = policy.tokenizer
+        enc = lambda texts, **kw: tok(texts, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []  # the policy learns to stop
+        prompts = enc([p.prompt for p in pairs], truncation=True, max_length=max_prompt_tokens)
+        chosen = [ids + eos for ids in enc([p.chosen for p in pairs])]
+        rejected = [ids + eos for ids in enc([p.rejected for p in pairs])]
+        limit = policy.context_length
+        for i, (pair, p, c, r) in enumerate(zip(pairs, prompts, chosen, rejected)):
+            row = f"{where}: row {pair.row if pair.row >= 0 else i}"
+            if not p:
+                raise ValueError(f"{row} has an empty prompt; the first response token needs a context")
+            if limit is not None and len(p) + max(len(c), len(r)) > limit:
+                raise ValueError(
+                    f"{row} is {len(p) + max(len(c), len(r))} tokens (prompt + the longer response), more than the "
+                    f"model's context of {limit}; shorten or drop it"
+                )
+        return cls(policy, pairs, prompts, chosen, rejected, seed)
+
+    def state_dict(self) -> dict:
+        """The data position and the cached reference log-probs (recomputing them in other
+        batches could differ in the last bit), every data-parallel rank's."""
+        cache = {k: v for part in distributed.gather_objects(self.ref_cache) for k, v in part.items()}
+        return {"order": self.order.state_dict(), "ref_cache": {str(k): list(v) for k, v in cache.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state["order"])
+        self.ref_cache = {int(k): tuple(v) for k, v in state["ref_cache"].items()}
+
+    def head_metrics(self, batch: PairBatch) -> dict[str, float]:
+        return {}  # fixed data: nothing about the batch itself changes as the policy trains
+
+    def problem(self, batch: PairBatch) -> str:
+        return ""  # no scores: the reference log-probs are the only numbers, and the loss guards them
+
+    def next(self, batch_size: int) -> PairBatch:
+        idx = self.order.take(batch_size)  # the whole batch, the same on every rank
+        start, stop = distributed.shard(len(idx))
+        idx = idx[start:stop]  # this rank's pairs
+        ids, attn, q, mask = pair_batch(
+            self.policy, [self.prompts[i] for i in idx], [self.chosen[i] for i in idx], [self.rejected[i] for i in idx]
+        )
+        B = len(idx)
+        missing = [j for j, i in enumerate(idx) if i not in self.ref_cache]
+        if missing:  # only the pairs never seen before go through the reference
+            rows = torch.tensor(missing + [j + B for j in missing], device=ids.device)
+            ref = reference_logps(self.policy, ids[rows], attn[rows], q, mask[rows].float()).tolist()
+            for k, j in enumerate(missing):
+                self.ref_cache[idx[j]] = (ref[k], ref[k + len(missing)])
+        ref_logps = torch.tensor(
+            [self.ref_cache[i][0] for i in idx] + [self.ref_cache[i][1] for i in idx], device=ids.device
+        )
+        pairs = [self.pairs[i] for i in idx]
+        return PairBatch(
+            input_ids=ids, attention_mask=attn, query_len=q, mask=mask.float(), ref_logps=ref_logps,
+            queries=[p.prompt for p in pairs], chosen=[p.chosen for p in pairs], rejected=[p.rejected for p in pairs],
+            preference=None if self.preference is None else torch.tensor([self.preference[i] for i in idx], device=ids.device),
+        )
+
+
+@torch.no_grad()
+def bradley_terry_pairs(
+    policy: Policy, reward: RewardSource, prompts: list[list[int]], n: int, seed: int
+) -> OfflinePairs:
+    """For one-token problems: n pairs of two distinct vocabulary tokens drawn uniformly,
+    labelled by the Bradley-Terry model of the reward, P(y1 preferred) = sigma(r(x, y1) -
+    r(x, y2)), as a soft label: the DPO loss then takes the expectation over the label
+    instead of one coin flip per pair, and its minimiser is exactly the optimum pi*."""
+    rng = random.Random(seed)
+    tok = policy.tokenizer
+    text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    rows, q_ids, c_ids, r_ids, preference = [], [], [], [], []
+    for i in range(n):
+        x = prompts[i % len(prompts)]
+        y1, y2 = rng.sample(range(len(tok)), 2)
+        r1, r2 = reward.score([text(x)] * 2, [text([y1]), text([y2])]).tolist()
+        rows.append(Pair(text(x), text([y1]), text([y2])))
+        q_ids.append(list(x)), c_ids.append([y1]), r_ids.append([y2])
+        preference.append(1 / (1 + math.exp(-(r1 - r2))))
+    return OfflinePairs(policy, rows, q_ids, c_ids, r_ids, seed, preference)

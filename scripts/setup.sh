@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what is missing, and nothing else: a virtual environment in .venv, the CPU build
+# of torch 2.13.0 (first: a bare `torch` would pull a CUDA build of several GB), then this
+# project in editable mode. With --test: the test extras, and Debian's Chromium for the
+# browser tests (they are skipped, saying so, where it cannot be installed).
+# Sourced by scripts/main.sh and scripts/test.sh; leaves .venv activated.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extras=""
+if [[ "${1:-}" == "--test" ]]; then
+  extras="[test]"
+  if ! command -v chromium >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "chromium could not be installed: the browser tests will be skipped"
+  fi
+fi
+
+[[ -x "$ROOT/.venv/bin/python" ]] || python3 -m venv "$ROOT/.venv"
+. "$ROOT/.venv/bin/activate"
+if ! python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  pip install -q torch==2.13.0
+fi
+# the project, again only when pyproject.toml (or the extras asked for) changed since the last install
+stamp="$ROOT/.venv/.rlhf-installed$( [[ -n "$extras" ]] && echo -test )-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [[ ! -f "$stamp" ]]; then
+  pip install -q -e "$ROOT$extras"
+  touch "$stamp"
+fi

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The lint and the test suite, after installing what is missing (CI runs exactly this):
+#   bash scripts/test.sh                      # ruff, then every test
+#   bash scripts/test.sh tests/test_layout.py # ruff, then the tests named (any pytest arguments)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh --test
+ruff check .
+pytest "$@"
