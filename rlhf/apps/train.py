@@ -42,7 +42,7 @@ def sweep_keys(sweep_dir: Path, sweeper_params) -> set[str]:
 
     keys = set(sweeper_params.keys())
     try:
-        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        task = OmegaConf.load(sweep_dir / rundir.SWEEP_RECORD).hydra.overrides.task
     except (OSError, AttributeError):
         return keys
     parsed = OverridesParser.create().parse_overrides(list(task))

@@ -10,6 +10,7 @@
         final/                  the trained adapters (or weights), value head and tokenizer
         error.txt               the traceback of a run that raised
     <rm run>/reward_model/      a reward model of rlhf-train-rm, and its normalization.json
+    <sweep>/multirun.yaml       a sweep's config and overrides (Hydra), beside its runs
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ FINAL = "final"
 ERROR = "error.txt"
 REWARD_MODEL = "reward_model"
 NORMALIZATION = "normalization.json"
+SWEEP_RECORD = "multirun.yaml"
 
 
 def is_run(path: Path) -> bool:
