@@ -84,7 +84,7 @@ class GRPO:
         stats: dict[str, list[torch.Tensor]] = {}
         self.policy.train()
         for _ in range(c.epochs):
-            for idx in torch.randperm(B, device=r.mask.device).split(max(1, B // c.num_minibatches)):
+            for idx in rollout.minibatch_indices(B, c.num_minibatches, r.mask.device):
                 mb, _ = rollout.minibatch(r, idx)  # (b, T_mb)
                 m = mb.mask
                 logits, _ = self.policy.forward(mb.input_ids, mb.attention_mask, mb.query_len, with_values=False)

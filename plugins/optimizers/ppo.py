@@ -78,12 +78,11 @@ class PPO:
         kl, advantages, returns = self.shaping(r)  # (B, T) each
 
         B = r.input_ids.shape[0]
-        mb_size = max(1, B // c.num_minibatches)
         stats: dict[str, list[torch.Tensor]] = {}
         skipped = 0
         self.policy.train()
         for epoch in range(c.ppo_epochs):
-            for idx in torch.randperm(B, device=mask.device).split(mb_size):
+            for idx in rollout.minibatch_indices(B, c.num_minibatches, mask.device):
                 mb, t = rollout.minibatch(r, idx, advantages=advantages, returns=returns)  # (b, T_mb) each
                 m = mb.mask
                 logits, vpred = self.policy.forward(mb.input_ids, mb.attention_mask, mb.query_len)

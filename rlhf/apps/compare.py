@@ -13,6 +13,7 @@ import argparse
 import base64
 import html
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,6 @@ class Run:
         return f"{name} online" if self.config.get("optimizer.online") else name
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def find_runs(paths: list[Path]) -> list[Run]:
     from omegaconf import OmegaConf
 
@@ -59,10 +51,22 @@ def find_runs(paths: list[Path]) -> list[Run]:
             d = summary.parent
             if not rundir.is_run(d):
                 continue
-            config = flatten(OmegaConf.to_container(OmegaConf.load(d / rundir.CONFIG), resolve=False))
+            try:  # one damaged run is named and left out; the others are still compared
+                config = rundir.flatten(OmegaConf.to_container(OmegaConf.load(d / rundir.CONFIG), resolve=False))
+                figures = json.loads(summary.read_text())
+            except Exception as e:
+                print(f"rlhf-compare: {d} left out: its {rundir.SUMMARY} or {rundir.CONFIG} cannot be read ({e})",
+                      file=sys.stderr)
+                continue
             metrics = d / rundir.METRICS
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
-            runs.append(Run(d, config, json.loads(summary.read_text()), [r for r in rows if "eval/reward" in r]))
+            rows: list[dict] = []
+            if metrics.is_file():
+                rows, problems = rundir.read_rows(metrics)
+                for problem in problems:
+                    print(f"rlhf-compare: {problem}", file=sys.stderr)
+            else:
+                print(f"rlhf-compare: {d} has no {rundir.METRICS}: in the table, not in the plots", file=sys.stderr)
+            runs.append(Run(d, config, figures, [r for r in rows if "eval/reward" in r and "eval/kl" in r]))
     return runs
 
 
@@ -100,7 +104,9 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _label(run: Run, fields: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={_fmt(run.config.get(k))}" for k in fields) or run.path.name
+    """A legend label; `$` escaped, or matplotlib would read a config value as mathtext."""
+    text = ", ".join(f"{k.split('.')[-1]}={_fmt(run.config.get(k))}" for k in fields) or run.path.name
+    return text.replace("$", r"\$")
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -123,11 +129,12 @@ def plots(runs: list[Run], out: Path) -> dict[str, Path]:
     files = {}
     several = len({r.optimizer for r in runs}) > 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
+    for r in (r for r in runs if r.evals):  # a run without a metrics log is in the table only
         label = f"{r.optimizer}: {_label(r, fields)}" if several else _label(r, fields)
         ax.plot([e["step"] for e in r.evals], [e["eval/reward"] for e in r.evals], marker="o", ms=3, label=label)
     ax.set(xlabel="step", ylabel="held-out reward", title="Held-out reward over training")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     files["reward_over_steps"] = out / "reward_over_steps.png"
     fig.tight_layout()
@@ -138,12 +145,13 @@ def plots(runs: list[Run], out: Path) -> dict[str, Path]:
     by_optimizer: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
         by_optimizer.setdefault(r.optimizer, []).extend((e["eval/kl"], e["eval/reward"]) for e in r.evals)
-    for i, (name, points) in enumerate(sorted(by_optimizer.items())):
+    for i, (name, points) in enumerate(sorted((k, v) for k, v in by_optimizer.items() if v)):
         color = f"C{i}"
         ax.scatter(*zip(*points), s=14, alpha=0.5, color=color)
         ax.plot(*zip(*frontier(points)), color=color, label=name)
     ax.set(xlabel="KL(pi || pi_ref), nats", ylabel="held-out reward", title="Reward-KL frontier (one point per evaluation)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(alpha=0.3)
     files["frontier"] = out / "frontier.png"
     fig.tight_layout()

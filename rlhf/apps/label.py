@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from rlhf.core import rollout
 from rlhf.core.data import load_prompts, read_prompt_file, tokenize_prompts
 from rlhf.core.distributed import pick_device
 from rlhf.core.policy import Policy
+from rlhf.core.rundir import RunLock
 
 CHOICES = ("left", "right", "tie", "skip")
 LABELS = {"left": "preferred", "right": "preferred", "tie": "tie", "skip": "skip"}
@@ -53,13 +55,31 @@ class PreferenceFile:
     def __init__(self, path: Path):
         self.path = path
         self.records: list[dict] = []
+        if path.is_dir():
+            raise PreferenceFileError(f"label.out={path} is a directory; name a file in it, e.g. "
+                                      f"label.out={path / 'preferences.jsonl'}")
         if path.exists():
             self.records = self._read()
+
+    def lock(self) -> RunLock:
+        """This process's alone while it labels: a second rlhf-label on the same file is
+        refused, naming the first (two would answer every pair twice)."""
+        return RunLock(self.path.with_name(self.path.name + ".lock"), f"preference file {self.path}").acquire()
 
     def _read(self) -> list[dict]:
         records = []
         fix = "fix or remove that line, or choose another file with label.out=<path>"
-        for n, line in enumerate(self.path.read_text().splitlines(), start=1):
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # the process died writing its last answer: that one is lost
+            warnings.warn(f"{self.path}: its last line was written only in part (a crash?) and is left out; "
+                          "that pair will be asked again", stacklevel=2)
+            data = data[: data.rfind(b"\n") + 1]
+            self._truncate_to(len(data))
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise PreferenceFileError(f"{self.path}: not UTF-8 text (byte {e.start}); {fix}") from None
+        for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -76,6 +96,11 @@ class PreferenceFile:
                                           f"{record['index']!r} (expected preferred/tie/skip and a number); {fix}")
             records.append(record)
         return records
+
+    def _truncate_to(self, size: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
 
     @property
     def answered(self) -> set[int]:
@@ -202,6 +227,7 @@ def build_session(cfg: DictConfig) -> Session:
     require("label", [("label.mode", label.mode, label.mode in ("web", "terminal"), "web or terminal"),
                       ("label.pairs", label.pairs, label.pairs >= 1, "at least 1")])
     file = PreferenceFile(Path(label.out).expanduser())  # a malformed file fails before any model loads
+    file.owner = file.lock()
     sampler = registry.instantiate("sampler", cfg.sampler)
     reward = registry.instantiate("reward", cfg.reward) if cfg.reward is not None else None
     if cfg.threads > 0:

@@ -9,8 +9,10 @@ import textwrap
 import hydra
 from omegaconf import DictConfig
 
+from rlhf.apps import hydra_guard
 from rlhf.apps.label import PreferenceFileError, Session, agreement_line, build_session, next_steps
 from rlhf.contracts import registry, schema
+from rlhf.core.rundir import RunDirBusy
 
 TERMINAL_KEYS = {"1": "left", "l": "left", "left": "left", "2": "right", "r": "right", "right": "right",
                  "t": "tie", "tie": "tie", "s": "skip", "skip": "skip"}
@@ -70,7 +72,7 @@ def _label(cfg: DictConfig) -> None:
         check_port(cfg.label.host, cfg.label.port)
     try:
         session = build_session(cfg)
-    except PreferenceFileError as e:
+    except (PreferenceFileError, RunDirBusy) as e:
         raise SystemExit(f"rlhf-label: {e}") from None
     out = cfg.label.out
     if session.next_index() is None:
@@ -97,6 +99,7 @@ def _label(cfg: DictConfig) -> None:
 def main() -> None:
     registry.discover()
     schema.store()
+    hydra_guard.install()
     _label()
 
 

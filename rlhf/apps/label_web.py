@@ -7,9 +7,12 @@ POST /api/answer    {"index": i, "choice": "left" | "right" | "tie" | "skip"}: r
                     (on disk) before the reply, which carries the next pair
 GET  /api/agreement how often the reward source agrees with the answers so far
 
-The server is single-threaded: requests are handled one at a time, so two tabs (or a
-double key press) cannot answer the same pair twice; the second answer to a pair is
-ignored and gets the current pair back.
+Requests are served by threads, so an idle or slow client cannot stall the page, and are
+handled one at a time under a lock, so two tabs (or a double key press) cannot answer the
+same pair twice; the second answer to a pair is ignored and gets the current pair back.
+The page answers only to its own address: a request whose Host (or Origin) names another
+site is refused (403), which closes the DNS-rebinding door through which a page elsewhere
+could read the pairs and record answers. No static folder is served.
 """
 
 from __future__ import annotations
@@ -98,10 +101,26 @@ fetch("/api/pair").then(r => r.json()).then(show);
 
 
 def make_app(session: Session, out: str, next_steps: str, agreement_line) -> Any:
-    from flask import Flask, jsonify, request
+    from flask import Flask, g, jsonify, request
 
-    app = Flask("rlhf-label")
+    app = Flask("rlhf-label", static_folder=None)  # serves nothing from the current directory
     app.config["done"] = threading.Event()
+    app.config["hosts"] = set()  # filled by serve() once the port is known
+    lock = threading.Lock()
+
+    @app.before_request
+    def own_address_only():
+        host, origin = request.headers.get("Host", ""), request.headers.get("Origin")
+        if host.lower() not in app.config["hosts"] or (origin is not None and not _same_site(origin, app.config["hosts"])):
+            return jsonify({"error": f"this page answers only to {sorted(app.config['hosts'])[0]}, not to Host "
+                                     f"{host!r}{f' from Origin {origin!r}' if origin else ''}"}), 403
+        lock.acquire()  # one request at a time: answers are counted once
+        g.holds_lock = True
+
+    @app.teardown_request
+    def release(exc=None):
+        if g.pop("holds_lock", False):
+            lock.release()
 
     def state() -> dict:
         pair = session.current()
@@ -134,12 +153,37 @@ def make_app(session: Session, out: str, next_steps: str, agreement_line) -> Any
     return app
 
 
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The Host headers that name this server: its address, and the loopback names when it
+    listens on loopback; listening on every interface, this machine's names and addresses."""
+    import socket
+
+    names = {host}
+    if host in ("127.0.0.1", "localhost", "::1"):
+        names |= {"127.0.0.1", "localhost", "[::1]"}
+    elif host in ("0.0.0.0", "::", ""):
+        names |= {"127.0.0.1", "localhost", "[::1]", socket.gethostname(), socket.getfqdn()}
+        try:
+            names |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+    return {f"{n}:{port}".lower() for n in names}
+
+
+def _same_site(origin: str, hosts: set[str]) -> bool:
+    from urllib.parse import urlparse
+
+    url = urlparse(origin)
+    return url.scheme == "http" and url.netloc.lower() in hosts
+
+
 def serve(app: Any, host: str, port: int, exit_when_done: bool, announce) -> None:
     """Serve until interrupted, or (exit_when_done) shortly after the last answer, leaving
     the page time to fetch the summary and the agreement."""
     from werkzeug.serving import make_server
 
-    server = make_server(host, port, app, threaded=False)
+    server = make_server(host, port, app, threaded=True)  # an idle connection holds one thread, not the server
+    app.config["hosts"] = allowed_hosts(host, server.port)
     announce(f"http://{host}:{server.port}/")
     if exit_when_done:
         def stop_when_done():

@@ -7,32 +7,33 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.apps import sweep
+from rlhf.apps import hydra_guard, sweep
 from rlhf.contracts import registry, schema
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.core import checkpoint, distributed, rundir
-from rlhf.core.preemption import Preemption, Requeued, resume_point, under_submitit
+from rlhf.core.preemption import Interrupt, Interrupted, Preemption, Requeued, under_submitit
 
 log = logging.getLogger("rlhf")
 
 
 def run_info() -> RunInfo:
     """Name and group of this run, from Hydra: a sweep's runs share the sweep directory and
-    are named by the overrides the sweep varies (optimizer.beta=0.1,sampler.temperature=0.7)."""
+    are named by the overrides the sweep varies (optimizer.beta=0.1,sampler.temperature=0.7).
+    A job of a sweep resumed on its own keeps its sweep's group and its name."""
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
-    if hc.mode != RunMode.MULTIRUN:
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else Path(run_dir).parent
+    if hc.mode != RunMode.MULTIRUN and not (sweep_dir / rundir.SWEEP_RECORD).is_file():
         return RunInfo(run_dir=run_dir, name=hc.job.override_dirname or Path(run_dir).name, group_dir=run_dir)
-    swept = sweep_keys(Path(hc.sweep.dir), hc.sweeper.get("params") or {})
+    swept = sweep_keys(sweep_dir, hc.sweeper.get("params") or {})
     mine = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-    return RunInfo(run_dir=run_dir, name=",".join(mine) or Path(run_dir).name, group_dir=str(Path(hc.sweep.dir).resolve()))
+    return RunInfo(run_dir=run_dir, name=",".join(mine) or Path(run_dir).name, group_dir=str(sweep_dir.resolve()))
 
 
 def sweep_keys(sweep_dir: Path, sweeper_params) -> set[str]:
@@ -42,9 +43,11 @@ def sweep_keys(sweep_dir: Path, sweeper_params) -> set[str]:
 
     keys = set(sweeper_params.keys())
     try:
-        task = OmegaConf.load(sweep_dir / rundir.SWEEP_RECORD).hydra.overrides.task
+        recorded = OmegaConf.load(sweep_dir / rundir.SWEEP_RECORD).hydra
+        task = recorded.overrides.task
     except (OSError, AttributeError):
         return keys
+    keys |= set((recorded.sweeper.get("params") or {}).keys())
     parsed = OverridesParser.create().parse_overrides(list(task))
     return keys | {o.key_or_group for o in parsed if o.is_sweep_override()}
 
@@ -60,31 +63,54 @@ def parallel_jobs() -> int:
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> float:
-    import torch
-
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.trainer import Trainer, preflight
 
     info = run_info()
-    sharing = parallel_jobs() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine
-    granted = HydraConfig.get().launcher.get("cpus_per_task") if under_submitit() else None
-    if cfg.threads == 0 and granted:  # a submitit job: the cores it was given
-        torch.set_num_threads(int(granted))
-    elif cfg.threads == 0 and sharing > 1:  # share the cores, do not oversubscribe them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
-    resume = None
-    if cfg.resume:
-        resume = checkpoint.complete(Path(info.run_dir))[-1]
-        print(f"resuming {info.run_dir} from {resume.name}")
+    run_dir = Path(info.run_dir)
+    hc = HydraConfig.get()
+    single = hc.mode == RunMode.RUN
+    if single:  # a settings error: one line, and no run directory left behind
+        try:
+            preflight(cfg)
+        except (ValueError, registry.PluginError) as e:
+            rundir.discard_if_empty(run_dir)
+            raise SystemExit(f"rlhf-train: {e}") from None
     preemption = Preemption()
-    if preemption.install():  # a submitit job: a requeued one continues from its checkpoint
-        resume = resume or resume_point(Path(info.run_dir))
-        if resume is not None:
-            print(f"requeued: resuming {info.run_dir} from {resume.name}")
+    requeued = preemption.install() and bool(checkpoint.complete(run_dir))  # a submitit job continues
+    stop = preemption if preemption.installed else Interrupt().install()  # Ctrl-C and SIGTERM
+    owner = None
+    if distributed.is_main():  # the one process that writes the directory owns it
+        try:
+            owner = rundir.claim(run_dir, continuing=bool(cfg.resume) or requeued)
+        except rundir.RunDirRefused as e:
+            if single:
+                raise SystemExit(f"rlhf-train: {e}") from None
+            raise  # a job of a sweep: failed, and reported with the others
+
+    def record() -> None:  # .hydra/: the config this run trains with
+        if distributed.is_main():
+            rundir.write_record(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
+
+    share_cores(cfg.threads)
+    resume = None  # the run's complete checkpoints, oldest first: the newest that loads is used
+    if cfg.resume or requeued:
+        resume = checkpoint.complete(run_dir)
+        print(f"{'requeued: ' if requeued else ''}resuming {run_dir} from {resume[-1].name}")
+    else:
+        record()  # a new run: at once, so that a sweep's report lists it however it ends
     try:
         try:
-            s = Trainer(cfg, Path(info.run_dir), info).fit(resume=resume, preemption=preemption if preemption.installed else None)
-        except Requeued:
+            # a resumed run records its config only once its checkpoint has loaded: a resume
+            # that fails leaves the run's record as it was
+            s = Trainer(cfg, run_dir, info).fit(resume=resume, preemption=stop, started=record if resume else None)
+        except (Requeued, Interrupted):
             raise
+        except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+            last = checkpoint.complete(run_dir)
+            where = (f"the last checkpoint is {last[-1].name}; continue with:\n  rlhf-train resume={run_dir}" if last
+                     else "no checkpoint was written, nothing to resume")
+            print(f"\nstopped at once: {where}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
             raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
     except Exception:
@@ -92,29 +118,48 @@ def _train(cfg: DictConfig) -> float:
         # so a failed job of a sweep can be found and read after the others finish
         log.exception("run failed")
         if distributed.is_main():
-            Path(info.run_dir, rundir.ERROR).write_text(traceback.format_exc())
+            save_error(run_dir, traceback.format_exc())
         raise
+    finally:
+        if owner is not None:
+            owner.release()
+        if isinstance(stop, Interrupt):
+            stop.uninstall()
     if not distributed.is_main():
         return 0.0
+    (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a resumed run that ends well has no error to show
     print(f"held-out reward   {s['reward_start']:.3f} -> {s['reward_end']:.3f}")
     print(f"KL to reference   {s['kl_start']:.3f} -> {s['kl_end']:.3f} nats")
     print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
     return s["reward_end"]
 
 
+def share_cores(threads: int) -> None:
+    """torch's threads: as set, the cores a submitit job was given, or this machine's cores
+    shared among the processes running on it (a parallel sweep's jobs, data-parallel ranks)."""
+    import torch
+
+    sharing = parallel_jobs() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    granted = HydraConfig.get().launcher.get("cpus_per_task") if under_submitit() else None
+    if threads == 0 and granted:
+        torch.set_num_threads(int(granted))
+    elif threads == 0 and sharing > 1:  # do not oversubscribe the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+
+
+def save_error(run_dir: Path, text: str) -> None:
+    """error.txt, or, when it cannot be written (a full disk), why not, on stderr."""
+    try:
+        rundir.write_atomic(run_dir / rundir.ERROR, text)
+    except OSError as e:
+        print(f"rlhf-train: could not write {run_dir / rundir.ERROR} ({e.strerror}); the traceback is above",
+              file=sys.stderr, flush=True)
+
+
 # Settings a resumed run may change: they decide how long it runs, what it logs and
 # where, not what a step computes (a linear lr schedule makes train.steps one that does).
 RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "checkpoint.", "threads", "device",
                      "resume", "resume_force")
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -142,7 +187,7 @@ def resume_argv(argv: list[str]) -> list[str]:
         prospective = schema.compose([*before, *[a for a in new if not a.startswith("hydra.")]])
     except Exception as e:
         raise SystemExit(f"rlhf-train: resume={run_dir}: the overrides do not compose: {e}") from e
-    old_flat, new_flat = _flat(OmegaConf.to_container(recorded)), _flat(OmegaConf.to_container(prospective))
+    old_flat, new_flat = rundir.flatten(OmegaConf.to_container(recorded)), rundir.flatten(OmegaConf.to_container(prospective))
     may_change = RESUME_MAY_CHANGE if prospective.train.lr_schedule == "constant" else RESUME_MAY_CHANGE[1:]
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>") and not k.startswith(may_change))
@@ -156,7 +201,13 @@ def resume_argv(argv: list[str]) -> list[str]:
     if changed:
         log.warning("resuming with changed settings (resume_force=true): %s", ", ".join(changed))
     # the run's own overrides, then the new ones; its directory; one run even if a preset sweeps
-    return [argv[0], *before, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
+    # quoted: a sweep job's directory is named by its overrides (optimizer.beta=0.1,seed=1)
+    return [argv[0], *before, *new, f"resume={_quoted(run_dir)}", f"hydra.run.dir={_quoted(run_dir)}", "hydra.mode=RUN"]
+
+
+def _quoted(path: Path) -> str:
+    """A value in Hydra's override grammar that may hold '=', ',' and brackets."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def data_parallel_argv(argv: list[str]) -> list[str]:
@@ -172,7 +223,7 @@ def data_parallel_argv(argv: list[str]) -> list[str]:
         import datetime
 
         now = datetime.datetime.now()
-        extra.append("hydra.run.dir=" + distributed.broadcast_object(f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}"))
+        extra.append("hydra.run.dir=" + distributed.broadcast_object(f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}-{os.getpid()}"))
     if not distributed.is_main():
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return [*argv, *extra]
@@ -181,6 +232,7 @@ def data_parallel_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     registry.discover()
     schema.store()
+    hydra_guard.install()
     sys.argv = resume_argv(sys.argv)
     sys.argv = data_parallel_argv(sys.argv)
     try:

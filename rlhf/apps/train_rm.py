@@ -21,8 +21,10 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf.apps import hydra_guard
 from rlhf.contracts import registry, schema
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
@@ -85,11 +87,12 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     out = run_dir / rundir.REWARD_MODEL
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
     summary: dict[str, Any] = {"pairwise_accuracy": accuracy, "steps": s.steps, "held_out_pairs": len(held_out)}
-    if s.normalize:
-        summary.update(_normalization(cfg, model, tokenizer, sampler, device, out, s.normalize_samples))
+    with rundir.atomic_dir(out) as partial:  # the whole reward model, or none
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        if s.normalize:
+            summary.update(_normalization(cfg, model, tokenizer, sampler, device, partial, s.normalize_samples))
     summary.update(wall_s=round(time.time() - t0, 2), reward_model=str(out))
     recorder.summary(summary)
     return summary
@@ -116,8 +119,19 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="train_rm", version_base="1.3")
 def _train_rm(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    s = train_reward_model(cfg, run_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        owner = rundir.claim(run_dir, continuing=False)
+    except rundir.RunDirRefused as e:
+        if hc.mode == RunMode.RUN:
+            raise SystemExit(f"rlhf-train-rm: {e}") from None
+        raise
+    try:
+        rundir.write_record(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
+        s = train_reward_model(cfg, run_dir)
+    finally:
+        owner.release()
     print(f"held-out pairwise accuracy   {s['pairwise_accuracy']:.3f}  ({s['held_out_pairs']} pairs)")
     print(f"reward model                 {s['reward_model']}")
     print(f"use it with                  rlhf-train reward=learned_rm reward.path={run_dir}")
@@ -127,6 +141,7 @@ def _train_rm(cfg: DictConfig) -> float:
 def main() -> None:
     registry.discover()
     schema.store()
+    hydra_guard.install()
     _train_rm()
 
 

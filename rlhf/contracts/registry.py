@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import os
 import pkgutil
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -105,7 +106,7 @@ def discover() -> dict[tuple[str, str], PluginInfo]:
     global _discovered
     if _discovered:
         return _REGISTRY
-    builtin = importlib.import_module(BUILTIN_PACKAGE)
+    builtin = _import_builtin()
     for mod in pkgutil.walk_packages(builtin.__path__, prefix=BUILTIN_PACKAGE + "."):
         _import_with_source(mod.name, "builtin")
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -119,9 +120,44 @@ def discover() -> dict[tuple[str, str], PluginInfo]:
                 f"entry point {ep.name!r} of package {dist!r} ({ep.value}) failed to import: {e}"
             ) from e
     for module in filter(None, (m.strip() for m in os.environ.get(ENV_MODULES, "").split(","))):
-        _import_with_source(module, f"${ENV_MODULES}")
+        _import_user_module(module)
     _discovered = True
     return _REGISTRY
+
+
+def _import_builtin():
+    """The installed `rlhf_plugins`, never a folder of that name in the current directory
+    (which `python -m` and torchrun put first on sys.path)."""
+    if BUILTIN_PACKAGE in sys.modules:
+        return sys.modules[BUILTIN_PACKAGE]
+    here = {"", ".", os.getcwd()}
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p not in here and os.path.abspath(p) != os.getcwd()]
+    try:
+        return importlib.import_module(BUILTIN_PACKAGE)
+    finally:
+        sys.path[:] = saved
+
+
+def _import_user_module(module: str) -> None:
+    """A module named in $RLHF_PLUGINS, found on sys.path or else in the current directory
+    (where the README's example keeps it), named in the error when it is in neither."""
+    top = module.split(".")[0]
+    for attempt in ("sys.path", "the current directory"):
+        try:
+            _import_with_source(module, f"${ENV_MODULES}")
+            return
+        except PluginError:
+            raise
+        except ModuleNotFoundError as e:
+            if e.name != top:  # the module was found; something it imports was not
+                raise PluginError(f"{ENV_MODULES} names {module!r}, which failed to import: {e}") from e
+            if attempt == "sys.path":
+                sys.path.append(os.getcwd())  # last, so it never shadows an installed package
+        except Exception as e:
+            raise PluginError(f"{ENV_MODULES} names {module!r}, which failed to import: {e!r}") from e
+    raise PluginError(f"{ENV_MODULES} names {module!r}, which is not importable: no {module.replace('.', '/')}.py "
+                      f"(or package) in {os.getcwd()} or on sys.path; check the name, or add its folder to PYTHONPATH")
 
 
 def plugins(group: str | None = None) -> list[PluginInfo]:
@@ -178,6 +214,60 @@ def protocol_members(protocol: type) -> list[str]:
     names = list(getattr(protocol, "__annotations__", {}))
     names += [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_") and n not in names]
     return names
+
+
+# Hydra's own classes that a composed config may name: its launchers, sweepers and callbacks,
+# and the launcher plugins this project depends on. Logging configs may name logging classes.
+HYDRA_TARGETS = ("hydra._internal.core_plugins.", "hydra_plugins.hydra_joblib_launcher.",
+                 "hydra_plugins.hydra_submitit_launcher.", "hydra.experimental.callbacks.")
+LOGGING_CLASSES = ("logging.", "colorlog.")
+
+
+def check_targets(cfg: Any, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a composed config (Hydra's sections included) that names anything to build
+    or call other than a registered plugin, Hydra's own classes (HYDRA_TARGETS), the
+    `allowed` names of the calling command, and logging classes in logging configs: a
+    YAML given with --config-dir can otherwise make Hydra call any function (a callback
+    `_target_: pathlib.Path.write_text`, a logging handler `class: os.system`)."""
+    from omegaconf import DictConfig, ListConfig
+
+    discover()
+    plugins = {p.target for p in _REGISTRY.values()}
+    bad: list[str] = []
+
+    def value(node: DictConfig, key: str) -> Any:
+        try:
+            return node[key]
+        except Exception as e:  # an interpolation that does not resolve names nothing we can allow
+            return f"<unresolvable: {e}>"
+
+    def walk(node: Any, path: str, in_logging: bool) -> None:
+        if isinstance(node, DictConfig):
+            for key in node.keys():
+                key = str(key)
+                where = f"{path}.{key}" if path else key
+                if key == "_target_":
+                    target = str(value(node, key))
+                    if target not in plugins and not target.startswith(HYDRA_TARGETS + allowed):
+                        bad.append(f"{where}: {target}")
+                elif in_logging and key in ("()", "class"):
+                    target = str(value(node, key))
+                    if not target.startswith(LOGGING_CLASSES):
+                        bad.append(f"{where}: {target}")
+                else:
+                    child = node._get_node(key)
+                    if isinstance(child, (DictConfig, ListConfig)):
+                        walk(child, where, in_logging or where in ("hydra.job_logging", "hydra.hydra_logging"))
+        elif isinstance(node, ListConfig):
+            for i in range(len(node)):
+                walk(node._get_node(i), f"{path}[{i}]", in_logging)
+
+    walk(cfg, "", False)
+    if bad:
+        raise PluginError(
+            "the config names things to build or call that are neither registered plugins nor Hydra's own: "
+            + "; ".join(bad) + ". Register a plugin with @register(<group>, <name>), or remove them"
+        )
 
 
 def _names(group: str) -> str:

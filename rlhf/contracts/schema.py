@@ -10,6 +10,7 @@ plugins' dataclasses.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -142,6 +143,13 @@ class LabelRunConfig:
     sampler: Any = MISSING
     reward: Any = None  # optional: a reward source whose agreement with the person is shown
     label: LabelSettings = field(default_factory=LabelSettings)
+
+
+# `${rlhf.pid:}`, which the default run directories end with: this process's id, so two runs
+# started in the same second get two directories. Registered on import, so that every process
+# that resolves a config (a sweep's job processes too) knows it; cached, so a sweep's jobs
+# resolve it to the id of the process that started the sweep, as Hydra does `${now:}`.
+OmegaConf.register_new_resolver("rlhf.pid", lambda: str(os.getpid()), use_cache=True, replace=True)
 
 
 def store() -> None:

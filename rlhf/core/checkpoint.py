@@ -6,17 +6,21 @@ one that could be loaded half-written.
         state.pt                optimizer, scheduler, RNG states, data position, plugin state,
                                 counters: plain tensors and Python values, read back with
                                 torch.load(weights_only=True), which refuses anything else
-        checkpoint.json         written last: the step and every file's size
+        checkpoint.json         written last: the step, every file's size and SHA-256
 
 A checkpoint is written into `.partial-step_...`, flushed to disk, then renamed: a crash
-leaves at most a `.partial-` directory, which is never loaded. Loading also checks the
-listed sizes, so a directory damaged later is passed over for the previous complete one.
+leaves at most a `.partial-` directory, which is never loaded. A checkpoint counts as
+complete when its files have the listed sizes, and is loaded only when their contents have
+the listed hashes: one damaged later (a bad disk block, a copy cut short, a flipped byte)
+is passed over, with a warning naming the file, for the previous complete one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +33,24 @@ from rlhf.core.rundir import CHECKPOINTS as DIR
 MANIFEST = "checkpoint.json"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's files do not have the contents its manifest lists."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory's name (step_000040 -> 40; any number of digits)."""
+    m = re.fullmatch(r"step_(\d+)", Path(path).name)
+    return int(m.group(1)) if m else -1
 
 
 def _fsync(path: Path) -> None:
@@ -49,15 +71,25 @@ def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
     files = {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    sha256 = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "sha256": sha256}, indent=2) + "\n")
     for name in (WEIGHTS, STATE, MANIFEST):
         _fsync(tmp / name)
     if final.exists():  # the same step again, after a resume from an earlier checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(root)
     for old in complete(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_complete(path: Path) -> bool:
@@ -69,11 +101,12 @@ def is_complete(path: Path) -> bool:
 
 
 def complete(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first; `.partial-` directories never count."""
+    """Complete checkpoints of a run, oldest first (by step number, not by name: step_1000000
+    comes after step_999999); `.partial-` directories never count."""
     root = Path(run_dir) / DIR
     if not root.is_dir():
         return []
-    found = sorted(p for p in root.glob("step_*") if p.is_dir())
+    found = sorted((p for p in root.glob("step_*") if p.is_dir() and step_of(p) >= 0), key=step_of)
     damaged = [p for p in found if not is_complete(p)]
     for p in damaged:
         warnings.warn(f"checkpoint {p} is incomplete or damaged (sizes differ from {MANIFEST}); it is skipped", stacklevel=2)
@@ -81,11 +114,23 @@ def complete(run_dir: Path) -> list[Path]:
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(trainable tensors, state) of a checkpoint. Only tensors and plain values are read:
-    a pickle that would run code is refused by torch's weights-only loader."""
+    """(trainable tensors, state) of a checkpoint. Its files must have the contents its
+    manifest lists (DamagedCheckpoint otherwise, naming the file). Only tensors and plain
+    values are read: a pickle that would run code is refused by torch's weights-only loader."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / WEIGHTS))
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{path / MANIFEST} cannot be read ({e})") from e
+    for name, digest in manifest.get("sha256", {}).items():  # checkpoints written before hashes: sizes only
+        if _sha256(path / name) != digest:
+            raise DamagedCheckpoint(f"{path / name} does not have the contents {MANIFEST} lists (SHA-256 differs): "
+                                    "it was damaged after it was written")
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors' "header too large" and the like name no file
+        raise DamagedCheckpoint(f"{path / WEIGHTS} cannot be read as safetensors ({e})") from e
     try:
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # UnpicklingError for a foreign object

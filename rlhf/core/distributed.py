@@ -58,7 +58,19 @@ def pick_device(name: str) -> torch.device:
     """auto: this rank's GPU if there is one (cuda:LOCAL_RANK when data-parallel), else the CPU."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device={name!r} is not a device torch knows ({e}); use auto, cpu, cuda, cuda:<n> or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                         "use device=auto (the GPU when there is one) or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0; use device=cuda:<0..{torch.cuda.device_count() - 1}>")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name}: no Apple GPU (MPS) is available here; use device=auto or device=cpu")
+    return device
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:

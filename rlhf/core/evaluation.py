@@ -61,8 +61,6 @@ def evaluate(
 
 
 def save_samples(run_dir: Path, step: int, rows: list[dict[str, Any]], n: int) -> None:
-    out = run_dir / rundir.SAMPLES
-    out.mkdir(exist_ok=True)
-    with open(out / f"step_{step:05d}.jsonl", "w") as f:
-        for row in rows[:n]:
-            f.write(json.dumps(row) + "\n")
+    """The first n samples of an evaluation, as samples/step_<N>.jsonl (written atomically)."""
+    text = "".join(json.dumps(row) + "\n" for row in rows[:n])
+    rundir.write_atomic(run_dir / rundir.SAMPLES / f"step_{step:05d}.jsonl", text)

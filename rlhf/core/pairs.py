@@ -7,7 +7,7 @@ turn them, or two policy samples per prompt, into `PairBatch`es.
 
 from __future__ import annotations
 
-import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +16,7 @@ import torch
 
 from rlhf.contracts.schema import DataConfig
 from rlhf.core import numerics
+from rlhf.core.data import read_records
 from rlhf.core.policy import Policy
 
 EMBEDDED_PAIRS_TRAIN_SEED, EMBEDDED_PAIRS_EVAL_SEED = 20_001, 20_002
@@ -42,6 +43,9 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
         return train, held_out
     if Path(cfg.pairs).suffix in (".json", ".jsonl", ".parquet"):
         rows, where = _read_rows(Path(cfg.pairs)), cfg.pairs
+    elif Path(cfg.pairs).expanduser().exists():  # a local file of a kind we do not read
+        raise ValueError(f"data.pairs={cfg.pairs}: {Path(cfg.pairs).suffix or 'this'} files are not read; use .jsonl, "
+                         ".json or .parquet with the fields data.prompt_field, data.chosen_field, data.rejected_field")
     else:
         rows, where = _read_hub(cfg), f"hub dataset {cfg.pairs}"
     # rlhf-label's files also record ties and skips: they are answers, not preferences
@@ -49,31 +53,30 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
              if not (isinstance(row, dict) and row.get("label") in ("tie", "skip"))]
     if len(pairs) <= cfg.n_eval:
         raise ValueError(f"{where}: {len(pairs)} pairs, need more than data.n_eval={cfg.n_eval}")
+    first: dict[Pair, int] = {}
+    repeats = [(p.row, first.setdefault(p, p.row)) for p in pairs if first.setdefault(p, p.row) != p.row]
+    if repeats:  # kept: two labellers agreeing is data, but often it is a file appended twice
+        warnings.warn(f"{where}: {len(repeats)} pair(s) repeat an earlier one exactly (first: row {repeats[0][0]} = "
+                      f"row {repeats[0][1]}); they are kept and count twice", stacklevel=2)
     return pairs[cfg.n_eval : cfg.n_eval + cfg.n_train], pairs[: cfg.n_eval]
 
 
 def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"data.pairs: no such file {path}")
     if path.suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"data.pairs: no such file {path}")
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text()
-    if path.suffix == ".json":
-        return json.loads(text)
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from e
-    return rows
+    return [row for _, row in read_records(path, "data.pairs")]
 
 
 def _read_hub(cfg: DataConfig) -> list[dict]:
     import datasets
+
+    from rlhf.core.hub import check_dataset
+
+    check_dataset(cfg.pairs, "data.pairs")
 
     return list(datasets.load_dataset(cfg.pairs, split=cfg.split))
 
@@ -86,6 +89,9 @@ def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
             raise ValueError(f"{where}: row {i} has no string field {name!r} (fields: data.*_field)")
     if not values[1].strip() or not values[2].strip():
         raise ValueError(f"{where}: row {i} has an empty chosen or rejected response")
+    if values[1].strip() == values[2].strip():  # no preference to learn: a data error, not a pair
+        raise ValueError(f"{where}: row {i} has the same chosen and rejected response ({values[1][:60]!r}); "
+                         "remove it (rlhf-label records ties as label \"tie\", which are left out)")
     return Pair(*values, row=i)
 
 

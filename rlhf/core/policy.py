@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
-from rlhf.core import rundir
+from rlhf.core import hub, rundir
 
 
 def resolve_path(path: str) -> str:
@@ -128,11 +128,19 @@ class Policy:
 
     @torch.no_grad()
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's tensors in, after checking that every one has this policy's
+        name, shape and dtype (CheckpointMismatch names the first that do not)."""
         current = self.trainable_state()
         if set(tensors) != set(current):
             missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
-            raise ValueError(f"checkpoint does not fit this policy: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                             "(was it written with other policy.lora settings or another optimizer?)")
+            raise CheckpointMismatch(f"checkpoint does not fit this policy: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                                     "(was it written with other policy.lora settings or another optimizer?)")
+        wrong = [f"{name}: checkpoint {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}, policy "
+                 f"{tuple(current[name].shape)} {str(current[name].dtype).removeprefix('torch.')}"
+                 for name, t in tensors.items() if t.shape != current[name].shape or t.dtype != current[name].dtype]
+        if wrong:
+            raise CheckpointMismatch(f"checkpoint tensors do not fit this policy ({len(wrong)} of {len(tensors)}): "
+                                     + "; ".join(wrong[:3]))
         for name, t in tensors.items():
             current[name].copy_(t)
 
@@ -216,6 +224,10 @@ class Policy:
                       f"{directory}/value_head.safetensors")
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors do not have this policy's names, shapes or dtypes."""
+
+
 class _Trunk(nn.Module):
     """The policy's trainable forward as one module (the LM and its value head), so that
     DistributedDataParallel can wrap it."""
@@ -253,9 +265,14 @@ def _from_pretrained(cfg: PolicyConfig) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_path(cfg.path)
+    hub.check_model(path, "policy.path", cfg.revision)  # offline: at once, not after a minute of retries
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
-    return model, AutoTokenizer.from_pretrained(path, **common)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
+        return model, AutoTokenizer.from_pretrained(path, **common)
+    except Exception as e:  # a damaged weights file names no file of its own
+        raise OSError(f"policy.path={cfg.path}: the model in {path} could not be loaded ({type(e).__name__}: {e}); "
+                      "if a file there is damaged or cut short, save or download the model again") from e
 
 
 def _ready(model: nn.Module, tokenizer, device: torch.device) -> nn.Module:

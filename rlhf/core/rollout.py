@@ -7,6 +7,7 @@ reference -> decoded text -> reward source's scores.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -218,6 +219,17 @@ def collect(
         values=None if values is None else values * maskf, scores=scores,
         queries=query_text, responses=response_text,
     )
+
+
+def minibatch_indices(B: int, n: int, device: torch.device) -> list[torch.Tensor]:
+    """A shuffled split of rows 0..B-1 into n minibatches (of sizes differing by at most one
+    when n does not divide B, which is said once)."""
+    if B % n:
+        sizes = sorted({B // n + 1, B // n} if B >= n else {1}, reverse=True)
+        warnings.warn(f"{B} rows do not split evenly into {min(n, B)} minibatches (num_minibatches={n}): minibatches of "
+                      f"{' and '.join(map(str, sizes))} rows; make the batch a multiple of num_minibatches for equal ones",
+                      stacklevel=2)
+    return list(torch.randperm(B, device=device).tensor_split(min(n, B)))
 
 
 def minibatch(r: Rollout, idx: torch.Tensor, **per_token: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:

@@ -14,8 +14,9 @@ import math
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,8 +27,8 @@ from rlhf.contracts.schema import validate
 from rlhf.core import checkpoint, distributed, rundir, sources
 from rlhf.core.data import load_prompts, tokenize_prompts
 from rlhf.core.evaluation import evaluate, save_samples
-from rlhf.core.policy import Policy
-from rlhf.core.preemption import Preemption
+from rlhf.core.policy import CheckpointMismatch, Policy
+from rlhf.core.preemption import Interrupt, Preemption
 from rlhf.core.rundir import RunRecorder
 
 
@@ -40,6 +41,36 @@ def judge(name: str) -> RewardSource:
     return info.cls(info.cls.Config())
 
 
+@dataclass
+class Plugins:
+    optimizer: PolicyOptimizer
+    reward: RewardSource
+    sampler: QuerySampler
+    loggers: list[Logger]
+    judges: dict[str, RewardSource]
+
+
+def preflight(cfg: DictConfig) -> Plugins:
+    """Every check that needs no model, in the order a user fixes them: the config's values,
+    the plugins built from their typed configs (cheap: their models load on first use), the
+    batch split over processes, the device. Raises ValueError or PluginError naming the key."""
+    validate(cfg)
+    plugins = Plugins(
+        optimizer=registry.instantiate("optimizer", cfg.optimizer),
+        reward=registry.instantiate("reward", cfg.reward),
+        sampler=registry.instantiate("sampler", cfg.sampler),
+        loggers=[registry.instantiate("logger", n) for n in (cfg.logger or {}).values()],
+        judges={name: judge(name) for name in cfg.eval.judges},
+    )
+    if plugins.optimizer.consumes not in sources.kinds():
+        raise ValueError(f"optimizer consumes {plugins.optimizer.consumes!r}; the core provides {sources.kinds()}")
+    if cfg.eval.kl_to_optimum and plugins.sampler.generation_kwargs().get("max_new_tokens") != 1:
+        raise ValueError("eval.kl_to_optimum is exact for one-token responses only: set sampler.max_new_tokens=1")
+    distributed.shard(cfg.train.batch_size)  # the batch must split evenly over the processes
+    distributed.pick_device(cfg.device)
+    return plugins
+
+
 class Trainer:
     """Builds a run from its config, then `fit()` trains, evaluates and logs it."""
 
@@ -49,21 +80,13 @@ class Trainer:
 
         hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own
         self.t0 = time.time()
-        validate(cfg)
         distributed.setup()  # a no-op unless started by torchrun / accelerate with several processes
-        distributed.shard(cfg.train.batch_size)  # the batch must split evenly over the processes
         self.cfg, self.run_dir = cfg, run_dir
         self.run = run or RunInfo(run_dir=str(run_dir), name=run_dir.name, group_dir=str(run_dir))
         # plugins first: they are cheap, so their config errors come before any model loads
-        self.optimizer: PolicyOptimizer = registry.instantiate("optimizer", cfg.optimizer)
-        self.reward: RewardSource = registry.instantiate("reward", cfg.reward)
-        self.sampler: QuerySampler = registry.instantiate("sampler", cfg.sampler)
-        self.loggers: list[Logger] = [registry.instantiate("logger", n) for n in (cfg.logger or {}).values()]
-        self.judges = {name: judge(name) for name in cfg.eval.judges}
-        if self.optimizer.consumes not in sources.kinds():
-            raise ValueError(f"optimizer consumes {self.optimizer.consumes!r}; the core provides {sources.kinds()}")
-        if cfg.eval.kl_to_optimum and self.sampler.generation_kwargs().get("max_new_tokens") != 1:
-            raise ValueError("eval.kl_to_optimum is exact for one-token responses only: set sampler.max_new_tokens=1")
+        p = preflight(cfg)
+        self.optimizer, self.reward, self.sampler, self.loggers, self.judges = (
+            p.optimizer, p.reward, p.sampler, p.loggers, p.judges)
         if self.optimizer.consumes != "preference_pairs":
             for message in self.sampler.kl_bias_warnings():
                 warnings.warn(message, stacklevel=1)
@@ -150,9 +173,40 @@ class Trainer:
             "negative_kl_steps": self.kl_watch.streak,
         }
 
-    def restore(self, path: Path) -> dict[str, Any]:
-        tensors, state = checkpoint.load(path)
-        self.policy.load_trainable_state(tensors)
+    def restore(self, candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
+        """Load the newest of `candidates` (complete checkpoints, oldest first) whose contents
+        check out; a damaged one is passed over, with a warning naming its file, for the one
+        before it. Nothing is changed until a checkpoint has been read whole and fits."""
+        for path in reversed(candidates):
+            try:
+                tensors, state = checkpoint.load(path)
+            except checkpoint.DamagedCheckpoint as e:
+                warnings.warn(f"{e}; trying the checkpoint before it", stacklevel=2)
+                continue
+            try:
+                self.policy.load_trainable_state(tensors)
+            except CheckpointMismatch as e:
+                raise CheckpointMismatch(f"{e}{self._recorded_differences()}") from None
+            self._restore_state(state)
+            return path, state
+        raise checkpoint.DamagedCheckpoint(f"no checkpoint of {self.run_dir} could be loaded (see the warnings above); "
+                                           "start a new run")
+
+    def _recorded_differences(self) -> str:
+        """'' or the policy and optimizer settings in which this run differs from the run's record."""
+        recorded = self.run_dir / rundir.CONFIG
+        if not recorded.is_file():
+            return ""
+        old = rundir.flatten(OmegaConf.to_container(OmegaConf.load(recorded)))
+        new = rundir.flatten(OmegaConf.to_container(self.cfg))
+        keys = sorted(k for k in set(old) | set(new) if k.startswith(("policy.", "optimizer.")) and old.get(k) != new.get(k))
+        if not keys:
+            return ""
+        shown = ", ".join(f"{k}={old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:6])
+        return (f". The run was recorded with other settings: {shown}; resume with the recorded ones "
+                "(drop those overrides), or start a new run")
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
         self.torch_optimizer.load_state_dict(state["optimizer"])
         self.optimizer.load_state_dict(state["plugin"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -160,13 +214,16 @@ class Trainer:
         self.source.load_state_dict(state["source"])
         checkpoint.set_rng_state(state["rng"])
         self.kl_watch.streak = state["negative_kl_steps"]
-        return state
 
-    def _checkpoint(self, step: int, metrics_offset: int, first: dict, last: dict) -> None:
+    def _checkpoint(self, step: int, recorder: RunRecorder | None, first: dict, last: dict) -> None:
         tensors = self.policy.trainable_state()
         bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
         if bad:  # never write weights a NaN has reached
             raise NonFiniteError(f"step {step}: non-finite values in {bad[:3]}; no checkpoint written")
+        metrics_offset = 0
+        if recorder is not None:  # the rows the checkpoint points to are on disk before it is
+            recorder.sync()
+            metrics_offset = recorder.offset
         state = self.state_dict(step, metrics_offset, first, last)  # on every rank: it gathers their data state
         if distributed.is_main():
             checkpoint.save(self.run_dir, step, tensors, state, self.cfg.checkpoint.keep)
@@ -174,19 +231,26 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
 
-    def fit(self, resume: Path | None = None, preemption: Preemption | None = None) -> dict[str, Any]:
-        """Train, evaluate and log; with `resume` (a checkpoint directory), continue from it.
+    def fit(self, resume: Path | list[Path] | None = None, preemption: Preemption | Interrupt | None = None,
+            started: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Train, evaluate and log; with `resume` (a checkpoint directory, or a run's complete
+        checkpoints oldest first), continue from it. `started` is called once the run is set
+        up (after its checkpoint has loaded): the command records the run's config then.
         Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints.
-        With `preemption` (under submitit), a preemption signal ends the run at the end of
-        the step it arrives in, with a checkpoint, and submitit requeues it."""
+        With `preemption` (submitit's preemption, or Ctrl-C and SIGTERM), the signal ends the
+        run at the end of the step it arrives in, with a checkpoint; submitit requeues it, an
+        interrupted run says how to resume it."""
         from tqdm import tqdm
 
         cfg, main = self.cfg, distributed.is_main()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start, first, last = 0, None, None
         if resume is not None:
-            state = self.restore(resume)
+            loaded, state = self.restore([resume] if isinstance(resume, Path) else list(resume))
             start, first, last = state["step"], state["first_eval"], state["last_eval"]
+            self.resumed_from = loaded
+        if started is not None:
+            started()
         recorder = None
         if main:
             recorder = RunRecorder(self.run_dir, truncate_to=state["metrics_offset"] if resume is not None else None)
@@ -204,6 +268,8 @@ class Trainer:
             first = last = self.evaluate(0)
             emit(first, 0)
         every = cfg.checkpoint.every
+        if preemption is not None:
+            preemption.arm()  # from here a signal waits for the end of the step
         bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="rlhf-train", mininterval=1, dynamic_ncols=True,
                    initial=start, total=cfg.train.steps, disable=not main)
         for step in bar:
@@ -226,11 +292,11 @@ class Trainer:
                 emit(last, step)
             preempted = preemption is not None and distributed.any_rank(preemption.requested, self.policy.device)
             if preempted or (every > 0 and step % every == 0) or step == cfg.train.steps:
-                self._checkpoint(step, recorder.offset if recorder is not None else 0, first, last)
-            if preempted:
+                self._checkpoint(step, recorder, first, last)
+            if preempted and step < cfg.train.steps:  # at the last step the run just ends
                 bar.close()
-                print(f"preempted: checkpoint of step {step} written to {self.run_dir / checkpoint.DIR}; "
-                      "submitit requeues the job, which resumes from it", flush=True)
+                if main:
+                    print(preemption.message(step, self.run_dir), flush=True)
                 preemption.hand_over()
         bar.close()
 
@@ -239,7 +305,8 @@ class Trainer:
         if not main:
             return {"steps": cfg.train.steps, "rank": distributed.rank()}
         if cfg.train.save_final:
-            self.policy.save(str(self.run_dir / rundir.FINAL))
+            with rundir.atomic_dir(self.run_dir / rundir.FINAL) as final:  # the whole of it, or the old one
+                self.policy.save(str(final))
         judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"]
                   for name in self.judges for when, m in (("start", first), ("end", last))}
         summary = {

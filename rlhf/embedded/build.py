@@ -9,10 +9,12 @@ so a killed build never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -58,16 +60,17 @@ def ensure_built(spec: BuildSpec = BuildSpec(), quiet: bool = False) -> Path:
     with FileLock(str(target) + ".lock"):  # parallel sweep jobs build once
         if _is_complete(target):
             return target
-        if target.exists():
-            if not quiet:
-                print(f"[rlhf] embedded default at {target} is damaged; rebuilding")
+        if target.exists():  # said even when quiet: a cache that changed under us is news
+            print(f"[rlhf] the embedded default at {target} is damaged ({_damage(target)}); rebuilding it",
+                  file=sys.stderr, flush=True)
             shutil.rmtree(target)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
         try:
             t0 = time.time()
             if not quiet:
                 print(f"[rlhf] building the embedded default into {target} (one time, ~2 min)")
-            _build(spec, tmp, quiet)
+            with own_random_state():  # a run that builds first trains as every later run does
+                _build(spec, tmp, quiet)
             _write_manifest(tmp, spec, time.time() - t0)
             os.replace(tmp, target)
         finally:
@@ -95,6 +98,37 @@ def _write_manifest(d: Path, spec: BuildSpec, seconds: float) -> None:
     files = {str(p.relative_to(d)): _hash(p) for p in _files(d)}
     manifest = {"spec": asdict(spec), "version": VERSION, "build_s": round(seconds, 1), "files": files}
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _damage(d: Path) -> str:
+    """What is wrong with a build directory, for the rebuild message."""
+    try:
+        files = json.loads((d / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "no readable manifest.json"
+    for f, h in files.items():
+        if not (d / f).is_file():
+            return f"{f} is missing"
+        if _hash(d / f) != h:
+            return f"{f} differs from its manifest"
+    return "incomplete"
+
+
+@contextlib.contextmanager
+def own_random_state():
+    """Python's, NumPy's and torch's random states as they were before, afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, nps = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(nps)
 
 
 def _is_complete(d: Path) -> bool:

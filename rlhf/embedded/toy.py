@@ -23,7 +23,7 @@ def toy_policy_path(n_prompts: int = 2, n_responses: int = 6, seed: int = 0) -> 
     """Directory of the toy policy (built on first use; under a second, well below a build's)."""
     from filelock import FileLock
 
-    from rlhf.embedded.build import cache_root
+    from rlhf.embedded.build import cache_root, own_random_state
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,8 @@ def toy_policy_path(n_prompts: int = 2, n_responses: int = 6, seed: int = 0) -> 
             shutil.rmtree(target, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
             try:
-                _build(tmp, n_prompts, n_responses, seed)
+                with own_random_state():  # the run that builds it trains as every later run does
+                    _build(tmp, n_prompts, n_responses, seed)
                 tmp.replace(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""`hydra/launcher=joblib` for rlhf-train: joblib runs the jobs, each in a process of its own.
+
+Hydra's joblib launcher runs jobs inside loky's worker processes. When the kernel kills one
+(the out-of-memory killer sends SIGKILL), loky declares the whole pool broken: the job
+running beside it is killed and listed as failed, and the jobs not yet started never run.
+Here joblib dispatches the jobs from threads (`n_jobs` at a time, as before), and every job
+is a fresh Python process that runs exactly what Hydra's joblib worker runs (the job's own
+config, Hydra's `run_job`, the same run directory). A job that dies is one failed job: the
+others run to the end, its directory gets an error.txt naming the signal, and the sweep's
+report counts every job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class JobDied(RuntimeError):
+    """A job's process ended without reporting back (a signal, or an exit of its own)."""
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+    import cloudpickle
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import configure_log, filter_overrides, setup_globals
+    from joblib import Parallel, delayed
+
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    n_jobs = launcher.joblib.get("n_jobs") or -1
+    n_jobs = (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
+    log.info(f"joblib is launching {len(job_overrides)} jobs, {n_jobs} at a time, each in a process of its own; "
+             f"sweep output dir: {sweep_dir}")
+    for idx, overrides in enumerate(job_overrides):
+        log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
+    state = cloudpickle.dumps((launcher.hydra_context, launcher.config, launcher.task_function, Singleton.get_state()))
+    with tempfile.TemporaryDirectory(prefix=".jobs-", dir=sweep_dir) as work:
+        shared = Path(work) / "launch.pkl"
+        shared.write_bytes(state)
+        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        return Parallel(n_jobs=n_jobs, backend="threading")(
+            delayed(_run)(launcher, idx, overrides, shared, Path(work)) for idx, overrides in jobs)
+
+
+def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path):
+    """One job in a child process; its JobReturn, or a failed one naming how it died."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    result = work / f"{idx}.result"
+    proc = subprocess.run([sys.executable, "-m", "rlhf.apps.launcher", str(shared), str(idx), str(result),
+                           *overrides])
+    if result.is_file():
+        with open(result, "rb") as f:
+            return pickle.load(f)
+    code = proc.returncode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code} before reporting"
+    hint = " (SIGKILL is what the out-of-memory killer sends)" if code == -signal.SIGKILL else ""
+    error = JobDied(f"job {idx} ({' '.join(overrides)}) was {how}{hint}")
+    job_dir = _job_dir(launcher, idx, overrides)
+    if job_dir is not None:  # the sweep's report reads it (and counts the job, record or not)
+        from rlhf.core import rundir
+
+        rundir.write_atomic(job_dir / rundir.ERROR, f"{error}\n")
+    ret = JobReturn()
+    ret.overrides, ret.status, ret.return_value = overrides, JobStatus.FAILED, error
+    return ret
+
+
+def _job_dir(launcher: Any, idx: int, overrides: list[str]) -> Path | None:
+    """Where a job writes: its sweep directory and subdir, as Hydra resolves them for it."""
+    from omegaconf import open_dict
+
+    try:
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
+        with open_dict(cfg):
+            cfg.hydra.job.id, cfg.hydra.job.num = f"{cfg.hydra.job.name}_{idx}", idx
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+    except Exception:
+        return None
+
+
+def _child(shared: str, idx: str, result: str, overrides: list[str]) -> None:
+    """In the job's own process: what Hydra's joblib worker does, then the JobReturn, to a file."""
+    import cloudpickle
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    from rlhf.contracts import registry, schema
+
+    registry.discover()
+    schema.store()
+    hydra_context, config, task_function, singleton_state = cloudpickle.loads(Path(shared).read_bytes())
+    ret = execute_job(int(idx), overrides, hydra_context, config, task_function, singleton_state)
+    try:
+        data = cloudpickle.dumps(ret)
+    except Exception:  # an exception that does not pickle: its text does
+        ret.return_value = RuntimeError(repr(ret.return_value))
+        data = cloudpickle.dumps(ret)
+    tmp = Path(result + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, result)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])

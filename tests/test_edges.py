@@ -1,0 +1,510 @@
+"""Nothing lost at the edges, doors closed: each test plays an adversarial user against one
+promise (real processes, real signals, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, cli
+
+from rlhf.core import checkpoint, rundir
+
+TINY = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=4", "eval.every=100"]
+
+
+def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "rlhf-train"), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def holder(run: Path) -> dict:
+    try:
+        return json.loads((run / rundir.LOCK).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def logged_steps(run: Path) -> list[int]:
+    path = run / rundir.METRICS
+    return [json.loads(x)["step"] for x in path.read_text().splitlines() if x.endswith("}")] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------- 1. one owner per run directory
+
+
+def test_two_runs_started_in_the_same_second_get_two_directories(tmp_path, embedded_dir):
+    procs = [start(["train.steps=1", *TINY], tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    runs = sorted(p.parent for p in (tmp_path / "outputs").rglob(rundir.SUMMARY))
+    assert len(runs) == 2
+    for run, proc in zip(sorted(runs, key=lambda r: int(r.name.rsplit("-", 1)[1])), sorted(procs, key=lambda p: p.pid)):
+        assert run.name.endswith(f"-{proc.pid}")  # <time>-<pid>: readable, and apart
+        assert (run / rundir.CONFIG).is_file() and not holder(run)  # released at the end
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tmp_path, embedded_dir):
+    run = tmp_path / "run"
+    first = start([f"hydra.run.dir={run}", "train.steps=2000", "checkpoint.every=2", *TINY], tmp_path)
+    try:
+        wait_for(lambda: checkpoint.complete(run) and holder(run), what="the first run's first checkpoint")
+        pid = holder(run)["pid"]
+        assert pid == first.pid
+        for second in ([f"hydra.run.dir={run}", "train.steps=2", *TINY], [f"resume={run}"]):
+            r = cli("rlhf-train", *second, cwd=tmp_path, timeout=300)
+            assert r.returncode != 0
+            assert f"run directory {run} is in use by another process (pid {pid} on " in r.stderr, r.stderr[-2000:]
+            assert "Traceback" not in r.stderr
+        config = (run / rundir.CONFIG).read_text()
+        assert "train.steps=2\n" not in (run / rundir.OVERRIDES).read_text() and config == (run / rundir.CONFIG).read_text()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert holder(run)["pid"] == pid  # the dead owner's record is still there ...
+    r = cli("rlhf-train", f"resume={run}", "train.steps=6", cwd=tmp_path, timeout=300)  # ... and is taken over
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"its last owner (pid {pid} on" in r.stderr and "taken over" in r.stderr
+    assert json.loads((run / rundir.SUMMARY).read_text())["steps"] == 6 and not holder(run)
+
+
+def test_a_new_run_into_a_finished_runs_directory_is_refused_and_loses_nothing(tmp_path, embedded_dir):
+    run = tmp_path / "done"
+    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=2", "checkpoint.every=1", "checkpoint.keep=1", *TINY,
+               cwd=tmp_path).returncode == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != rundir.LOCK}
+    r = cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=3", "seed=5", "checkpoint.every=1", *TINY, cwd=tmp_path)
+    assert r.returncode != 0
+    assert f"run directory {run} already holds another run (" in r.stderr and f"rlhf-train resume={run}" in r.stderr
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != rundir.LOCK}
+    assert after == before  # its checkpoints, record and log untouched
+
+
+# ---------------------------------------------------------------------------- 2. one killed job does not end a sweep
+
+
+def test_a_sigkilled_job_of_a_parallel_sweep_fails_alone(tmp_path, embedded_dir):
+    sweep = tmp_path / "sw"
+    proc = start(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "seed=0,1,2",
+                  "train.steps=60", "checkpoint.every=1000", *TINY], tmp_path)
+    try:
+        wait_for(lambda: all(logged_steps(sweep / str(i)) for i in (0, 1)), what="two jobs training")
+        victim = holder(sweep / "0")["pid"]
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "sweep " in out and ": 3 runs, 2 completed, 1 failed" in out, out[-2000:] + err[-2000:]
+    assert "FAILED 0: seed=0" in out and "killed by SIGKILL" in out
+    assert "killed by SIGKILL" in (sweep / "0" / rundir.ERROR).read_text()
+    for i in (1, 2):  # the job beside it and the one not yet started both ran to the end
+        assert json.loads((sweep / str(i) / rundir.SUMMARY).read_text())["steps"] == 60
+
+
+# ---------------------------------------------------------------------------- 3. a failed resume keeps the record
+
+
+def test_a_resume_that_fails_leaves_the_runs_record_and_names_the_setting(tmp_path, embedded_dir):
+    run = tmp_path / "r"
+    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=2", "checkpoint.every=2", *TINY,
+               cwd=tmp_path).returncode == 0
+    record = {name: (run / rundir.HYDRA / name).read_bytes() for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
+    r = cli("rlhf-train", f"resume={run}", "resume_force=true", "policy.lora.r=16", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "checkpoint tensors do not fit this policy" in r.stderr and "(8, " in r.stderr
+    assert "policy.lora.r=8 -> 16" in r.stderr, r.stderr[-2000:]
+    assert {name: (run / rundir.HYDRA / name).read_bytes() for name in record} == record
+    r = cli("rlhf-train", f"resume={run}", "train.steps=4", cwd=tmp_path)  # the plain resume still works
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / rundir.SUMMARY).read_text())["resumed_from_step"] == 2
+
+
+# ---------------------------------------------------------------------------- 4. metrics.jsonl survives crashes
+
+
+@pytest.mark.parametrize("damage", ["short", "half_line", "deleted"])
+def test_a_damaged_metrics_log_is_repaired_on_resume_and_said(damage, tmp_path, embedded_dir):
+    run = tmp_path / "r"
+    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=1",
+               "eval.every=2", *TINY[:-1], cwd=tmp_path).returncode == 0
+    kept = checkpoint.complete(run)
+    assert [p.name for p in kept] == ["step_000004"]
+    offset = torch.load(kept[0] / checkpoint.STATE, weights_only=True)["metrics_offset"]
+    log = run / rundir.METRICS
+    data = log.read_bytes()
+    assert len(data) == offset
+    if damage == "short":  # the last rows never reached the disk
+        log.write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 1])
+    elif damage == "half_line":  # a power cut in the middle of a row
+        log.write_bytes(data[: len(data) - 7])
+    else:
+        log.unlink()
+    r = cli("rlhf-train", f"resume={run}", "train.steps=6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = {"short": "fewer than the", "half_line": "fewer than the", "deleted": "was missing"}[damage]
+    assert said in r.stderr, r.stderr[-2000:]
+    text = log.read_bytes()
+    assert b"\x00" not in text and all(json.loads(line) for line in text.splitlines())
+    assert [json.loads(x)["step"] for x in text.splitlines()][-1] == 6
+    r = cli("rlhf-compare", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- 5. files readers trust are atomic
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    rundir.write_atomic(path, '{"old": 1}\n')
+
+    def crash(*args):
+        raise OSError("killed here")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        rundir.write_atomic(path, '{"new": 2}\n')
+    assert json.loads(path.read_text()) == {"old": 1}
+
+
+def test_a_zero_byte_summary_is_a_failed_job_and_compare_reports_the_rest(tmp_path, embedded_dir):
+    sweep = tmp_path / "sw"
+    r = cli("rlhf-train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=1", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sweep / "0" / rundir.SUMMARY).write_text("")  # what a kill in the middle of a plain write leaves
+    from rlhf.apps import sweep as sweep_app
+
+    sweep_app._sweep.update(dir=sweep)
+    assert sweep_app.report() == 1
+    r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
+    assert r.returncode == 0 and "1 runs" in r.stdout and f"{sweep / '0'} left out" in r.stderr
+
+
+# ---------------------------------------------------------------------------- 6. checkpoints verified by content
+
+
+def test_a_checkpoint_damaged_in_place_is_named_and_the_one_before_it_used(tmp_path, embedded_dir):
+    run = tmp_path / "r"
+    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=4", "checkpoint.every=2", *TINY,
+               cwd=tmp_path).returncode == 0
+    weights = run / checkpoint.DIR / "step_000004" / checkpoint.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[:8] = b"\xff" * 8  # the right size, a header that is not safetensors'
+    weights.write_bytes(bytes(data))
+    r = cli("rlhf-train", f"resume={run}", "train.steps=6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{weights} does not have the contents checkpoint.json lists" in r.stderr
+    assert json.loads((run / rundir.SUMMARY).read_text())["resumed_from_step"] == 2
+
+
+def test_rotation_orders_checkpoints_by_step_not_by_name(tmp_path):
+    for step in (999_998, 999_999, 1_000_000):
+        checkpoint.save(tmp_path, step, {"w": torch.zeros(2)}, {"step": step}, keep=2)
+    assert [checkpoint.step_of(p) for p in checkpoint.complete(tmp_path)] == [999_999, 1_000_000]
+
+
+# ---------------------------------------------------------------------------- 7. every _target_ is checked
+
+
+def test_a_hydra_callback_or_logging_handler_that_calls_anything_is_refused(tmp_path):
+    victim = tmp_path / "pwned.txt"
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "evil.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: pathlib.Path.write_text\n"
+        f"      self: {victim}\n      data: owned\n")
+    (conf / "experiment" / "evil_log.yaml").write_text(
+        "# @package _global_\nhydra:\n  job_logging:\n    handlers:\n      evil:\n        class: pathlib.Path.touch\n"
+        f"        self: {victim}\n    root:\n      handlers: [evil]\n")
+    for preset, key in (("evil", "hydra.callbacks.x._target_: pathlib.Path.write_text"),
+                        ("evil_log", "hydra.job_logging.handlers.evil.class: pathlib.Path.touch")):
+        r = cli("rlhf-train", "--config-dir", str(conf), f"+experiment={preset}", "train.steps=1", cwd=tmp_path, timeout=120)
+        assert r.returncode != 0 and key in r.stderr, r.stderr[-2000:]
+        assert not victim.exists()
+
+
+# ---------------------------------------------------------------------------- 8. the labelling page's doors
+
+
+class _Session:
+    """Enough of a labelling session for the page: one pair, never answered."""
+
+    def current(self):
+        from rlhf.apps.label import Pair
+
+        return Pair(0, "The movie", "was good .", "was bad .")
+
+    def progress(self):
+        return {"answered": 0, "total": 1, "preferred": 0, "ties": 0, "skips": 0}
+
+    def answer(self, index, choice):
+        return True
+
+    def agreement(self):
+        return None
+
+
+def _request(port: int, path: str = "/api/pair", host: str | None = None, origin: str | None = None) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    headers = {"Host": host or f"127.0.0.1:{port}", **({"Origin": origin} if origin else {})}
+    conn.request("GET", path, headers=headers)
+    return conn.getresponse().status
+
+
+def test_the_labelling_page_answers_only_to_its_own_host_and_an_idle_client_does_not_stall_it(tmp_path, monkeypatch):
+    from rlhf.apps.label_web import make_app, serve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "secret.txt").write_text("do not serve")
+    app = make_app(_Session(), "out.jsonl", "next", lambda a: "")
+    ports = []
+    threading.Thread(target=serve, args=(app, "127.0.0.1", 0, False, lambda url: ports.append(int(url.rsplit(":", 1)[1][:-1]))),
+                     daemon=True).start()
+    wait_for(lambda: ports, 10, "the server")
+    port = ports[0]
+    idle = socket.create_connection(("127.0.0.1", port))  # connects, says nothing
+    try:
+        t0 = time.time()
+        assert _request(port) == 200 and time.time() - t0 < 3
+        assert _request(port, host=f"localhost:{port}") == 200
+        assert _request(port, host=f"evil.example:{port}") == 403  # DNS rebinding
+        assert _request(port, origin="http://evil.example") == 403  # another site's page
+        assert _request(port, path="/static/secret.txt") == 404
+    finally:
+        idle.close()
+
+
+def test_one_labelling_process_per_preference_file(tmp_path, embedded_dir):
+    out = tmp_path / "prefs.jsonl"
+    code = (f"from rlhf.apps.label import PreferenceFile; from pathlib import Path; import time; "
+            f"f = PreferenceFile(Path({str(out)!r})); f.lock(); print('locked', flush=True); time.sleep(60)")
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        r = cli("rlhf-label", f"label.out={out}", "label.mode=terminal", cwd=tmp_path, timeout=120)
+        assert r.returncode != 0
+        assert f"preference file {out} is in use by another process (pid {first.pid} on" in r.stderr, r.stderr[-2000:]
+    finally:
+        first.kill()
+
+
+# ---------------------------------------------------------------------------- 9. the current directory's plugins
+
+
+def test_a_plugins_folder_in_the_current_directory_does_not_replace_the_builtins(tmp_path):
+    (tmp_path / "rlhf_plugins").mkdir()
+    (tmp_path / "rlhf_plugins" / "__init__.py").write_text("raise SystemExit('the wrong rlhf_plugins was imported')\n")
+    r = subprocess.run([sys.executable, "-m", "rlhf.apps.plugins_cli", "optimizer"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ppo  (rlhf_plugins.optimizers.ppo.PPO, builtin)" in r.stdout
+
+
+# ---------------------------------------------------------------------------- 10. Ctrl-C and SIGTERM
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_checkpoints_at_a_step_and_says_how_to_resume(sig, tmp_path, embedded_dir):
+    run = tmp_path / "r"
+    proc = start([f"hydra.run.dir={run}", "train.steps=3000", "checkpoint.every=1000", *TINY], tmp_path)
+    try:
+        wait_for(lambda: len(logged_steps(run)) > 3, what="training")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    stopped = [line for line in out.splitlines() if line.startswith(f"stopped by {sig.name} after step")]
+    assert stopped and f"rlhf-train resume={run}" in out
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    assert [checkpoint.step_of(p) for p in checkpoint.complete(run)] == [step]
+    r = cli("rlhf-train", f"resume={run}", f"train.steps={step + 2}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert logged_steps(run)[-3:] == [step + 1, step + 2, step + 2]  # the train row and the final evaluation
+
+
+# ---------------------------------------------------------------------------- 11. errors that name the file and the fix
+
+
+def test_bad_prompt_files_are_named_with_the_line_and_the_fix(tmp_path):
+    from rlhf.contracts.schema import DataConfig
+    from rlhf.core.data import load_prompts
+
+    def err(name: str, data: bytes, **kw) -> str:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            load_prompts(DataConfig(prompts=str(path), n_eval=1, **kw))
+        return str(e.value)
+
+    utf16 = tmp_path / "u16.txt"
+    utf16.write_bytes("first prompt\nsecond prompt\n".encode("utf-16"))
+    assert load_prompts(DataConfig(prompts=str(utf16), n_eval=1)) == (["second prompt"], ["first prompt"])
+    assert "bin.txt: not UTF-8 text (byte 1 is b'\\x9c'" in err("bin.txt", b"x\x9c\x00\xffzz")
+    assert "bad.jsonl: line 3 is not JSON" in err("bad.jsonl", b'{"text": "a"}\n\n{"text": \n{"text": "c"}\n')
+    assert "data.prompts=" in err("p.csv", b"text\nhello\n") and ".csv files are not read; use .txt" in err("p.csv", b"x")
+    (tmp_path / "d.txt").mkdir()
+    with pytest.raises(ValueError, match=r"data.prompts=.*d.txt is a directory"):
+        load_prompts(DataConfig(prompts=str(tmp_path / "d.txt"), n_eval=1))
+    with pytest.raises(ValueError, match=r"prompt 1 \(' '\) has no tokens after tokenisation"):
+        from rlhf.core.data import tokenize_prompts
+
+        class Tok:
+            def __call__(self, texts, **kw):
+                return {"input_ids": [[1] if t.strip() else [] for t in texts]}
+
+        tokenize_prompts(Tok(), ["a", " "])
+
+
+def test_settings_that_cannot_work_here_are_refused_in_one_line_before_any_model_loads(tmp_path):
+    home = tmp_path / "cache"
+    cases = [
+        (["device=cuda"], "device=cuda: no CUDA device is visible here"),
+        (["optimizer.beta=-0.1"], "rlhf-train: ppo: out of range: optimizer.beta=-0.1 (must be >= 0)"),
+    ]
+    for args, message in cases:
+        r = cli("rlhf-train", *args, cwd=tmp_path, env={"RLHF_HOME": str(home)}, timeout=120)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+        assert not (tmp_path / "outputs").exists()  # no run directory left behind
+        assert not home.exists() or not any(home.iterdir())
+
+
+def test_an_rlhf_plugins_module_is_found_beside_you_or_named(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "from dataclasses import dataclass\nfrom rlhf.contracts.registry import register\n\n"
+        "@register('reward', 'mine')\nclass Mine:\n    @dataclass\n    class Config:\n        x: int = 1  # x\n"
+        "    def __init__(self, cfg):\n        self.cfg = cfg\n    def score(self, q, r):\n        return [0.0] * len(r)\n")
+    r = cli("rlhf-plugins", "reward", cwd=tmp_path, env={"RLHF_PLUGINS": "my_rewards", "PYTHONPATH": None})
+    assert r.returncode == 0 and "mine  (my_rewards.Mine, $RLHF_PLUGINS)" in r.stdout, r.stderr[-2000:]
+    r = cli("rlhf-plugins", "reward", cwd=tmp_path, env={"RLHF_PLUGINS": "my_rewardz", "PYTHONPATH": None})
+    assert r.returncode != 0
+    assert "RLHF_PLUGINS names 'my_rewardz', which is not importable: no my_rewardz.py" in r.stderr
+
+
+def test_offline_a_hub_name_fails_at_once_saying_how_to_use_a_local_copy(tmp_path):
+    t0 = time.time()
+    r = cli("rlhf-train", "policy=gpt2", "train.steps=1", cwd=tmp_path,
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert r.returncode != 0 and time.time() - t0 < 60
+    assert "policy.path='gpt2' is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set" in r.stderr
+    assert "--local-dir" in r.stderr and len(r.stderr) < 4000
+
+
+def test_compare_survives_a_run_without_a_log_and_a_dollar_in_a_config_value(tmp_path, embedded_dir):
+    sweep = tmp_path / "sw"
+    r = cli("rlhf-train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=1", "+tag=$5,$6", *TINY,
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sweep / "0" / rundir.METRICS).unlink()
+    r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 runs" in r.stdout and f"{sweep / '0'} has no metrics.jsonl" in r.stderr
+    assert (sweep / "report.html").is_file() and (sweep / "frontier.png").is_file()
+
+
+# ---------------------------------------------------------------------------- 12. the same seed, first time too
+
+
+def test_the_run_that_builds_its_model_trains_as_every_later_run(tmp_path):
+    args = ["+experiment=toy_bandit", "train.steps=3", "train.batch_size=8", "eval.every=100", "checkpoint.every=0"]
+    env = {"RLHF_HOME": str(tmp_path / "fresh")}  # the toy policy is built by the first run, in-process
+    rows = []
+    for name in ("first", "second"):
+        run = tmp_path / name
+        assert cli("rlhf-train", *args, f"hydra.run.dir={run}", cwd=tmp_path, env=env).returncode == 0
+        rows.append([{k: v for k, v in json.loads(x).items()} for x in (run / rundir.METRICS).read_text().splitlines()])
+    assert rows[0] == rows[1]
+
+
+def test_building_the_embedded_default_leaves_the_random_state_alone():
+    import random
+
+    import numpy as np
+
+    from rlhf.embedded.build import own_random_state
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    with own_random_state():
+        torch.rand(100), random.random(), np.random.rand(5)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+# ---------------------------------------------------------------------------- 14. smaller doors
+
+
+def test_a_sweep_job_resumed_on_its_own_keeps_its_name_and_its_sweeps_log(tmp_path, embedded_dir):
+    sweep = tmp_path / "sw"
+    r = cli("rlhf-train", "-m", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+            "optimizer.beta=0.1", "seed=1,2", "train.steps=2", "checkpoint.every=2", "logger=[jsonl]", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    job = sweep / "optimizer.beta=0.1,seed=1"
+    assert job.is_dir()
+    (job / rundir.ERROR).write_text("an old failure\n")
+    r = cli("rlhf-train", f"resume={job}", "train.steps=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (job / rundir.ERROR).exists()  # a resumed run that ends well shows no old error
+    assert not (job / "metrics_all.jsonl").exists()
+    rows = [json.loads(x) for x in (sweep / "metrics_all.jsonl").read_text().splitlines()]
+    assert any(r.get("run") == "seed=1" and r["step"] == 3 for r in rows), rows[-3:]
+
+
+def test_pairs_that_prefer_nothing_are_refused_and_repeats_are_said(tmp_path):
+    from rlhf.contracts.schema import DataConfig
+    from rlhf.core.pairs import load_pairs
+
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[2]]))
+    with pytest.warns(UserWarning, match=r"1 pair\(s\) repeat an earlier one exactly \(first: row 4 = row 2\)"):
+        load_pairs(DataConfig(pairs=str(path), n_eval=1))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "p", "chosen": "same", "rejected": "same"}]))
+    with pytest.raises(ValueError, match="row 4 has the same chosen and rejected response"):
+        load_pairs(DataConfig(pairs=str(path), n_eval=1))
+
+
+def test_uneven_minibatches_are_said_and_honour_the_count():
+    from rlhf.core.rollout import minibatch_indices
+
+    with pytest.warns(UserWarning, match="10 rows do not split evenly into 4 minibatches"):
+        parts = minibatch_indices(10, 4, torch.device("cpu"))
+    assert [len(p) for p in parts] == [3, 3, 2, 2] and sorted(torch.cat(parts).tolist()) == list(range(10))
+
+
+def test_a_damaged_embedded_build_is_rebuilt_saying_what_was_wrong(tmp_path, monkeypatch, capsys):
+    from rlhf.embedded import build
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+    spec = build.BuildSpec(n_reviews=64, vocab_size=300, policy_steps=2, classifier_steps=2, batch_size=8)
+    target = build.ensure_built(spec, quiet=True)
+    weights = target / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0" * 10)
+    assert build.ensure_built(spec, quiet=True) == target
+    assert "policy/model.safetensors differs from its manifest); rebuilding it" in capsys.readouterr().err
