@@ -210,3 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="where to write the plots and report.html (default: the sweep directory)")
     args = p.parse_args(argv)
     compare(args.dirs, args.out)
+
+
+if __name__ == "__main__":
+    main()

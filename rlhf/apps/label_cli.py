@@ -9,9 +9,8 @@ import textwrap
 import hydra
 from omegaconf import DictConfig
 
-from rlhf.apps import hydra_guard
+from rlhf.apps import hydra_setup
 from rlhf.apps.label import PreferenceFileError, Session, agreement_line, build_session, next_steps
-from rlhf.contracts import registry, schema
 from rlhf.core.rundir import RunDirBusy
 
 TERMINAL_KEYS = {"1": "left", "l": "left", "left": "left", "2": "right", "r": "right", "right": "right",
@@ -97,9 +96,7 @@ def _label(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    registry.discover()
-    schema.store()
-    hydra_guard.install()
+    hydra_setup.prepare()
     _label()
 
 

@@ -96,10 +96,9 @@ def _child(shared: str, idx: str, result: str, overrides: list[str]) -> None:
     import cloudpickle
     from hydra_plugins.hydra_joblib_launcher._core import execute_job
 
-    from rlhf.contracts import registry, schema
+    from rlhf.apps import hydra_setup
 
-    registry.discover()
-    schema.store()
+    hydra_setup.prepare()  # as in the command that started the sweep
     hydra_context, config, task_function, singleton_state = cloudpickle.loads(Path(shared).read_bytes())
     ret = execute_job(int(idx), overrides, hydra_context, config, task_function, singleton_state)
     try:

@@ -69,3 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         prefix = f"{info.group}.{info.name}" if info.group in registry.LIST_GROUPS else info.group
         for name, type_name, default, help_text in describe(info):
             print(f"      {prefix}.{name}: {type_name} = {default!r}" + (f"  # {help_text}" if help_text else ""))
+
+
+if __name__ == "__main__":
+    main()

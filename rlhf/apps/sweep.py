@@ -30,6 +30,8 @@ def report() -> int:
     if "dir" not in _sweep:
         return 0
     root: Path = _sweep.pop("dir")
+    if not root.is_dir():  # the sweep ended before any job started
+        return 0
     # a job's directory has its record, or (a job killed before it wrote one) the launcher's error.txt
     jobs = sorted((d for d in root.iterdir() if d.is_dir() and ((d / rundir.HYDRA).is_dir() or (d / rundir.ERROR).is_file())),
                   key=lambda d: (len(d.name), d.name))

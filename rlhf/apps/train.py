@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.apps import hydra_guard, sweep
+from rlhf.apps import hydra_setup, sweep
 from rlhf.contracts import registry, schema
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.core import checkpoint, distributed, rundir
@@ -230,9 +230,7 @@ def data_parallel_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    registry.discover()
-    schema.store()
-    hydra_guard.install()
+    hydra_setup.prepare()
     sys.argv = resume_argv(sys.argv)
     sys.argv = data_parallel_argv(sys.argv)
     try:

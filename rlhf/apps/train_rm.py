@@ -24,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.apps import hydra_guard
-from rlhf.contracts import registry, schema
+from rlhf.apps import hydra_setup
+from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
 from rlhf.core import rollout, rundir
@@ -139,9 +139,7 @@ def _train_rm(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    registry.discover()
-    schema.store()
-    hydra_guard.install()
+    hydra_setup.prepare()
     _train_rm()
 
 

@@ -27,10 +27,10 @@ def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
         held_out = [t for t, _ in reviews(cfg.n_eval, EMBEDDED_EVAL_SEED)]
     elif Path(cfg.prompts).suffix in PROMPT_FILES:
         texts = read_prompt_file(Path(cfg.prompts), cfg.text_field)
+        held_out, train = texts[: cfg.n_eval], texts[cfg.n_eval : cfg.n_eval + cfg.n_train]
     elif Path(cfg.prompts).expanduser().exists():  # a local file of a kind we do not read
         raise ValueError(f"data.prompts={cfg.prompts}: {Path(cfg.prompts).suffix or 'this'} files are not read; "
                          "use .txt (a prompt a line), .jsonl or .json (records with the field data.text_field)")
-        held_out, train = texts[: cfg.n_eval], texts[cfg.n_eval : cfg.n_eval + cfg.n_train]
     else:
         train, held_out = _read_hub(cfg)
     for name, texts in (("training", train), ("held-out", held_out)):
