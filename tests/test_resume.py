@@ -1,5 +1,6 @@
 """Nothing lost: checkpoints, kill -9 and resume, determinism, changed configs, unsafe files."""
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -127,8 +128,9 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_runs(tmp_path, em
     state = torch.load(ckpt / checkpoint.STATE, weights_only=True)
     state["rng"]["python"] = _Payload(str(marker))
     torch.save(state, ckpt / checkpoint.STATE)
-    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())  # sizes updated: it looks complete
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())  # size and hash updated: it looks complete
     manifest["files"][checkpoint.STATE] = (ckpt / checkpoint.STATE).stat().st_size
+    manifest["sha256"][checkpoint.STATE] = hashlib.sha256((ckpt / checkpoint.STATE).read_bytes()).hexdigest()
     (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     r = cli("rlhf-train", f"resume={run}", "train.steps=3", cwd=tmp_path)
     assert r.returncode != 0

@@ -105,7 +105,7 @@ def make_app(session: Session, out: str, next_steps: str, agreement_line) -> Any
 
     app = Flask("rlhf-label", static_folder=None)  # serves nothing from the current directory
     app.config["done"] = threading.Event()
-    app.config["hosts"] = set()  # filled by serve() once the port is known
+    app.config["hosts"] = {"localhost"}  # until serve() knows its port: only an in-process test client
     lock = threading.Lock()
 
     @app.before_request

@@ -65,6 +65,7 @@ def parallel_jobs() -> int:
 def _train(cfg: DictConfig) -> float:
     from rlhf.core.trainer import Trainer, preflight
 
+    distributed.setup()  # a submitit job of several tasks joins its process group here: ranks known from now on
     info = run_info()
     run_dir = Path(info.run_dir)
     hc = HydraConfig.get()

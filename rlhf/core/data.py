@@ -28,7 +28,7 @@ def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
     elif Path(cfg.prompts).suffix in PROMPT_FILES:
         texts = read_prompt_file(Path(cfg.prompts), cfg.text_field)
         held_out, train = texts[: cfg.n_eval], texts[cfg.n_eval : cfg.n_eval + cfg.n_train]
-    elif Path(cfg.prompts).expanduser().exists():  # a local file of a kind we do not read
+    elif Path(cfg.prompts).expanduser().is_file():  # a local file of a kind we do not read (a folder goes to datasets)
         raise ValueError(f"data.prompts={cfg.prompts}: {Path(cfg.prompts).suffix or 'this'} files are not read; "
                          "use .txt (a prompt a line), .jsonl or .json (records with the field data.text_field)")
     else:

@@ -43,7 +43,7 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
         return train, held_out
     if Path(cfg.pairs).suffix in (".json", ".jsonl", ".parquet"):
         rows, where = _read_rows(Path(cfg.pairs)), cfg.pairs
-    elif Path(cfg.pairs).expanduser().exists():  # a local file of a kind we do not read
+    elif Path(cfg.pairs).expanduser().is_file():  # a local file of a kind we do not read (a folder goes to datasets)
         raise ValueError(f"data.pairs={cfg.pairs}: {Path(cfg.pairs).suffix or 'this'} files are not read; use .jsonl, "
                          ".json or .parquet with the fields data.prompt_field, data.chosen_field, data.rejected_field")
     else:

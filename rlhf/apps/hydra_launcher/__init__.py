@@ -1,5 +1,6 @@
-"""Hydra finds launchers only in the `hydra_plugins` namespace: this is where
-`hydra/launcher=joblib` of rlhf-train points. The work is done in rlhf.apps.launcher."""
+"""Installed as `hydra_plugins.rlhf_launcher`: Hydra takes launchers only from the
+`hydra_plugins` namespace, and `hydra/launcher=joblib` of rlhf-train points here. The work is
+done in rlhf.apps.launcher."""
 
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
