@@ -48,6 +48,23 @@ def logged_steps(run: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines() if x.endswith("}")] if path.exists() else []
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, embedded_dir) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4; copy it before damaging it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    r = cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=4", "checkpoint.every=2", "eval.every=2", *TINY[:-1],
+            cwd=run.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+def copy_of(run: Path, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, where / "run")
+    return where / "run"
+
+
 # ---------------------------------------------------------------------------- 1. one owner per run directory
 
 
@@ -88,10 +105,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_tak
     assert json.loads((run / rundir.SUMMARY).read_text())["steps"] == 6 and not holder(run)
 
 
-def test_a_new_run_into_a_finished_runs_directory_is_refused_and_loses_nothing(tmp_path, embedded_dir):
-    run = tmp_path / "done"
-    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=2", "checkpoint.every=1", "checkpoint.keep=1", *TINY,
-               cwd=tmp_path).returncode == 0
+def test_a_new_run_into_a_finished_runs_directory_is_refused_and_loses_nothing(finished, tmp_path):
+    run = finished
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != rundir.LOCK}
     r = cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=3", "seed=5", "checkpoint.every=1", *TINY, cwd=tmp_path)
     assert r.returncode != 0
@@ -125,32 +140,28 @@ def test_a_sigkilled_job_of_a_parallel_sweep_fails_alone(tmp_path, embedded_dir)
 # ---------------------------------------------------------------------------- 3. a failed resume keeps the record
 
 
-def test_a_resume_that_fails_leaves_the_runs_record_and_names_the_setting(tmp_path, embedded_dir):
-    run = tmp_path / "r"
-    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=2", "checkpoint.every=2", *TINY,
-               cwd=tmp_path).returncode == 0
+def test_a_resume_that_fails_leaves_the_runs_record_and_names_the_setting(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
     record = {name: (run / rundir.HYDRA / name).read_bytes() for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
     r = cli("rlhf-train", f"resume={run}", "resume_force=true", "policy.lora.r=16", cwd=tmp_path)
     assert r.returncode != 0
     assert "checkpoint tensors do not fit this policy" in r.stderr and "(8, " in r.stderr
     assert "policy.lora.r=8 -> 16" in r.stderr, r.stderr[-2000:]
     assert {name: (run / rundir.HYDRA / name).read_bytes() for name in record} == record
-    r = cli("rlhf-train", f"resume={run}", "train.steps=4", cwd=tmp_path)  # the plain resume still works
+    r = cli("rlhf-train", f"resume={run}", "train.steps=6", cwd=tmp_path)  # the plain resume still works
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((run / rundir.SUMMARY).read_text())["resumed_from_step"] == 2
+    assert json.loads((run / rundir.SUMMARY).read_text())["resumed_from_step"] == 4
 
 
 # ---------------------------------------------------------------------------- 4. metrics.jsonl survives crashes
 
 
 @pytest.mark.parametrize("damage", ["short", "half_line", "deleted"])
-def test_a_damaged_metrics_log_is_repaired_on_resume_and_said(damage, tmp_path, embedded_dir):
-    run = tmp_path / "r"
-    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=1",
-               "eval.every=2", *TINY[:-1], cwd=tmp_path).returncode == 0
-    kept = checkpoint.complete(run)
-    assert [p.name for p in kept] == ["step_000004"]
-    offset = torch.load(kept[0] / checkpoint.STATE, weights_only=True)["metrics_offset"]
+def test_a_damaged_metrics_log_is_repaired_on_resume_and_said(damage, finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    newest = checkpoint.complete(run)[-1]
+    assert newest.name == "step_000004"
+    offset = torch.load(newest / checkpoint.STATE, weights_only=True)["metrics_offset"]
     log = run / rundir.METRICS
     data = log.read_bytes()
     assert len(data) == offset
@@ -187,10 +198,21 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"old": 1}
 
 
-def test_a_zero_byte_summary_is_a_failed_job_and_compare_reports_the_rest(tmp_path, embedded_dir):
-    sweep = tmp_path / "sw"
-    r = cli("rlhf-train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=1", *TINY, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory, embedded_dir) -> Path:
+    """Two finished one-step runs of a sweep, one with a `$` in a config value; copy before damaging."""
+    sweep = tmp_path_factory.mktemp("sweep") / "sw"
+    r = cli("rlhf-train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=1", "+tag=cost$5", *TINY,
+            cwd=sweep.parent)
     assert r.returncode == 0, r.stderr[-2000:]
+    return sweep
+
+
+def test_a_zero_byte_summary_is_a_failed_job_and_compare_reports_the_rest(small_sweep, tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sw"
+    shutil.copytree(small_sweep, sweep)
     (sweep / "0" / rundir.SUMMARY).write_text("")  # what a kill in the middle of a plain write leaves
     from rlhf.apps import sweep as sweep_app
 
@@ -203,10 +225,8 @@ def test_a_zero_byte_summary_is_a_failed_job_and_compare_reports_the_rest(tmp_pa
 # ---------------------------------------------------------------------------- 6. checkpoints verified by content
 
 
-def test_a_checkpoint_damaged_in_place_is_named_and_the_one_before_it_used(tmp_path, embedded_dir):
-    run = tmp_path / "r"
-    assert cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=4", "checkpoint.every=2", *TINY,
-               cwd=tmp_path).returncode == 0
+def test_a_checkpoint_damaged_in_place_is_named_and_the_one_before_it_used(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
     weights = run / checkpoint.DIR / "step_000004" / checkpoint.WEIGHTS
     data = bytearray(weights.read_bytes())
     data[:8] = b"\xff" * 8  # the right size, a header that is not safetensors'
@@ -416,11 +436,11 @@ def test_offline_a_hub_name_fails_at_once_saying_how_to_use_a_local_copy(tmp_pat
     assert "--local-dir" in r.stderr and len(r.stderr) < 4000
 
 
-def test_compare_survives_a_run_without_a_log_and_a_dollar_in_a_config_value(tmp_path, embedded_dir):
+def test_compare_survives_a_run_without_a_log_and_a_dollar_in_a_config_value(small_sweep, tmp_path):
+    import shutil
+
     sweep = tmp_path / "sw"
-    r = cli("rlhf-train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=1", "+tag=cost$5", *TINY,
-            cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(small_sweep, sweep)
     (sweep / "0" / rundir.METRICS).unlink()
     r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -28,7 +28,7 @@ from rlhf.apps import hydra_setup
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
-from rlhf.core import rollout, rundir
+from rlhf.core import checkpoint, rollout, rundir
 from rlhf.core.data import Shuffled, load_prompts, tokenize_prompts
 from rlhf.core.distributed import pick_device
 from rlhf.core.optim import gradient_step
@@ -40,7 +40,6 @@ from rlhf.core.rundir import RunRecorder
 
 def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
-    from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -52,7 +51,7 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sampler = registry.instantiate("sampler", cfg.sampler)  # cheap, and checks its settings early
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
+    checkpoint.seed_all(cfg.seed)
     device = pick_device(cfg.device)
     train_pairs, held_out = load_pairs(cfg.data)
 

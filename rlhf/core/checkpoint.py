@@ -142,6 +142,19 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, state
 
 
+def seed_all(seed: int) -> None:
+    """Seed every random number generator the run draws from (Python's, NumPy's, torch's on
+    every device): what transformers.set_seed does, without importing its trainer module,
+    which costs several seconds at every start."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every CUDA device too
+
+
 def rng_state() -> dict[str, Any]:
     """Every random number generator the run draws from."""
     import random

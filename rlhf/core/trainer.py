@@ -75,7 +75,6 @@ class Trainer:
     """Builds a run from its config, then `fit()` trains, evaluates and logs it."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, run: RunInfo | None = None):
-        from transformers import set_seed
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own
@@ -93,7 +92,7 @@ class Trainer:
 
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        set_seed(cfg.seed)
+        checkpoint.seed_all(cfg.seed)
         self.policy = Policy.load(OmegaConf.to_object(cfg.policy), distributed.pick_device(cfg.device))
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
