@@ -528,3 +528,20 @@ def test_a_damaged_embedded_build_is_rebuilt_saying_what_was_wrong(tmp_path, mon
     weights.write_bytes(weights.read_bytes()[:-10] + b"0" * 10)
     assert build.ensure_built(spec, quiet=True) == target
     assert "policy/model.safetensors differs from its manifest); rebuilding it" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_run_in_one_line_naming_the_resume(tmp_path, embedded_dir):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs to fill up needs root (CI and this machine have it)")
+    try:
+        run = disk / "run"
+        r = cli("rlhf-train", f"hydra.run.dir={run}", "train.steps=500", "checkpoint.every=1", "checkpoint.keep=1000",
+                *TINY, cwd=tmp_path)
+        assert r.returncode != 0
+        assert "rlhf-train: no space left on the device holding " in r.stderr, r.stderr[-2000:]
+        assert f"`rlhf-train resume={run}` from step_" in r.stderr
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -114,7 +114,15 @@ def _train(cfg: DictConfig) -> float:
             raise SystemExit(130) from None
         except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
             raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
-    except Exception:
+    except Exception as e:
+        full = disk_full(e)
+        if full is not None:  # nothing more can be written there: say what to do, in one line
+            last = checkpoint.complete(run_dir)
+            message = (f"no space left on the device holding {full}: free some (df -h {run_dir}), then continue with "
+                       f"`rlhf-train resume={run_dir}`" + (f" from {last[-1].name}" if last else " (no checkpoint completed)"))
+            if single:
+                raise SystemExit(f"rlhf-train: {message}") from None
+            raise RuntimeError(message) from e
         # into the job's own log (Hydra writes it to the run directory) and a file of its own,
         # so a failed job of a sweep can be found and read after the others finish
         log.exception("run failed")
@@ -146,6 +154,17 @@ def share_cores(threads: int) -> None:
         torch.set_num_threads(int(granted))
     elif threads == 0 and sharing > 1:  # do not oversubscribe the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+
+
+def disk_full(e: BaseException) -> str | None:
+    """The file being written when the disk filled up, if that is what `e` (or its cause) is."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(e.filename or "the run directory")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def save_error(run_dir: Path, text: str) -> None:
