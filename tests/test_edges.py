@@ -137,6 +137,24 @@ def test_a_sigkilled_job_of_a_parallel_sweep_fails_alone(tmp_path, embedded_dir)
         assert json.loads((sweep / str(i) / rundir.SUMMARY).read_text())["steps"] == 60
 
 
+def test_ctrl_c_to_a_parallel_sweep_stops_every_job_at_a_checkpoint_and_starts_no_other(tmp_path, embedded_dir):
+    sweep = tmp_path / "sw"
+    proc = start(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "seed=0,1,2",
+                  "train.steps=3000", "checkpoint.every=1000", *TINY], tmp_path)
+    try:
+        wait_for(lambda: all(len(logged_steps(sweep / str(i))) > 2 for i in (0, 1)), what="two jobs training")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert ": 3 runs, 0 completed, 3 failed" in out, out[-2000:] + err[-2000:]
+    for i in (0, 1):  # each stopped once, at a step, with a checkpoint
+        assert "stopped by SIGINT; its checkpoint lets" in (sweep / str(i) / rundir.ERROR).read_text()
+        assert len(checkpoint.complete(sweep / str(i))) == 1
+    assert "not started: the sweep was stopped by SIGINT" in (sweep / "2" / rundir.ERROR).read_text()
+
+
 # ---------------------------------------------------------------------------- 3. a failed resume keeps the record
 
 

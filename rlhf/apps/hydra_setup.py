@@ -53,7 +53,6 @@ def _check_targets() -> None:
 
 def _register_launcher() -> None:
     from hydra.core.plugins import Plugins
-
     from hydra_plugins.rlhf_launcher import IsolatedJoblibLauncher
 
     name = f"{IsolatedJoblibLauncher.__module__}.{IsolatedJoblibLauncher.__name__}"

@@ -7,7 +7,9 @@ Here joblib dispatches the jobs from threads (`n_jobs` at a time, as before), an
 is a fresh Python process that runs exactly what Hydra's joblib worker runs (the job's own
 config, Hydra's `run_job`, the same run directory). A job that dies is one failed job: the
 others run to the end, its directory gets an error.txt naming the signal, and the sweep's
-report counts every job.
+report counts every job. Ctrl-C or SIGTERM reaching the sweep is passed to every running job
+once (each finishes its step, writes a checkpoint and stops) and no further job starts; the
+jobs run in sessions of their own, so a terminal's Ctrl-C reaches them only through here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +30,25 @@ log = logging.getLogger(__name__)
 
 class JobDied(RuntimeError):
     """A job's process ended without reporting back (a signal, or an exit of its own)."""
+
+
+class _Jobs:
+    """The running job processes: a signal to the sweep is passed on to them, once."""
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping: int | None = None
+        self.lock = threading.Lock()
+
+    def forward(self, signum: int, frame: Any) -> None:
+        with self.lock:
+            first, self.stopping = self.stopping is None, signum
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+        if first:
+            print(f"\n{signal.Signals(signum).name}: each running job finishes its step, writes a checkpoint and stops; "
+                  "no further job starts", file=sys.stderr, flush=True)
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
@@ -50,24 +72,42 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         shared = Path(work) / "launch.pkl"
         shared.write_bytes(state)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        return Parallel(n_jobs=n_jobs, backend="threading")(
-            delayed(_run)(launcher, idx, overrides, shared, Path(work)) for idx, overrides in jobs)
+        running = _Jobs()
+        previous = {sig: signal.signal(sig, running.forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return Parallel(n_jobs=n_jobs, backend="threading")(
+                delayed(_run)(launcher, idx, overrides, shared, Path(work), running) for idx, overrides in jobs)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path):
-    """One job in a child process; its JobReturn, or a failed one naming how it died."""
+def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path, running: _Jobs):
+    """One job in a child process; its JobReturn, or a failed one naming how it ended."""
     from hydra.core.utils import JobReturn, JobStatus
 
     result = work / f"{idx}.result"
-    proc = subprocess.run([sys.executable, "-m", "rlhf.apps.launcher", str(shared), str(idx), str(result),
-                           *overrides])
+    with running.lock:
+        proc = None if running.stopping else subprocess.Popen(
+            [sys.executable, "-m", "rlhf.apps.launcher", str(shared), str(idx), str(result), *overrides],
+            start_new_session=True)  # a terminal's Ctrl-C reaches it once, through running.forward
+        if proc is not None:
+            running.procs.add(proc)
+    code = proc.wait() if proc is not None else None
     if result.is_file():
         with open(result, "rb") as f:
             return pickle.load(f)
-    code = proc.returncode
-    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code} before reporting"
-    hint = " (SIGKILL is what the out-of-memory killer sends)" if code == -signal.SIGKILL else ""
-    error = JobDied(f"job {idx} ({' '.join(overrides)}) was {how}{hint}")
+    if code is None:
+        how = f"not started: the sweep was stopped by {signal.Signals(running.stopping).name}"
+    elif code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        how = (f"stopped by {signal.Signals(code - 128).name}; its checkpoint lets `rlhf-train resume=<its directory>` "
+               "continue it")
+    elif code < 0:
+        how = f"killed by {signal.Signals(-code).name}" + (
+            " (SIGKILL is what the out-of-memory killer sends)" if code == -signal.SIGKILL else "")
+    else:
+        how = f"exited with status {code} before reporting"
+    error = JobDied(f"job {idx} ({' '.join(overrides)}): {how}")
     job_dir = _job_dir(launcher, idx, overrides)
     if job_dir is not None:  # the sweep's report reads it (and counts the job, record or not)
         from rlhf.core import rundir

@@ -118,7 +118,7 @@ def _train(cfg: DictConfig) -> float:
         full = disk_full(e)
         if full is not None:  # nothing more can be written there: say what to do, in one line
             last = checkpoint.complete(run_dir)
-            message = (f"no space left on the device holding {full}: free some (df -h {run_dir}), then continue with "
+            message = (f"no space left on the device holding {full or run_dir}: free some (df -h {run_dir}), then continue with "
                        f"`rlhf-train resume={run_dir}`" + (f" from {last[-1].name}" if last else " (no checkpoint completed)"))
             if single:
                 raise SystemExit(f"rlhf-train: {message}") from None
@@ -162,7 +162,9 @@ def disk_full(e: BaseException) -> str | None:
 
     while e is not None:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return str(e.filename or "the run directory")
+            return str(e.filename or "")
+        if "No space left on device" in str(e):  # safetensors' SafetensorError is no OSError
+            return ""
         e = e.__cause__ or e.__context__
     return None
 

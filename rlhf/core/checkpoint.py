@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from rlhf.core.rundir import CHECKPOINTS as DIR
+from rlhf.core.rundir import fsync_dir
 
 MANIFEST = "checkpoint.json"
 WEIGHTS = "trainable.safetensors"
@@ -78,18 +79,10 @@ def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict
     if final.exists():  # the same step again, after a resume from an earlier checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in complete(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_complete(path: Path) -> bool:
