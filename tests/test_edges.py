@@ -37,10 +37,12 @@ def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
 
 
 def holder(run: Path) -> dict:
+    """The owner's record in the run's lock file; {} when the last owner released it."""
     try:
-        return json.loads((run / rundir.LOCK).read_text() or "{}")
+        record = json.loads((run / rundir.LOCK).read_text() or "{}")
     except (OSError, ValueError):
         return {}
+    return {} if record.get("released") else record
 
 
 def logged_steps(run: Path) -> list[int]:
@@ -150,7 +152,8 @@ def test_ctrl_c_to_a_parallel_sweep_stops_every_job_at_a_checkpoint_and_starts_n
             proc.kill()
     assert ": 3 runs, 0 completed, 3 failed" in out, out[-2000:] + err[-2000:]
     for i in (0, 1):  # each stopped once, at a step, with a checkpoint
-        assert "stopped by SIGINT; its checkpoint lets" in (sweep / str(i) / rundir.ERROR).read_text()
+        said = (sweep / str(i) / rundir.ERROR).read_text()
+        assert "stopped by SIGINT; `rlhf-train resume=<its directory>` continues it" in said
         assert len(checkpoint.complete(sweep / str(i))) == 1
     assert "not started: the sweep was stopped by SIGINT" in (sweep / "2" / rundir.ERROR).read_text()
 

@@ -36,19 +36,22 @@ def _one_line(message, category, filename, lineno, line=None) -> str:
 
 
 def _check_targets() -> None:
-    from hydra._internal.hydra import Hydra
+    """Check every config the moment Hydra's loader has composed it, before Hydra uses any
+    of it (it configures its own logging inside composition): the run's and each job's."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
-    compose = Hydra.compose_config
-    if getattr(compose, "checks_targets", False):
-        return
+    for name in ("load_configuration", "load_sweep_config"):
+        load = getattr(ConfigLoaderImpl, name)
+        if getattr(load, "checks_targets", False):
+            continue
 
-    def compose_config(self, *args, **kwargs):
-        cfg = compose(self, *args, **kwargs)
-        registry.check_targets(cfg, ALLOWED)
-        return cfg
+        def checked(self, *args, _load=load, **kwargs):
+            cfg = _load(self, *args, **kwargs)
+            registry.check_targets(cfg, ALLOWED)
+            return cfg
 
-    compose_config.checks_targets = True
-    Hydra.compose_config = compose_config
+        checked.checks_targets = True
+        setattr(ConfigLoaderImpl, name, checked)
 
 
 def _register_launcher() -> None:

@@ -52,12 +52,13 @@ class PreferenceFileError(ValueError):
 class PreferenceFile:
     """The JSONL file of answers: read and checked at start, appended one durable line at a time."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock: bool = False):
         self.path = path
         self.records: list[dict] = []
         if path.is_dir():
             raise PreferenceFileError(f"label.out={path} is a directory; name a file in it, e.g. "
                                       f"label.out={path / 'preferences.jsonl'}")
+        self.owner = self.lock() if lock else None  # before reading: it may cut a half-written line
         if path.exists():
             self.records = self._read()
 
@@ -226,8 +227,7 @@ def build_session(cfg: DictConfig) -> Session:
     label = cfg.label
     require("label", [("label.mode", label.mode, label.mode in ("web", "terminal"), "web or terminal"),
                       ("label.pairs", label.pairs, label.pairs >= 1, "at least 1")])
-    file = PreferenceFile(Path(label.out).expanduser())  # a malformed file fails before any model loads
-    file.owner = file.lock()
+    file = PreferenceFile(Path(label.out).expanduser(), lock=True)  # a malformed file fails before any model loads
     sampler = registry.instantiate("sampler", cfg.sampler)
     reward = registry.instantiate("reward", cfg.reward) if cfg.reward is not None else None
     if cfg.threads > 0:

@@ -38,7 +38,7 @@ class _Jobs:
     def __init__(self) -> None:
         self.procs: set[subprocess.Popen] = set()
         self.stopping: int | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # with n_jobs=1 a signal can arrive in the thread that holds it
 
     def forward(self, signum: int, frame: Any) -> None:
         with self.lock:
@@ -100,8 +100,8 @@ def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path
     if code is None:
         how = f"not started: the sweep was stopped by {signal.Signals(running.stopping).name}"
     elif code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        how = (f"stopped by {signal.Signals(code - 128).name}; its checkpoint lets `rlhf-train resume=<its directory>` "
-               "continue it")
+        how = (f"stopped by {signal.Signals(code - 128).name}; `rlhf-train resume=<its directory>` continues it "
+               "from its checkpoint")
     elif code < 0:
         how = f"killed by {signal.Signals(-code).name}" + (
             " (SIGKILL is what the out-of-memory killer sends)" if code == -signal.SIGKILL else "")
@@ -112,7 +112,13 @@ def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path
     if job_dir is not None:  # the sweep's report reads it (and counts the job, record or not)
         from rlhf.core import rundir
 
-        rundir.write_atomic(job_dir / rundir.ERROR, f"{error}\n")
+        try:  # only into a directory no live process owns
+            owner = rundir.RunLock(job_dir / rundir.LOCK, f"run directory {job_dir}").acquire()
+        except rundir.RunDirBusy:
+            owner = None
+        if owner is not None:
+            rundir.write_atomic(job_dir / rundir.ERROR, f"{error}\n")
+            owner.release()
     ret = JobReturn()
     ret.overrides, ret.status, ret.return_value = overrides, JobStatus.FAILED, error
     return ret

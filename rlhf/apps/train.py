@@ -77,33 +77,53 @@ def _train(cfg: DictConfig) -> float:
             rundir.discard_if_empty(run_dir)
             raise SystemExit(f"rlhf-train: {e}") from None
     preemption = Preemption()
-    requeued = preemption.install() and bool(checkpoint.complete(run_dir))  # a submitit job continues
-    stop = preemption if preemption.installed else Interrupt().install()  # Ctrl-C and SIGTERM
-    owner = None
-    if distributed.is_main():  # the one process that writes the directory owns it
+    job = submitit_job_id() if preemption.install() else None
+    # the one process that writes the directory owns it; its verdict reaches every rank
+    owner, refused, same_job = None, None, False
+    if distributed.is_main():
         try:
-            owner = rundir.claim(run_dir, continuing=bool(cfg.resume) or requeued)
+            owner = rundir.claim(run_dir, continuing=bool(cfg.resume), job=job)
+            same_job = owner.same_job  # submitit requeued this very job: it continues here
         except rundir.RunDirRefused as e:
-            if single:
-                raise SystemExit(f"rlhf-train: {e}") from None
-            raise  # a job of a sweep: failed, and reported with the others
-
-    def record() -> None:  # .hydra/: the config this run trains with
+            refused = str(e)
+    refused, same_job = distributed.broadcast_object((refused, same_job))
+    if refused:
+        if single:
+            raise SystemExit(f"rlhf-train: {refused}")
+        raise rundir.RunDirRefused(refused)  # a job of a sweep: failed, and reported with the others
+    stop = preemption if preemption.installed else Interrupt().install()  # Ctrl-C and SIGTERM
+    resume = None  # the run's complete checkpoints, oldest first: the newest that loads is used
+    if cfg.resume or same_job:
+        resume = checkpoint.complete(run_dir) or None
+        if resume is None and cfg.resume:
+            raise SystemExit(f"rlhf-train: resume={cfg.resume}: no complete checkpoint in {run_dir}")
+        if resume is None and distributed.is_main():  # requeued before its first checkpoint: from the start
+            (run_dir / rundir.METRICS).unlink(missing_ok=True)
+    def started() -> None:  # .hydra/: the config this run trains with, once it has loaded
         if distributed.is_main():
             rundir.write_record(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
 
+    if resume:
+        print(f"{'requeued: ' if same_job else ''}resuming {run_dir} from {resume[-1].name}")
+    elif not single:
+        started()  # a new job of a sweep: at once, so that the sweep's report lists it however it ends
+
     share_cores(cfg.threads)
-    resume = None  # the run's complete checkpoints, oldest first: the newest that loads is used
-    if cfg.resume or requeued:
-        resume = checkpoint.complete(run_dir)
-        print(f"{'requeued: ' if requeued else ''}resuming {run_dir} from {resume[-1].name}")
-    else:
-        record()  # a new run: at once, so that a sweep's report lists it however it ends
     try:
         try:
             # a resumed run records its config only once its checkpoint has loaded: a resume
             # that fails leaves the run's record as it was
-            s = Trainer(cfg, run_dir, info).fit(resume=resume, preemption=stop, started=record if resume else None)
+            try:
+                trainer = Trainer(cfg, run_dir, info)
+            except (ValueError, OSError, registry.PluginError) as e:
+                if not single:
+                    raise
+                if owner is not None:  # a data file or a model that cannot be used: one line, nothing left behind
+                    owner.release()
+                    owner = None
+                rundir.discard_if_empty(run_dir)
+                raise SystemExit(f"rlhf-train: {e}") from None
+            s = trainer.fit(resume=resume, preemption=stop, started=started if resume or single else None)
         except (Requeued, Interrupted):
             raise
         except KeyboardInterrupt:  # before training started, or a second Ctrl-C
@@ -141,6 +161,16 @@ def _train(cfg: DictConfig) -> float:
     print(f"KL to reference   {s['kl_start']:.3f} -> {s['kl_end']:.3f} nats")
     print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
     return s["reward_end"]
+
+
+def submitit_job_id() -> str | None:
+    """This submitit job's id (the same when the job is requeued), or None outside one."""
+    try:
+        from submitit import JobEnvironment
+
+        return str(JobEnvironment().job_id)
+    except Exception:
+        return None
 
 
 def share_cores(threads: int) -> None:

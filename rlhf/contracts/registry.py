@@ -217,10 +217,32 @@ def protocol_members(protocol: type) -> list[str]:
 
 
 # Hydra's own classes that a composed config may name: its launchers, sweepers and callbacks,
-# and the launcher plugins this project depends on. Logging configs may name logging classes.
+# and the launcher plugins this project depends on. A name must be the class's own (module and
+# qualified name), not a path through attributes (`...basic_launcher.logging.os.system`).
 HYDRA_TARGETS = ("hydra._internal.core_plugins.", "hydra_plugins.hydra_joblib_launcher.",
                  "hydra_plugins.hydra_submitit_launcher.", "hydra.experimental.callbacks.")
-LOGGING_CLASSES = ("logging.", "colorlog.")
+# What Hydra's logging configs may build; a file handler writes only into the run directory.
+LOGGING_CLASSES = {"logging.StreamHandler", "logging.FileHandler", "logging.NullHandler", "logging.Formatter",
+                   "colorlog.ColoredFormatter"}
+LOG_FILES_UNDER = "${hydra.runtime.output_dir}/"
+
+
+def _is_own_name(target: str) -> bool:
+    """Whether `target` names an object by its own module and qualified name."""
+    import importlib
+
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return False
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}" == target
+    return False
 
 
 def check_targets(cfg: Any, allowed: tuple[str, ...] = ()) -> None:
@@ -248,12 +270,16 @@ def check_targets(cfg: Any, allowed: tuple[str, ...] = ()) -> None:
                 where = f"{path}.{key}" if path else key
                 if key == "_target_":
                     target = str(value(node, key))
-                    if target not in plugins and not target.startswith(HYDRA_TARGETS + allowed):
+                    if target not in plugins and not (target.startswith(HYDRA_TARGETS + allowed) and _is_own_name(target)):
                         bad.append(f"{where}: {target}")
                 elif in_logging and key in ("()", "class"):
                     target = str(value(node, key))
-                    if not target.startswith(LOGGING_CLASSES):
+                    if target not in LOGGING_CLASSES:
                         bad.append(f"{where}: {target}")
+                elif in_logging and key == "filename":
+                    raw = str(node._get_node(key)._value())
+                    if not raw.startswith(LOG_FILES_UNDER) or ".." in raw:
+                        bad.append(f"{where}: {raw} (a log file goes under {LOG_FILES_UNDER})")
                 else:
                     child = node._get_node(key)
                     if isinstance(child, (DictConfig, ListConfig)):

@@ -117,7 +117,11 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise DamagedCheckpoint(f"{path / MANIFEST} cannot be read ({e})") from e
     for name, digest in manifest.get("sha256", {}).items():  # checkpoints written before hashes: sizes only
-        if _sha256(path / name) != digest:
+        try:
+            actual = _sha256(path / name)
+        except OSError as e:  # a missing file, a bad disk block
+            raise DamagedCheckpoint(f"{path / name} cannot be read ({e.strerror})") from e
+        if actual != digest:
             raise DamagedCheckpoint(f"{path / name} does not have the contents {MANIFEST} lists (SHA-256 differs): "
                                     "it was damaged after it was written")
     try:

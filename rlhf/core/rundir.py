@@ -168,9 +168,10 @@ class RunLock:
     (another run, a second resume=, a labelling session) is refused, naming the holder."""
 
     def __init__(self, path: Path, target: str):
-        self.path, self.target, self.fd, self.previous = Path(path), target, None, {}
+        self.path, self.target, self.fd, self.previous, self.record = Path(path), target, None, {}, {}
+        self.same_job = False
 
-    def acquire(self) -> RunLock:
+    def acquire(self, job: str | None = None) -> RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,22 +185,31 @@ class RunLock:
                    f"{holder.get('command', '?')}") if holder else "a process that has not written its name yet"
             raise RunDirBusy(f"{self.target} is in use by another process ({who}); wait for it to end, "
                              "or use another one") from None
-        self.previous = _read_holder(fd)  # non-empty: its owner died without releasing it
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        os.fsync(fd)
+        self.previous = _read_holder(fd)  # the last owner's record; without "released", it died holding it
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "command": " ".join(sys.argv), **({"job": job} if job else {})}
+        self._write(fd, self.record)
         self.fd = fd
         return self
 
+    @staticmethod
+    def _write(fd: int, record: dict) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(fd)
+
+    @property
+    def died(self) -> bool:
+        """Its last owner ended without releasing it (killed, most likely)."""
+        return bool(self.previous) and not self.previous.get("released")
+
     def release(self) -> None:
-        """Empty the file (a clean end) and drop the lock."""
+        """Mark the record released (a clean end) and drop the lock."""
         if self.fd is None:
             return
         import fcntl
 
-        os.ftruncate(self.fd, 0)
+        self._write(self.fd, {**self.record, "released": True})
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
@@ -212,29 +222,41 @@ def _read_holder(fd: int) -> dict:
         return {}
 
 
-def claim(run_dir: Path, continuing: bool) -> RunLock:
+def claim(run_dir: Path, continuing: bool, job: str | None = None) -> RunLock:
     """Own `run_dir` (created if missing) until the process ends or releases it. A new run
-    (not `continuing` one that is there) is refused a directory that holds anything else."""
-    owner = RunLock(Path(run_dir) / LOCK, f"run directory {run_dir}").acquire()
-    if not continuing and leftovers(run_dir):
+    (not `continuing` one that is there, and not the same submitit `job` requeued) is refused
+    a directory that holds anything else, before anything is created in it."""
+    run_dir = Path(run_dir)
+    if not continuing and job is None and leftovers(run_dir):  # refused without leaving a lock behind
+        _taken(run_dir)
+    created = not (run_dir / LOCK).exists()
+    owner = RunLock(run_dir / LOCK, f"run directory {run_dir}").acquire(job)
+    owner.same_job = job is not None and owner.previous.get("job") == job
+    if not continuing and not owner.same_job and leftovers(run_dir):
         owner.release()
-        found = leftovers(run_dir)
-        raise RunDirTaken(f"run directory {run_dir} already holds another run ({', '.join(found[:6])}"
-                          f"{' ...' if len(found) > 6 else ''}): continue it with `rlhf-train resume={run_dir}`, "
-                          "or leave hydra.run.dir at its default (a new directory every run)")
-    if owner.previous:
+        if created:
+            (run_dir / LOCK).unlink(missing_ok=True)
+        _taken(run_dir)
+    if owner.died:
         warnings.warn(f"run directory {run_dir}: its last owner (pid {owner.previous.get('pid', '?')} on "
                       f"{owner.previous.get('host', '?')}) ended without releasing it, killed perhaps; taken over", stacklevel=2)
     return owner
+
+
+def _taken(run_dir: Path) -> None:
+    found = leftovers(run_dir)
+    raise RunDirTaken(f"run directory {run_dir} already holds another run ({', '.join(found[:6])}"
+                      f"{' ...' if len(found) > 6 else ''}): continue it with `rlhf-train resume={run_dir}`, "
+                      "or leave hydra.run.dir at its default (a new directory every run)")
 
 
 def discard_if_empty(run_dir: Path) -> None:
     """Remove a run directory that holds nothing (Hydra made it for a run refused before it
     started), and the default layout's folders above it (outputs/<date>/) if they are empty."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or leftovers(run_dir) or (run_dir / LOCK).exists():
+    if not run_dir.is_dir() or leftovers(run_dir):
         return
-    for p in run_dir.iterdir():  # empty logs only
+    for p in run_dir.iterdir():  # an empty log, and a released lock
         p.unlink()
     run_dir.rmdir()
     import re
@@ -264,11 +286,15 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary file either
+        raise
     fsync_dir(path.parent)
 
 

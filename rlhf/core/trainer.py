@@ -187,6 +187,8 @@ class Trainer:
             except CheckpointMismatch as e:
                 raise CheckpointMismatch(f"{e}{self._recorded_differences()}") from None
             self._restore_state(state)
+            for newer in candidates[candidates.index(path) + 1 :]:  # damaged: set aside, never rotated in
+                newer.rename(newer.with_name(f".damaged-{newer.name}"))
             return path, state
         raise checkpoint.DamagedCheckpoint(f"no checkpoint of {self.run_dir} could be loaded (see the warnings above); "
                                            "start a new run")
