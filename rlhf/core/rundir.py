@@ -227,8 +227,8 @@ def claim(run_dir: Path, continuing: bool, job: str | None = None) -> RunLock:
     (not `continuing` one that is there, and not the same submitit `job` requeued) is refused
     a directory that holds anything else, before anything is created in it."""
     run_dir = Path(run_dir)
-    if not continuing and job is None and leftovers(run_dir):  # refused without leaving a lock behind
-        _taken(run_dir)
+    if not continuing and job is None and leftovers(run_dir) and not (run_dir / LOCK).exists():
+        _taken(run_dir)  # refused without leaving a lock file behind (with one, a live owner is named)
     created = not (run_dir / LOCK).exists()
     owner = RunLock(run_dir / LOCK, f"run directory {run_dir}").acquire(job)
     owner.same_job = job is not None and owner.previous.get("job") == job
