@@ -5,8 +5,8 @@
     rlhf.apps        the commands: library and contracts, never a concrete plugin
     rlhf_plugins     the plugins: library and contracts, never a command
 
-Every import counts, also one inside a function (a lazy import is still a dependency);
-imports under `if TYPE_CHECKING:` are annotations only, never executed, and do not.
+Every import counts: one inside a function (a lazy import is still a dependency) and one
+under `if TYPE_CHECKING:` (an annotation is a dependency of the reader) alike.
 """
 
 from __future__ import annotations
@@ -34,25 +34,13 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    lines = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
-
-
 def imports_of(module: str) -> set[str]:
     """The project modules `module` imports (a package when no submodule is named)."""
     path = MODULES[module]
     tree = ast.parse(path.read_text())
-    skip = _type_checking_lines(tree)
     is_package = path.name == "__init__.py"
     out = set()
     for node in ast.walk(tree):
-        if getattr(node, "lineno", None) in skip:
-            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -150,8 +138,8 @@ def test_the_cycle_finder_finds_circles():
     assert sorted(cycles(old)) == [["rlhf.config", "rlhf.reward_model", "rlhf.trainer"], ["rlhf.sweep", "rlhf.train"]]
 
 
-def test_lazy_imports_count_and_type_checking_ones_do_not():
-    """An import inside a function is an edge; one under TYPE_CHECKING is not."""
+def test_lazy_imports_count():
+    """An import inside a function is an edge."""
     deps = GRAPH["rlhf.apps.train"]
     assert "rlhf.core.trainer" in deps  # imported inside _train()
-    assert "rlhf.core.policy" not in GRAPH["rlhf.contracts.interfaces"]  # TYPE_CHECKING only
+    assert "rlhf.core.policy" not in GRAPH["rlhf.contracts.interfaces"]  # contracts name no library type

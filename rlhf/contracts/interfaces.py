@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_chec
 if TYPE_CHECKING:
     import torch
 
-    from rlhf.core.policy import Policy
-
 
 @dataclass
 class Rollout:
@@ -71,7 +69,7 @@ class PolicyOptimizer(Protocol):
     # solves, as configured: eval.kl_to_optimum compares the policy with its optimum
     beta: float
 
-    def setup(self, policy: Policy, temperature: float) -> torch.optim.Optimizer:
+    def setup(self, policy: Any, temperature: float) -> torch.optim.Optimizer:  # policy: an rlhf.core.policy.Policy
         """Called once before training: create the torch optimizer over the trainable
         parameters and return it. The core decays its learning rate
         (train.lr_schedule=linear) and saves and restores its state in checkpoints."""
