@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,15 +18,75 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# environment variables read when Python or a third-party library starts (before the fork
+# server's children begin): a command given one of these runs as a fresh process
+STARTUP_ENV = ("PYTHON", "HF_", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "CUDA", "LD_", "TOKENIZERS")
+
+
 def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run an installed console script as a real subprocess; env values of None unset a variable."""
+    """Run an installed console script as a real subprocess; env values of None unset a variable.
+
+    The process is forked from the fork server (tests/forkserver.py), which has imported
+    torch, transformers and peft once, unless the environment changes what Python or those
+    libraries read when they start; then it is the installed script, started from scratch."""
     exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
     assert exe, f"{name} is not installed; run pip install -e '.[test]'"
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={k: v for k, v in full_env.items() if v is not None},
-    )
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    changed = {k for k in set(full_env) | set(os.environ) if full_env.get(k) != os.environ.get(k)}
+    if any(k.startswith(STARTUP_ENV) and k != "PYTHONPATH" for k in changed) or (
+        "PYTHONPATH" in changed and os.environ.get("PYTHONPATH")
+    ):
+        return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return FORK_SERVER.run(name, [exe, *args], cwd=cwd, env=full_env, timeout=timeout)
+
+
+class ForkServer:
+    """The test side of tests/forkserver.py: started on first use, one per pytest process;
+    calls from several threads at once are fine."""
+
+    def __init__(self):
+        self.proc = None
+        self.lock = threading.Lock()
+        self.waiting: dict[int, dict] = {}
+        self.next_id = 0
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), str(BIN)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.lock:
+                slot = self.waiting[msg["id"]]
+            slot.update(msg)
+            if "rc" in msg:
+                slot["done"].set()
+
+    def run(self, name: str, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "out", Path(tmp) / "err"
+            with self.lock:
+                if self.proc is None or self.proc.poll() is not None:
+                    self._start()
+                self.next_id += 1
+                slot = self.waiting[self.next_id] = {"done": threading.Event()}
+                request = {"id": self.next_id, "name": name, "argv": argv, "cwd": str(cwd), "env": env,
+                           "out": str(out), "err": str(err)}
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
+                self.proc.stdin.flush()
+            if not slot["done"].wait(timeout):
+                if "pid" in slot:
+                    os.kill(slot["pid"], signal.SIGKILL)
+                slot["done"].wait(30)
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(errors="replace"), err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(argv, slot["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+FORK_SERVER = ForkServer()
 
 
 def final_tensors(run: Path) -> dict:

@@ -71,7 +71,7 @@ def copy_of(run: Path, where: Path) -> Path:
 
 
 def test_two_runs_started_in_the_same_second_get_two_directories(tmp_path, embedded_dir):
-    procs = [start(["train.steps=1", *TINY], tmp_path) for _ in range(2)]
+    procs = [start(["train.steps=1", "threads=1", *TINY], tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     runs = sorted(p.parent for p in (tmp_path / "outputs").rglob(rundir.SUMMARY))

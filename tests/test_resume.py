@@ -168,7 +168,7 @@ def test_same_seed_same_metrics_and_another_seed_other_metrics(tmp_path, embedde
     def run(name_seed):
         name, seed = name_seed
         (tmp_path / name).mkdir()
-        r = cli("rlhf-train", f"seed={seed}", "train.steps=3", "eval.every=3", *SMALL, cwd=tmp_path / name)
+        r = cli("rlhf-train", f"seed={seed}", "train.steps=3", "eval.every=3", "threads=1", *SMALL, cwd=tmp_path / name)
         assert r.returncode == 0, r.stderr[-2000:]
         return name, (run_dir(tmp_path / name) / "metrics.jsonl").read_text()
 
