@@ -123,9 +123,3 @@ def test_optimizers_land_on_the_closed_form_optimum(tmp_path):
             if not kl < 0.05:
                 missed[(d / ".hydra" / "overrides.yaml").read_text().replace("\n", " ")] = kl
     assert not missed, missed
-
-
-def test_kl_to_optimum_refuses_multi_token_responses(tmp_path):
-    cfg, _ = _toy("sampler.max_new_tokens=4")
-    with pytest.raises(ValueError, match="set sampler.max_new_tokens=1"):
-        Trainer(cfg, tmp_path)

@@ -3,11 +3,15 @@ A_i = (R_i - mean_G R) / (std_G R + eps), a PPO-style clipped surrogate averaged
 response's tokens, no value function.
 
 kl_penalty: "reward" (default) puts -beta * sum_t KL_t (kl_estimator per token) into R,
-whose fixed point is the KL-regularised optimum pi*. "loss" is the paper's form: R is the
-score alone and beta * KL_t (kl_estimator) is added to each token's loss. With k3 (the
-paper's choice) its expected gradient is that of KL(pi_ref || pi), the forward KL, so it
-converges elsewhere (KL 0.70 from pi* on the toy bandit at beta 0.5; README); k1 in the
-loss has an expected gradient of zero (E_pi[grad log pi] = 0), so it is refused.
+whose fixed point is the KL-regularised optimum pi*: there every R is the same, beta log Z.
+"loss" is the paper's form: R is the score alone and beta * KL_t (kl_estimator) is added to
+each token's loss. With k3 (the paper's choice) its expected gradient is that of
+KL(pi_ref || pi), the forward KL, so it converges elsewhere (README); k1 in the loss has an
+expected gradient of zero (E_pi[grad log pi] = 0), so it is refused.
+
+loss_aggregation: "response_mean" (the paper) takes the mean over each response's tokens,
+so a response's gradient is weighed by 1/length; "sum" (Dr. GRPO, Liu et al. 2025) sums
+over them. The README's conformance table measures where each lands on whole sequences.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class GRPO:
         epochs: int = 1  # passes over each batch (mu in the paper)
         num_minibatches: int = 1  # minibatches per pass
         scale_rewards: bool = True  # divide by the group's std (Dr. GRPO, Liu et al. 2025, argues against)
+        loss_aggregation: str = "response_mean"  # response_mean: each response's token mean (paper); sum: token sum (Dr. GRPO)
         max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
@@ -53,6 +58,7 @@ class GRPO:
                   kl_penalty=(cfg.kl_penalty in ("reward", "loss"), "reward or loss"),
                   kl_estimator=(cfg.kl_penalty == "reward" or cfg.kl_estimator != "k1",
                                 "k3 with kl_penalty=loss: k1 in the loss has an expected gradient of zero"),
+                  loss_aggregation=(cfg.loss_aggregation in ("response_mean", "sum"), "response_mean or sum"),
                   clip_coef=(cfg.clip_coef > 0, "> 0"), epochs=(cfg.epochs >= 1, "at least 1"),
                   num_minibatches=(cfg.num_minibatches >= 1, "at least 1"))
         self.cfg = cfg
@@ -96,7 +102,10 @@ class GRPO:
                 per_token = torch.max(pg_loss1, pg_loss2)
                 if c.kl_penalty == "loss":  # the paper's k3 = pi_ref / pi - 1 - log(pi_ref / pi)
                     per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, c.kl_estimator)
-                loss = numerics.masked_mean(per_token, m, dim=1).mean()  # mean over each response, then over responses
+                if c.loss_aggregation == "response_mean":  # mean over each response, then over responses
+                    loss = numerics.masked_mean(per_token, m, dim=1).mean()
+                else:  # sum over each response's tokens: a long response counts as much per token as a short one
+                    loss = (per_token * m).sum(1).mean()
                 grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
                 with torch.no_grad():
                     for name, value in {

@@ -160,6 +160,12 @@ def _train(cfg: DictConfig) -> float:
     print(f"held-out reward   {s['reward_start']:.3f} -> {s['reward_end']:.3f}")
     print(f"KL to reference   {s['kl_start']:.3f} -> {s['kl_end']:.3f} nats")
     print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
+    if (run_dir / rundir.OPTIMUM).is_file():  # eval.kl_to_optimum: the trained policy beside pi_ref and pi*
+        import json
+
+        from rlhf.core.optimum import format_table
+
+        print(format_table(json.loads((run_dir / rundir.OPTIMUM).read_text())))
     return s["reward_end"]
 
 

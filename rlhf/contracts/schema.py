@@ -67,7 +67,7 @@ class EvalConfig:
     samples: int = 8  # generations saved to <run>/samples/step_<N>.jsonl per evaluation
     seed: int = 1234  # sampling seed of evaluation, fixed so evaluations are comparable
     judges: list[str] = field(default_factory=list)  # extra reward plugins scoring the samples, e.g. [lexicon]
-    kl_to_optimum: bool = False  # one-token problems: exact KL(pi || pi*) to the closed-form optimum
+    kl_to_optimum: bool = False  # small vocabularies: exact KL(pi || pi*) over whole responses to the closed-form optimum
 
 
 @dataclass

@@ -24,10 +24,10 @@ def resolve_path(path: str) -> str:
         from rlhf.embedded.build import policy_path
 
         return policy_path()
-    if path == "toy":
-        from rlhf.embedded.toy import toy_policy_path
+    if path == "toy" or path.startswith("toy:"):
+        from rlhf.embedded import toy
 
-        return toy_policy_path()
+        return toy.resolve(path)
     return path
 
 
@@ -186,6 +186,11 @@ class Policy:
             if isinstance(getattr(config, key, None), int):
                 return getattr(config, key)
         return None
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the model can produce: the rows of its output layer."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
 
     @property
     def keeps_logits(self) -> bool:

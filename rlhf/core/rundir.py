@@ -31,6 +31,7 @@ CONFIG = f"{HYDRA}/config.yaml"
 OVERRIDES = f"{HYDRA}/overrides.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+OPTIMUM = "optimum.json"  # eval.kl_to_optimum: pi_ref, pi and pi* side by side
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"

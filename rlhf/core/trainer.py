@@ -10,6 +10,7 @@ logging are the same for all.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -64,8 +65,10 @@ def preflight(cfg: DictConfig) -> Plugins:
     )
     if plugins.optimizer.consumes not in sources.kinds():
         raise ValueError(f"optimizer consumes {plugins.optimizer.consumes!r}; the core provides {sources.kinds()}")
-    if cfg.eval.kl_to_optimum and plugins.sampler.generation_kwargs().get("max_new_tokens") != 1:
-        raise ValueError("eval.kl_to_optimum is exact for one-token responses only: set sampler.max_new_tokens=1")
+    if cfg.eval.kl_to_optimum:
+        from rlhf.core.optimum import check_sampler
+
+        check_sampler(plugins.sampler.generation_kwargs())
     distributed.shard(cfg.train.batch_size)  # the batch must split evenly over the processes
     distributed.pick_device(cfg.device)
     return plugins
@@ -94,6 +97,12 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         checkpoint.seed_all(cfg.seed)
         self.policy = Policy.load(OmegaConf.to_object(cfg.policy), distributed.pick_device(cfg.device))
+        self.optimum: list = []  # eval.kl_to_optimum: the last evaluation's exact distributions
+        if cfg.eval.kl_to_optimum:  # before any step: how many responses there are to enumerate
+            from rlhf.core.optimum import check_enumerable
+
+            check_enumerable(self.policy.vocab_size, self.sampler.generation_kwargs(),
+                             has_eos=self.policy.tokenizer.eos_token_id is not None)
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
         self.autocast_dtype = distributed.pick_precision(cfg.precision, self.policy.device)
@@ -148,11 +157,11 @@ class Trainer:
         )
         save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
         if self.cfg.eval.kl_to_optimum:
-            from rlhf.core.optimum import kl_to_optimum
+            from rlhf.core.optimum import optimum
 
-            metrics["eval/kl_to_optimum"] = kl_to_optimum(
-                self.policy, self.reward, self.eval_queries, self.optimizer.beta, self.sampler.temperature
-            )
+            self.optimum = optimum(self.policy, self.reward, self.eval_queries, self.optimizer.beta,
+                                   self.sampler.generation_kwargs(), self.sampler.temperature)
+            metrics["eval/kl_to_optimum"] = sum(d.kl() for d in self.optimum) / len(self.optimum)
         return metrics
 
     # ---------------------------------------------------------------- checkpoints
@@ -330,6 +339,10 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         recorder.summary(summary)
+        if self.optimum:
+            from rlhf.core.optimum import table_record
+
+            rundir.write_atomic(self.run_dir / rundir.OPTIMUM, json.dumps(table_record(self.optimum, cfg.train.steps), indent=1))
         for lg in self.loggers:
             lg.finish(summary)
         return summary

@@ -1,25 +1,50 @@
-"""The toy problem's policy: a tiny randomly initialised GPT-2 over a word-level vocabulary
-of one-token prompts x0..x{K-1} and one-token responses y0..y{V-1}.
+"""The toy problems' policies: tiny randomly initialised GPT-2s over a word-level vocabulary
+of one-token prompts x0..x{K-1}, response tokens y0..y{V-1} and, for sequence problems, an
+EOS token `</s>`.
 
-Prompts and responses are single tokens, so pi(y|x) is one softmax and the optimum of the
-KL-regularised objective can be computed exactly (`rlhf/optimum.py`). Built into the cache
-like the embedded default; deterministic from its seed.
+The vocabulary is small, so every response up to a short cap can be enumerated and the
+optimum of the KL-regularised objective computed exactly (`rlhf/core/optimum.py`). Built
+into the cache like the embedded default; deterministic from its seed.
+
+`policy.path` names one: `toy` (2 prompts, 6 response tokens, no EOS: every response runs
+to the cap), or `toy:<prompts>x<tokens>[:eos][:seed<N>]`, e.g. `toy:3x4:eos`.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-PAD = "<pad>"
+PAD, EOS = "<pad>", "</s>"
+SPEC = re.compile(r"toy(?::(\d+)x(\d+))?(:eos)?(?::seed(\d+))?")
 
 
-def toy_vocab(n_prompts: int, n_responses: int) -> list[str]:
-    return [PAD] + [f"x{i}" for i in range(n_prompts)] + [f"y{i}" for i in range(n_responses)]
+def is_toy(path: str) -> bool:
+    return path == "toy" or path.startswith("toy:")
 
 
-def toy_policy_path(n_prompts: int = 2, n_responses: int = 6, seed: int = 0) -> str:
+def resolve(path: str) -> str:
+    """The directory of the toy model `path` names (see the module's docstring)."""
+    m = SPEC.fullmatch(path)
+    if not m or (path.startswith("toy:") and not m.group(1) and not m.group(3)):
+        raise ValueError(f"policy.path={path}: a toy model is named toy or toy:<prompts>x<tokens>[:eos][:seed<N>], "
+                         "e.g. toy:3x4:eos")
+    prompts, tokens = (int(m.group(1)), int(m.group(2))) if m.group(1) else (2, 6)
+    if not (1 <= prompts <= 100 and 1 <= tokens <= 1000):
+        raise ValueError(f"policy.path={path}: between 1 and 100 prompts and 1 and 1000 response tokens")
+    return toy_policy_path(prompts, tokens, int(m.group(4) or 0), eos=bool(m.group(3)))
+
+
+def toy_vocab(n_prompts: int, n_responses: int, eos: bool = False) -> list[str]:
+    """With EOS, the EOS is also the padding (as GPT-2's): a sampled padding token stops the
+    response instead of vanishing from the decoded text."""
+    body = [f"x{i}" for i in range(n_prompts)] + [f"y{i}" for i in range(n_responses)]
+    return body + [EOS] if eos else [PAD] + body
+
+
+def toy_policy_path(n_prompts: int = 2, n_responses: int = 6, seed: int = 0, eos: bool = False) -> str:
     """Directory of the toy policy (built on first use; under a second, well below a build's)."""
     from filelock import FileLock
 
@@ -27,35 +52,42 @@ def toy_policy_path(n_prompts: int = 2, n_responses: int = 6, seed: int = 0) -> 
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"toy-{n_prompts}x{n_responses}-seed{seed}"
+    target = root / f"toy-{n_prompts}x{n_responses}{'-eos' if eos else ''}-seed{seed}"
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").is_file() or not (target / "model.safetensors").is_file():
             shutil.rmtree(target, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
             try:
                 with own_random_state():  # the run that builds it trains as every later run does
-                    _build(tmp, n_prompts, n_responses, seed)
+                    _build(tmp, n_prompts, n_responses, seed, eos)
                 tmp.replace(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
-def _build(out: Path, n_prompts: int, n_responses: int, seed: int) -> None:
+def _build(out: Path, n_prompts: int, n_responses: int, seed: int, eos: bool) -> None:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    vocab = toy_vocab(n_prompts, n_responses)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=PAD))
+    vocab = toy_vocab(n_prompts, n_responses, eos)
+    pad = EOS if eos else PAD
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=pad))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, model_max_length=8)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=EOS if eos else None,
+                                        model_max_length=16 if eos else 8)
     torch.manual_seed(seed)
-    # a large initialiser range gives a reference far from uniform, so pi* differs per prompt
-    config = GPT2Config(vocab_size=len(vocab), n_positions=8, n_embd=16, n_layer=1, n_head=2,
-                        initializer_range=0.5, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    eos_id = len(vocab) - 1 if eos else None
+    # a large initialiser range gives a reference far from uniform, so pi* differs per prompt;
+    # sequence problems get a wider, deeper model, whose next-token distributions depend on
+    # the prefix, at a smaller range (0.5 put 80% of a prompt's mass on one response)
+    width = (dict(n_embd=32, n_layer=2, n_positions=16, initializer_range=0.2) if eos
+             else dict(n_embd=16, n_layer=1, n_positions=8, initializer_range=0.5))
+    config = GPT2Config(vocab_size=len(vocab), n_head=2, bos_token_id=None, eos_token_id=eos_id,
+                        pad_token_id=vocab.index(pad), **width)
     model = GPT2LMHeadModel(config)
-    model.generation_config.eos_token_id = None
+    model.generation_config.eos_token_id = eos_id
     model.generation_config.bos_token_id = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

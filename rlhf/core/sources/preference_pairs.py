@@ -28,9 +28,10 @@ class OfflinePairs:
 
     @classmethod
     def from_context(cls, ctx: SourceContext) -> OfflinePairs:
-        """The data's pairs (data.pairs), or Bradley-Terry-labelled token pairs for one-token problems."""
+        """The data's pairs (data.pairs), or Bradley-Terry-labelled pairs of whole responses for toy problems."""
         if ctx.data.pairs == "bradley_terry":
-            return bradley_terry_pairs(ctx.policy, ctx.reward, ctx.prompts, ctx.data.n_train, ctx.seed)
+            return bradley_terry_pairs(ctx.policy, ctx.reward, ctx.prompts, ctx.data.n_train, ctx.seed,
+                                       ctx.sampler.generation_kwargs().get("max_new_tokens", 1))
         pairs, _ = load_pairs(ctx.data)
         return cls.from_text(ctx.policy, pairs, MAX_PROMPT_TOKENS, ctx.seed, where=ctx.data.pairs)
 
@@ -98,21 +99,28 @@ class OfflinePairs:
 
 @torch.no_grad()
 def bradley_terry_pairs(
-    policy: Policy, reward: RewardSource, prompts: list[list[int]], n: int, seed: int
+    policy: Policy, reward: RewardSource, prompts: list[list[int]], n: int, seed: int, max_new_tokens: int = 1,
 ) -> OfflinePairs:
-    """For one-token problems: n pairs of two distinct vocabulary tokens drawn uniformly,
-    labelled by the Bradley-Terry model of the reward, P(y1 preferred) = sigma(r(x, y1) -
-    r(x, y2)), as a soft label: the DPO loss then takes the expectation over the label
-    instead of one coin flip per pair, and its minimiser is exactly the optimum pi*."""
-    rng = random.Random(seed)
+    """For toy problems small enough to enumerate: n pairs of two distinct responses (any
+    response the sampler can produce, up to max_new_tokens and ending at EOS or cut at the
+    cap) drawn uniformly, labelled by the Bradley-Terry model of the reward,
+    P(y1 preferred) = sigma(r(x, y1) - r(x, y2)), as a soft label: the DPO loss then takes
+    the expectation over the label instead of one coin flip per pair, and its minimiser is
+    exactly the optimum pi*."""
+    from rlhf.core.optimum import all_responses, check_enumerable
+
     tok = policy.tokenizer
-    text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    vocab = policy.vocab_size
+    check_enumerable(vocab, {"max_new_tokens": max_new_tokens}, tok.eos_token_id is not None)
+    responses = all_responses(vocab, max_new_tokens, tok.eos_token_id)
+    rng = random.Random(seed)
+    text = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     rows, q_ids, c_ids, r_ids, preference = [], [], [], [], []
     for i in range(n):
         x = prompts[i % len(prompts)]
-        y1, y2 = rng.sample(range(len(tok)), 2)
-        r1, r2 = reward.score([text(x)] * 2, [text([y1]), text([y2])]).tolist()
-        rows.append(Pair(text(x), text([y1]), text([y2])))
-        q_ids.append(list(x)), c_ids.append([y1]), r_ids.append([y2])
+        y1, y2 = (responses[j] for j in rng.sample(range(len(responses)), 2))
+        r1, r2 = reward.score([text(x)] * 2, [text(y1), text(y2)]).tolist()
+        rows.append(Pair(text(x), text(y1), text(y2)))
+        q_ids.append(list(x)), c_ids.append(list(y1)), r_ids.append(list(y2))
         preference.append(1 / (1 + math.exp(-(r1 - r2))))
     return OfflinePairs(policy, rows, q_ids, c_ids, r_ids, seed, preference)
