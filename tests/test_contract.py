@@ -24,6 +24,9 @@ def _reward_overrides(name, optimizer, reward_model_dir):
     if name == "table":  # the reward table belongs to the toy problem's prompts and tokens
         offline_dpo = optimizer == ["optimizer=dpo"]
         return ["+experiment=toy_bandit", "sampler.max_new_tokens=1", *(["data.pairs=bradley_terry"] if offline_dpo else [])]
+    if name == "sequence":  # so does the sequence reward: the sequence toy's prompts, its cap of 3 tokens
+        offline_dpo = optimizer == ["optimizer=dpo"]
+        return ["+experiment=toy_sequences", "sampler.max_new_tokens=3", *(["data.pairs=bradley_terry"] if offline_dpo else [])]
     return []
 
 

@@ -120,7 +120,8 @@ def test_the_one_token_toy_with_three_token_responses_reports_kl_to_optimum(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     table = json.loads((tmp_path / "run" / "optimum.json").read_text())
-    assert summary["kl_to_optimum"] == pytest.approx(sum(p["kl_to_optimum"] for p in table["prompts"]) / 2) > 0
+    assert summary["kl_to_optimum"] == pytest.approx(sum(p["kl_to_optimum"] for p in table["prompts"]) / 2)
+    assert summary["kl_to_optimum"] > 0
     assert {row["tokens"] for p in table["prompts"] for row in p["top"]} == {3}  # no EOS: every response is 3 tokens
     assert "pi_ref" in r.stdout and "pi*" in r.stdout  # the side-by-side table at the end of the run
 
@@ -134,3 +135,20 @@ def test_kl_to_optimum_in_the_trainer_equals_the_enumeration(tmp_path):
     assert sorted(map(tuple, prompts)) == sorted({tuple(q) for q in t.eval_queries})
     by_prompt = [response_distribution(t.policy, reward, p, 0.5, gen, 1.0).kl() for p in prompts]
     assert kl_to_optimum(t.policy, reward, t.eval_queries, 0.5, 1.0, gen) == pytest.approx(sum(by_prompt) / 3)
+
+
+@pytest.mark.slow
+def test_optimizers_land_on_the_sequence_optimum(tmp_path):
+    """The sequence toy at beta 1 (KL(pi_ref || pi*) = 0.11 at the start), 150 steps: a
+    policy gradient, an actor-critic with its value head, and DPO on Bradley-Terry pairs of
+    whole responses each end within 0.05 of pi* (measured: 0.0015, 0.0016, 0.0026). One
+    process runs them one after another (Hydra's basic launcher)."""
+    runs = {"onpolicy": ["+experiment=toy_sequences", "optimizer=reinforce,a2c"], "dpo": ["+experiment=toy_sequences_dpo"]}
+    for name, args in runs.items():
+        r = cli("rlhf-train", "-m", *args, "optimizer.beta=1.0", "train.steps=150", "eval.every=1000", "threads=1",
+                f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    kls = {str(s.parent.relative_to(tmp_path)): json.loads(s.read_text())["kl_to_optimum"]
+           for s in tmp_path.rglob("summary.json")}
+    assert len(kls) == 3, kls
+    assert all(kl < 0.05 for kl in kls.values()), kls

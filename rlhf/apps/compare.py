@@ -176,11 +176,27 @@ figure{{display:inline-block;margin:1em}}</style></head>
 <body><h1>rlhf-compare</h1><p>{len(runs)} runs under <code>{html.escape(str(root))}</code></p>
 <table><thead><tr>{cells("th", header)}</tr></thead>
 <tbody>{"".join(f"<tr>{cells('td', r)}</tr>" for r in rows)}</tbody></table>
-{images}</body></html>
+{images}{optimum_section(runs, root)}</body></html>
 """
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def optimum_section(runs: list[Run], root: Path) -> str:
+    """Runs with eval.kl_to_optimum: pi_ref, the trained pi and pi* side by side, one block each."""
+    from rlhf.core.optimum import format_table
+
+    blocks = []
+    for run in runs:
+        path = run.path / rundir.OPTIMUM
+        try:
+            text = format_table(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError):
+            continue  # no optimum (the usual case), or one that cannot be read: the table above still stands
+        name = html.escape(str(run.path.relative_to(root)) if run.path.is_relative_to(root) else str(run.path))
+        blocks.append(f"<details><summary>{name}</summary><pre>{html.escape(text)}</pre></details>")
+    return f"<h2>The trained policy beside pi_ref and the optimum pi*</h2>{''.join(blocks)}" if blocks else ""
 
 
 def compare(paths: list[Path], out: Path | None = None) -> Path:
