@@ -74,6 +74,7 @@ class TablePolicy:
         self.tokenizer = SimpleNamespace(eos_token_id=2, decode=lambda ids, skip_special_tokens: " ".join(
             "ab"[i] for i in ids if i != 2))
         self.device = torch.device("cpu")
+        self.vocab_size = 3
 
     def forward(self, ids, mask, q, with_values=False):
         logits = torch.log(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)).expand(ids.shape[0], ids.shape[1] - q, 3)

@@ -23,7 +23,7 @@ import torch
 
 from rlhf.contracts.interfaces import RewardSource
 from rlhf.core.policy import Policy
-from rlhf.core.rollout import SAMPLING_LOOP_KEYS, sampling_log_probs, sampling_loop_handles
+from rlhf.core.rollout import SAMPLING_LOOP_KEYS, sampling_log_probs, sampling_loop_handles, score
 
 MAX_RESPONSES = 200_000  # per prompt: beyond this the tree is too large to enumerate here
 ROWS_PER_PASS = 2048  # prefixes per forward pass
@@ -38,15 +38,23 @@ def response_count(vocab: int, max_new_tokens: int, has_eos: bool) -> int:
     return stopped + branching**max_new_tokens
 
 
+def _levels(vocab: int, max_new_tokens: int, eos: int | None):
+    """The tree of responses, depth by depth: (prefixes not yet ended, their children token by
+    token, whether each child ends there: at `eos` or at the cap)."""
+    live = [()]
+    for depth in range(max_new_tokens):
+        children = [(*p, v) for p in live for v in range(vocab)]
+        ends = [depth + 1 == max_new_tokens or c[-1] == eos for c in children]
+        yield live, children, ends
+        live = [c for c, e in zip(children, ends) if not e]
+        if not live:
+            return
+
+
 def all_responses(vocab: int, max_new_tokens: int, eos: int | None) -> list[tuple[int, ...]]:
     """Every response, in the order the enumeration lists them: by length, then token by
     token; those that stop end with `eos`. One-token responses are range(vocab)."""
-    out, live = [], [()]
-    for depth in range(max_new_tokens):
-        children = [(*p, v) for p in live for v in range(vocab)]
-        out += [c for c in children if depth + 1 == max_new_tokens or c[-1] == eos]
-        live = [c for c in children if depth + 1 < max_new_tokens and c[-1] != eos]
-    return out
+    return [c for _, children, ends in _levels(vocab, max_new_tokens, eos) for c, e in zip(children, ends) if e]
 
 
 def check_sampler(gen: dict[str, Any]) -> None:
@@ -103,6 +111,11 @@ class ResponseDistribution:
                  "pi_star": float(self.log_star[i].exp())} for i in rows]
 
 
+def mean_kl(dists: Sequence[ResponseDistribution]) -> float:
+    """KL(pi || pi*) averaged over prompts, in nats."""
+    return sum(d.kl() for d in dists) / max(1, len(dists))
+
+
 @torch.no_grad()
 def response_distribution(policy: Policy, reward: RewardSource, prompt: list[int], beta: float, gen: dict[str, Any],
                           temperature: float, limit: int = MAX_RESPONSES) -> ResponseDistribution:
@@ -110,34 +123,23 @@ def response_distribution(policy: Policy, reward: RewardSource, prompt: list[int
     tok = policy.tokenizer
     eos = tok.eos_token_id
     cap = gen.get("max_new_tokens", 20)
-    vocab = None
-    live = [()]  # prefixes not yet ended, in order
-    live_pi = torch.zeros(1, dtype=torch.float64)
-    live_ref = torch.zeros(1, dtype=torch.float64)
+    vocab = policy.vocab_size
+    check_enumerable(vocab, gen, eos is not None, limit)
+    live_pi = live_ref = torch.zeros(1, dtype=torch.float64)  # log-probabilities of the prefixes not yet ended
     responses, log_pi, log_ref = [], [], []
-    for depth in range(cap):
+    for live, children, ends in _levels(vocab, cap, eos):
         step_pi, step_ref = _next_token(policy, prompt, live, gen, temperature)  # (P, V) each
-        if vocab is None:
-            vocab = step_pi.shape[1]
-            check_enumerable(vocab, gen, eos is not None, limit)
         child_pi = (live_pi[:, None] + step_pi).flatten()
         child_ref = (live_ref[:, None] + step_ref).flatten()
-        children = [(*p, v) for p in live for v in range(vocab)]
-        ends = torch.tensor([depth + 1 == cap or c[-1] == eos for c in children])
-        responses += [c for c, e in zip(children, ends.tolist()) if e]
-        log_pi.append(child_pi[ends])
-        log_ref.append(child_ref[ends])
-        live = [c for c, e in zip(children, ends.tolist()) if not e]
-        live_pi, live_ref = child_pi[~ends], child_ref[~ends]
-        if not live:
-            break
+        stop = torch.tensor(ends)
+        responses += [c for c, e in zip(children, ends) if e]
+        log_pi.append(child_pi[stop])
+        log_ref.append(child_ref[stop])
+        live_pi, live_ref = child_pi[~stop], child_ref[~stop]
     query = tok.decode(prompt, skip_special_tokens=True)
     texts = [tok.decode(list(r), skip_special_tokens=True) for r in responses]
-    scores = [torch.as_tensor(reward.score([query] * len(texts[i : i + SCORES_PER_CALL]), texts[i : i + SCORES_PER_CALL]),
-                              dtype=torch.float64).flatten().cpu() for i in range(0, len(texts), SCORES_PER_CALL)]
-    r = torch.cat(scores)
-    if r.shape[0] != len(texts):
-        raise ValueError(f"reward source {type(reward).__name__} returned {r.shape[0]} scores for {len(texts)} responses")
+    r = torch.cat([score(reward, [query] * len(texts[i : i + SCORES_PER_CALL]), texts[i : i + SCORES_PER_CALL],
+                         torch.device("cpu")).double() for i in range(0, len(texts), SCORES_PER_CALL)])
     return ResponseDistribution(list(prompt), query, responses, texts, torch.cat(log_pi), torch.cat(log_ref), r, beta)
 
 
@@ -177,15 +179,14 @@ def kl_to_optimum(policy: Policy, reward: RewardSource, prompts: Sequence[list[i
                   temperature: float = 1.0, gen: dict[str, Any] | None = None) -> float:
     """Mean over distinct prompts of KL(pi(.|x) || pi*(.|x)) over whole responses, in nats."""
     gen = gen or {"max_new_tokens": 1, "temperature": temperature}
-    dists = optimum(policy, reward, prompts, beta, gen, temperature)
-    return sum(d.kl() for d in dists) / len(dists)
+    return mean_kl(optimum(policy, reward, prompts, beta, gen, temperature))
 
 
 def table_record(dists: Sequence[ResponseDistribution], step: int, k: int = 5) -> dict[str, Any]:
     """What optimum.json holds: per prompt, KL(pi || pi*) and the k most likely responses
     under pi_ref, pi and pi*."""
     return {"step": step, "beta": dists[0].beta if dists else None,
-            "kl_to_optimum": sum(d.kl() for d in dists) / max(1, len(dists)),
+            "kl_to_optimum": mean_kl(dists),
             "prompts": [{"prompt": d.query, "responses": len(d.responses), "kl_to_optimum": d.kl(), "top": d.top(k)}
                         for d in dists]}
 

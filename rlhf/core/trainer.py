@@ -157,11 +157,11 @@ class Trainer:
         )
         save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
         if self.cfg.eval.kl_to_optimum:
-            from rlhf.core.optimum import optimum
+            from rlhf.core.optimum import mean_kl, optimum
 
             self.optimum = optimum(self.policy, self.reward, self.eval_queries, self.optimizer.beta,
                                    self.sampler.generation_kwargs(), self.sampler.temperature)
-            metrics["eval/kl_to_optimum"] = sum(d.kl() for d in self.optimum) / len(self.optimum)
+            metrics["eval/kl_to_optimum"] = mean_kl(self.optimum)
         return metrics
 
     # ---------------------------------------------------------------- checkpoints
