@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ class ForkServer:
 
 
 FORK_SERVER = ForkServer()
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def final_tensors(run: Path) -> dict:

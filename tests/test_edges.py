@@ -1,21 +1,18 @@
-"""Nothing lost at the edges, doors closed: each test plays an adversarial user against one
-promise (real processes, real signals, real files)."""
+"""Nothing lost at the edges: each test plays an adversarial user against one promise (real
+processes, real signals, real files). The doors closed and the errors that say what to do
+are in test_doors.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, cli
+from conftest import BIN, cli, wait_for
 
 from rlhf.core import checkpoint, rundir
 
@@ -25,15 +22,6 @@ TINY = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=4", "eval
 def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "rlhf-train"), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def holder(run: Path) -> dict:
@@ -243,6 +231,18 @@ def test_a_zero_byte_summary_is_a_failed_job_and_compare_reports_the_rest(small_
     assert r.returncode == 0 and "1 runs" in r.stdout and f"{sweep / '0'} left out" in r.stderr
 
 
+def test_compare_survives_a_run_without_a_log_and_a_dollar_in_a_config_value(small_sweep, tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sw"
+    shutil.copytree(small_sweep, sweep)
+    (sweep / "0" / rundir.METRICS).unlink()
+    r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 runs" in r.stdout and f"{sweep / '0'} has no metrics.jsonl" in r.stderr
+    assert (sweep / "report.html").is_file() and (sweep / "frontier.png").is_file()
+
+
 # ---------------------------------------------------------------------------- 6. checkpoints verified by content
 
 
@@ -262,106 +262,6 @@ def test_rotation_orders_checkpoints_by_step_not_by_name(tmp_path):
     for step in (999_998, 999_999, 1_000_000):
         checkpoint.save(tmp_path, step, {"w": torch.zeros(2)}, {"step": step}, keep=2)
     assert [checkpoint.step_of(p) for p in checkpoint.complete(tmp_path)] == [999_999, 1_000_000]
-
-
-# ---------------------------------------------------------------------------- 7. every _target_ is checked
-
-
-def test_a_hydra_callback_or_logging_handler_that_calls_anything_is_refused(tmp_path):
-    victim = tmp_path / "pwned.txt"
-    conf = tmp_path / "conf"
-    (conf / "experiment").mkdir(parents=True)
-    (conf / "experiment" / "evil.yaml").write_text(
-        "# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: pathlib.Path.write_text\n"
-        f"      self: {victim}\n      data: owned\n")
-    (conf / "experiment" / "evil_log.yaml").write_text(
-        "# @package _global_\nhydra:\n  job_logging:\n    handlers:\n      evil:\n        class: pathlib.Path.touch\n"
-        f"        self: {victim}\n    root:\n      handlers: [evil]\n")
-    for preset, key in (("evil", "hydra.callbacks.x._target_: pathlib.Path.write_text"),
-                        ("evil_log", "hydra.job_logging.handlers.evil.class: pathlib.Path.touch")):
-        r = cli("rlhf-train", "--config-dir", str(conf), f"+experiment={preset}", "train.steps=1", cwd=tmp_path, timeout=120)
-        assert r.returncode != 0 and key in r.stderr, r.stderr[-2000:]
-        assert not victim.exists()
-
-
-# ---------------------------------------------------------------------------- 8. the labelling page's doors
-
-
-class _Session:
-    """Enough of a labelling session for the page: one pair, never answered."""
-
-    def current(self):
-        from rlhf.apps.label import Pair
-
-        return Pair(0, "The movie", "was good .", "was bad .")
-
-    def progress(self):
-        return {"answered": 0, "total": 1, "preferred": 0, "ties": 0, "skips": 0}
-
-    def answer(self, index, choice):
-        return True
-
-    def agreement(self):
-        return None
-
-
-def _request(port: int, path: str = "/api/pair", host: str | None = None, origin: str | None = None) -> int:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    headers = {"Host": host or f"127.0.0.1:{port}", **({"Origin": origin} if origin else {})}
-    conn.request("GET", path, headers=headers)
-    return conn.getresponse().status
-
-
-def test_the_labelling_page_answers_only_to_its_own_host_and_an_idle_client_does_not_stall_it(tmp_path, monkeypatch):
-    from rlhf.apps.label_web import make_app, serve
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "static").mkdir()
-    (tmp_path / "static" / "secret.txt").write_text("do not serve")
-    app = make_app(_Session(), "out.jsonl", "next", lambda a: "")
-    ports = []
-    threading.Thread(target=serve, args=(app, "127.0.0.1", 0, False, lambda url: ports.append(int(url.rsplit(":", 1)[1][:-1]))),
-                     daemon=True).start()
-    wait_for(lambda: ports, 10, "the server")
-    port = ports[0]
-    idle = socket.create_connection(("127.0.0.1", port))  # connects, says nothing
-    try:
-        t0 = time.time()
-        assert _request(port) == 200 and time.time() - t0 < 3
-        assert _request(port, host=f"localhost:{port}") == 200
-        assert _request(port, host=f"evil.example:{port}") == 403  # DNS rebinding
-        assert _request(port, origin="http://evil.example") == 403  # another site's page
-        assert _request(port, path="/static/secret.txt") == 404
-    finally:
-        idle.close()
-
-
-def test_one_labelling_process_per_preference_file(tmp_path, embedded_dir):
-    out = tmp_path / "prefs.jsonl"
-    code = (f"from rlhf.apps.label import PreferenceFile; from pathlib import Path; import time; "
-            f"f = PreferenceFile(Path({str(out)!r})); f.lock(); print('locked', flush=True); time.sleep(60)")
-    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout.readline().strip() == "locked"
-        r = cli("rlhf-label", f"label.out={out}", "label.mode=terminal", cwd=tmp_path, timeout=120)
-        assert r.returncode != 0
-        assert f"preference file {out} is in use by another process (pid {first.pid} on" in r.stderr, r.stderr[-2000:]
-    finally:
-        first.kill()
-
-
-# ---------------------------------------------------------------------------- 9. the current directory's plugins
-
-
-def test_a_plugins_folder_in_the_current_directory_does_not_replace_the_builtins(tmp_path):
-    (tmp_path / "rlhf_plugins").mkdir()
-    (tmp_path / "rlhf_plugins" / "__init__.py").write_text("raise SystemExit('the wrong rlhf_plugins was imported')\n")
-    r = subprocess.run([sys.executable, "-m", "rlhf.apps.plugins_cli", "optimizer"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "ppo  (rlhf_plugins.optimizers.ppo.PPO, builtin)" in r.stdout
 
 
 # ---------------------------------------------------------------------------- 10. Ctrl-C and SIGTERM
@@ -387,115 +287,6 @@ def test_an_interrupt_checkpoints_at_a_step_and_says_how_to_resume(sig, tmp_path
     r = cli("rlhf-train", f"resume={run}", f"train.steps={step + 2}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert logged_steps(run)[-3:] == [step + 1, step + 2, step + 2]  # the train row and the final evaluation
-
-
-# ---------------------------------------------------------------------------- 11. errors that name the file and the fix
-
-
-def test_bad_prompt_files_are_named_with_the_line_and_the_fix(tmp_path):
-    from rlhf.contracts.schema import DataConfig
-    from rlhf.core.data import load_prompts
-
-    def err(name: str, data: bytes, **kw) -> str:
-        path = tmp_path / name
-        path.write_bytes(data)
-        with pytest.raises((ValueError, FileNotFoundError)) as e:
-            load_prompts(DataConfig(prompts=str(path), n_eval=1, **kw))
-        return str(e.value)
-
-    utf16 = tmp_path / "u16.txt"
-    utf16.write_bytes("first prompt\nsecond prompt\n".encode("utf-16"))
-    assert load_prompts(DataConfig(prompts=str(utf16), n_eval=1)) == (["second prompt"], ["first prompt"])
-    assert "bin.txt: not UTF-8 text (byte 1 is b'\\x9c'" in err("bin.txt", b"x\x9c\x00\xffzz")
-    assert "bad.jsonl: line 3 is not JSON" in err("bad.jsonl", b'{"text": "a"}\n\n{"text": \n{"text": "c"}\n')
-    assert "data.prompts=" in err("p.csv", b"text\nhello\n") and ".csv files are not read; use .txt" in err("p.csv", b"x")
-    (tmp_path / "d.txt").mkdir()
-    with pytest.raises(ValueError, match=r"data.prompts=.*d.txt is a directory"):
-        load_prompts(DataConfig(prompts=str(tmp_path / "d.txt"), n_eval=1))
-    with pytest.raises(ValueError, match=r"prompt 1 \(' '\) has no tokens after tokenisation"):
-        from rlhf.core.data import tokenize_prompts
-
-        class Tok:
-            def __call__(self, texts, **kw):
-                return {"input_ids": [[1] if t.strip() else [] for t in texts]}
-
-        tokenize_prompts(Tok(), ["a", " "])
-
-
-def test_settings_that_cannot_work_here_are_refused_in_one_line_before_any_model_loads(tmp_path):
-    home = tmp_path / "cache"
-    cases = [
-        (["device=cuda"], "device=cuda: no CUDA device is visible here"),
-        (["optimizer.beta=-0.1"], "rlhf-train: ppo: out of range: optimizer.beta=-0.1 (must be >= 0)"),
-    ]
-    for args, message in cases:
-        r = cli("rlhf-train", *args, cwd=tmp_path, env={"RLHF_HOME": str(home)}, timeout=120)
-        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
-        assert not (tmp_path / "outputs").exists()  # no run directory left behind
-        assert not home.exists() or not any(home.iterdir())
-
-
-def test_an_rlhf_plugins_module_is_found_beside_you_or_named(tmp_path):
-    (tmp_path / "my_rewards.py").write_text(
-        "from dataclasses import dataclass\nfrom rlhf.contracts.registry import register\n\n"
-        "@register('reward', 'mine')\nclass Mine:\n    @dataclass\n    class Config:\n        x: int = 1  # x\n"
-        "    def __init__(self, cfg):\n        self.cfg = cfg\n    def score(self, q, r):\n        return [0.0] * len(r)\n")
-    r = cli("rlhf-plugins", "reward", cwd=tmp_path, env={"RLHF_PLUGINS": "my_rewards", "PYTHONPATH": None})
-    assert r.returncode == 0 and "mine  (my_rewards.Mine, $RLHF_PLUGINS)" in r.stdout, r.stderr[-2000:]
-    r = cli("rlhf-plugins", "reward", cwd=tmp_path, env={"RLHF_PLUGINS": "my_rewardz", "PYTHONPATH": None})
-    assert r.returncode != 0
-    assert "RLHF_PLUGINS names 'my_rewardz', which is not importable: no my_rewardz.py" in r.stderr
-
-
-def test_offline_a_hub_name_fails_at_once_saying_how_to_use_a_local_copy(tmp_path):
-    t0 = time.time()
-    r = cli("rlhf-train", "policy=gpt2", "train.steps=1", cwd=tmp_path,
-            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
-    assert r.returncode != 0 and time.time() - t0 < 60
-    assert "policy.path='gpt2' is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set" in r.stderr
-    assert "--local-dir" in r.stderr and len(r.stderr) < 4000
-
-
-def test_compare_survives_a_run_without_a_log_and_a_dollar_in_a_config_value(small_sweep, tmp_path):
-    import shutil
-
-    sweep = tmp_path / "sw"
-    shutil.copytree(small_sweep, sweep)
-    (sweep / "0" / rundir.METRICS).unlink()
-    r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 runs" in r.stdout and f"{sweep / '0'} has no metrics.jsonl" in r.stderr
-    assert (sweep / "report.html").is_file() and (sweep / "frontier.png").is_file()
-
-
-# ---------------------------------------------------------------------------- 12. the same seed, first time too
-
-
-def test_the_run_that_builds_its_model_trains_as_every_later_run(tmp_path):
-    args = ["+experiment=toy_bandit", "train.steps=3", "train.batch_size=8", "eval.every=100", "checkpoint.every=0"]
-    env = {"RLHF_HOME": str(tmp_path / "fresh")}  # the toy policy is built by the first run, in-process
-    rows = []
-    for name in ("first", "second"):
-        run = tmp_path / name
-        assert cli("rlhf-train", *args, f"hydra.run.dir={run}", cwd=tmp_path, env=env).returncode == 0
-        rows.append([{k: v for k, v in json.loads(x).items()} for x in (run / rundir.METRICS).read_text().splitlines()])
-    assert rows[0] == rows[1]
-
-
-def test_building_the_embedded_default_leaves_the_random_state_alone():
-    import random
-
-    import numpy as np
-
-    from rlhf.embedded.build import own_random_state
-
-    torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    with own_random_state():
-        torch.rand(100), random.random(), np.random.rand(5)
-    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
 
 
 # ---------------------------------------------------------------------------- 14. smaller doors

@@ -24,9 +24,9 @@ def resolve_path(path: str) -> str:
         from rlhf.embedded.build import policy_path
 
         return policy_path()
-    if path == "toy" or path.startswith("toy:"):
-        from rlhf.embedded import toy
+    from rlhf.embedded import toy
 
+    if toy.is_toy(path):
         return toy.resolve(path)
     return path
 
