@@ -27,7 +27,7 @@ def test_local_files(tmp_path):
 
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n{"other": 1}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl: row 1 has no string field 'prompt'"):
+    with pytest.raises(ValueError, match=r"p.jsonl: row 1 has no field 'prompt' holding text"):
         load_prompts(DataConfig(prompts=str(tmp_path / "p.jsonl"), text_field="prompt"))
     (tmp_path / "one.txt").write_text("only one\n")
     with pytest.raises(ValueError, match="gave no training prompts"):

@@ -57,7 +57,7 @@ def test_pair_files_and_their_errors(tmp_path):
         assert held == [Pair("prompt 0", "good 0", "bad 0"), Pair("prompt 1", "good 1", "bad 1")]
         assert len(train) == 3
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"q": "x", "good": "y"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 1 has no string field 'bad'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1 has no field 'bad' holding text"):
         load_pairs(DataConfig(pairs=str(tmp_path / "bad.jsonl"), **fields))
     (tmp_path / "empty.jsonl").write_text(json.dumps({"q": "x", "good": " ", "bad": "z"}) + "\n")
     with pytest.raises(ValueError, match=r"row 0 has an empty chosen or rejected"):

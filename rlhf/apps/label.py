@@ -35,7 +35,7 @@ from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import DataConfig
 from rlhf.core import rollout
-from rlhf.core.data import load_prompts, read_prompt_file, tokenize_prompts
+from rlhf.core.data import load_prompts, read_prompt_file, sample_queries, tokenize_prompts
 from rlhf.core.distributed import pick_device
 from rlhf.core.policy import Policy
 from rlhf.core.rundir import RunLock
@@ -149,7 +149,7 @@ class PairSource:
         import torch
 
         prompt = self.prompts[self.order[index % len(self.order)]]
-        query = self.sampler.sample([prompt], random.Random(f"{self.seed}:{index}"))[0]
+        query = sample_queries(self.sampler, [prompt], random.Random(f"{self.seed}:{index}"))[0]
         for attempt in range(self.TRIES):
             torch.manual_seed(hash((self.seed, index, attempt)) % 2**62)
             g = rollout.generate(self.policy, [query, query], self.sampler.generation_kwargs(), self.sampler.temperature)

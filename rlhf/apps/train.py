@@ -122,7 +122,7 @@ def _train(cfg: DictConfig) -> float:
                     owner.release()
                     owner = None
                 rundir.discard_if_empty(run_dir)
-                raise SystemExit(f"rlhf-train: {e}") from None
+                raise Refused(f"rlhf-train: {e}") from None
             s = trainer.fit(resume=resume, preemption=stop, started=started if resume or single else None)
         except (Requeued, Interrupted):
             raise
@@ -132,6 +132,8 @@ def _train(cfg: DictConfig) -> float:
                      else "no checkpoint was written, nothing to resume")
             print(f"\nstopped at once: {where}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
+        except Refused:
+            raise
         except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
             raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
     except Exception as e:
@@ -203,6 +205,10 @@ def disk_full(e: BaseException) -> str | None:
             return ""
         e = e.__cause__ or e.__context__
     return None
+
+
+class Refused(SystemExit):
+    """A run refused before it trained (a data file or a model that cannot be used): one line."""
 
 
 def save_error(run_dir: Path, text: str) -> None:

@@ -29,7 +29,7 @@ from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
 from rlhf.core import checkpoint, rollout, rundir
-from rlhf.core.data import Shuffled, load_prompts, tokenize_prompts
+from rlhf.core.data import Shuffled, load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.distributed import pick_device
 from rlhf.core.optim import gradient_step
 from rlhf.core.pairs import load_pairs
@@ -73,8 +73,8 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for step in bar:
         model.train()
         batch = [train_pairs[i] for i in order.take(s.batch_size)]
-        r_chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen) for p in batch], s.batch_size)
-        r_rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected) for p in batch], s.batch_size)
+        r_chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen, tokenizer) for p in batch], s.batch_size)
+        r_rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected, tokenizer) for p in batch], s.batch_size)
         loss = -F.logsigmoid(r_chosen - r_rejected).mean()  # Bradley-Terry
         gradient_step(opt, list(model.parameters()), loss, 1.0)
         log({"loss/bt": loss.item(), "train/accuracy": (r_chosen > r_rejected).float().mean().item()}, step)
@@ -105,7 +105,7 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
     policy = Policy.load(policy_cfg, device)
     prompts, _ = load_prompts(cfg.data)
     ids = tokenize_prompts(policy.tokenizer, prompts[:n])
-    queries = sampler.sample(ids, random.Random(cfg.seed))
+    queries = sample_queries(sampler, ids, random.Random(cfg.seed))
     texts = []
     for i in range(0, len(queries), 64):
         g = rollout.generate(policy, queries[i : i + 64], sampler.generation_kwargs())

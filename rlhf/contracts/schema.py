@@ -26,15 +26,24 @@ class LoraSettings:
     r: int = 8  # adapter rank
     alpha: int = 16  # scaling is alpha / r
     dropout: float = 0.0  # dropout on the adapter input (0 keeps PPO ratios exact)
-    target_modules: Optional[list[str]] = None  # null: peft's default for the architecture
+    # [all-linear]: every linear layer but the output one, whatever the architecture; null: peft's
+    # default for the architecture (often the attention projections only); or names, e.g. [q_proj, v_proj]
+    target_modules: Optional[list[str]] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
 class PolicyConfig:
-    path: str = "embedded"  # hub name, local directory, "embedded" (built offline) or "toy" (the exact toy problem)
+    # hub name, local directory, "embedded" (built offline), "toy" (the exact toy problem), or a run
+    # directory of rlhf-train / its final/ adapters: training goes on from the trained policy
+    path: str = "embedded"
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run model code shipped with a hub repo; off for safety
     dtype: str = "float32"  # float32, bfloat16 or float16
+    # policy.path is a trained run: "base", the KL anchors at the model that run started from (its
+    # adapters train on); "start", at the trained policy itself (merged, fresh adapters on top)
+    reference: str = "base"
+    chat_template: Optional[str] = None  # a Jinja file: the chat template for conversational data (replaces the tokenizer's)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -179,6 +188,7 @@ def validate(cfg: Any) -> None:
         ("policy.lora.dropout", cfg.policy.lora.dropout, 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
         ("precision", cfg.precision, cfg.precision in ("auto", "fp32", "bf16"),
          "auto, fp32 or bf16 (fp16 would need loss scaling)"),
+        ("policy.reference", cfg.policy.reference, cfg.policy.reference in ("base", "start"), "base or start"),
         ("policy.dtype", cfg.policy.dtype, cfg.policy.dtype in ("float32", "bfloat16", "float16"),
          "float32, bfloat16 or float16"),
         ("train.lr_schedule", cfg.train.lr_schedule, cfg.train.lr_schedule in ("constant", "linear"), "constant or linear"),

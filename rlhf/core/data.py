@@ -1,10 +1,17 @@
-"""Prompt sets: the embedded review generator, a local file, or a hub dataset."""
+"""Prompt sets: the embedded review generator, a local file, or a hub dataset.
+
+A prompt is plain text, or a conversation: a list of {"role", "content"} messages (the
+conversational format of TRL's datasets), rendered with the tokenizer's chat template and
+the generation prompt (`render`). A rendered conversation is a `Rendered` token list:
+samplers never cut it (`sample_queries`), as a cut would cut its template.
+"""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import Sequence, Union
 
 from rlhf.contracts.schema import DataConfig
 
@@ -89,17 +96,85 @@ def read_records(path: Path, setting: str) -> list[tuple[int, object]]:
     return records
 
 
-def read_prompt_file(path: Path, field: str) -> list[str]:
+Prompt = Union[str, list]  # text, or a conversation: [{"role": ..., "content": ...}, ...]
+
+
+def read_prompt_file(path: Path, field: str) -> list[Prompt]:
     if path.suffix == ".txt":
         return [line for line in read_text(path, "data.prompts").splitlines() if line.strip()]
     rows = [row for _, row in read_records(path, "data.prompts")]
     texts = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ValueError(f"{path}: row {i} has no string field {field!r} (set data.text_field)")
-        if row[field].strip():
-            texts.append(row[field])
+        value = row.get(field) if isinstance(row, dict) else None
+        if is_conversation(value):
+            check_conversation(value, f"{path}: row {i}, field {field!r}")
+            texts.append(value)
+            continue
+        if not isinstance(value, str):
+            have = f" (it has {sorted(row)})" if isinstance(row, dict) else ""
+            raise ValueError(f"{path}: row {i} has no field {field!r} holding text or a list of messages{have}; "
+                             "set data.text_field")
+        if value.strip():
+            texts.append(value)
     return texts
+
+
+def is_conversation(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def check_conversation(messages: list, where: str) -> None:
+    for j, m in enumerate(messages):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {j} is {m!r}; a conversation is a list of "
+                             '{"role": "user", "content": "..."} messages')
+
+
+class Rendered(list):
+    """The token ids of a conversation rendered with the chat template: a query as it is."""
+
+
+def render(tokenizer, messages: list, generation_prompt: bool = True) -> str:
+    """A conversation as the chat template writes it (with the assistant's generation prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the data holds conversations (lists of role/content messages), but this model's tokenizer "
+                         "has no chat template to render them with; use an instruction-tuned model, give one with "
+                         "policy.chat_template=<a Jinja file>, or give plain-text prompts")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+class RenderedText(str):
+    """A query's text as the chat template rendered it (special tokens kept): a reward source
+    reading prompt and response together appends the response directly (`text_of`)."""
+
+
+def response_ids(tokenizer, prompt: Prompt, response: str, ends: Sequence[int]) -> list[int]:
+    """The tokens a policy produces for `response` after `prompt`, up to and including the
+    token that ends it: the chat template's end of turn for a conversation (what the template
+    writes after the assistant's message, up to the first end token), else the EOS."""
+    if isinstance(prompt, str):
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+    head = render(tokenizer, prompt)
+    whole = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    ids = tokenizer(whole[len(head):] if whole.startswith(head) else response, add_special_tokens=False)["input_ids"]
+    stop = next((i for i, t in enumerate(ids) if t in set(ends)), None)
+    return ids[: stop + 1] if stop is not None else ids + list(ends[:1])
+
+
+def encode_prompt(tokenizer, prompt: Prompt, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """A prompt's token ids: text cut to max_tokens, no special tokens added; a conversation
+    rendered whole (a `Rendered`)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    return Rendered(tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+
+def sample_queries(sampler, prompts: Sequence[list[int]], rng) -> list[list[int]]:
+    """The sampler's queries for plain prompts; rendered conversations whole."""
+    plain = [p for p in prompts if not isinstance(p, Rendered)]
+    cut = iter(sampler.sample(plain, rng) if plain else [])
+    return [list(p) if isinstance(p, Rendered) else next(cut) for p in prompts]
 
 
 def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
@@ -121,10 +196,14 @@ def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return list(train[: cfg.n_train]), list(held_out)
 
 
-def tokenize_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, cut to MAX_PROMPT_TOKENS, no special tokens added. A prompt
-    with no tokens is refused: the first response token needs a context."""
-    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
+def tokenize_prompts(tokenizer, texts: list[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: text cut to MAX_PROMPT_TOKENS, no special tokens added; a
+    conversation rendered with the chat template, whole (a `Rendered`). A prompt with no tokens
+    is refused: the first response token needs a context."""
+    plain = [t for t in texts if isinstance(t, str)]
+    cut = iter(tokenizer(plain, add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
+               if plain else [])  # one call for all the text: the fast tokenizer batches it
+    ids = [next(cut) if isinstance(t, str) else encode_prompt(tokenizer, t) for t in texts]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         raise ValueError(f"prompt {empty[0]} ({texts[empty[0]]!r}) has no tokens after tokenisation ({len(empty)} such "

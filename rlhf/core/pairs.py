@@ -16,7 +16,7 @@ import torch
 
 from rlhf.contracts.schema import DataConfig
 from rlhf.core import numerics
-from rlhf.core.data import read_records
+from rlhf.core.data import check_conversation, is_conversation, read_records
 from rlhf.core.policy import Policy
 
 EMBEDDED_PAIRS_TRAIN_SEED, EMBEDDED_PAIRS_EVAL_SEED = 20_001, 20_002
@@ -24,10 +24,17 @@ EMBEDDED_PAIRS_TRAIN_SEED, EMBEDDED_PAIRS_EVAL_SEED = 20_001, 20_002
 
 @dataclass(frozen=True)
 class Pair:
-    prompt: str
+    prompt: str | tuple  # text, or a conversation (a tuple of role/content message dicts)
     chosen: str
     rejected: str
     row: int = field(default=-1, compare=False)  # its row in the file it came from, for error messages
+
+
+class MessageDict(dict):
+    """A message of a conversational prompt, hashable so that pairs compare and dedupe."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted((k, str(v)) for k, v in self.items())))
 
 
 # ------------------------------------------------------------------------ loading
@@ -82,11 +89,25 @@ def _read_hub(cfg: DataConfig) -> list[dict]:
 
 
 def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
+    """A row of text fields, or of the conversational format: the prompt a list of messages,
+    chosen and rejected each a list holding the assistant's message (as TRL's datasets)."""
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     values = [row.get(f) if isinstance(row, dict) else None for f in fields]
+    if is_conversation(values[0]):
+        check_conversation(values[0], f"{where}: row {i}, field {fields[0]!r}")
+        values[0] = tuple(MessageDict(m) for m in values[0])
+    for k in (1, 2):
+        if is_conversation(values[k]):
+            check_conversation(values[k], f"{where}: row {i}, field {fields[k]!r}")
+            said = [m["content"] for m in values[k] if m["role"] == "assistant"]
+            if len(said) != 1:
+                raise ValueError(f"{where}: row {i}, field {fields[k]!r} holds {len(said)} assistant messages; "
+                                 "a response is one assistant message")
+            values[k] = said[0]
     for name, value in zip(fields, values):
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: row {i} has no string field {name!r} (fields: data.*_field)")
+        if not isinstance(value, (str, tuple)) or (name != fields[0] and not isinstance(value, str)):
+            raise ValueError(f"{where}: row {i} has no field {name!r} holding text (or, in the conversational "
+                             "format, messages) (fields: data.*_field)")
     if not values[1].strip() or not values[2].strip():
         raise ValueError(f"{where}: row {i} has an empty chosen or rejected response")
     if values[1].strip() == values[2].strip():  # no preference to learn: a data error, not a pair

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +35,7 @@ def resolve_path(path: str) -> str:
 class Policy:
     """Causal LM (+ adapters) with an optional value head; computes log-probs for the core."""
 
-    def __init__(self, model: nn.Module, tokenizer, lora: bool, device: torch.device):
+    def __init__(self, model: nn.Module, tokenizer, lora: bool, device: torch.device, ref_model: nn.Module | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.lora = lora
@@ -44,69 +45,104 @@ class Policy:
         self._keeps_logits: bool | None = None  # does the model's forward take logits_to_keep
         self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
         self._local: _Trunk | None = None
-        if not lora:  # a full copy, frozen: the price LoRA avoids
+        self.trunk = ""  # what the adapters sit on, as a policy.path value (recorded with them)
+        self.started_from: TrainedParts | None = None  # the trained run this policy goes on from
+        if ref_model is not None:
+            self._ref_model = ref_model
+        elif not lora:  # a full copy, frozen: the price LoRA avoids
             self._ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     # ---------------------------------------------------------------- construction
 
     @classmethod
     def load(cls, cfg: PolicyConfig, device: torch.device) -> Policy:
-        return cls.from_model(*_from_pretrained(cfg), cfg.lora, device)
+        """The policy `cfg.path` names, ready to train: a model (hub name, directory, "embedded",
+        "toy...") with fresh adapters, or a trained run (its directory or its final/) from where
+        it ended. For a trained run, `cfg.reference` says what the KL anchors at: "base", the
+        model the run started from (its adapters go on training on it), or "start", the trained
+        policy itself (adapters merged, fresh ones on top)."""
+        parts = trained_parts(cfg.path)
+        if parts is None:
+            model, tokenizer = _from_pretrained(cfg)
+            policy = cls.from_model(model, tokenizer, cfg.lora, device)
+            policy.trunk = cfg.path
+        elif parts.adapters is not None and cfg.lora.enabled and cfg.reference == "base":
+            from peft import PeftModel
+
+            trunk, tokenizer = load_model(parts.trunk, cfg, tokenizer_from=parts.adapters)
+            with _quiet_peft():
+                model = PeftModel.from_pretrained(trunk, str(parts.adapters), is_trainable=True)
+            policy = cls(_ready(model, tokenizer, device), tokenizer, True, device)
+            policy.trunk = parts.trunk
+        else:  # merged weights, then fresh adapters (or full fine-tuning) on them
+            model, tokenizer = load_model(cfg.path, cfg)
+            ref = None
+            if cfg.reference == "base":
+                ref, _ = load_model(parts.trunk, cfg)
+                ref = _ready(ref, tokenizer, device).eval().requires_grad_(False)
+            policy = cls.from_model(model, tokenizer, cfg.lora, device, ref_model=ref)
+            policy.trunk = str(Path(cfg.path).expanduser().resolve())
+        policy.started_from = parts
+        _apply_chat_template(policy.tokenizer, cfg.chat_template)
+        if cfg.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
+        return policy
 
     @classmethod
     def load_trained(cls, cfg: PolicyConfig, device: torch.device) -> Policy:
-        """A policy to sample from: `cfg.path` may also be a run directory of rlhf-train (its
-        base model, as recorded in `.hydra/config.yaml`, with the adapters of `final/`) or a
-        directory of saved adapters (peft's adapter_config.json names the base)."""
-        import json
+        """A policy to sample from: `cfg.path` may also be a run directory of rlhf-train or its
+        final/ (the trained policy, never the base it started from)."""
+        from dataclasses import replace
 
-        from omegaconf import OmegaConf
-
-        path = Path(cfg.path).expanduser()
-        adapters = path / rundir.FINAL if rundir.is_run(path) else path
-        if not (adapters / "adapter_config.json").is_file():
-            if rundir.is_run(path):
-                raise FileNotFoundError(f"policy.path={path}: a run directory without final/adapter_config.json "
-                                        "(did the run finish with train.save_final=true, and with LoRA?)")
-            return cls.load(cfg, device)
-        from peft import PeftModel
-
-        if adapters is path:
-            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            base_cfg = PolicyConfig(path=base, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        else:
-            recorded = OmegaConf.load(path / rundir.CONFIG).policy
-            base_cfg = PolicyConfig(path=recorded.path, revision=recorded.get("revision"), dtype=cfg.dtype,
-                                    trust_remote_code=recorded.get("trust_remote_code", False))
-        model, tokenizer = _from_pretrained(base_cfg)
-        model = PeftModel.from_pretrained(model, str(adapters), is_trainable=False)
-        return cls(_ready(model, tokenizer, device), tokenizer, True, device)
+        parts = trained_parts(cfg.path)
+        if parts is not None:  # the trained adapters as they are (no merge), or the trained weights (no base copy)
+            cfg = (replace(cfg, reference="base", lora=replace(cfg.lora, enabled=True)) if parts.adapters is not None
+                   else replace(cfg, reference="start"))
+        return cls.load(cfg, device)
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer, lora: LoraSettings, device: torch.device) -> Policy:
+    def from_model(cls, model: nn.Module, tokenizer, lora: LoraSettings, device: torch.device,
+                   ref_model: nn.Module | None = None) -> Policy:
+        """`model` with fresh adapters (or all its weights trainable); the reference is `ref_model`
+        if given, else the model itself with the adapters off (or a frozen copy of it)."""
         model = _ready(model, tokenizer, device)
         if lora.enabled:
             from peft import LoraConfig, get_peft_model
 
             peft_cfg = LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules) if lora.target_modules else None,
-                task_type="CAUSAL_LM",
+                target_modules=_targets(model, lora.target_modules), task_type="CAUSAL_LM",
             )
-            with warnings.catch_warnings():  # library chatter, not the user's concern:
-                # GPT-2: Conv1D and a Linear lm_head, set per layer
-                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-                # an adapter on a tied lm_head (the toy preset) adapts the output side only; we never merge
-                warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
+            with _quiet_peft():
                 model = get_peft_model(model, peft_cfg)
-        return cls(model, tokenizer, lora.enabled, device)
+        return cls(model, tokenizer, lora.enabled, device, ref_model)
 
     def attach_value_head(self) -> None:
-        """A linear value head on the last hidden state of the (adapted) trunk."""
+        """A linear value head on the last hidden state of the (adapted) trunk: the trained
+        run's, when this policy goes on from one that had a critic."""
         self.value_head = nn.Linear(self.model.config.hidden_size, 1).to(self.device)
         nn.init.zeros_(self.value_head.weight)  # V = 0 until the critic has learned something
         nn.init.zeros_(self.value_head.bias)
+        saved = self.started_from.value_head if self.started_from is not None else None
+        if saved is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(str(saved))
+            if all(state.get(k) is not None and state[k].shape == v.shape for k, v in self.value_head.state_dict().items()):
+                self.value_head.load_state_dict(state)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activations recomputed in backward instead of kept (the inputs require grad so that
+        the recomputed segments see the adapters' gradients)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every token that ends a response: the tokenizer's EOS and each of the generation
+        config's (Llama 3 ends a turn with <|eot_id|> or <|end_of_text|>, Qwen with <|im_end|>)."""
+        return eos_ids(self.model, self.tokenizer)
 
     # ---------------------------------------------------------------- parameters
 
@@ -219,14 +255,175 @@ class Policy:
     # ---------------------------------------------------------------- saving
 
     def save(self, directory: str) -> None:
-        """Adapters (or full weights) and value head as safetensors, plus the tokenizer."""
+        """Adapters (or full weights) and value head as safetensors, plus the tokenizer. The
+        adapters name what they sit on as a policy.path value ("embedded", a hub name, a run),
+        not as this machine's cache path, so a run moves to another machine."""
+        import json
+
         from safetensors.torch import save_file
 
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+        adapter_config = Path(directory) / "adapter_config.json"
+        if self.lora and adapter_config.is_file() and self.trunk:
+            record = json.loads(adapter_config.read_text())
+            record["base_model_name_or_path"] = portable_name(self.trunk)
+            adapter_config.write_text(json.dumps(record, indent=2) + "\n")
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                       f"{directory}/value_head.safetensors")
+
+
+@dataclasses.dataclass
+class TrainedParts:
+    """Where a trained run's policy is: its adapters (peft) or full weights (full fine-tuning),
+    the policy.path value they sit on or started from, and its value head if it had one."""
+
+    adapters: Path | None
+    weights: Path | None
+    trunk: str
+    value_head: Path | None
+
+
+def trained_parts(path: str) -> TrainedParts | None:
+    """A run directory of rlhf-train, its final/, or a directory of peft adapters; None for a
+    model (hub name, model directory, "embedded", "toy...")."""
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    final, recorded = p, None
+    if rundir.is_run(p):
+        final = p / rundir.FINAL
+        if not final.is_dir():
+            raise FileNotFoundError(f"policy.path={path}: a run directory without final/ (it has not finished, or ran "
+                                    "with train.save_final=false); resume it first, or point at another run")
+        from omegaconf import OmegaConf
+
+        recorded = str(OmegaConf.load(p / rundir.CONFIG).policy.path)
+    elif rundir.is_run(p.parent) and p.name == rundir.FINAL:
+        from omegaconf import OmegaConf
+
+        recorded = str(OmegaConf.load(p.parent / rundir.CONFIG).policy.path)
+    head = final / "value_head.safetensors"
+    head = head if head.is_file() else None
+    if (final / "adapter_config.json").is_file():
+        trunk = json.loads((final / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if recorded is not None and not _exists_as_policy(trunk):  # an older run: its cache path
+            trunk = recorded
+        if not trunk:
+            raise ValueError(f"policy.path={path}: adapter_config.json names no base model (base_model_name_or_path); "
+                             "set it to the model the adapters were trained on")
+        return TrainedParts(final, None, trunk, head)
+    if recorded is not None and (final / "config.json").is_file():
+        return TrainedParts(None, final, recorded, head)
+    if recorded is not None:
+        raise FileNotFoundError(f"policy.path={path}: {final} holds neither adapters (adapter_config.json) nor a "
+                                "model (config.json)")
+    return None
+
+
+def _exists_as_policy(name: str) -> bool:
+    from rlhf.embedded import toy
+
+    return bool(name) and (name == "embedded" or toy.is_toy(name) or Path(name).expanduser().exists())
+
+
+def portable_name(trunk: str) -> str:
+    """A policy.path value that means the same on another machine: names as they are, local
+    directories absolute."""
+    from rlhf.embedded import toy
+
+    if trunk == "embedded" or toy.is_toy(trunk) or not Path(trunk).expanduser().exists():
+        return trunk
+    return str(Path(trunk).expanduser().resolve())
+
+
+def load_model(path: str, cfg: PolicyConfig, tokenizer_from: Path | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) that `path` names: a model as it is, or a trained run's policy with
+    its adapters merged in (recursively: a run may have started from another run)."""
+    from dataclasses import replace
+
+    parts = trained_parts(path)
+    if parts is None:
+        model, tokenizer = _from_pretrained(replace(cfg, path=path))
+    elif parts.weights is not None:
+        model, tokenizer = _from_pretrained(replace(cfg, path=str(parts.weights)))
+    else:
+        from peft import PeftModel
+
+        trunk, tokenizer = load_model(parts.trunk, cfg, tokenizer_from=parts.adapters)
+        with _quiet_peft():
+            model = _merge(PeftModel.from_pretrained(trunk, str(parts.adapters)))
+    if tokenizer_from is not None and (tokenizer_from / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    return model, tokenizer
+
+
+def _merge(model: nn.Module) -> nn.Module:
+    """The adapters merged into the weights. An adapter on a tied output layer (the toy
+    presets') adapts the output side only, so that layer is untied first: merged into the
+    shared matrix it would change the input embeddings too."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    out = base.get_output_embeddings()
+    text_config = base.config.get_text_config()
+    tied = getattr(base.config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)
+    if tied and isinstance(out, BaseTunerLayer):
+        layer = out.get_base_layer()
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        base.config.tie_word_embeddings = text_config.tie_word_embeddings = False
+    return model.merge_and_unload()
+
+
+def _targets(model: nn.Module, wanted: list[str] | None) -> list[str] | str | None:
+    """peft's target_modules: "all-linear" as peft spells it, or the names, checked against the
+    model so that a preset's names for another architecture fail saying what this one has."""
+    if not wanted:
+        return None
+    if list(wanted) == ["all-linear"]:
+        return "all-linear"
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+    missing = [w for w in wanted if not any(name == w or name.endswith("." + w) for name, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"policy.lora.target_modules: {missing} not in this model ({type(model).__name__}); its linear "
+                         f"layers are {linear}: name some of them, or use [all-linear] (every linear layer but the "
+                         "output one) or null (peft's default for the architecture)")
+    return list(wanted)
+
+
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    ids = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def _apply_chat_template(tokenizer, path: str | None) -> None:
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"policy.chat_template={path}: no such file (a Jinja chat template)")
+        tokenizer.chat_template = file.read_text()
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    with warnings.catch_warnings():  # library chatter, not the user's concern:
+        # GPT-2: Conv1D and a Linear lm_head, set per layer
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        # an adapter on a tied lm_head (the toy preset) adapts the output side only
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
+        yield
 
 
 class CheckpointMismatch(ValueError):

@@ -12,8 +12,17 @@ import torch
 MAX_TOKENS = 128  # a (prompt, response) text is cut to this many tokens
 
 
-def text_of(prompt: str, response: str) -> str:
-    """How a (prompt, response) is shown to the reward model, in training and in scoring."""
+def text_of(prompt, response: str, tokenizer=None) -> str:
+    """How a (prompt, response) is shown to the reward model, in training and in scoring:
+    text prompts joined to the response by a space; a conversation rendered by the chat
+    template with its generation prompt, the response right after it (a rollout's
+    `RenderedText` query already is that rendering)."""
+    from rlhf.core.data import RenderedText, render
+
+    if isinstance(prompt, RenderedText):
+        return prompt + response
+    if isinstance(prompt, (list, tuple)):
+        return render(tokenizer, list(prompt)) + response
     return f"{prompt} {response}"
 
 
@@ -27,6 +36,7 @@ def load_reward_model(path: str, device: torch.device | str, trust_remote_code: 
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"  # a long text keeps its end: the head reads the last token
     return model.to(device), tokenizer
 
 
@@ -42,6 +52,6 @@ def rm_scores(model, tokenizer, texts: list[str], batch_size: int = 64) -> torch
 @torch.no_grad()
 def pairwise_accuracy(model, tokenizer, pairs) -> float:
     model.eval()
-    chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen) for p in pairs])
-    rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected) for p in pairs])
+    chosen = rm_scores(model, tokenizer, [text_of(p.prompt, p.chosen, tokenizer) for p in pairs])
+    rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected, tokenizer) for p in pairs])
     return (chosen > rejected).float().mean().item()

@@ -15,6 +15,7 @@ import torch
 
 from rlhf.contracts.interfaces import RewardSource, Rollout
 from rlhf.core import numerics
+from rlhf.core.data import RenderedText
 from rlhf.core.policy import Policy, position_ids
 
 
@@ -25,14 +26,16 @@ def pad_left(queries: Sequence[list[int]], pad_id: int, device: torch.device) ->
     return ids.to(device), mask.to(device)
 
 
-def response_mask(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """1 on response tokens up to and including the first EOS, 0 after it. (B, T) -> (B, T) long.
+def response_mask(responses: torch.Tensor, eos_ids: int | Sequence[int] | None) -> torch.Tensor:
+    """1 on response tokens up to and including the first end token (any of `eos_ids`), 0
+    after it. (B, T) -> (B, T) long.
 
-    Works whether the pad token is EOS (GPT-2) or a token of its own.
+    Works whether the pad token is an end token (GPT-2) or a token of its own.
     """
-    if eos_id is None:
+    ends = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    if not ends:
         return torch.ones_like(responses)
-    is_eos = (responses == eos_id).long()
+    is_eos = torch.isin(responses, torch.tensor(ends, device=responses.device)).long()
     before_or_at_first_eos = (is_eos.cumsum(1) - is_eos) == 0
     return before_or_at_first_eos.long()
 
@@ -100,12 +103,12 @@ def generate(
             with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
                 torch.manual_seed(seed + offset)
                 out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
-                                            eos_token_id=tok.eos_token_id, **gen_kwargs)
+                                            eos_token_id=policy.eos_ids or None, **gen_kwargs)
             logprobs = values = None
     finally:
         policy.model.train(was_training)
     q = ids.shape[1]
-    rmask = response_mask(out[:, q:], tok.eos_token_id)
+    rmask = response_mask(out[:, q:], policy.eos_ids)
     width = int(rmask.sum(1).max())  # drop columns that are padding in every row
     out, rmask = out[:, : q + width], rmask[:, :width]
     trim = lambda x: None if x is None else x[:, :width] * rmask  # noqa: E731
@@ -116,8 +119,8 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
                    with_values: bool, g: torch.Generator, offset: int,
                    total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Ancestral sampling with a KV cache. Returns (ids (B, Q+T), log-probs (B, T), values (B, T) or None)."""
-    model, tok = policy.model, policy.tokenizer
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    model, pad = policy.model, policy.tokenizer.pad_token_id
+    ends = torch.tensor(policy.eos_ids, dtype=torch.long, device=ids.device)
     keep_last = {"logits_to_keep": 1} if policy.keeps_logits else {}
     attn, x = qmask, ids
     pos = position_ids(qmask)
@@ -137,8 +140,8 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
         if with_values:
             hidden = out.hidden_states[-1][:, -1]
             values.append(policy.value_head(hidden.to(policy.value_head.weight.dtype)).squeeze(-1))
-        if eos is not None:
-            finished |= y == eos
+        if len(ends):
+            finished |= torch.isin(y, ends)
             if bool(finished.all()):
                 break
         x, pos = y[:, None], pos[:, -1:] + 1
@@ -186,13 +189,21 @@ def _draw(logits: torch.Tensor, gen: dict[str, Any], u: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def decode(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, q: int) -> tuple[list[str], list[str]]:
-    """The text of each row's query and response (the tokens its mask keeps, special tokens left out)."""
+    """The text of each row's query and response (the tokens its mask keeps). A response
+    leaves special tokens out; a query rendered by the chat template keeps them (a
+    `RenderedText`), so that query + response reads as the template writes the conversation."""
     tok = policy.tokenizer
+    specials = set(tok.all_special_ids)
     # as Python lists first: indexing a tensor row by row costs more than the decoding (3x, measured)
     rows, masks = input_ids.tolist(), attention_mask.tolist()
-    text = lambda ids, keep: tok.decode([t for t, k in zip(ids, keep) if k], skip_special_tokens=True)  # noqa: E731
-    queries = [text(r[:q], m[:q]) for r, m in zip(rows, masks)]
-    responses = [text(r[q:], m[q:]) for r, m in zip(rows, masks)]
+    kept = lambda ids, keep: [t for t, k in zip(ids, keep) if k]  # noqa: E731
+    queries = []
+    for r, m in zip(rows, masks):
+        ids = kept(r[:q], m[:q])
+        rendered = any(t in specials for t in ids)
+        text = tok.decode(ids, skip_special_tokens=not rendered)
+        queries.append(RenderedText(text) if rendered else text)
+    responses = [tok.decode(kept(r[q:], m[q:]), skip_special_tokens=True) for r, m in zip(rows, masks)]
     return queries, responses
 
 

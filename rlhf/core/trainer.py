@@ -26,7 +26,7 @@ from rlhf.contracts import registry
 from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
 from rlhf.contracts.schema import validate
 from rlhf.core import checkpoint, distributed, rundir, sources
-from rlhf.core.data import load_prompts, tokenize_prompts
+from rlhf.core.data import load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.evaluation import evaluate, save_samples
 from rlhf.core.policy import CheckpointMismatch, Policy
 from rlhf.core.preemption import Interrupt, Preemption
@@ -117,7 +117,8 @@ class Trainer:
         train_texts, eval_texts = load_prompts(cfg.data)
         tokenizer = self.policy.tokenizer
         self.train_prompts, eval_prompts = tokenize_prompts(tokenizer, train_texts), tokenize_prompts(tokenizer, eval_texts)
-        self.eval_queries = self.sampler.sample(eval_prompts, random.Random(cfg.eval.seed))
+        self.eval_prompts = eval_prompts
+        self.eval_queries = sample_queries(self.sampler, eval_prompts, random.Random(cfg.eval.seed))
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed))
         self.problem = ""  # why the last batch was not trained on, if it was not
@@ -151,6 +152,8 @@ class Trainer:
             return self._evaluate(step)
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        # drawn again from the fixed seed: the same queries (and response cap, if the sampler draws one) each time
+        self.eval_queries = sample_queries(self.sampler, self.eval_prompts, random.Random(self.cfg.eval.seed))
         metrics, rows = evaluate(
             self.policy, self.reward, self.eval_queries, self.sampler.generation_kwargs(),
             self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
@@ -339,6 +342,11 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         recorder.summary(summary)
+        if cfg.train.save_final:  # peft's blank template replaced by what this run is and did
+            from rlhf.core import card
+
+            card.write(self.run_dir, self.run_dir / rundir.FINAL, "adapters" if self.policy.lora else "model",
+                       base=self.policy.trunk if self.policy.lora else None)
         if self.optimum:
             from rlhf.core.optimum import table_record
 

@@ -9,7 +9,7 @@ import torch
 
 from rlhf.contracts.interfaces import PairBatch, RewardSource
 from rlhf.core import distributed
-from rlhf.core.data import MAX_PROMPT_TOKENS, Shuffled
+from rlhf.core.data import MAX_PROMPT_TOKENS, Shuffled, encode_prompt, response_ids
 from rlhf.core.pairs import Pair, load_pairs, pair_batch, reference_logps
 from rlhf.core.policy import Policy
 from rlhf.core.sources import SourceContext, source
@@ -38,12 +38,13 @@ class OfflinePairs:
     @classmethod
     def from_text(cls, policy: Policy, pairs: list[Pair], max_prompt_tokens: int, seed: int,
                   where: str = "preference pairs") -> OfflinePairs:
-        tok = policy.tokenizer
-        enc = lambda texts, **kw: tok(texts, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []  # the policy learns to stop
-        prompts = enc([p.prompt for p in pairs], truncation=True, max_length=max_prompt_tokens)
-        chosen = [ids + eos for ids in enc([p.chosen for p in pairs])]
-        rejected = [ids + eos for ids in enc([p.rejected for p in pairs])]
+        tok, ends = policy.tokenizer, policy.eos_ids
+        # text prompts cut to max_prompt_tokens, conversations rendered whole; each response ends
+        # with the token the policy stops on (EOS, or the template's end of turn): it learns to stop
+        given = [p.prompt if isinstance(p.prompt, str) else list(p.prompt) for p in pairs]
+        prompts = [encode_prompt(tok, x, max_prompt_tokens) for x in given]
+        chosen = [response_ids(tok, x, p.chosen, ends) for x, p in zip(given, pairs)]
+        rejected = [response_ids(tok, x, p.rejected, ends) for x, p in zip(given, pairs)]
         limit = policy.context_length
         for i, (pair, p, c, r) in enumerate(zip(pairs, prompts, chosen, rejected)):
             row = f"{where}: row {pair.row if pair.row >= 0 else i}"

@@ -9,7 +9,7 @@ import torch
 
 from rlhf.contracts.interfaces import QuerySampler, RewardSource, Rollout
 from rlhf.core import distributed, numerics, rollout
-from rlhf.core.data import Shuffled
+from rlhf.core.data import Shuffled, sample_queries
 from rlhf.core.policy import Policy
 from rlhf.core.sources import SourceContext, nonfinite_scores, source
 
@@ -30,7 +30,7 @@ class Rollouts:
 
     def next(self, batch_size: int) -> Rollout:
         # the whole batch's queries, the same on every rank; this rank samples its share of them
-        queries = self.sampler.sample([self.prompts[i] for i in self.order.take(batch_size)], self.rng)
+        queries = sample_queries(self.sampler, [self.prompts[i] for i in self.order.take(batch_size)], self.rng)
         start, stop = distributed.shard(len(queries))
         mine = [q for q in queries[start:stop] for _ in range(self.k)]  # each prompt's k samples side by side
         return rollout.collect(self.policy, self.reward, mine, self.sampler.generation_kwargs(), self.sampler.temperature,

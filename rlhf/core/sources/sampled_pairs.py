@@ -9,7 +9,7 @@ import torch
 
 from rlhf.contracts.interfaces import PairBatch, RewardSource
 from rlhf.core import distributed, rollout
-from rlhf.core.data import Shuffled
+from rlhf.core.data import Shuffled, sample_queries
 from rlhf.core.pairs import reference_logps
 from rlhf.core.policy import Policy
 from rlhf.core.sources import SourceContext, nonfinite_scores, source
@@ -42,7 +42,7 @@ class OnlinePairs:
 
     def next(self, batch_size: int) -> PairBatch:
         idx = self.order.take(batch_size)
-        queries = self.sampler.sample([self.prompts[i] for i in idx], self.rng)  # the whole batch, on every rank
+        queries = sample_queries(self.sampler, [self.prompts[i] for i in idx], self.rng)  # the whole batch, on every rank
         start, stop = distributed.shard(len(queries))
         queries = queries[start:stop]
         n = 2 * len(queries)  # this rank's share of the random numbers: its own samples
