@@ -11,6 +11,7 @@ import torch
 from conftest import compose
 
 from rlhf.contracts import registry
+from rlhf.core import rollout
 from rlhf.core.trainer import Trainer
 
 registry.discover()
@@ -27,6 +28,10 @@ def _reward_overrides(name, optimizer, reward_model_dir):
     if name == "sequence":  # so does the sequence reward: the sequence toy's prompts, its cap of 3 tokens
         offline_dpo = optimizer == ["optimizer=dpo"]
         return ["+experiment=toy_sequences", "sampler.max_new_tokens=3", *(["data.pairs=bradley_terry"] if offline_dpo else [])]
+    if name == "verifiable":  # answers to check: the arithmetic task's prompts carry them
+        return ["+experiment=arithmetic"]
+    if name == "weighted":
+        return ["+reward.weights.lexicon=1.0", "+reward.weights.sentiment=0.5"]
     return []
 
 
@@ -47,7 +52,8 @@ def test_contract(optimizer, reward_name, tmp_path, reward_model_dir):
     trainable = {n: p.detach().clone() for n, p in t.policy.model.named_parameters() if p.requires_grad}
     head = [p.detach().clone() for p in t.policy.value_head.parameters()] if t.policy.value_head is not None else []
 
-    t.reward.score([t.policy.tokenizer.decode(t.eval_queries[0])], ["fine ."])  # reward models load on first use
+    rollout.score(t.reward, [t.policy.tokenizer.decode(t.eval_queries[0])], ["fine ."], t.policy.device,
+                  rollout.columns_of(t.eval_queries[:1]))  # reward models load on first use
     reward_before = _reward_weights(t.reward)
     metrics = [t.train_step() for _ in range(4)]
     assert all(math.isfinite(v) for m in metrics for v in m.values()), metrics

@@ -68,7 +68,7 @@ def test_builtin_plugins_are_discovered_and_satisfy_their_protocols():
     found = {(p.group, p.name) for p in registry.plugins()}
     assert {("optimizer", "ppo"), ("optimizer", "a2c"), ("optimizer", "dpo"), ("reward", "sentiment"),
             ("reward", "lexicon"), ("reward", "learned_rm"), ("sampler", "length"), ("logger", "wandb")} <= found
-    needs = {"learned_rm": {"path": "some/dir"}}  # mandatory fields
+    needs = {"learned_rm": {"path": "some/dir"}, "weighted": {"weights": {"lexicon": 1.0}}}  # mandatory fields
     for info in registry.plugins():
         if info.group in protocols:
             plugin = info.cls(info.cls.Config(**needs.get(info.name, {})))

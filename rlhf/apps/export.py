@@ -66,9 +66,9 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
 
 def _is_hub_name(name: str) -> bool:
     """A hub repository id (owner/name or name), not something only this machine has."""
-    from rlhf.embedded import toy
+    from rlhf.core.policy import is_built_here
 
-    return not (name == "embedded" or toy.is_toy(name) or Path(name).expanduser().exists())
+    return not (is_built_here(name) or Path(name).expanduser().exists())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ every plugin it builds against its group's Protocol (`PROTOCOLS`) before using i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class Rollout:
     scores: torch.Tensor  # (B,) reward source's score of each full response
     queries: list[str]
     responses: list[str]
+    columns: dict[str, list] = field(default_factory=dict)  # the prompts' other data fields, per row (e.g. answer)
 
 
 @dataclass
@@ -89,8 +90,11 @@ class PolicyOptimizer(Protocol):
 class RewardSource(Protocol):
     """Frozen judge of responses: never trained, no gradients."""
 
-    def score(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """Return one float score per (query, response), shape (B,)."""
+    def score(self, queries: Sequence[str], responses: Sequence[str], **columns: Sequence[Any]) -> torch.Tensor:
+        """Return one float score per (query, response), shape (B,). When the prompt data has
+        fields besides the prompt (a reference `answer`, ...), each comes as a keyword argument:
+        a list with one value per row (None where a prompt lacks it), as TRL passes dataset
+        columns to its reward functions. A source that needs none may leave **columns out."""
 
 
 @runtime_checkable

@@ -51,7 +51,8 @@ class PolicyConfig:
 class DataConfig:
     prompts: str = "embedded"  # "embedded", a local .txt/.jsonl/.json file, or a hub dataset name
     prompt_list: list[str] = field(default_factory=list)  # inline prompts for training and evaluation (overrides prompts)
-    text_field: str = "text"  # column holding the text (jsonl/json files and hub datasets)
+    text_field: str = "text"  # column holding the text, or a list of chat messages (jsonl/json files and hub datasets)
+    as_chat: bool = False  # text prompts as a user message, rendered with the chat template (instruct models)
     split: str = "train"  # hub dataset split for training prompts
     eval_split: Optional[str] = None  # hub split for held-out prompts; null: hold out from `split`
     n_train: int = 2000  # training prompts / pairs (embedded: generated; otherwise the first n)
@@ -77,6 +78,10 @@ class EvalConfig:
     seed: int = 1234  # sampling seed of evaluation, fixed so evaluations are comparable
     judges: list[str] = field(default_factory=list)  # extra reward plugins scoring the samples, e.g. [lexicon]
     kl_to_optimum: bool = False  # small vocabularies: exact KL(pi || pi*) over whole responses to the closed-form optimum
+    pass_at_k: list[int] = field(default_factory=list)  # e.g. [1, 4]: eval/pass@k (Chen et al. 2021) and eval/accuracy
+    pass_samples: int = 8  # n samples per held-out prompt for pass@k (k <= n)
+    pass_judge: Optional[str] = None  # a judge of eval.judges that says correct; null: the reward
+    pass_threshold: float = 1.0  # a sample passes when that score is >= this (verifiable: correct = 1)
 
 
 @dataclass
@@ -182,6 +187,10 @@ def validate(cfg: Any) -> None:
         ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "at least 1"),
         ("eval.every", cfg.eval.every, cfg.eval.every >= 1, "at least 1"),
         ("eval.samples", cfg.eval.samples, cfg.eval.samples >= 0, "0 or more"),
+        ("eval.pass_at_k", list(cfg.eval.pass_at_k), all(1 <= k <= cfg.eval.pass_samples for k in cfg.eval.pass_at_k),
+         f"values in [1, eval.pass_samples={cfg.eval.pass_samples}]"),
+        ("eval.pass_judge", cfg.eval.pass_judge, cfg.eval.pass_judge is None or cfg.eval.pass_judge in cfg.eval.judges,
+         f"null (the reward) or one of eval.judges={list(cfg.eval.judges)}"),
         ("data.n_train", cfg.data.n_train, cfg.data.n_train >= 1, "at least 1"),
         ("data.n_eval", cfg.data.n_eval, cfg.data.n_eval >= 1, "at least 1"),
         ("policy.lora.r", cfg.policy.lora.r, cfg.policy.lora.r >= 1, "at least 1"),

@@ -4,6 +4,10 @@ A prompt is plain text, or a conversation: a list of {"role", "content"} message
 conversational format of TRL's datasets), rendered with the tokenizer's chat template and
 the generation prompt (`render`). A rendered conversation is a `Rendered` token list:
 samplers never cut it (`sample_queries`), as a cut would cut its template.
+
+A prompt file's other fields (a reference `answer`, an id) travel with each prompt
+(`Prompts.fields`, then `PromptIds.fields` on its tokens and on the query cut from it) to
+the reward source, which gets them as columns (`rollout.score`).
 """
 
 from __future__ import annotations
@@ -22,19 +26,44 @@ MAX_PROMPT_TOKENS = 64  # prompts are cut to this before the sampler cuts a quer
 EMBEDDED_TRAIN_SEED, EMBEDDED_EVAL_SEED = 10_001, 10_002
 
 
-def load_prompts(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts) as text."""
+class Prompts(list):
+    """Prompts (text or conversations) and, aligned with them, each one's other data fields."""
+
+    def __init__(self, prompts=(), fields: Sequence[dict] | None = None):
+        super().__init__(prompts)
+        self.fields = list(fields) if fields is not None else [{} for _ in self]
+
+    def take(self, start: int, stop: int | None = None) -> Prompts:
+        return Prompts(self[start:stop], self.fields[start:stop])
+
+
+def load_prompts(cfg: DataConfig) -> tuple[Prompts, Prompts]:
+    """(training prompts, held-out prompts): text or conversations, with their other fields;
+    with `as_chat`, text prompts become a user's message."""
+    train, held_out = _load_prompts(cfg)
+    if cfg.as_chat:
+        chat = lambda ps: Prompts([[{"role": "user", "content": p}] if isinstance(p, str) else p for p in ps],  # noqa: E731
+                                  ps.fields)
+        train, held_out = chat(train), chat(held_out)
+    return train, held_out
+
+
+def _load_prompts(cfg: DataConfig) -> tuple[Prompts, Prompts]:
+    if cfg.prompts == "arithmetic" and not cfg.prompt_list:
+        from rlhf.embedded.arithmetic import prompts
+
+        return Prompts(*prompts(cfg.n_train, "train")), Prompts(*prompts(cfg.n_eval, "eval"))
     if cfg.prompt_list:  # the same few prompts for both, as in the toy problem
-        cycle = lambda n: [cfg.prompt_list[i % len(cfg.prompt_list)] for i in range(n)]  # noqa: E731
+        cycle = lambda n: Prompts([cfg.prompt_list[i % len(cfg.prompt_list)] for i in range(n)])  # noqa: E731
         return cycle(cfg.n_train), cycle(cfg.n_eval)
     if cfg.prompts == "embedded":
         from rlhf.embedded.corpus import reviews
 
-        train = [t for t, _ in reviews(cfg.n_train, EMBEDDED_TRAIN_SEED)]
-        held_out = [t for t, _ in reviews(cfg.n_eval, EMBEDDED_EVAL_SEED)]
+        train = Prompts([t for t, _ in reviews(cfg.n_train, EMBEDDED_TRAIN_SEED)])
+        held_out = Prompts([t for t, _ in reviews(cfg.n_eval, EMBEDDED_EVAL_SEED)])
     elif Path(cfg.prompts).suffix in PROMPT_FILES:
         texts = read_prompt_file(Path(cfg.prompts), cfg.text_field)
-        held_out, train = texts[: cfg.n_eval], texts[cfg.n_eval : cfg.n_eval + cfg.n_train]
+        held_out, train = texts.take(0, cfg.n_eval), texts.take(cfg.n_eval, cfg.n_eval + cfg.n_train)
     elif Path(cfg.prompts).expanduser().is_file():  # a local file of a kind we do not read (a folder goes to datasets)
         raise ValueError(f"data.prompts={cfg.prompts}: {Path(cfg.prompts).suffix or 'this'} files are not read; "
                          "use .txt (a prompt a line), .jsonl or .json (records with the field data.text_field)")
@@ -99,24 +128,28 @@ def read_records(path: Path, setting: str) -> list[tuple[int, object]]:
 Prompt = Union[str, list]  # text, or a conversation: [{"role": ..., "content": ...}, ...]
 
 
-def read_prompt_file(path: Path, field: str) -> list[Prompt]:
+def read_prompt_file(path: Path, field: str) -> Prompts:
     if path.suffix == ".txt":
-        return [line for line in read_text(path, "data.prompts").splitlines() if line.strip()]
-    rows = [row for _, row in read_records(path, "data.prompts")]
-    texts = []
+        return Prompts([line for line in read_text(path, "data.prompts").splitlines() if line.strip()])
+    return prompt_records([row for _, row in read_records(path, "data.prompts")], field, str(path))
+
+
+def prompt_records(rows: Sequence[object], field: str, where: str) -> Prompts:
+    """Each record's prompt (text or a conversation) in `field`, and its other fields."""
+    texts, fields = [], []
     for i, row in enumerate(rows):
         value = row.get(field) if isinstance(row, dict) else None
         if is_conversation(value):
-            check_conversation(value, f"{path}: row {i}, field {field!r}")
-            texts.append(value)
-            continue
-        if not isinstance(value, str):
+            check_conversation(value, f"{where}: row {i}, field {field!r}")
+        elif not isinstance(value, str):
             have = f" (it has {sorted(row)})" if isinstance(row, dict) else ""
-            raise ValueError(f"{path}: row {i} has no field {field!r} holding text or a list of messages{have}; "
+            raise ValueError(f"{where}: row {i} has no field {field!r} holding text or a list of messages{have}; "
                              "set data.text_field")
-        if value.strip():
-            texts.append(value)
-    return texts
+        elif not value.strip():
+            continue
+        texts.append(value)
+        fields.append({k: v for k, v in row.items() if k != field})
+    return Prompts(texts, fields)
 
 
 def is_conversation(value: object) -> bool:
@@ -130,8 +163,23 @@ def check_conversation(messages: list, where: str) -> None:
                              '{"role": "user", "content": "..."} messages')
 
 
-class Rendered(list):
+class PromptIds(list):
+    """A prompt's (or a query's) token ids, with the prompt's other data fields."""
+
+    fields: dict = {}
+
+
+class Rendered(PromptIds):
     """The token ids of a conversation rendered with the chat template: a query as it is."""
+
+
+def with_fields(ids: list[int], fields: dict | None) -> list[int]:
+    """`ids` carrying `fields` (a Rendered stays one); plain ids when there are none."""
+    if not fields:
+        return ids
+    out = ids if isinstance(ids, PromptIds) else PromptIds(ids)
+    out.fields = fields
+    return out
 
 
 def render(tokenizer, messages: list, generation_prompt: bool = True) -> str:
@@ -171,13 +219,15 @@ def encode_prompt(tokenizer, prompt: Prompt, max_tokens: int = MAX_PROMPT_TOKENS
 
 
 def sample_queries(sampler, prompts: Sequence[list[int]], rng) -> list[list[int]]:
-    """The sampler's queries for plain prompts; rendered conversations whole."""
-    plain = [p for p in prompts if not isinstance(p, Rendered)]
+    """The sampler's queries for plain prompts; rendered conversations whole. Each query
+    carries its prompt's fields."""
+    plain = [list(p) for p in prompts if not isinstance(p, Rendered)]
     cut = iter(sampler.sample(plain, rng) if plain else [])
-    return [list(p) if isinstance(p, Rendered) else next(cut) for p in prompts]
+    return [with_fields(Rendered(p) if isinstance(p, Rendered) else list(next(cut)), getattr(p, "fields", None))
+            for p in prompts]
 
 
-def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
+def _read_hub(cfg: DataConfig) -> tuple[Prompts, Prompts]:
     try:
         import datasets
     except ImportError as e:
@@ -188,12 +238,14 @@ def _read_hub(cfg: DataConfig) -> tuple[list[str], list[str]]:
     from rlhf.core.hub import check_dataset
 
     check_dataset(cfg.prompts, "data.prompts")
-    train = datasets.load_dataset(cfg.prompts, split=cfg.split)[cfg.text_field]
+    def rows(split: str, n: int) -> Prompts:
+        table = datasets.load_dataset(cfg.prompts, split=split)
+        return prompt_records(list(table.select(range(min(n, len(table))))), cfg.text_field, f"hub dataset {cfg.prompts}")
+
     if cfg.eval_split:
-        held_out = datasets.load_dataset(cfg.prompts, split=cfg.eval_split)[cfg.text_field][: cfg.n_eval]
-    else:
-        held_out, train = train[: cfg.n_eval], train[cfg.n_eval :]
-    return list(train[: cfg.n_train]), list(held_out)
+        return rows(cfg.split, cfg.n_train), rows(cfg.eval_split, cfg.n_eval)
+    both = rows(cfg.split, cfg.n_eval + cfg.n_train)
+    return both.take(cfg.n_eval), both.take(0, cfg.n_eval)
 
 
 def tokenize_prompts(tokenizer, texts: list[Prompt]) -> list[list[int]]:
@@ -204,6 +256,8 @@ def tokenize_prompts(tokenizer, texts: list[Prompt]) -> list[list[int]]:
     cut = iter(tokenizer(plain, add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
                if plain else [])  # one call for all the text: the fast tokenizer batches it
     ids = [next(cut) if isinstance(t, str) else encode_prompt(tokenizer, t) for t in texts]
+    if isinstance(texts, Prompts):
+        ids = [with_fields(x, f) for x, f in zip(ids, texts.fields)]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         raise ValueError(f"prompt {empty[0]} ({texts[empty[0]]!r}) has no tokens after tokenisation ({len(empty)} such "

@@ -42,7 +42,8 @@ def evaluate(
             scores.append(batch.scores)
             kls.append(kl)
             lengths.append(batch.mask.sum(1))
-            extra = {name: rollout.score(j, batch.queries, batch.responses, policy.device) for name, j in judges.items()}
+            extra = {name: rollout.score(j, batch.queries, batch.responses, policy.device, batch.columns)
+                     for name, j in judges.items()}
             for name, values in extra.items():
                 judged[name].append(values)
             rows += [
@@ -58,6 +59,37 @@ def evaluate(
         **{f"eval/judge/{name}": torch.cat(values).mean().item() for name, values in judged.items()},
     }
     return metrics, rows
+
+
+def pass_at_k_estimate(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from n samples of which c pass (Chen et al. 2021, eq. 1):
+    1 - C(n - c, k) / C(n, k), as a product so that large n stays exact in floating point."""
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for j in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / j
+    return 1.0 - miss
+
+
+@torch.no_grad()
+def pass_at_k(policy: Policy, judge: RewardSource, queries: Sequence[list[int]], gen_kwargs: dict[str, Any],
+              seed: int, batch_size: int, n: int, ks: Sequence[int], threshold: float) -> dict[str, float]:
+    """`eval/pass@k` for each k and `eval/accuracy` (the share of passing samples): n samples of
+    each held-out query, a sample passing when the judge scores it >= threshold."""
+    passed = []
+    rows = [q for q in queries for _ in range(n)]  # a query's n samples side by side
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            g = rollout.generate(policy, chunk, gen_kwargs)
+            texts_q, texts_r = rollout.decode(policy, g.input_ids, g.attention_mask, g.query_len)
+            passed += (rollout.score(judge, texts_q, texts_r, policy.device, rollout.columns_of(chunk)) >= threshold).tolist()
+    counts = [sum(passed[j * n : (j + 1) * n]) for j in range(len(queries))]
+    out = {f"eval/pass@{k}": sum(pass_at_k_estimate(n, c, k) for c in counts) / len(counts) for k in ks}
+    out["eval/accuracy"] = sum(counts) / (n * len(counts))
+    return out
 
 
 def save_samples(run_dir: Path, step: int, rows: list[dict[str, Any]], n: int) -> None:

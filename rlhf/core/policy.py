@@ -25,6 +25,10 @@ def resolve_path(path: str) -> str:
         from rlhf.embedded.build import policy_path
 
         return policy_path()
+    if path == "arithmetic":
+        from rlhf.embedded import arithmetic
+
+        return arithmetic.policy_path()
     from rlhf.embedded import toy
 
     if toy.is_toy(path):
@@ -324,18 +328,21 @@ def trained_parts(path: str) -> TrainedParts | None:
     return None
 
 
-def _exists_as_policy(name: str) -> bool:
+def is_built_here(name: str) -> bool:
+    """A policy.path the project builds itself: "embedded", "arithmetic", "toy...". """
     from rlhf.embedded import toy
 
-    return bool(name) and (name == "embedded" or toy.is_toy(name) or Path(name).expanduser().exists())
+    return name in ("embedded", "arithmetic") or toy.is_toy(name)
+
+
+def _exists_as_policy(name: str) -> bool:
+    return bool(name) and (is_built_here(name) or Path(name).expanduser().exists())
 
 
 def portable_name(trunk: str) -> str:
     """A policy.path value that means the same on another machine: names as they are, local
     directories absolute."""
-    from rlhf.embedded import toy
-
-    if trunk == "embedded" or toy.is_toy(trunk) or not Path(trunk).expanduser().exists():
+    if is_built_here(trunk) or not Path(trunk).expanduser().exists():
         return trunk
     return str(Path(trunk).expanduser().resolve())
 

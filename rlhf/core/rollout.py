@@ -207,9 +207,21 @@ def decode(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return queries, responses
 
 
+def columns_of(queries: Sequence[list[int]]) -> dict[str, list]:
+    """The prompts' other data fields as columns, one value per row (None where a row lacks one)."""
+    rows = [getattr(q, "fields", None) or {} for q in queries]
+    names = sorted({k for row in rows for k in row})
+    return {k: [row.get(k) for row in rows] for k in names}
+
+
 @torch.no_grad()
-def score(reward: RewardSource, queries: list[str], responses: list[str], device: torch.device) -> torch.Tensor:
-    scores = torch.as_tensor(reward.score(queries, responses), dtype=torch.float32).flatten()
+def score(reward: RewardSource, queries: list[str], responses: list[str], device: torch.device,
+          columns: dict[str, list] | None = None) -> torch.Tensor:
+    """The reward source's scores, checked: one float per response. The data's columns go to a
+    source whose score() takes them (by name, or **columns)."""
+    taken = _columns_taken(type(reward))
+    given = {k: v for k, v in (columns or {}).items() if taken is True or k in taken}
+    scores = torch.as_tensor(reward.score(queries, responses, **given), dtype=torch.float32).flatten()
     if scores.shape[0] != len(responses):
         raise ValueError(
             f"reward source {type(reward).__name__} returned {scores.shape[0]} scores for "
@@ -236,14 +248,25 @@ def collect(
         logprobs = numerics.logprobs_of(logits, responses_ids, temperature)
     ref_logprobs = numerics.logprobs_of(policy.reference_logits(input_ids, attention_mask, q), responses_ids, temperature)
     query_text, response_text = decode(policy, input_ids, attention_mask, q)
-    scores = score(reward, query_text, response_text, policy.device)
+    columns = columns_of(queries)
+    scores = score(reward, query_text, response_text, policy.device, columns)
     maskf = g.mask.float()
     return Rollout(
         input_ids=input_ids, attention_mask=attention_mask, query_len=q, mask=maskf,
         logprobs=logprobs * maskf, ref_logprobs=ref_logprobs * maskf,
         values=None if values is None else values * maskf, scores=scores,
-        queries=query_text, responses=response_text,
+        queries=query_text, responses=response_text, columns=columns,
     )
+
+
+def _columns_taken(cls: type) -> bool | set[str]:
+    """True if cls.score takes **columns, else the keyword parameters it names."""
+    import inspect
+
+    params = list(inspect.signature(cls.score).parameters.values())[3:]  # after self, queries, responses
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def minibatch_indices(B: int, n: int, device: torch.device) -> list[torch.Tensor]:
@@ -272,5 +295,6 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_token: torch.Tensor) -> tuple
         mask=mask[:, :T], logprobs=r.logprobs[idx, :T], ref_logprobs=r.ref_logprobs[idx, :T],
         values=None if r.values is None else r.values[idx, :T], scores=r.scores[idx],
         queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
+        columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
     )
     return sub, {k: v[idx, :T] for k, v in per_token.items()}

@@ -27,7 +27,7 @@ from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, Rew
 from rlhf.contracts.schema import validate
 from rlhf.core import checkpoint, distributed, rundir, sources
 from rlhf.core.data import load_prompts, sample_queries, tokenize_prompts
-from rlhf.core.evaluation import evaluate, save_samples
+from rlhf.core.evaluation import evaluate, pass_at_k, save_samples
 from rlhf.core.policy import CheckpointMismatch, Policy
 from rlhf.core.preemption import Interrupt, Preemption
 from rlhf.core.rundir import RunRecorder
@@ -159,6 +159,12 @@ class Trainer:
             self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
         )
         save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
+        e = self.cfg.eval
+        if e.pass_at_k:
+            judge = self.judges[e.pass_judge] if e.pass_judge else self.reward
+            metrics.update(pass_at_k(self.policy, judge, self.eval_queries, self.sampler.generation_kwargs(), e.seed + 1,
+                                     max(self.cfg.train.batch_size, e.pass_samples), e.pass_samples, e.pass_at_k,
+                                     e.pass_threshold))
         if self.cfg.eval.kl_to_optimum:
             from rlhf.core.optimum import mean_kl, optimum
 
@@ -331,6 +337,8 @@ class Trainer:
             "distinct_2_end": last["eval/distinct_2"],
             **judges,
             **({"kl_to_optimum": last["eval/kl_to_optimum"]} if cfg.eval.kl_to_optimum else {}),
+            **{f"{k.removeprefix('eval/')}_{when}": m[k] for k in last if k.startswith(("eval/pass@", "eval/accuracy"))
+               for when, m in (("start", first), ("end", last))},
             "steps": cfg.train.steps,
             **({"resumed_from_step": start} if resume is not None else {}),
             **({"data_parallel_ranks": distributed.world(), "max_param_diff_across_ranks": divergence}

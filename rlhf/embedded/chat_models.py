@@ -44,8 +44,9 @@ FAMILIES = {
 }
 
 
-def build_tokenizer(family: str, n_texts: int = 2000, bpe_size: int = 600):
-    """A byte-level BPE tokenizer with `family`'s special tokens and chat template."""
+def build_tokenizer(family: str, n_texts: int = 2000, bpe_size: int = 600, digits: bool = False):
+    """A byte-level BPE tokenizer with `family`'s special tokens and chat template; with
+    `digits`, every digit its own token (as Llama 3's and Qwen's tokenizers split numbers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,7 +54,9 @@ def build_tokenizer(family: str, n_texts: int = 2000, bpe_size: int = 600):
 
     spec = FAMILIES[family]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     texts = [t for t, _ in reviews(n_texts, seed=7)] + [f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)]
     trainer = trainers.BpeTrainer(vocab_size=bpe_size, special_tokens=spec["specials"], show_progress=False,
@@ -69,13 +72,26 @@ def build_chat_model(family: str, out: str | Path, vocab_size: int | None = None
                      layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
     """Save a randomly initialised `family` ("llama" or "qwen2") chat model and its tokenizer
     to `out`; the embedding has `vocab_size` rows (default: the tokenizer's size)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: one of {sorted(FAMILIES)}")
+    tokenizer = build_tokenizer(family)
+    model = chat_model(family, tokenizer, vocab_size, hidden, layers, heads, kv_heads, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "built_by.json").write_text(json.dumps({"family": family, "vocab_size": model.config.vocab_size,
+                                                   "hidden": hidden, "layers": layers, "seed": seed}) + "\n")
+    return out
+
+
+def chat_model(family: str, tokenizer, vocab_size: int | None = None, hidden: int = 64, layers: int = 2,
+               heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    """A randomly initialised `family` model for `tokenizer` (its end tokens in the generation config)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    if family not in FAMILIES:
-        raise ValueError(f"family {family!r}: one of {sorted(FAMILIES)}")
-    spec, out = FAMILIES[family], Path(out)
-    tokenizer = build_tokenizer(family)
+    spec = FAMILIES[family]
     vocab = max(vocab_size or 0, len(tokenizer))
     ids = lambda name: tokenizer.convert_tokens_to_ids(name)  # noqa: E731
     ends = [ids(t) for t in spec["ends"]]
@@ -89,9 +105,4 @@ def build_chat_model(family: str, out: str | Path, vocab_size: int | None = None
     model = (LlamaForCausalLM if family == "llama" else Qwen2ForCausalLM)(config)
     model.generation_config = GenerationConfig(bos_token_id=common["bos_token_id"], eos_token_id=ends,
                                                pad_token_id=common["pad_token_id"], do_sample=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "built_by.json").write_text(json.dumps({"family": family, "vocab_size": vocab, "hidden": hidden,
-                                                   "layers": layers, "seed": seed}) + "\n")
-    return out
+    return model

@@ -50,7 +50,7 @@ class OnlinePairs:
                              rows=(distributed.rank() * n, distributed.world() * n))
         ids, attn, q, mask = g.input_ids, g.attention_mask, g.query_len, g.mask
         texts_q, texts_r = rollout.decode(self.policy, ids, attn, q)
-        scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device)
+        scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device, rollout.columns_of(queries * 2))
         B = len(queries)
         first_wins = scores[:B] >= scores[B:]
         arange = torch.arange(B, device=ids.device)
