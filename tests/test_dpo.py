@@ -76,8 +76,8 @@ def test_offline_pairs_layout_and_reference_computed_once(embedded_dir):
     pairs = [Pair(*p) for p in preference_pairs(6, seed=1)]
     source = OfflinePairs.from_text(policy, pairs, max_prompt_tokens=64, seed=0)
     calls = []
-    original = policy.reference_logits
-    policy.reference_logits = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    original = policy.reference_logprobs
+    policy.reference_logprobs = lambda *a: calls.append(a[0].shape[0]) or original(*a)
     b = source.next(4)
     tok = policy.tokenizer
     q = b.query_len

@@ -134,6 +134,9 @@ def test_on_policy_training_on_conversations(tmp_path, chat_models, chat_data, f
     assert sample["query"].endswith("assistant<|end_header_id|>\n\n" if family == "llama" else "<|im_start|>assistant\n")
     assert json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(Path(chat_models[family]).resolve())
+    tok = Policy.load_trained(PolicyConfig(path=str(run)), torch.device("cpu")).tokenizer
+    ids = encode_prompt(tok, CHAT_PROMPTS[5]) + tok("It is 6.", add_special_tokens=False)["input_ids"]
+    _exported_log_probs_match(run, tmp_path / f"export-{family}", "merged", ids)  # tied (qwen2) and untied (llama)
 
 
 @pytest.mark.slow
@@ -210,23 +213,30 @@ EXPORT_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["merged", "adapters"])
-def test_an_export_loads_with_plain_transformers_and_peft_to_the_runs_log_probs(tmp_path, trained_run, kind):
-    out = tmp_path / "export"
-    r = cli("rlhf-export", str(trained_run), str(out), *(["--adapters"] if kind == "adapters" else []), cwd=tmp_path)
+def _exported_log_probs_match(run: Path, out: Path, kind: str, ids: list[int]) -> torch.Tensor:
+    """Export `run` and check, in a process that never imports this project, that the export's
+    log-probs of `ids` are the trained policy's; returns them."""
+    r = cli("rlhf-export", str(run), str(out), *(["--adapters"] if kind == "adapters" else []), cwd=out.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "README.md").is_file() and (out / "tokenizer_config.json").is_file()
-    policy = Policy.load_trained(PolicyConfig(path=str(trained_run)), torch.device("cpu"))
-    ids = [0, 3, 4, 5, 2]  # x0 y1 y2 y3 y0 in the toy's vocabulary
+    policy = Policy.load_trained(PolicyConfig(path=str(run)), torch.device("cpu"))
     with torch.no_grad():
         logits = policy.model(torch.tensor([ids])).logits[0, :-1].float()
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
     plain = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(out), kind, json.dumps(ids)],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert plain.returncode == 0, plain.stderr[-3000:]
     got = torch.tensor(json.loads(plain.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["merged", "adapters"])
+def test_an_export_loads_with_plain_transformers_and_peft_to_the_runs_log_probs(tmp_path, trained_run, kind):
+    out = tmp_path / "export"
+    ids = [0, 3, 4, 5, 2]  # x0 y1 y2 y3 y0 in the toy's vocabulary
+    expected = _exported_log_probs_match(trained_run, out, kind, ids)
     base = Policy.load(PolicyConfig(path="toy"), torch.device("cpu"))
     with torch.no_grad():
         untrained = torch.log_softmax(base.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
@@ -292,3 +302,42 @@ def test_the_response_length_sampler_draws_a_cap_per_batch_and_warns():
     off.sample([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4, r1)
     [r2.randrange(2, 8) for _ in range(4)]
     assert r1.random() == r2.random() and off.generation_kwargs()["max_new_tokens"] == 9  # off: the stream is unchanged
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "embedded"])
+def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_models, family, monkeypatch):
+    """The vocabulary projection a chunk of positions at a time (checkpointed) gives the
+    log-probs, values, entropy and gradients of the full (B, T, V) logits path. Chunks of 7
+    rows here, so several chunks and a ragged last one are exercised."""
+    from rlhf.core import policy as policy_module
+
+    policy = Policy.load(PolicyConfig(path=chat_models.get(family, family)), torch.device("cpu"))
+    monkeypatch.setattr(policy_module, "LOGITS_PER_CHUNK", 7 * policy.vocab_size)
+    torch.manual_seed(0)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    policy.attach_value_head()
+    torch.nn.init.normal_(policy.value_head.weight, std=0.1)
+    ids = torch.randint(0, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    results = []
+    for chunked in (True, False):
+        policy._chunked = chunked
+        policy.model.zero_grad()
+        policy.value_head.zero_grad()
+        logprobs, values, entropy = policy.token_logprobs(ids, mask, 5, temperature=0.7, with_entropy=True)
+        (logprobs.sum() + 0.3 * values.sum() + 0.1 * entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in [*policy.model.named_parameters(), *policy.value_head.named_parameters()]
+                 if p.grad is not None}
+        results.append((logprobs.detach(), values.detach(), entropy.detach(), grads,
+                        policy.reference_logprobs(ids, mask, 5, 0.7)))
+    (lp, v, ent, g, ref), (lp_full, v_full, ent_full, g_full, ref_full) = results
+    torch.testing.assert_close(lp, lp_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, ref_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v_full)
+    torch.testing.assert_close(ent, ent_full, atol=1e-4, rtol=1e-4)
+    assert g.keys() == g_full.keys() and any("lora_B" in n for n in g)
+    for name in g:
+        torch.testing.assert_close(g[name], g_full[name], atol=1e-5, rtol=1e-4)

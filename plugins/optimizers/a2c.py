@@ -53,10 +53,10 @@ class A2C:
         kl, advantages, returns = self.shaping(r, n_step=c.n_steps if c.advantage == "nstep" else None)
 
         self.policy.train()
-        logits, vpred = self.policy.forward(r.input_ids, r.attention_mask, r.query_len)  # (B, T, V), (B, T)
-        logprobs = numerics.logprobs_of(logits, r.input_ids[:, r.query_len :], self.temperature)
+        logprobs, vpred, entropy = self.policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len,
+                                                              self.temperature, with_entropy=True)  # (B, T) each
         # token means over the whole batch, every data-parallel rank's rows included
-        entropy = distributed.loss_mean(numerics.entropy_from_logits(logits, self.temperature), mask)
+        entropy = distributed.loss_mean(entropy, mask)
         pg_loss = -distributed.loss_mean(advantages * logprobs, mask)
         vf_loss = 0.5 * distributed.loss_mean((vpred - returns) ** 2, mask)
         loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy

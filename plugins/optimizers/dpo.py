@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from rlhf.contracts.checks import require
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
-from rlhf.core import numerics
 from rlhf.core.optim import adam, gradient_step
 
 
@@ -82,8 +81,8 @@ class DPO:
         """The loss of a batch, and the log-probs the metrics need."""
         c = self.cfg
         B = b.input_ids.shape[0] // 2
-        logits, _ = self.policy.forward(b.input_ids, b.attention_mask, b.query_len, with_values=False)
-        logps = (numerics.logprobs_of(logits, b.input_ids[:, b.query_len :]) * b.mask).sum(1)  # (2B,)
+        logprobs, _, _ = self.policy.token_logprobs(b.input_ids, b.attention_mask, b.query_len, with_values=False)
+        logps = (logprobs * b.mask).sum(1)  # (2B,)
         chosen_logps, rejected_logps = logps[:B], logps[B:]
         ref_chosen_logps, ref_rejected_logps = b.ref_logps[:B], b.ref_logps[B:]
 

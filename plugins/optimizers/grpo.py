@@ -93,8 +93,8 @@ class GRPO:
             for idx in rollout.minibatch_indices(B, c.num_minibatches, r.mask.device):
                 mb, _ = rollout.minibatch(r, idx)  # (b, T_mb)
                 m = mb.mask
-                logits, _ = self.policy.forward(mb.input_ids, mb.attention_mask, mb.query_len, with_values=False)
-                logprobs = numerics.logprobs_of(logits, mb.input_ids[:, mb.query_len :], self.temperature)
+                logprobs, _, _ = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len, self.temperature,
+                                                            with_values=False)
                 ratio = torch.exp((logprobs - mb.logprobs) * m)
                 adv = advantages[idx, None]  # (b, 1): one advantage for every token of a response
                 pg_loss1 = -adv * ratio

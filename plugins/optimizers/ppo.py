@@ -85,8 +85,9 @@ class PPO:
             for idx in rollout.minibatch_indices(B, c.num_minibatches, mask.device):
                 mb, t = rollout.minibatch(r, idx, advantages=advantages, returns=returns)  # (b, T_mb) each
                 m = mb.mask
-                logits, vpred = self.policy.forward(mb.input_ids, mb.attention_mask, mb.query_len)
-                new_logprobs = numerics.logprobs_of(logits, mb.input_ids[:, mb.query_len :], self.temperature)
+                # the entropy is a full-vocabulary pass: once per batch, on the policy that sampled it
+                new_logprobs, vpred, entropy = self.policy.token_logprobs(
+                    mb.input_ids, mb.attention_mask, mb.query_len, self.temperature, with_entropy=epoch == 0)
                 pg_loss, vf_loss, ratio, logratio, vf_clipped = ppo_losses(
                     new_logprobs, mb.logprobs, t["advantages"], vpred, mb.values, t["returns"], m,
                     c.clip_coef, c.clip_coef_value,
@@ -108,9 +109,8 @@ class PPO:
                         "optim/grad_norm": grad_norm,
                     }.items():
                         stats.setdefault(name, []).append(value.detach())  # tensors: no device sync per minibatch
-                    if epoch == 0:  # a full-vocabulary pass: once per batch, on the policy that sampled it
-                        entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, self.temperature), m)
-                        stats.setdefault("policy/entropy", []).append(entropy)
+                    if entropy is not None:
+                        stats.setdefault("policy/entropy", []).append(numerics.masked_mean(entropy, m))
 
         out = numerics.means(stats)
         out["policy/skipped_minibatches"] = skipped

@@ -44,6 +44,7 @@ class PolicyConfig:
     reference: str = "base"
     chat_template: Optional[str] = None  # a Jinja file: the chat template for conversational data (replaces the tokenizer's)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    chunked_logprobs: bool = True  # log-probs through the vocabulary a chunk at a time: no (batch, length, vocab) tensor
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -53,6 +54,7 @@ class DataConfig:
     prompt_list: list[str] = field(default_factory=list)  # inline prompts for training and evaluation (overrides prompts)
     text_field: str = "text"  # column holding the text, or a list of chat messages (jsonl/json files and hub datasets)
     as_chat: bool = False  # text prompts as a user message, rendered with the chat template (instruct models)
+    subset: Optional[str] = None  # hub dataset configuration name, e.g. main for openai/gsm8k
     split: str = "train"  # hub dataset split for training prompts
     eval_split: Optional[str] = None  # hub split for held-out prompts; null: hold out from `split`
     n_train: int = 2000  # training prompts / pairs (embedded: generated; otherwise the first n)

@@ -239,7 +239,7 @@ def _read_hub(cfg: DataConfig) -> tuple[Prompts, Prompts]:
 
     check_dataset(cfg.prompts, "data.prompts")
     def rows(split: str, n: int) -> Prompts:
-        table = datasets.load_dataset(cfg.prompts, split=split)
+        table = datasets.load_dataset(cfg.prompts, cfg.subset, split=split)
         return prompt_records(list(table.select(range(min(n, len(table))))), cfg.text_field, f"hub dataset {cfg.prompts}")
 
     if cfg.eval_split:

@@ -99,11 +99,11 @@ def policy_gradient_step(opt, params, policy, r: Rollout, advantages: torch.Tens
                          max_grad_norm: float) -> dict[str, float]:
     """One step on -mean_i A_i log pi(y_i|x_i), log pi summed over the response tokens."""
     policy.train()
-    logits, _ = policy.forward(r.input_ids, r.attention_mask, r.query_len, with_values=False)
-    logprobs = numerics.logprobs_of(logits, r.input_ids[:, r.query_len :], temperature)  # (B, T)
+    logprobs, _, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, temperature,
+                                                 with_values=False, with_entropy=True)  # (B, T) each
     seq_logprobs = (logprobs * r.mask).sum(1)  # (B,)
     pg_loss = -(advantages * seq_logprobs).mean()
     grad_norm = gradient_step(opt, params, pg_loss, max_grad_norm)
     with torch.no_grad():
-        entropy = numerics.masked_mean(numerics.entropy_from_logits(logits, temperature), r.mask)
+        entropy = numerics.masked_mean(entropy.detach(), r.mask)
     return {"loss/policy": pg_loss.item(), "policy/entropy": entropy.item(), "optim/grad_norm": grad_norm.item()}

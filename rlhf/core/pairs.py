@@ -15,7 +15,6 @@ from typing import Sequence
 import torch
 
 from rlhf.contracts.schema import DataConfig
-from rlhf.core import numerics
 from rlhf.core.data import check_conversation, is_conversation, read_records
 from rlhf.core.policy import Policy
 
@@ -85,7 +84,7 @@ def _read_hub(cfg: DataConfig) -> list[dict]:
 
     check_dataset(cfg.pairs, "data.pairs")
 
-    return list(datasets.load_dataset(cfg.pairs, split=cfg.split))
+    return list(datasets.load_dataset(cfg.pairs, cfg.subset, split=cfg.split))
 
 
 def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
@@ -150,5 +149,4 @@ def pair_batch(
 def reference_logps(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, q: int,
                     mask: torch.Tensor) -> torch.Tensor:
     """Sum of reference log-probs over each row's response tokens. (2B,)"""
-    logits = policy.reference_logits(input_ids, attention_mask, q)
-    return (numerics.logprobs_of(logits, input_ids[:, q:]) * mask).sum(1)
+    return (policy.reference_logprobs(input_ids, attention_mask, q) * mask).sum(1)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
-from rlhf.core import hub, rundir
+from rlhf.core import hub, numerics, rundir
 
 
 def resolve_path(path: str) -> str:
@@ -47,6 +47,7 @@ class Policy:
         self.value_head: nn.Linear | None = None
         self._ref_model: nn.Module | None = None
         self._keeps_logits: bool | None = None  # does the model's forward take logits_to_keep
+        self._chunked: bool | None = None  # log-probs through the chunked vocabulary projection
         self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
         self._local: _Trunk | None = None
         self.trunk = ""  # what the adapters sit on, as a policy.path value (recorded with them)
@@ -87,6 +88,8 @@ class Policy:
             policy = cls.from_model(model, tokenizer, cfg.lora, device, ref_model=ref)
             policy.trunk = str(Path(cfg.path).expanduser().resolve())
         policy.started_from = parts
+        if not cfg.chunked_logprobs:
+            policy._chunked = False
         _apply_chat_template(policy.tokenizer, cfg.chat_template)
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
@@ -193,14 +196,58 @@ class Policy:
 
         input_ids: (B, Q + T) -> logits (B, T, V), values (B, T) or None
         """
-        if self._ddp is not None and torch.is_grad_enabled():
-            trunk = self._ddp
-        else:
-            if self._local is None or self._local.value_head is not self.value_head:
-                self._local = _Trunk(self.model, self.value_head)
-            trunk = self._local
+        trunk = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self._local_trunk()
         logits, values = trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits)
         return logits, values
+
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, temperature: float = 1.0,
+        with_values: bool = True, with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """log pi(y_t | x, y_<t) of each response token at `temperature`, the value of the state
+        before it, and the entropy of pi there: (B, T), (B, T) or None, (B, T) or None.
+
+        The vocabulary projection runs on a few thousand positions at a time, each chunk under
+        activation checkpointing, so no (B, T, V) tensor is ever held (the backward pass
+        recomputes a chunk's logits): peak memory stays flat as the vocabulary grows. Models
+        that scale or cap their logits (Gemma 2, Cohere, Granite) and `chunked_logprobs=False`
+        take the full logits."""
+        if not self.chunked:
+            logits, values = self.forward(input_ids, attention_mask, query_len, with_values)
+            tokens = input_ids[:, query_len:]
+            entropy = numerics.entropy_from_logits(logits, temperature) if with_entropy else None
+            return numerics.logprobs_of(logits, tokens, temperature), values, entropy
+        trunk = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self._local_trunk()
+        return trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits,
+                     stats=(temperature, with_entropy))
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
+                           temperature: float = 1.0) -> torch.Tensor:
+        """log pi_ref of each response token at `temperature`. (B, T); chunked as token_logprobs."""
+        if not self.chunked:
+            return numerics.logprobs_of(self.reference_logits(input_ids, attention_mask, query_len),
+                                        input_ids[:, query_len:], temperature)
+        with self.reference() as ref:
+            return _Trunk(ref, None)(input_ids, attention_mask, query_len, False, self.keeps_logits,
+                                     stats=(temperature, False))[0]
+
+    @property
+    def chunked(self) -> bool:
+        """Whether log-probs come through the chunked vocabulary projection (see token_logprobs)."""
+        if self._chunked is None:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+            scaled = any(getattr(config, key, None) not in (None, 1, 1.0)
+                         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+            self._chunked = not scaled and base.get_output_embeddings() is not None and bool(
+                getattr(base, "base_model_prefix", "")) and hasattr(base, base.base_model_prefix)
+        return self._chunked
+
+    def _local_trunk(self) -> _Trunk:
+        if self._local is None or self._local.value_head is not self.value_head:
+            self._local = _Trunk(self.model, self.value_head)
+        return self._local
 
     def enable_data_parallel(self) -> None:
         """Route training forwards through DistributedDataParallel, which averages the
@@ -445,7 +492,12 @@ class _Trunk(nn.Module):
         super().__init__()
         self.model, self.value_head = model, value_head
 
-    def forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool):
+    def forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool,
+                stats: tuple[float, bool] | None = None):
+        """(logits (B, T, V), values); with `stats=(temperature, with_entropy)`, (log-probs,
+        values, entropy) of the response tokens through the chunked projection instead."""
+        if stats is not None:
+            return self._token_stats(input_ids, attention_mask, query_len, with_values, *stats)
         keep = {"logits_to_keep": input_ids.shape[1] - query_len + 1} if keeps_logits else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                          output_hidden_states=with_values, use_cache=False, **keep)
@@ -455,6 +507,52 @@ class _Trunk(nn.Module):
             hidden = out.hidden_states[-1][:, query_len - 1 : -1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits, values
+
+
+    def _token_stats(self, input_ids, attention_mask, query_len: int, with_values: bool, temperature: float,
+                     with_entropy: bool):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        decoder = getattr(base, base.base_model_prefix)  # the trunk without its head (adapters inside)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                      use_cache=False)
+        hidden = out.last_hidden_state[:, query_len - 1 : -1]  # (B, T, H): the states that predict y_0..y_{T-1}
+        values = None
+        if with_values and self.value_head is not None:
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        logprobs, entropy = chunked_token_stats(base.get_output_embeddings(), hidden, input_ids[:, query_len:],
+                                                temperature, with_entropy)
+        return logprobs, values, entropy
+
+
+LOGITS_PER_CHUNK = 2**22  # elements of one chunk's logits (rows x vocabulary): 16 MB in float32
+
+
+def chunked_token_stats(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                        with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(head(hidden) / temperature) at `tokens`, and the entropy, a chunk of
+    positions at a time; under autograd each chunk is checkpointed, so its logits are freed
+    at once and recomputed in backward. (B, T, H), (B, T) -> (B, T), (B, T) or None"""
+    from torch.utils.checkpoint import checkpoint
+
+    B, T, H = hidden.shape
+    rows = max(1, LOGITS_PER_CHUNK // int(head.weight.shape[0]))
+    flat_h, flat_y = hidden.reshape(B * T, H), tokens.reshape(B * T)
+
+    def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h).float()  # (rows, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = logits.logsumexp(-1)
+        logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
+        ent = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else lse.new_zeros(())
+        return logp, ent
+
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = [checkpoint(chunk, flat_h[s : s + rows], flat_y[s : s + rows], use_reentrant=False) if grad
+             else chunk(flat_h[s : s + rows], flat_y[s : s + rows]) for s in range(0, B * T, rows)]
+    logprobs = torch.cat([p[0] for p in parts]).view(B, T)
+    entropy = torch.cat([p[1] for p in parts]).view(B, T) if with_entropy else None
+    return logprobs, entropy
 
 
 def _response_logits(logits: torch.Tensor, input_ids: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.contracts.interfaces import RewardSource, Rollout
-from rlhf.core import numerics
 from rlhf.core.data import RenderedText
 from rlhf.core.policy import Policy, position_ids
 
@@ -237,16 +236,14 @@ def collect(
 ) -> Rollout:
     g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
     input_ids, attention_mask, q = g.input_ids, g.attention_mask, g.query_len
-    responses_ids = input_ids[:, q:]
     logprobs, values = g.logprobs, g.values
     # Under bf16 autocast the cached sampling pass and a full forward round differently (by
     # ~1e-2 nats a token), so PPO's ratio would not start at 1 and the KL not at 0: recompute
     # on the path that the reference and the update use. In fp32 they agree to ~1e-6.
     low_precision = torch.is_autocast_enabled(policy.device.type)
     if low_precision or logprobs is None or (with_values and policy.value_head is not None and values is None):
-        logits, values = policy.forward(input_ids, attention_mask, q, with_values=with_values)
-        logprobs = numerics.logprobs_of(logits, responses_ids, temperature)
-    ref_logprobs = numerics.logprobs_of(policy.reference_logits(input_ids, attention_mask, q), responses_ids, temperature)
+        logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, q, temperature, with_values=with_values)
+    ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, q, temperature)
     query_text, response_text = decode(policy, input_ids, attention_mask, q)
     columns = columns_of(queries)
     scores = score(reward, query_text, response_text, policy.device, columns)
