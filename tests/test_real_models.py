@@ -85,7 +85,8 @@ def test_generation_stops_at_any_end_token(chat_models):
     tok = policy.tokenizer
     second_end = tok.convert_tokens_to_ids("<|end_of_text|>")
     base = policy.model.get_base_model()
-    with torch.no_grad():  # make the second end token (not the tokenizer's eos) the likeliest after a few tokens
+    torch.manual_seed(0)
+    with torch.no_grad():  # make the second end token (not the tokenizer's eos) likely at every step
         base.lm_head.weight[second_end] = base.model.norm.weight.detach() * 0.5
     queries = tokenize_prompts(tok, CHAT_PROMPTS[:8])
     assert all(isinstance(q, Rendered) for q in queries)
@@ -341,3 +342,44 @@ def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_
     assert g.keys() == g_full.keys() and any("lora_B" in n for n in g)
     for name in g:
         torch.testing.assert_close(g[name], g_full[name], atol=1e-5, rtol=1e-4)
+
+
+def test_the_recorded_base_of_adapters_is_kept_when_it_is_a_hub_name_and_replaced_when_a_stale_path(tmp_path):
+    """A run continued from a run on a hub model records that hub name: it is what the
+    adapters sit on (replacing it by the recorded run would apply the first run twice)."""
+    from rlhf.core.policy import trained_parts
+
+    run = tmp_path / "run2"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(f"policy:\n  path: {tmp_path / 'run1'}\n")
+    (run / "metrics.jsonl").write_text("")
+    (run / "final").mkdir()
+    from rlhf.core import rundir
+
+    assert rundir.is_run(run)
+    for base, expected in (("gpt2", "gpt2"), ("/gone/cache/embedded-123/policy", str(tmp_path / "run1"))):
+        (run / "final" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        assert trained_parts(str(run)).trunk == expected
+
+
+def test_a_batch_of_conversations_still_reaches_the_sampler():
+    import random
+
+    from rlhf_plugins.samplers.length import LengthSampler
+
+    from rlhf.core.data import sample_queries
+
+    sampler = LengthSampler(LengthSampler.Config(min_response_tokens=3, max_new_tokens=40))
+    caps = set()
+    for seed in range(20):
+        sample_queries(sampler, [Rendered([1, 2, 3])], random.Random(seed))
+        caps.add(sampler.generation_kwargs()["max_new_tokens"])
+    assert len(caps) > 3  # drawn per batch, though no prompt was plain text
+
+
+def test_a_rendered_text_prompt_from_rlhf_label_is_kept_whole(chat_models):
+    policy = _policy(chat_models["qwen2"])
+    long = [{"role": "user", "content": "word " * 120}]
+    text = render(policy.tokenizer, long)  # what rlhf-label writes as a pair's prompt
+    ids = encode_prompt(policy.tokenizer, text, max_tokens=64)
+    assert isinstance(ids, Rendered) and len(ids) > 64 and policy.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")

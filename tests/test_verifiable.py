@@ -37,6 +37,7 @@ def _reward(name: str, **fields):
     ({"match": "math", "extract": "boxed"}, r"so \boxed{\frac{1}{2}}", "0.5", 1.0),
     ({"match": "math", "extract": "boxed"}, r"\boxed{(x+1)^2}", "$x^2+2x+1$", 1.0),
     ({"match": "math", "extract": "boxed"}, r"\boxed{3}", "4", 0.0),
+    ({"extract": "boxed"}, r"so \boxed{2}, wait, it is \boxed{3}. Since {x}", "3", 1.0),  # the last box, its own braces
     ({"extract": "answer_tag"}, "<answer>42</answer> or 41", "42", 1.0),
     ({"extract": "gsm8k"}, "work...\n#### 72", "72", 1.0),
     ({"format": r"<answer>.*</answer>", "format_reward": 0.25}, "<answer>7</answer>", "7", 1.25),

@@ -31,7 +31,7 @@ from rlhf.contracts.registry import register
 MATCHES = ("numeric", "exact", "regex", "math")
 EXTRACTS = {
     "last_number": r"(-?\d[\d,]*(?:\.\d+)?)(?!.*\d)",  # the last number in the response
-    "boxed": r"\\boxed\{(.*)\}",  # LaTeX \boxed{...} (the outermost)
+    "boxed": r"\\boxed\{((?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*)\}",  # LaTeX \boxed{...}, braces nested two deep
     "answer_tag": r"<answer>(.*?)</answer>",  # <answer>...</answer>
     "gsm8k": r"####\s*(.+?)\s*$",  # GSM8K's final line: #### 42
     "whole": r"(.*)",  # the whole response

@@ -23,9 +23,8 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
     """Write the export of `run` (a run directory or its final/) into the new folder `out`."""
     import json
 
-    from rlhf.contracts.schema import PolicyConfig
     from rlhf.core import card
-    from rlhf.core.policy import load_model, portable_name, trained_parts
+    from rlhf.core.policy import load_model, portable_name, recorded_config, trained_parts
 
     run_dir = run if rundir.is_run(run) else run.parent if rundir.is_run(run.parent) else None
     parts = trained_parts(str(run))
@@ -36,7 +35,7 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
     if adapters and parts.adapters is None:
         raise ValueError(f"{run} trained every weight (policy.lora.enabled=false): there are no adapters to export; "
                          "drop --adapters for the whole model")
-    cfg = PolicyConfig(path=str(run))
+    cfg = recorded_config(str(run))  # the run's revision, dtype and trust_remote_code
     with rundir.atomic_dir(out) as partial:
         partial = Path(partial)
         if adapters:

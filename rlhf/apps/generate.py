@@ -57,12 +57,11 @@ class Generator:
     def __init__(self, policy_path: str, device: str, raw: bool):
         import torch
 
-        from rlhf.contracts.schema import PolicyConfig
         from rlhf.core.distributed import pick_device
-        from rlhf.core.policy import Policy
+        from rlhf.core.policy import Policy, recorded_config
 
-        torch.set_grad_enabled(False)
-        self.policy = Policy.load_trained(PolicyConfig(path=policy_path), pick_device(device))
+        torch.set_grad_enabled(False)  # the run's revision, dtype and trust_remote_code, as it trained
+        self.policy = Policy.load_trained(recorded_config(policy_path), pick_device(device))
         self.chat = bool(getattr(self.policy.tokenizer, "chat_template", None)) and not raw
 
     def __call__(self, prompt: str, gen: dict, n: int) -> list[str]:

@@ -40,7 +40,13 @@ def card(run_dir: Path, kind: str, base: str | None, curve: list[tuple], has_cur
     if base:
         head.append(f"base_model: {base}")
     head += ["tags:", *[f"- {t}" for t in tags], "---", ""]
+    from rlhf.core.policy import is_built_here
+
+    local = base is not None and (is_built_here(base) or base.startswith("/"))
     load = (
+        [f"`{base}` is a base this project builds or a folder on the machine that trained it: "
+         "`rlhf-export <run> <dir> --adapters` writes the adapters with a copy of it, loadable as below, and "
+         "`rlhf-export <run> <dir>` a standalone model.", ""] if local else []) + (
         ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
          f'base = AutoModelForCausalLM.from_pretrained("{base}")', 'model = PeftModel.from_pretrained(base, "<this folder>")',
          'tokenizer = AutoTokenizer.from_pretrained("<this folder>")', "```"]

@@ -207,22 +207,41 @@ def response_ids(tokenizer, prompt: Prompt, response: str, ends: Sequence[int]) 
     whole = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
     ids = tokenizer(whole[len(head):] if whole.startswith(head) else response, add_special_tokens=False)["input_ids"]
     stop = next((i for i, t in enumerate(ids) if t in set(ends)), None)
-    return ids[: stop + 1] if stop is not None else ids + list(ends[:1])
+    if stop is not None:
+        return ids[: stop + 1]
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id in ends else ends[0]  # Llama 3's <|eot_id|>, not the sorted first
+    return ids + [end]
 
 
 def encode_prompt(tokenizer, prompt: Prompt, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
     """A prompt's token ids: text cut to max_tokens, no special tokens added; a conversation
     rendered whole (a `Rendered`)."""
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if is_rendered(tokenizer, ids):  # already rendered by a chat template (rlhf-label's pairs): kept whole
+            return Rendered(ids)
+        return ids[:max_tokens]
     return Rendered(tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Every special token's id: the named ones and every added token marked special (a chat
+    template's markers, such as <|im_start|>, are often only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+def is_rendered(tokenizer, ids: Sequence[int]) -> bool:
+    """Token ids holding special tokens other than EOS, BOS and padding: a chat template's rendering."""
+    markers = special_ids(tokenizer) - {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return any(t in markers for t in ids)
 
 
 def sample_queries(sampler, prompts: Sequence[list[int]], rng) -> list[list[int]]:
     """The sampler's queries for plain prompts; rendered conversations whole. Each query
     carries its prompt's fields."""
     plain = [list(p) for p in prompts if not isinstance(p, Rendered)]
-    cut = iter(sampler.sample(plain, rng) if plain else [])
+    cut = iter(sampler.sample(plain, rng))  # also when empty: the sampler may draw a per-batch setting
     return [with_fields(Rendered(p) if isinstance(p, Rendered) else list(next(cut)), getattr(p, "fields", None))
             for p in prompts]
 

@@ -48,6 +48,7 @@ class Policy:
         self._ref_model: nn.Module | None = None
         self._keeps_logits: bool | None = None  # does the model's forward take logits_to_keep
         self._chunked: bool | None = None  # log-probs through the chunked vocabulary projection
+        self._chunk_checked = False  # the chunked path compared with the model's own logits once
         self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
         self._local: _Trunk | None = None
         self.trunk = ""  # what the adapters sit on, as a policy.path value (recorded with them)
@@ -212,19 +213,41 @@ class Policy:
         recomputes a chunk's logits): peak memory stays flat as the vocabulary grows. Models
         that scale or cap their logits (Gemma 2, Cohere, Granite) and `chunked_logprobs=False`
         take the full logits."""
-        if not self.chunked:
+        if not self.chunked:  # (checked before the first chunked call: _check_chunked)
             logits, values = self.forward(input_ids, attention_mask, query_len, with_values)
             tokens = input_ids[:, query_len:]
             entropy = numerics.entropy_from_logits(logits, temperature) if with_entropy else None
             return numerics.logprobs_of(logits, tokens, temperature), values, entropy
+        if not self._chunk_checked:
+            self._check_chunked(input_ids[:1], attention_mask[:1], query_len)
+            if not self.chunked:
+                return self.token_logprobs(input_ids, attention_mask, query_len, temperature, with_values, with_entropy)
         trunk = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self._local_trunk()
         return trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits,
                      stats=(temperature, with_entropy))
 
     @torch.no_grad()
+    def _check_chunked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> None:
+        """Once, on one row: the chunked projection must give the model's own log-probs (an
+        architecture that scales its logits in a way not listed would otherwise be silently
+        wrong); if not, the full logits from then on, said once."""
+        self._chunk_checked = True
+        logits, _ = self.forward(input_ids, attention_mask, query_len, with_values=False)
+        full = numerics.logprobs_of(logits, input_ids[:, query_len:])
+        chunked = self._local_trunk()(input_ids, attention_mask, query_len, False, self.keeps_logits,
+                                      stats=(1.0, False))[0]
+        if not torch.allclose(full, chunked, atol=1e-3, rtol=1e-3):
+            self._chunked = False
+            warnings.warn(f"{type(self.model).__name__}: the chunked log-probs differ from the model's own logits "
+                          f"(by {float((full - chunked).abs().max()):.3g} nats: it transforms its logits after the output "
+                          "layer); using the full logits", stacklevel=3)
+
+    @torch.no_grad()
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
                            temperature: float = 1.0) -> torch.Tensor:
         """log pi_ref of each response token at `temperature`. (B, T); chunked as token_logprobs."""
+        if not self._chunk_checked and self.chunked:
+            self._check_chunked(input_ids[:1], attention_mask[:1], query_len)
         if not self.chunked:
             return numerics.logprobs_of(self.reference_logits(input_ids, attention_mask, query_len),
                                         input_ids[:, query_len:], temperature)
@@ -239,7 +262,8 @@ class Policy:
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
             scaled = any(getattr(config, key, None) not in (None, 1, 1.0)
-                         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+                         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                                     "lm_head_multiplier"))
             self._chunked = not scaled and base.get_output_embeddings() is not None and bool(
                 getattr(base, "base_model_prefix", "")) and hasattr(base, base.base_model_prefix)
         return self._chunked
@@ -320,9 +344,14 @@ class Policy:
             record = json.loads(adapter_config.read_text())
             record["base_model_name_or_path"] = portable_name(self.trunk)
             adapter_config.write_text(json.dumps(record, indent=2) + "\n")
+        elif not self.lora and self.trunk:  # full weights: the base they started from, for policy.reference=base
+            (Path(directory) / BASE_RECORD).write_text(json.dumps({"base": portable_name(self.trunk)}) + "\n")
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                       f"{directory}/value_head.safetensors")
+
+
+BASE_RECORD = "rlhf_base.json"  # final/ of a full fine-tuning run: the policy.path it started from
 
 
 @dataclasses.dataclass
@@ -361,18 +390,34 @@ def trained_parts(path: str) -> TrainedParts | None:
     head = head if head.is_file() else None
     if (final / "adapter_config.json").is_file():
         trunk = json.loads((final / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        if recorded is not None and not _exists_as_policy(trunk):  # an older run: its cache path
-            trunk = recorded
+        if recorded is not None and Path(trunk).is_absolute() and not Path(trunk).exists():
+            trunk = recorded  # an older run recorded this machine's cache path; a hub name stays as it is
         if not trunk:
             raise ValueError(f"policy.path={path}: adapter_config.json names no base model (base_model_name_or_path); "
                              "set it to the model the adapters were trained on")
         return TrainedParts(final, None, trunk, head)
     if recorded is not None and (final / "config.json").is_file():
-        return TrainedParts(None, final, recorded, head)
+        record = final / BASE_RECORD
+        base = json.loads(record.read_text())["base"] if record.is_file() else recorded
+        return TrainedParts(None, final, base, head)
     if recorded is not None:
         raise FileNotFoundError(f"policy.path={path}: {final} holds neither adapters (adapter_config.json) nor a "
                                 "model (config.json)")
     return None
+
+
+def recorded_config(path: str) -> PolicyConfig:
+    """A PolicyConfig for `path` with the loading settings (revision, trust_remote_code, dtype)
+    of the run it is (or whose final/ it is); the defaults for anything else."""
+    p = Path(path).expanduser()
+    run = p if rundir.is_run(p) else p.parent if rundir.is_run(p.parent) else None
+    if run is None:
+        return PolicyConfig(path=path)
+    from omegaconf import OmegaConf
+
+    recorded = OmegaConf.load(run / rundir.CONFIG).get("policy") or {}
+    return PolicyConfig(path=path, revision=recorded.get("revision"), dtype=recorded.get("dtype", "float32"),
+                        trust_remote_code=bool(recorded.get("trust_remote_code", False)))
 
 
 def is_built_here(name: str) -> bool:
@@ -380,10 +425,6 @@ def is_built_here(name: str) -> bool:
     from rlhf.embedded import toy
 
     return name in ("embedded", "arithmetic") or toy.is_toy(name)
-
-
-def _exists_as_policy(name: str) -> bool:
-    return bool(name) and (is_built_here(name) or Path(name).expanduser().exists())
 
 
 def portable_name(trunk: str) -> str:

@@ -19,8 +19,9 @@ def text_of(prompt, response: str, tokenizer=None) -> str:
     `RenderedText` query already is that rendering)."""
     from rlhf.core.data import RenderedText, render
 
-    if isinstance(prompt, RenderedText):
-        return prompt + response
+    if isinstance(prompt, RenderedText) or (isinstance(prompt, str) and tokenizer is not None and any(
+            t in prompt for t in tokenizer.all_special_tokens if t not in (tokenizer.eos_token, tokenizer.pad_token))):
+        return prompt + response  # rendered already (a rollout's query, or a pair rlhf-label wrote)
     if isinstance(prompt, (list, tuple)):
         return render(tokenizer, list(prompt)) + response
     return f"{prompt} {response}"

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.contracts.interfaces import RewardSource, Rollout
-from rlhf.core.data import RenderedText
+from rlhf.core.data import RenderedText, special_ids
 from rlhf.core.policy import Policy, position_ids
 
 
@@ -192,7 +192,7 @@ def decode(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
     leaves special tokens out; a query rendered by the chat template keeps them (a
     `RenderedText`), so that query + response reads as the template writes the conversation."""
     tok = policy.tokenizer
-    specials = set(tok.all_special_ids)
+    specials = special_ids(tok)
     # as Python lists first: indexing a tensor row by row costs more than the decoding (3x, measured)
     rows, masks = input_ids.tolist(), attention_mask.tolist()
     kept = lambda ids, keep: [t for t, k in zip(ids, keep) if k]  # noqa: E731
