@@ -383,3 +383,12 @@ def test_a_rendered_text_prompt_from_rlhf_label_is_kept_whole(chat_models):
     text = render(policy.tokenizer, long)  # what rlhf-label writes as a pair's prompt
     ids = encode_prompt(policy.tokenizer, text, max_tokens=64)
     assert isinstance(ids, Rendered) and len(ids) > 64 and policy.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_a_conversation_too_long_for_the_context_is_refused_before_training(tmp_path, chat_models):
+    rows = [{"prompt": [{"role": "user", "content": "word " * (600 if i == 3 else 3)}]} for i in range(8)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("rlhf-train", f"policy.path={chat_models['qwen2']}", f"data.prompts={tmp_path / 'long.jsonl'}",
+            "data.text_field=prompt", "data.n_eval=2", "train.steps=1", "reward=lexicon", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "prompt 1 is" in r.stderr and "context of 512" in r.stderr and "Traceback" not in r.stderr[-800:]

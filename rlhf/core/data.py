@@ -237,6 +237,19 @@ def is_rendered(tokenizer, ids: Sequence[int]) -> bool:
     return any(t in markers for t in ids)
 
 
+def check_whole_prompts(prompts: Sequence[list[int]], context: int | None, max_new_tokens: int, where: str) -> None:
+    """Prompts used whole (rendered conversations) must leave room for the response in the
+    model's context: refused before training, naming the first that does not."""
+    if context is None:
+        return
+    long = [i for i, p in enumerate(prompts) if isinstance(p, Rendered) and len(p) + max_new_tokens > context]
+    if long:
+        i = long[0]
+        raise ValueError(f"{where}: prompt {i} is {len(prompts[i])} tokens rendered with the chat template; with "
+                         f"sampler.max_new_tokens={max_new_tokens} that is more than the model's context of {context} "
+                         f"({len(long)} such prompts); shorten or drop them, or lower sampler.max_new_tokens")
+
+
 def sample_queries(sampler, prompts: Sequence[list[int]], rng) -> list[list[int]]:
     """The sampler's queries for plain prompts; rendered conversations whole. Each query
     carries its prompt's fields."""

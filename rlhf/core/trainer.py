@@ -26,7 +26,7 @@ from rlhf.contracts import registry
 from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
 from rlhf.contracts.schema import validate
 from rlhf.core import checkpoint, distributed, rundir, sources
-from rlhf.core.data import load_prompts, sample_queries, tokenize_prompts
+from rlhf.core.data import check_whole_prompts, load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.evaluation import evaluate, pass_at_k, save_samples
 from rlhf.core.policy import CheckpointMismatch, Policy
 from rlhf.core.preemption import Interrupt, Preemption
@@ -117,6 +117,9 @@ class Trainer:
         train_texts, eval_texts = load_prompts(cfg.data)
         tokenizer = self.policy.tokenizer
         self.train_prompts, eval_prompts = tokenize_prompts(tokenizer, train_texts), tokenize_prompts(tokenizer, eval_texts)
+        cap = self.sampler.generation_kwargs().get("max_new_tokens", 20)
+        for name, prompts in (("training", self.train_prompts), ("held-out", eval_prompts)):
+            check_whole_prompts(prompts, self.policy.context_length, cap, f"data.prompts ({name})")
         self.eval_prompts = eval_prompts
         self.eval_queries = sample_queries(self.sampler, eval_prompts, random.Random(cfg.eval.seed))
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
