@@ -114,6 +114,30 @@ def _damage(d: Path) -> str:
     return "incomplete"
 
 
+def cached_model(name: str, build, message: str | None = None) -> str:
+    """`<cache>/<name>`, built by `build(directory)` on first use (or when its weights are
+    missing): under a lock, so parallel jobs build once, into a temporary directory renamed
+    into place, with the caller's random state left as it was."""
+    from filelock import FileLock
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file() or not (target / "model.safetensors").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+            try:
+                if message:
+                    print(f"[rlhf] {message} into {target}", flush=True)
+                with own_random_state():  # the run that builds it trains as every later run does
+                    build(tmp)
+                tmp.replace(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
 @contextlib.contextmanager
 def own_random_state():
     """Python's, NumPy's and torch's random states as they were before, afterwards."""

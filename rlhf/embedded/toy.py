@@ -13,8 +13,6 @@ to the cap), or `toy:<prompts>x<tokens>[:eos][:seed<N>]`, e.g. `toy:3x4:eos`.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 PAD, EOS = "<pad>", "</s>"
@@ -46,24 +44,10 @@ def toy_vocab(n_prompts: int, n_responses: int, eos: bool = False) -> list[str]:
 
 def toy_policy_path(n_prompts: int = 2, n_responses: int = 6, seed: int = 0, eos: bool = False) -> str:
     """Directory of the toy policy (built on first use; under a second, well below a build's)."""
-    from filelock import FileLock
+    from rlhf.embedded.build import cached_model
 
-    from rlhf.embedded.build import cache_root, own_random_state
-
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"toy-{n_prompts}x{n_responses}{'-eos' if eos else ''}-seed{seed}"
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").is_file() or not (target / "model.safetensors").is_file():
-            shutil.rmtree(target, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-            try:
-                with own_random_state():  # the run that builds it trains as every later run does
-                    _build(tmp, n_prompts, n_responses, seed, eos)
-                tmp.replace(target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    name = f"toy-{n_prompts}x{n_responses}{'-eos' if eos else ''}-seed{seed}"
+    return cached_model(name, lambda out: _build(out, n_prompts, n_responses, seed, eos))
 
 
 def _build(out: Path, n_prompts: int, n_responses: int, seed: int, eos: bool) -> None:
