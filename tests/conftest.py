@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+
+from rlhf.core import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -24,11 +24,13 @@ BIN = Path(sys.executable).parent
 STARTUP_ENV = ("PYTHON", "HF_", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "CUDA", "LD_", "TOKENIZERS")
 
 
-def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run an installed console script as a real subprocess; env values of None unset a variable.
+def launch(name: str, *args: str, cwd: Path, env: dict | None = None) -> "Command | subprocess.Popen":
+    """Start an installed console script as a real process, its stdout and stderr captured as
+    text; env values of None unset a variable. Used as `subprocess.Popen` is (pid, poll, wait,
+    send_signal, kill, communicate).
 
-    The process is forked from the fork server (tests/forkserver.py), which has imported
-    torch, transformers and peft once, unless the environment changes what Python or those
+    The process is forked from the fork server (rlhf/core/forkserver.py, which has imported
+    torch, transformers and peft once), unless the environment changes what Python or those
     libraries read when they start; then it is the installed script, started from scratch."""
     exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
     assert exe, f"{name} is not installed; run pip install -e '.[test]'"
@@ -38,56 +40,60 @@ def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: floa
     if any(k.startswith(STARTUP_ENV) and k != "PYTHONPATH" for k in changed) or (
         "PYTHONPATH" in changed and os.environ.get("PYTHONPATH")
     ):
-        return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    return FORK_SERVER.run(name, [exe, *args], cwd=cwd, env=full_env, timeout=timeout)
+        return subprocess.Popen([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=full_env)
+    return Command(name, [exe, *args], cwd, full_env)
 
 
-class ForkServer:
-    """The test side of tests/forkserver.py: started on first use, one per pytest process;
-    calls from several threads at once are fine."""
-
-    def __init__(self):
-        self.proc = None
-        self.lock = threading.Lock()
-        self.waiting: dict[int, dict] = {}
-        self.next_id = 0
-
-    def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), str(BIN)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
-        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            msg = json.loads(line)
-            with self.lock:
-                slot = self.waiting[msg["id"]]
-            slot.update(msg)
-            if "rc" in msg:
-                slot["done"].set()
-
-    def run(self, name: str, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory() as tmp:
-            out, err = Path(tmp) / "out", Path(tmp) / "err"
-            with self.lock:
-                if self.proc is None or self.proc.poll() is not None:
-                    self._start()
-                self.next_id += 1
-                slot = self.waiting[self.next_id] = {"done": threading.Event()}
-                request = {"id": self.next_id, "name": name, "argv": argv, "cwd": str(cwd), "env": env,
-                           "out": str(out), "err": str(err)}
-                self.proc.stdin.write((json.dumps(request) + "\n").encode())
-                self.proc.stdin.flush()
-            if not slot["done"].wait(timeout):
-                if "pid" in slot:
-                    os.kill(slot["pid"], signal.SIGKILL)
-                slot["done"].wait(30)
-                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(errors="replace"), err.read_text(errors="replace"))
-            return subprocess.CompletedProcess(argv, slot["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
+def cli(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run an installed console script to its end (see `launch`)."""
+    proc = launch(name, *args, cwd=cwd, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-FORK_SERVER = ForkServer()
+# the fork server's imports: the library's, and the two architectures the embedded default uses
+FORK_SERVER = forkserver.ForkServer(
+    preload=(*forkserver.PRELOAD, "transformers.models.gpt2.modeling_gpt2", "transformers.models.distilbert.modeling_distilbert"),
+    env={k: v for k, v in os.environ.items()})
+
+
+class Command:
+    """A console script forked from FORK_SERVER, its output going to files read back as text."""
+
+    def __init__(self, name: str, argv: list[str], cwd: Path, env: dict):
+        (ep,) = entry_points(group="console_scripts", name=name)
+        self.args, self.tmp = argv, tempfile.TemporaryDirectory()
+        self.out, self.err = Path(self.tmp.name) / "out", Path(self.tmp.name) / "err"
+        # sys.path[0] is the console script's directory, as for the installed script
+        self.proc = FORK_SERVER.spawn(ep.value, argv=argv, cwd=cwd, env=env, path0=str(BIN), stdout=str(self.out),
+                                      stderr=str(self.err))
+        self.pid = self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.proc.wait(timeout)
+        return self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "") -> None:

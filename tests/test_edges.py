@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, cli, wait_for
+from conftest import cli, launch, wait_for
 
 from rlhf.core import checkpoint, rundir
 
 TINY = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=4", "eval.every=100"]
 
 
-def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "rlhf-train"), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+def start(args: list[str], cwd: Path, env: dict | None = None):
+    return launch("rlhf-train", *args, cwd=cwd, env=env)
 
 
 def holder(run: Path) -> dict:

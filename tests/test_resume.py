@@ -3,13 +3,12 @@
 import hashlib
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, cli, final_tensors
+from conftest import ROOT, cli, final_tensors, launch
 
 from rlhf.core import checkpoint
 
@@ -30,7 +29,7 @@ def run_dir(cwd: Path) -> Path:
 def kill_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:
     """Start rlhf-train, wait until it has logged two steps past its first checkpoint and not
     written the second, kill -9 it there."""
-    proc = subprocess.Popen([str(BIN / "rlhf-train"), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = launch("rlhf-train", *args, cwd=cwd)
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -47,7 +46,8 @@ def kill_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:
     finally:
         if proc.poll() is None:
             proc.kill()
-    pytest.fail(f"the run ended ({proc.returncode}) before it could be killed between checkpoints: {proc.stderr.read()[-2000:]}")
+    err = proc.communicate()[1]
+    pytest.fail(f"the run ended ({proc.returncode}) before it could be killed between checkpoints: {err[-2000:]}")
 
 
 @pytest.mark.slow

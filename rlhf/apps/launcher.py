@@ -4,8 +4,10 @@ Hydra's joblib launcher runs jobs inside loky's worker processes. When the kerne
 (the out-of-memory killer sends SIGKILL), loky declares the whole pool broken: the job
 running beside it is killed and listed as failed, and the jobs not yet started never run.
 Here joblib dispatches the jobs from threads (`n_jobs` at a time, as before), and every job
-is a fresh Python process that runs exactly what Hydra's joblib worker runs (the job's own
-config, Hydra's `run_job`, the same run directory). A job that dies is one failed job: the
+is a process of its own that runs exactly what Hydra's joblib worker runs (the job's own
+config, Hydra's `run_job`, the same run directory). The job processes are forked from a fork
+server that has imported torch, transformers and peft once (`core/forkserver.py`: ~5 s saved
+a job), or, where there is none, started fresh. A job that dies is one failed job: the
 others run to the end, its directory gets an error.txt naming the signal, and the sweep's
 report counts every job. Ctrl-C or SIGTERM reaching the sweep is passed to every running job
 once (each finishes its step, writes a checkpoint and stops) and no further job starts; the
@@ -25,6 +27,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhf.core import forkserver
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +40,8 @@ class _Jobs:
     """The running job processes: a signal to the sweep is passed on to them, once."""
 
     def __init__(self) -> None:
-        self.procs: set[subprocess.Popen] = set()
+        self.procs: set[subprocess.Popen | forkserver.Forked] = set()
+        self.server: forkserver.ForkServer | None = None
         self.stopping: int | None = None
         self.lock = threading.RLock()  # with n_jobs=1 a signal can arrive in the thread that holds it
 
@@ -73,6 +78,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         shared.write_bytes(state)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         running = _Jobs()
+        try:
+            running.server = forkserver.ForkServer().start()
+        except forkserver.ForkServerError as e:
+            log.info(f"each job starts as a fresh Python process ({e})")
         previous = {sig: signal.signal(sig, running.forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return Parallel(n_jobs=n_jobs, backend="threading")(
@@ -80,6 +89,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if running.server is not None:
+                running.server.close()
 
 
 def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path, running: _Jobs):
@@ -88,9 +99,7 @@ def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path
 
     result = work / f"{idx}.result"
     with running.lock:
-        proc = None if running.stopping else subprocess.Popen(
-            [sys.executable, "-m", "rlhf.apps.launcher", str(shared), str(idx), str(result), *overrides],
-            start_new_session=True)  # a terminal's Ctrl-C reaches it once, through running.forward
+        proc = None if running.stopping else _start(running, [str(shared), str(idx), str(result), *overrides])
         if proc is not None:
             running.procs.add(proc)
     code = proc.wait() if proc is not None else None
@@ -122,6 +131,19 @@ def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path
     ret = JobReturn()
     ret.overrides, ret.status, ret.return_value = overrides, JobStatus.FAILED, error
     return ret
+
+
+def _start(running: _Jobs, argv: list[str]) -> subprocess.Popen | forkserver.Forked:
+    """The job's process, in a session of its own (a terminal's Ctrl-C reaches it once,
+    through running.forward): forked from the server, or a fresh `python -m`."""
+    if running.server is not None:
+        try:
+            return running.server.spawn("rlhf.apps.launcher:_main", [argv], argv=[__file__, *argv], env=dict(os.environ),
+                                        new_session=True)
+        except forkserver.ForkServerError as e:
+            log.warning(f"{e}; the remaining jobs start as fresh Python processes")
+            running.server = None
+    return subprocess.Popen([sys.executable, "-m", "rlhf.apps.launcher", *argv], start_new_session=True)
 
 
 def _job_dir(launcher: Any, idx: int, overrides: list[str]) -> Path | None:
@@ -157,5 +179,9 @@ def _child(shared: str, idx: str, result: str, overrides: list[str]) -> None:
     os.replace(tmp, result)
 
 
+def _main(argv: list[str]) -> None:
+    _child(argv[0], argv[1], argv[2], argv[3:])
+
+
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
+    _main(sys.argv[1:])

@@ -572,7 +572,8 @@ def chunked_token_stats(head: nn.Module, hidden: torch.Tensor, tokens: torch.Ten
                         with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(head(hidden) / temperature) at `tokens`, and the entropy, a chunk of
     positions at a time; under autograd each chunk is checkpointed, so its logits are freed
-    at once and recomputed in backward. (B, T, H), (B, T) -> (B, T), (B, T) or None"""
+    at once and recomputed in backward (when one chunk holds every position there is nothing
+    to free early, and it runs as it is). (B, T, H), (B, T) -> (B, T), (B, T) or None"""
     from torch.utils.checkpoint import checkpoint
 
     B, T, H = hidden.shape
@@ -588,7 +589,8 @@ def chunked_token_stats(head: nn.Module, hidden: torch.Tensor, tokens: torch.Ten
         ent = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else lse.new_zeros(())
         return logp, ent
 
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    grad = B * T > rows and torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     # the reentrant form recomputes and backpropagates one chunk at a time and frees it at once;
     # the non-reentrant form kept every chunk's recomputed logits to the end of backward (measured:
     # 576 MiB at vocabulary 32k against 81 MiB) but is the one that reaches the head's own
