@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import BIN, cli
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
 from rlhf.core import rollout
@@ -254,7 +254,7 @@ def test_generate_samples_the_trained_policy_and_talks_interactively(tmp_path, t
     assert len(lines) == 3 and all(line.startswith(f"[{i + 1}]") for i, line in enumerate(lines))
     bad = cli("rlhf-generate", str(tmp_path / "nothing-here"), "x1", cwd=tmp_path)
     assert bad.returncode == 1 and "rlhf-generate:" in bad.stderr and "Traceback" not in bad.stderr
-    talk = subprocess.run(["rlhf-generate", str(trained_run), "--max-new-tokens", "1"], input="x0\nx1\n\n",
+    talk = subprocess.run([str(BIN / "rlhf-generate"), str(trained_run), "--max-new-tokens", "1"], input="x0\nx1\n\n",
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert talk.returncode == 0, talk.stderr[-3000:]
     assert len(talk.stdout.strip().splitlines()) == 2
