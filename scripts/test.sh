@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh --test
 ruff check .
+# the one-time model builds first, on every core (each test worker has one thread): the workers
+# then never wait on a build's lock
+rlhf-build-embedded --all >/dev/null
 pytest "$@"
