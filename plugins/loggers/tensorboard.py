@@ -35,6 +35,14 @@ class TensorBoardLogger:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
 
+    def log_samples(self, rows, step: int) -> None:
+        """Each evaluation's samples as a markdown table under the `samples` text tab."""
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        cell = lambda v: (f"{v:.3g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                          + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
+        self.writer.add_text("samples", table, step)
+
     def finish(self, summary: Mapping[str, Any]) -> None:
         for k, v in summary.items():
             if isinstance(v, (int, float)):

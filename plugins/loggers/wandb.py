@@ -75,6 +75,14 @@ class WandbLogger:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
 
+    def log_samples(self, rows, step: int) -> None:
+        """Each evaluation's samples as a wandb Table (`samples`), one per evaluation step."""
+        import wandb
+
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        self.run.log({"samples": wandb.Table(columns=["step", *cols], data=[[step, *(r.get(c) for c in cols)] for r in rows])},
+                     step=step)
+
     def finish(self, summary: Mapping[str, Any]) -> None:
         for k, v in summary.items():
             self.run.summary[k] = v

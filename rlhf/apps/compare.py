@@ -30,6 +30,7 @@ class Run:
     config: dict[str, Any]  # flattened: {"optimizer.beta": 0.1, ...}
     summary: dict[str, Any]
     evals: list[dict[str, float]] = field(default_factory=list)  # metrics.jsonl rows with eval/reward
+    rows: list[dict[str, Any]] = field(default_factory=list)  # every metrics.jsonl row (training steps too)
 
     @property
     def optimizer(self) -> str:
@@ -66,7 +67,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
                     print(f"rlhf-compare: {problem}", file=sys.stderr)
             else:
                 print(f"rlhf-compare: {d} has no {rundir.METRICS}: in the table, not in the plots", file=sys.stderr)
-            runs.append(Run(d, config, figures, [r for r in rows if "eval/reward" in r and "eval/kl" in r]))
+            runs.append(Run(d, config, figures, [r for r in rows if "eval/reward" in r and "eval/kl" in r], rows))
     return runs
 
 
@@ -157,7 +158,72 @@ def plots(runs: list[Run], out: Path) -> dict[str, Path]:
     fig.tight_layout()
     fig.savefig(files["frontier"], dpi=110)
     plt.close(fig)
+    files.update(curves(runs, out, fields, several, plt))
+    gold = gold_vs_proxy(runs, out, fields, plt)
+    if gold is not None:
+        files["gold_vs_proxy"] = gold
     return files
+
+
+CURVES = (("eval/kl", "KL to the reference (nats)"), ("eval/fluency", "fluency: log-lik per token under the reference"),
+          ("policy/entropy", "policy entropy (nats per token)"), ("eval/distinct_2", "distinct-2"))
+
+
+def curves(runs: list[Run], out: Path, fields: list[str], several: bool, plt) -> dict[str, Path]:
+    """KL, fluency, entropy, distinct-2 and every judge over steps, a panel each, beside the reward curve."""
+    judges = sorted({k for r in runs for row in r.evals for k in row if k.startswith("eval/judge/")})
+    panels = [(k, t) for k, t in (*CURVES, *((j, f"judge {j.removeprefix('eval/judge/')}") for j in judges))
+              if any(k in row for r in runs for row in r.rows)]
+    if not panels:
+        return {}
+    cols = min(3, len(panels))
+    lines = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 3.2 * lines), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for r in runs:
+            points = [(row["step"], row[key]) for row in r.rows if key in row]
+            if points:
+                label = f"{r.optimizer}: {_label(r, fields)}" if several else _label(r, fields)
+                ax.plot(*zip(*points), marker="o" if key.startswith("eval/") else None, ms=2, lw=1, label=label)
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles and len(runs) <= 12:
+        fig.legend(handles, labels, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / "curves_over_steps.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return {"curves_over_steps": path}
+
+
+def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | None:
+    """The optimized (proxy) reward and the first judge (the gold reward) against sqrt(KL), as
+    Gao et al. 2022 plot over-optimisation; a star where the gold peaks."""
+    with_gold = [(r, next(k for k in r.evals[0] if k.startswith("eval/judge/"))) for r in runs
+                 if r.evals and any(k.startswith("eval/judge/") for k in r.evals[0])]
+    if not with_gold:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (r, key) in enumerate(with_gold):
+        x = [max(e["eval/kl"], 0.0) ** 0.5 for e in r.evals]
+        gold = [e.get(key, float("nan")) for e in r.evals]
+        label = _label(r, fields)
+        ax.plot(x, [e["eval/reward"] for e in r.evals], color=f"C{i}", marker="o", ms=3, label=f"proxy (reward): {label}")
+        ax.plot(x, gold, color=f"C{i}", ls="--", marker="s", ms=3, label=f"gold ({key.removeprefix('eval/judge/')}): {label}")
+        peak = max(range(len(gold)), key=lambda j: gold[j])
+        ax.plot([x[peak]], [gold[peak]], color=f"C{i}", marker="*", ms=14, ls="none")
+    ax.set(xlabel="sqrt(KL(pi || pi_ref)), sqrt(nats)", ylabel="reward",
+           title="Gold and proxy reward against sqrt(KL) (star: gold's peak)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    path = out / "gold_vs_proxy.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def report(runs: list[Run], root: Path, out: Path, files: dict[str, Path]) -> Path:
@@ -176,11 +242,48 @@ figure{{display:inline-block;margin:1em}}</style></head>
 <body><h1>rlhf-compare</h1><p>{len(runs)} runs under <code>{html.escape(str(root))}</code></p>
 <table><thead><tr>{cells("th", header)}</tr></thead>
 <tbody>{"".join(f"<tr>{cells('td', r)}</tr>" for r in rows)}</tbody></table>
-{images}{optimum_section(runs, root)}</body></html>
+{images}{diagnosis_section(runs, root)}{samples_section(runs, root)}{optimum_section(runs, root)}</body></html>
 """
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def _name(run: Run, root: Path) -> str:
+    return html.escape(str(run.path.relative_to(root)) if run.path.is_relative_to(root) else str(run.path))
+
+
+def diagnosis_section(runs: list[Run], root: Path) -> str:
+    """Each run's findings (rlhf-diagnose's), or "no findings"."""
+    from rlhf.core import diagnosis
+
+    blocks = []
+    for run in runs:
+        findings = diagnosis.diagnose(diagnosis.load(run.path)) if run.rows else []
+        items = "".join(f"<li><b>{html.escape(f.name)}</b>: {html.escape(f.evidence)}<br><i>try:</i> "
+                        f"{html.escape('; '.join(f.knobs))}" + (f"<br><i>sample:</i> <code>{html.escape(f.sample)}</code>"
+                                                                 if f.sample else "") + "</li>" for f in findings)
+        verdict = f"<ul>{items}</ul>" if findings else ("<p>no findings</p>" if run.rows else "<p>no metrics log</p>")
+        blocks.append(f'<div class="diagnosis"><h3>{_name(run, root)}</h3>{verdict}</div>')
+    return f"<h2>Diagnosis</h2>{''.join(blocks)}"
+
+
+def samples_section(runs: list[Run], root: Path, n: int = 4) -> str:
+    """The last evaluation's first samples of each run."""
+    blocks = []
+    for run in runs:
+        files = sorted((run.path / rundir.SAMPLES).glob("step_*.jsonl"), key=lambda p: _natural(p))
+        if not files:
+            continue
+        try:
+            rows = [json.loads(x) for x in files[-1].read_text().splitlines() if x.strip()][:n]
+        except ValueError:
+            continue
+        items = "".join(f"<tr><td>{html.escape(str(r.get('query', '')))}</td><td>{html.escape(str(r.get('response', '')))}</td>"
+                        f"<td>{_fmt(r.get('reward'))}</td></tr>" for r in rows)
+        blocks.append(f"<details><summary>{_name(run, root)}: {files[-1].stem}</summary><table><tr><th>query</th>"
+                      f"<th>response</th><th>reward</th></tr>{items}</table></details>")
+    return f"<h2>Samples at the last evaluation</h2>{''.join(blocks)}" if blocks else ""
 
 
 def optimum_section(runs: list[Run], root: Path) -> str:

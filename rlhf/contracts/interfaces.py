@@ -134,6 +134,15 @@ class Logger(Protocol):
 
 
 @runtime_checkable
+class SampleLogger(Protocol):
+    """A logger that also shows each evaluation's samples (wandb as a table, TensorBoard as
+    text); the loop sends them to every logger that has this method as well as the three above."""
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """rows: {query, response, reward, kl, <judge>: score ...}, the samples saved at `step`."""
+
+
+@runtime_checkable
 class BatchSource(Protocol):
     """Feeds the optimizers that consume one kind of batch (their `consumes` names it).
 

@@ -28,11 +28,15 @@ def evaluate(
 
     `eval/kl` is the mean over prompts of sum_t (log pi - log pi_ref)(y_t), y ~ pi: a Monte
     Carlo estimate of the sequence-level KL(pi || pi_ref) at the sampling temperature.
+    `eval/fluency` is the fluency judge: the responses' mean log-likelihood per token under
+    the reference (at the sampling temperature), which word salad drives down however a
+    reward or a sentiment judge scores it; `eval/repetition` the mean share of each
+    response's word bigrams that repeat an earlier one of the same response.
     `eval/judge/<name>` is the mean score of each extra judge on the same samples: a reward
     that rises while an independent judge does not is a sign of reward hacking.
     """
     judges = judges or {}
-    scores, kls, lengths, rows = [], [], [], []
+    scores, kls, lengths, rows, ref_ll = [], [], [], [], []
     judged: dict[str, list[torch.Tensor]] = {name: [] for name in judges}
     with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -42,6 +46,7 @@ def evaluate(
             scores.append(batch.scores)
             kls.append(kl)
             lengths.append(batch.mask.sum(1))
+            ref_ll.append((batch.ref_logprobs * batch.mask).sum(1) / batch.mask.sum(1).clamp(min=1))
             extra = {name: rollout.score(j, batch.queries, batch.responses, policy.device, batch.columns)
                      for name, j in judges.items()}
             for name, values in extra.items():
@@ -56,7 +61,10 @@ def evaluate(
         "eval/kl": torch.cat(kls).mean().item(),
         "eval/response_len": torch.cat(lengths).mean().item(),
         "eval/distinct_2": numerics.distinct_n([r["response"] for r in rows], 2),
+        "eval/fluency": torch.cat(ref_ll).mean().item(),
+        "eval/repetition": sum(numerics.repetition(r["response"]) for r in rows) / max(1, len(rows)),
         **{f"eval/judge/{name}": torch.cat(values).mean().item() for name, values in judged.items()},
+        **{f"eval/judge_std/{name}": torch.cat(values).std().item() for name, values in judged.items()},
     }
     return metrics, rows
 

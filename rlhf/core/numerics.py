@@ -127,6 +127,14 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def repetition(text: str, n: int = 2) -> float:
+    """The share of a text's word n-grams that repeat an earlier one of the same text (0: none
+    repeats; "was was was was" -> 2/3)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
 class AdaptiveKLController:
     """beta_{k+1} = beta_k (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al. 2019)."""
 

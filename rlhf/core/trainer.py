@@ -23,9 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.contracts import registry
-from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
+from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo, SampleLogger
 from rlhf.contracts.schema import validate
-from rlhf.core import checkpoint, distributed, rundir, sources
+from rlhf.core import checkpoint, diagnosis, distributed, rundir, sources
 from rlhf.core.data import check_whole_prompts, load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.evaluation import evaluate, pass_at_k, save_samples
 from rlhf.core.policy import CheckpointMismatch, Policy
@@ -122,6 +122,7 @@ class Trainer:
             check_whole_prompts(prompts, self.policy.context_length, cap, f"data.prompts ({name})")
         self.eval_prompts = eval_prompts
         self.eval_queries = sample_queries(self.sampler, eval_prompts, random.Random(cfg.eval.seed))
+        self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed))
         self.problem = ""  # why the last batch was not trained on, if it was not
@@ -162,6 +163,7 @@ class Trainer:
             self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
         )
         save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
+        self.last_samples = rows[: self.cfg.eval.samples]
         e = self.cfg.eval
         if e.pass_at_k:
             judge = self.judges[e.pass_judge] if e.pass_judge else self.reward
@@ -273,22 +275,37 @@ class Trainer:
             self.resumed_from = loaded
         if started is not None:
             started()
-        recorder = None
+        recorder, live = None, None
         if main:
             recorder = RunRecorder(self.run_dir, truncate_to=state["metrics_offset"] if resume is not None else None)
             config = OmegaConf.to_container(cfg, resolve=True)
             for lg in self.loggers:
                 lg.start(self.run, config)
+            live = diagnosis.LiveDiagnosis(config)
+            if resume is not None:  # the steps before the resume count too
+                live.record.rows = diagnosis.load(self.run_dir).rows
 
         def emit(metrics: dict[str, float], step: int) -> None:
             if recorder is not None:
                 recorder.log(metrics, step)
+                live.log(metrics, step)
                 for lg in self.loggers:
                     lg.log(metrics, step)
+
+        def emit_samples(step: int) -> None:
+            for lg in self.loggers:
+                if isinstance(lg, SampleLogger):
+                    lg.log_samples(self.last_samples, step)
+
+        def diagnose(step: int) -> None:  # the diagnoses, live: each pathology said once, when first seen
+            for finding in live.check(self.last_samples, step):
+                warnings.warn(f"step {step}: {finding.text()}\n  (rlhf-diagnose {self.run_dir} lists every finding)",
+                              stacklevel=1)
 
         if resume is None and main:
             first = last = self.evaluate(0)
             emit(first, 0)
+            emit_samples(0)
         every = cfg.checkpoint.every
         if preemption is not None:
             preemption.arm()  # from here a signal waits for the end of the step
@@ -312,6 +329,8 @@ class Trainer:
             if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 last = self.evaluate(step)
                 emit(last, step)
+                emit_samples(step)
+                diagnose(step)
             preempted = preemption is not None and distributed.any_rank(preemption.requested, self.policy.device)
             if preempted or (every > 0 and step % every == 0) or step == cfg.train.steps:
                 self._checkpoint(step, recorder, first, last)
@@ -338,6 +357,7 @@ class Trainer:
             "kl_end": last["eval/kl"],
             "response_len_end": last["eval/response_len"],
             "distinct_2_end": last["eval/distinct_2"],
+            **{f"fluency_{when}": m["eval/fluency"] for when, m in (("start", first), ("end", last)) if "eval/fluency" in m},
             **judges,
             **({"kl_to_optimum": last["eval/kl_to_optimum"]} if cfg.eval.kl_to_optimum else {}),
             **{f"{k.removeprefix('eval/')}_{when}": m[k] for k in last if k.startswith(("eval/pass@", "eval/accuracy"))

@@ -1,0 +1,57 @@
+"""`rlhf-diagnose`: name what went wrong in a run, show the evidence, say which knob to turn.
+
+    rlhf-diagnose outputs/<date>/<time>        # one run
+    rlhf-diagnose multirun/<date>/<time>       # every run of a sweep
+    rlhf-diagnose <dir> --json                 # the findings as JSON, a line per run
+
+Reads what training logged (metrics.jsonl, the config, the saved samples); the checks are
+those `rlhf-train` warns about live (rlhf/core/diagnosis.py). A healthy run gets "no findings".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rlhf.core import diagnosis, rundir
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    runs = []
+    for root in paths:
+        if not root.exists():
+            raise SystemExit(f"rlhf-diagnose: no such directory {root}")
+        found = sorted({p.parent for p in root.rglob(rundir.METRICS)} | ({root} if rundir.is_run(root) else set()),
+                       key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+        if not found:
+            raise SystemExit(f"rlhf-diagnose: no run under {root} (a run directory holds {rundir.METRICS})")
+        runs += [d for d in found if (d / rundir.METRICS).is_file() or rundir.is_run(d)]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="run directories, or sweep directories holding runs")
+    p.add_argument("--json", action="store_true", help="one JSON object per run: {run, findings: [...]}")
+    args = p.parse_args(argv)
+    for run in find_runs([d.resolve() for d in args.dirs]):
+        record = diagnosis.load(run)
+        findings = diagnosis.diagnose(record) if record.rows else []
+        if args.json:
+            print(json.dumps({"run": str(run), "findings": [f.as_dict() for f in findings],
+                              **({} if record.rows else {"error": f"no {rundir.METRICS}"})}))
+            continue
+        print(f"{run}:")
+        if not record.rows:
+            print(f"  no {rundir.METRICS}: nothing to diagnose")
+        elif not findings:
+            print(f"  no findings ({record.last_step} of {record.total_steps} steps)")
+        for f in findings:
+            print("  " + f.text().replace("\n", "\n  "))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
