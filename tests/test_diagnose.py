@@ -80,7 +80,7 @@ PLANTED = {
     "DPO margin saturated": dict(train={**DPO_TRAIN, "loss/dpo": lambda t: 0.69 * math.exp(-30 * t),
                                         "rewards/accuracy": lambda t: min(1.0, 0.5 + 5 * t),
                                         "logps/chosen": lambda t: -30 + t, "logps/rejected": lambda t: -30 - t}),
-    "biased KL estimate": dict(train={"train/kl": lambda t: -0.3}, config={"sampler.top_k": 2}),
+    "biased KL estimate": dict(train={"train/kl": lambda t: -0.3}),
     "repeated PPO ratio skips": dict(train={"policy/skipped_minibatches": lambda t: 1 if int(t * 100) % 10 == 3 else 0}),
     "reward saturated early": dict(evals={"eval/reward": lambda t: 0.95 if t >= 0.2 else 0.4,
                                           "eval/reward_std": lambda t: 0.01 if t >= 0.2 else 0.4}),
@@ -104,6 +104,22 @@ def test_word_salad_that_a_sentiment_judge_likes_is_still_caught_by_fluency():
     assert "reward hacking" in found and "fluency" in found["reward hacking"].evidence
     assert found["reward hacking"].sample == "great great great"
     assert "KL blow-up" in found
+
+
+def test_a_truncating_sampler_is_a_biased_kl_whatever_the_estimates_show():
+    found = {f.name: f for f in diagnose(run_record(config={"sampler.top_k": 2}))}
+    assert "sampler.top_k=2" in found["biased KL estimate"].evidence
+    # a policy at the reference: k1 estimates of +-0.02, negative now and then, are not a bias
+    quiet = run_record(evals={"eval/reward": lambda t: 0.6, "eval/kl": lambda t: 0.01},
+                       train={"train/kl": lambda t: -0.01 if int(t * 100) % 7 < 5 else 0.02})
+    assert "biased KL estimate" not in names(quiet)
+
+
+def test_one_update_far_outside_the_trust_region_is_named_even_after_a_collapse():
+    r = run_record(train={"policy/approx_kl": lambda t: 3.3 if t < 0.015 else 0.0,
+                          "policy/clipfrac": lambda t: 0.74 if t < 0.015 else 0.0})
+    found = {f.name: f for f in diagnose(r)}
+    assert "policy/approx_kl 3.3 nats at step 1" in found["unstable: steps too large"].evidence
 
 
 def test_too_few_steps_say_nothing_yet():

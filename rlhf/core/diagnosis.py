@@ -38,6 +38,7 @@ BETA_LARGE = 1.0  # a KL coefficient at which a reward in [0, 1] can buy little 
 APPROX_KL_TINY = 1e-5  # per-update KL between successive policies: below this the steps are too small
 CLIPFRAC_HIGH = 0.3  # a third of the tokens outside the trust region, step after step: steps too large
 APPROX_KL_HIGH = 0.1  # per-update KL: PPO's trust region is ~0.01-0.02
+APPROX_KL_EXTREME = 1.0  # one update moving the policy a whole nat per token: 50-100x the trust region
 LARGE_SHARE = 0.25  # ... on a quarter of the steps (early ones included: a collapse can follow them)
 CLIPPED_SHARE = 0.9  # gradient norm above max_grad_norm on 90% of the steps: every step was clipped
 ENTROPY_FLOOR = 0.05  # nats per token: the policy samples (nearly) one token everywhere
@@ -45,7 +46,8 @@ ENTROPY_FALL = 0.1  # ... or has kept a tenth of its starting entropy
 EXPLAINED_VAR_SHARE = 0.8  # explained variance <= 0 on 80% of the second half's steps
 DISPLACEMENT = 2.0  # nats: chosen and rejected log-probs both falling this far from their start
 SATURATED_LOSS = 0.05  # DPO loss (log 2 = 0.69 at the start) this low with accuracy 1 over the second half
-NEGATIVE_KL_STEPS = 5  # consecutive negative train/kl estimates: not sampling noise (the live warning's rule too)
+NEGATIVE_KL_STEPS = 5  # consecutive negative train/kl estimates (the live start-up warning's rule) ...
+NEGATIVE_KL_MEAN = 0.05  # ... averaging below -0.05 nats: a policy at the reference gives +-0.02 by chance
 SKIPPED_STEPS = 3  # steps with a PPO minibatch skipped for its ratio: a trust region broken repeatedly
 SATURATED_BY = 0.3  # the reward at its final level within the first 30% of the run ...
 SPREAD_LEFT = 0.1  # ... and the reward's spread at a tenth of its start: every sample scores alike
@@ -333,6 +335,11 @@ def steps_too_large(record: Record) -> Finding | None:
         if len(s) >= MIN_TRAIN_ROWS and len(over) >= LARGE_SHARE * len(s):
             top = _fmt(max(x for _, x in s))
             parts.append(f"{key} >= {high:g} on {len(over)} of {len(s)} steps (first {over[0]}, max {top})")
+    s = record.series("policy/approx_kl")
+    extreme = [(step, x) for step, x in s if x >= APPROX_KL_EXTREME]
+    if extreme and not parts:
+        parts.append(f"policy/approx_kl {_fmt(extreme[0][1])} nats at step {extreme[0][0]}"
+                     + (f" and at {len(extreme) - 1} more steps" if len(extreme) > 1 else ""))
     if parts:  # (a run whose early steps were huge may have collapsed since, and now moves no more)
         return Finding("unstable: steps too large", " and ".join(parts) + " (a healthy PPO update keeps clipfrac < "
                        f"{CLIPFRAC_HIGH} and approx_kl < {APPROX_KL_HIGH})", knobs)
@@ -401,17 +408,26 @@ def dpo_saturated(record: Record) -> Finding | None:
 def biased_kl(record: Record) -> Finding | None:
     """Negative KL estimates, step after step: the samples are not draws from pi at the
     sampling temperature (top-k, top-p, a temperature the log-probs do not use)."""
-    streak = best = 0
+    streak, best, worst = [], [], 0.0
     for _, x in record.series("train/kl"):
-        streak = streak + 1 if x < 0 else 0
-        best = max(best, streak)
+        streak = streak + [x] if x < 0 else []
+        if len(streak) >= NEGATIVE_KL_STEPS and _mean(streak) < worst:
+            best, worst = list(streak), _mean(streak)
     kl = record.values("eval/kl")
-    if best < NEGATIVE_KL_STEPS and not (kl and kl[-1] < -0.05):
-        return None
     settings = [f"sampler.{k}={record.setting('sampler.' + k)}" for k, off in (("top_k", 0), ("top_p", 1.0))
                 if record.setting("sampler." + k) not in (None, off)]
-    return Finding("biased KL estimate", f"train/kl negative for {best} steps in a row"
-                   + (f", eval/kl {_fmt(kl[-1])}" if kl else "") + (f" ({', '.join(settings)})" if settings else ""),
+    negative = worst <= -NEGATIVE_KL_MEAN or bool(kl and kl[-1] < -NEGATIVE_KL_MEAN)
+    if not negative and not settings:
+        return None
+    said = []
+    if best and worst <= -NEGATIVE_KL_MEAN:
+        said.append(f"train/kl negative for {len(best)} steps in a row (mean {_fmt(worst)} nats)")
+    if kl and kl[-1] < -NEGATIVE_KL_MEAN:
+        said.append(f"eval/kl {_fmt(kl[-1])} nats at the end")
+    if settings:
+        said.append(f"{', '.join(settings)}: the responses are samples of a truncated pi, so every log-ratio the KL "
+                    "estimate and penalty average is taken where pi put more mass than it should: biased low")
+    return Finding("biased KL estimate", "; ".join(said),
                    ("sampler.top_k=0 and sampler.top_p=1.0 (sample from pi itself)",
                     "the KL penalty and metrics are biased while it lasts"))
 
@@ -466,6 +482,13 @@ class LiveDiagnosis:
     def check(self, samples: list[dict[str, Any]] | None = None, step: int | None = None) -> list[Finding]:
         if samples and step is not None:
             self.record.samples[step] = samples
-        new = [f for f in diagnose(self.record) if f.name not in self.said]
+        try:
+            found = diagnose(self.record)
+        except Exception as e:  # a diagnosis never stops the training it watches
+            if "diagnosis" in self.said:
+                return []
+            found = [Finding("diagnosis", f"the live checks failed ({type(e).__name__}: {e}) and are off for this run",
+                             ("rlhf-diagnose <run> after training",))]
+        new = [f for f in found if f.name not in self.said]
         self.said.update(f.name for f in new)
         return new
