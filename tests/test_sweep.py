@@ -53,10 +53,12 @@ def test_compare_lists_the_runs_and_writes_plots_and_report(sweep):
     table = [line.split() for line in lines[3:9]]
     assert sorted((row[2], row[3]) for row in table) == sorted((b, t) for b in ("0.01", "0.05", "0.2") for t in ("0.7", "1"))
     assert lines[-1] == f"report: {sweep.resolve() / 'report.html'}"
-    for name in ("report.html", "frontier.png", "reward_over_steps.png"):
+    for name in ("report.html", "frontier.png", "reward_over_steps.png", "curves_over_steps.png"):
         assert (sweep / name).stat().st_size > 1000
     html = (sweep / "report.html").read_text()
-    assert html.count("<tr>") == 7 and html.count("data:image/png;base64,") == 2 and "src=\"http" not in html
+    # the two plots, and (issue 18) the KL, fluency, entropy and distinct-2 curves beside them; no judge: no gold-vs-proxy
+    assert html.count("<tr>") == 7 and html.count("data:image/png;base64,") == 3 and "src=\"http" not in html
+    assert "<h2>Diagnosis</h2>" in html and html.count('<div class="diagnosis">') == 6
 
 
 def test_a_failing_job_does_not_lose_the_others(tmp_path, embedded_dir):

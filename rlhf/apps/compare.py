@@ -279,10 +279,9 @@ def samples_section(runs: list[Run], root: Path, n: int = 4) -> str:
             rows = [json.loads(x) for x in files[-1].read_text().splitlines() if x.strip()][:n]
         except ValueError:
             continue
-        items = "".join(f"<tr><td>{html.escape(str(r.get('query', '')))}</td><td>{html.escape(str(r.get('response', '')))}</td>"
-                        f"<td>{_fmt(r.get('reward'))}</td></tr>" for r in rows)
-        blocks.append(f"<details><summary>{_name(run, root)}: {files[-1].stem}</summary><table><tr><th>query</th>"
-                      f"<th>response</th><th>reward</th></tr>{items}</table></details>")
+        items = "".join(f"<li><q>{html.escape(str(r.get('query', '')))}</q> &rarr; <q>{html.escape(str(r.get('response', '')))}"
+                        f"</q> (reward {_fmt(r.get('reward'))})</li>" for r in rows)
+        blocks.append(f"<details><summary>{_name(run, root)}: {files[-1].stem}</summary><ul>{items}</ul></details>")
     return f"<h2>Samples at the last evaluation</h2>{''.join(blocks)}" if blocks else ""
 
 
