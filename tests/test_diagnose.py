@@ -176,3 +176,16 @@ def test_a_run_warns_live_and_rlhf_diagnose_names_it_on_the_run_and_its_sweep(tm
     page = (tmp_path / "sw" / "report.html").read_text()
     assert "<h2>Diagnosis</h2>" in page and "unstable: steps too large" in page and "curves_over_steps" in page
     assert "Samples at the last evaluation" in page and 'alt="gold_vs_proxy"' in page
+
+
+def test_a_slow_but_moving_run_and_one_word_answers_are_not_pathologies():
+    """The arithmetic preset's healthy runs: a 0/1 reward (spread ~0.48) gaining 0.11 at a KL of
+    0.36 nats with ordinary updates is learning, not stagnating; clipped gradients at 1.6x the
+    cap are not unstable; one-word answers (distinct-2 of 0) scored alike at step 0 are not hacking."""
+    slow = run_record(evals={"eval/reward": lambda t: 0.63 + 0.11 * t, "eval/reward_std": lambda t: 0.48,
+                             "eval/kl": lambda t: 0.36 * t}, train={"policy/approx_kl": lambda t: 1e-3,
+                                                                    "optim/grad_norm": lambda t: 1.6})
+    assert names(slow) == []
+    words = run_record(evals={"eval/reward": lambda t: 0.3 * t, "eval/reward_std": lambda t: 0.0 if t == 0 else 0.3,
+                              "eval/distinct_2": lambda t: 0.8 * (1 - t), "eval/response_len": lambda t: 1.0})
+    assert "reward hacking" not in names(words)

@@ -31,6 +31,23 @@ def shout(code) -> None:
     raise SystemExit(code)
 
 
+def interrupted() -> None:
+    raise KeyboardInterrupt
+
+
+def exits_later(path: str) -> None:
+    """Leaves work for the interpreter's exit: an atexit handler and a non-daemon thread."""
+    import atexit
+    import threading
+    import time
+
+    atexit.register(lambda: Path(path).write_text(Path(path).read_text() + "atexit\n"))
+    Path(path).write_text("")
+    threading.Thread(target=lambda: (time.sleep(0.3), Path(path).write_text(Path(path).read_text() + "thread\n"))).start()
+    print("out")
+    print("err", file=sys.stderr)
+
+
 @pytest.fixture(scope="module")
 def server():
     s = ForkServer(preload=("torch",)).start()
@@ -93,3 +110,15 @@ def test_children_outlive_a_closed_server(tmp_path):
     s.close()
     os.kill(child.pid, 0)  # still running after the server ended
     assert child.wait(60) == 255  # its status went with the server; it is said to have ended when it has
+
+
+def test_ctrl_c_ends_a_child_as_a_signal_and_its_exit_runs_as_pythons_does(server, tmp_path):
+    err = tmp_path / "err"
+    child = server.spawn("test_forkserver:interrupted", cwd=tmp_path, path0=HERE, stderr=str(err))
+    assert child.wait(60) == -signal.SIGINT and "KeyboardInterrupt" in err.read_text()
+    marks, both = tmp_path / "marks", tmp_path / "both"
+    child = server.spawn("test_forkserver:exits_later", [str(marks)], cwd=tmp_path, path0=HERE, stdout=str(both),
+                         stderr=str(both))
+    assert child.wait(60) == 0
+    assert marks.read_text() == "thread\natexit\n"  # the thread joined first, then the atexit handlers
+    assert sorted(both.read_text().split()) == ["err", "out"]  # one file for both streams loses neither

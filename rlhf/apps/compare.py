@@ -259,7 +259,10 @@ def diagnosis_section(runs: list[Run], root: Path) -> str:
 
     blocks = []
     for run in runs:
-        findings = diagnosis.diagnose(diagnosis.load(run.path)) if run.rows else []
+        try:
+            findings = diagnosis.diagnose(diagnosis.load(run.path)) if run.rows else []
+        except Exception as e:  # one run's odd record does not cost the report
+            findings = [diagnosis.Finding("diagnosis failed", f"{type(e).__name__}: {e}", ("rlhf-diagnose on the run",))]
         items = "".join(f"<li><b>{html.escape(f.name)}</b>: {html.escape(f.evidence)}<br><i>try:</i> "
                         f"{html.escape('; '.join(f.knobs))}" + (f"<br><i>sample:</i> <code>{html.escape(f.sample)}</code>"
                                                                  if f.sample else "") + "</li>" for f in findings)

@@ -24,7 +24,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if not root.exists():
             raise SystemExit(f"rlhf-diagnose: no such directory {root}")
         found = sorted({p.parent for p in root.rglob(rundir.METRICS)} | ({root} if rundir.is_run(root) else set()),
-                       key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+                       key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parts])
         if not found:
             raise SystemExit(f"rlhf-diagnose: no run under {root} (a run directory holds {rundir.METRICS})")
         runs += [d for d in found if (d / rundir.METRICS).is_file() or rundir.is_run(d)]
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     for run in find_runs([d.resolve() for d in args.dirs]):
         record = diagnosis.load(run)
-        findings = diagnosis.diagnose(record) if record.rows else []
+        try:
+            findings = diagnosis.diagnose(record) if record.rows else []
+        except Exception as e:  # one run's odd record does not stop the others' diagnoses
+            print(f"rlhf-diagnose: {run}: the checks failed ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
         if args.json:
             print(json.dumps({"run": str(run), "findings": [f.as_dict() for f in findings],
                               **({} if record.rows else {"error": f"no {rundir.METRICS}"})}))

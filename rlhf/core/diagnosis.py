@@ -21,6 +21,7 @@ from typing import Any, Callable
 from rlhf.core import rundir
 
 # --- how much is "moved": the reward's spread over the held-out samples at step 0 is the unit
+SPREAD_FLOOR = 0.05  # the unit's floor: a step-0 spread of 0 (every sample scored alike) would make any change huge
 MOVED = 0.25  # a reward change under a quarter of the step-0 spread is within evaluation noise
 FLAT_JUDGE = 0.02  # a judge (scores in [0, 1] or [-1, 1]) that gains less than this did not follow the reward
 GOLD_DROP = 0.05  # a judge in [0, 1] falling this far below its peak, not evaluation noise (~0.02 on 64 prompts)
@@ -30,17 +31,20 @@ DISTINCT_COLLAPSE = 0.5  # distinct-2 falling to half its start: the samples rep
 REPETITION_RISE = 0.3  # 30 points more of each response's bigrams repeating earlier ones: looping text
 LENGTH_CAP = 0.95  # responses at 95% of max_new_tokens run to the cap
 LENGTH_NOTHING = 1.5  # tokens: a response of the end token alone, or one word
-KL_BLOWUP = 30.0  # nats per response: far past where a reward model or classifier is still a judge
+KL_BLOWUP = 30.0  # nats per response: far past where a reward model or classifier is still a judge ...
+KL_BLOWUP_PER_TOKEN = 1.25  # ... or, for long responses, 1.25 nats per token (30 over the default 24 tokens)
 KL_GROWTH = 2.0  # KL at least doubling over the second half of the run ...
 KL_GROWTH_MIN = 5.0  # ... by at least this many nats, while the reward does not move
 KL_STILL = 0.5  # nats per response: the policy has barely left the reference
 BETA_LARGE = 1.0  # a KL coefficient at which a reward in [0, 1] can buy little KL (0.1 reward = 0.1 nats)
 APPROX_KL_TINY = 1e-5  # per-update KL between successive policies: below this the steps are too small
+LOGP_STILL = 0.1  # nats: DPO's log pi(chosen) moving less than this over the run has not been trained
 CLIPFRAC_HIGH = 0.3  # a third of the tokens outside the trust region, step after step: steps too large
 APPROX_KL_HIGH = 0.1  # per-update KL: PPO's trust region is ~0.01-0.02
 APPROX_KL_EXTREME = 1.0  # one update moving the policy a whole nat per token: 50-100x the trust region
 LARGE_SHARE = 0.25  # ... on a quarter of the steps (early ones included: a collapse can follow them)
-CLIPPED_SHARE = 0.9  # gradient norm above max_grad_norm on 90% of the steps: every step was clipped
+CLIPPED_SHARE = 0.9  # gradient norm above max_grad_norm on 90% of the steps: every step was clipped ...
+CLIPPED_FACTOR = 3.0  # ... by a factor of 3 at the median (healthy runs sit at 1-2x a cap of 1 and learn)
 ENTROPY_FLOOR = 0.05  # nats per token: the policy samples (nearly) one token everywhere
 ENTROPY_FALL = 0.1  # ... or has kept a tenth of its starting entropy
 EXPLAINED_VAR_SHARE = 0.8  # explained variance <= 0 on 80% of the second half's steps
@@ -97,7 +101,8 @@ class Record:
 
     @property
     def total_steps(self) -> int:
-        return int(self.setting("train.steps", 0) or 0) or max((int(r["step"]) for r in self.rows), default=0)
+        steps = self.setting("train.steps", 0)
+        return (steps if isinstance(steps, int) and steps > 0 else 0) or max((int(r["step"]) for r in self.rows), default=0)
 
     @property
     def last_step(self) -> int:
@@ -123,7 +128,11 @@ def load(run: Path) -> Record:
         from omegaconf import OmegaConf
 
         try:
-            config = OmegaConf.to_container(OmegaConf.load(run / rundir.CONFIG), resolve=False)
+            loaded = OmegaConf.load(run / rundir.CONFIG)
+            try:
+                config = OmegaConf.to_container(loaded, resolve=True)
+            except Exception:  # an interpolation only the run could resolve (${now:...}, a resolver of its own)
+                config = OmegaConf.to_container(loaded, resolve=False)
         except Exception:
             config = {}
     samples = {}
@@ -144,8 +153,9 @@ def _start_end(record: Record, key: str) -> tuple[tuple[int, float], tuple[int, 
 
 
 def _spread(record: Record) -> float:
-    std = record.values("eval/reward_std")
-    return max(std[0], 1e-6) if std else 1.0
+    std, r = record.values("eval/reward_std"), record.values("eval/reward")
+    floor = SPREAD_FLOOR * max(1.0, abs(r[0]) if r else 1.0)  # a reward every sample scores alike at step 0
+    return max(std[0], floor) if std else 1.0
 
 
 def _reward_gain(record: Record) -> float | None:
@@ -219,8 +229,8 @@ def reward_hacking(record: Record) -> Finding | None:
     ends = _start_end(record, "eval/fluency")
     if ends and ends[0][1] - ends[1][1] >= FLUENCY_DROP:
         signs.append(f"fluency (log-likelihood per token under the reference) {_fmt(ends[0][1])} -> {_fmt(ends[1][1])}")
-    ends = _start_end(record, "eval/distinct_2")
-    if ends and ends[0][1] > 0.2 and ends[1][1] <= DISTINCT_COLLAPSE * ends[0][1]:
+    ends, length = _start_end(record, "eval/distinct_2"), record.values("eval/response_len")
+    if ends and ends[0][1] > 0.2 and ends[1][1] <= DISTINCT_COLLAPSE * ends[0][1] and length and length[-1] >= 3:
         signs.append(f"distinct-2 {_fmt(ends[0][1])} -> {_fmt(ends[1][1])}")
     ends = _start_end(record, "eval/repetition")
     if ends and ends[1][1] - ends[0][1] >= REPETITION_RISE:
@@ -280,9 +290,11 @@ def kl_blowup(record: Record) -> Finding | None:
     knobs = (f"raise optimizer.beta (now {_fmt(beta) if beta is not None else '?'})", "lower optimizer.lr",
              "optimizer.kl_target=<nats> (adaptive beta) where the optimizer has it")
     peak = max(kl, key=lambda p: p[1])
-    if peak[1] >= KL_BLOWUP:
+    length = dict(record.series("eval/response_len")).get(peak[0], 0.0)
+    limit = max(KL_BLOWUP, KL_BLOWUP_PER_TOKEN * length)
+    if peak[1] >= limit:
         return Finding("KL blow-up", f"eval/kl {_fmt(kl[0][1])} -> {_fmt(peak[1])} nats at step {peak[0]} (over "
-                       f"{KL_BLOWUP:g}; {_fmt(kl[-1][1])} at step {kl[-1][0]})", knobs, _top_sample(record))
+                       f"{limit:.3g}; {_fmt(kl[-1][1])} at step {kl[-1][0]})", knobs, _top_sample(record))
     mid = [p for p in kl if p[0] >= kl[-1][0] / 2]
     rewards = [p for p in record.series("eval/reward") if p[0] >= kl[-1][0] / 2]
     if len(mid) >= 2 and len(rewards) >= 2:
@@ -310,14 +322,17 @@ def nothing_moves(record: Record) -> Finding | None:
     if beta is not None and beta >= BETA_LARGE and not (approx is not None and approx < APPROX_KL_TINY):
         return Finding("over-regularisation", f"{evidence}, with optimizer.beta={_fmt(beta)}: the KL penalty outweighs "
                        "what the reward can pay", (f"lower optimizer.beta (now {_fmt(beta)}; 0.01-0.1 is usual)",))
-    if approx is not None:
+    if approx is not None:  # the steps must be shown to be tiny: a hard task also leaves reward and KL flat
+        if approx >= APPROX_KL_TINY:
+            return None
         evidence += f"; the policy hardly changes per update (median policy/approx_kl {approx:.2g}"
         clip = _median_tail(record, "policy/clipfrac")
         evidence += f", clipfrac {clip:.2g})" if clip is not None else ")"
     else:
         chosen = _span(record, "logps/chosen")
-        if chosen is not None:
-            evidence += f"; log pi(chosen) {_fmt(chosen[0])} -> {_fmt(chosen[1])}"
+        if chosen is None or abs(chosen[1] - chosen[0]) >= LOGP_STILL:
+            return None
+        evidence += f"; log pi(chosen) {_fmt(chosen[0])} -> {_fmt(chosen[1])}"
     return Finding("stagnation: steps too small", evidence,
                    (f"raise optimizer.lr (now {lr})" if lr is not None else "raise optimizer.lr",
                     "more steps (train.steps)", "lower optimizer.beta if it is large"))
@@ -346,7 +361,7 @@ def steps_too_large(record: Record) -> Finding | None:
     norms, cap = record.values("optim/grad_norm"), record.setting("optimizer.max_grad_norm")
     if len(norms) >= MIN_TRAIN_ROWS and isinstance(cap, (int, float)) and cap > 0:
         share = sum(n > cap for n in norms) / len(norms)
-        if share >= CLIPPED_SHARE:
+        if share >= CLIPPED_SHARE and statistics.median(norms) >= CLIPPED_FACTOR * cap:
             return Finding("unstable: steps too large", f"the gradient norm exceeded optimizer.max_grad_norm={cap:g} on "
                            f"{share:.0%} of the steps (median {_fmt(statistics.median(norms))}): every step was clipped",
                            knobs)
@@ -415,7 +430,7 @@ def biased_kl(record: Record) -> Finding | None:
             best, worst = list(streak), _mean(streak)
     kl = record.values("eval/kl")
     settings = [f"sampler.{k}={record.setting('sampler.' + k)}" for k, off in (("top_k", 0), ("top_p", 1.0))
-                if record.setting("sampler." + k) not in (None, off)]
+                if isinstance(record.setting("sampler." + k), (int, float)) and record.setting("sampler." + k) != off]
     negative = worst <= -NEGATIVE_KL_MEAN or bool(kl and kl[-1] < -NEGATIVE_KL_MEAN)
     if not negative and not settings:
         return None

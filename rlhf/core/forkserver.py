@@ -62,7 +62,9 @@ def _child(req: dict, pipes: tuple[int, int]) -> None:
         for target, name, flags in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                     (2, "stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
             path = req.get(name) or (os.devnull if target == 0 else None)
-            if path is not None:
+            if target == 2 and path is not None and path == req.get("stdout"):
+                os.dup2(1, 2)  # one file for both: one open file, one offset, as 2>&1
+            elif path is not None:
                 fd = os.open(path, flags, 0o600)
                 os.dup2(fd, target)
                 os.close(fd)
@@ -78,6 +80,11 @@ def _child(req: dict, pipes: tuple[int, int]) -> None:
             code = function(*req.get("args", []))
         except SystemExit as e:
             code = e.code
+        except KeyboardInterrupt:  # as Python itself ends on one: killed by SIGINT (rc -2)
+            import traceback
+
+            traceback.print_exc()
+            code = -signal.SIGINT
         if code is None:
             code = 0
         elif not isinstance(code, int):
@@ -87,10 +94,20 @@ def _child(req: dict, pipes: tuple[int, int]) -> None:
         import traceback
 
         traceback.print_exc()
+    try:  # what a normal interpreter exit does: wait for non-daemon threads, run atexit handlers
+        import atexit
+
+        threading._shutdown()
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 
@@ -208,9 +225,9 @@ class ForkServer:
             self.proc.wait()
             self.proc = None
             raise ForkServerError("the fork server did not start")
-        threading.Thread(target=self._read, args=(replies,), daemon=True).start()
+        threading.Thread(target=self._read, args=(replies, self.proc), daemon=True).start()
 
-    def _read(self, replies) -> None:
+    def _read(self, replies, proc: subprocess.Popen) -> None:
         for line in replies:
             msg = json.loads(line)
             with self.lock:
@@ -219,10 +236,13 @@ class ForkServer:
             slot["event"].set()
             if "rc" in msg:
                 slot["done"].set()
-        with self.lock:  # the server is gone: children it forked are on their own
-            orphans = [s for s in self.slots.values() if "rc" not in s]
-        for slot in orphans:
-            threading.Thread(target=_watch_orphan, args=(slot,), daemon=True).start()
+        with self.lock:  # this server is gone: the children it forked are on their own
+            mine = [s for s in self.slots.values() if s.get("server") is proc and "rc" not in s]
+        for slot in mine:
+            if "pid" in slot:
+                threading.Thread(target=_watch_orphan, args=(slot,), daemon=True).start()
+            else:  # never forked: spawn says so
+                slot["event"].set()
 
     def spawn(self, target: str, args: Sequence = (), *, argv: Sequence[str] | None = None, cwd: str | os.PathLike = ".",
               env: dict | None = None, path0: str | None = None, stdin: str | None = None, stdout: str | None = None,
@@ -233,7 +253,8 @@ class ForkServer:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
             self.next_id += 1
-            slot = self.slots[self.next_id] = {"event": threading.Event(), "done": threading.Event(), "argv": argv}
+            slot = self.slots[self.next_id] = {"event": threading.Event(), "done": threading.Event(), "argv": argv,
+                                               "server": self.proc}
             request = {"id": self.next_id, "target": target, "args": list(args), "argv": list(argv) if argv else None,
                        "cwd": str(os.path.abspath(cwd)), "env": env if env is None else dict(env), "path0": path0,
                        "stdin": stdin, "stdout": stdout, "stderr": stderr, "new_session": new_session}
@@ -244,7 +265,7 @@ class ForkServer:
                 raise ForkServerError(f"the fork server stopped answering: {e}") from e
         if not slot["event"].wait(60) or "pid" not in slot:
             raise ForkServerError("the fork server did not fork the child")
-        return Forked(self, slot["pid"], slot["done"], slot)
+        return Forked(self, slot["pid"], slot["done"], slot)  # (slot["server"] keeps which server forked it)
 
     def close(self) -> None:
         with self.lock:

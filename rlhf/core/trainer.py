@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -299,8 +300,11 @@ class Trainer:
 
         def diagnose(step: int) -> None:  # the diagnoses, live: each pathology said once, when first seen
             for finding in live.check(self.last_samples, step):
-                warnings.warn(f"step {step}: {finding.text()}\n  (rlhf-diagnose {self.run_dir} lists every finding)",
-                              stacklevel=1)
+                try:  # (under -W error a warning raises: a diagnosis never stops the run)
+                    warnings.warn(f"step {step}: {finding.text()}\n  (rlhf-diagnose {self.run_dir} lists every finding)",
+                                  stacklevel=1)
+                except Exception:
+                    print(f"step {step}: {finding.text()}", file=sys.stderr)
 
         if resume is None and main:
             first = last = self.evaluate(0)
