@@ -48,7 +48,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for root in paths:
         if not root.exists():
             raise FileNotFoundError(f"rlhf-compare: no such directory {root}")
-        for summary in sorted(root.rglob(rundir.SUMMARY), key=lambda p: _natural(p.parent)):
+        for summary in sorted(root.rglob(rundir.SUMMARY), key=lambda p: rundir.natural_key(p.parent)):
             d = summary.parent
             if not rundir.is_run(d):
                 continue
@@ -69,10 +69,6 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 print(f"rlhf-compare: {d} has no {rundir.METRICS}: in the table, not in the plots", file=sys.stderr)
             runs.append(Run(d, config, figures, [r for r in rows if "eval/reward" in r and "eval/kl" in r], rows))
     return runs
-
-
-def _natural(p: Path) -> list:
-    return [int(s) if s.isdigit() else s for s in p.parts]
 
 
 def differing_fields(runs: list[Run]) -> list[str]:
@@ -275,16 +271,14 @@ def samples_section(runs: list[Run], root: Path, n: int = 4) -> str:
     """The last evaluation's first samples of each run."""
     blocks = []
     for run in runs:
-        files = sorted((run.path / rundir.SAMPLES).glob("step_*.jsonl"), key=lambda p: _natural(p))
-        if not files:
+        samples = rundir.read_samples(run.path)
+        if not samples:
             continue
-        try:
-            rows = [json.loads(x) for x in files[-1].read_text().splitlines() if x.strip()][:n]
-        except ValueError:
-            continue
+        step, rows = max(samples.items())
+        rows = rows[:n]
         items = "".join(f"<li><q>{html.escape(str(r.get('query', '')))}</q> &rarr; <q>{html.escape(str(r.get('response', '')))}"
                         f"</q> (reward {_fmt(r.get('reward'))})</li>" for r in rows)
-        blocks.append(f"<details><summary>{_name(run, root)}: {files[-1].stem}</summary><ul>{items}</ul></details>")
+        blocks.append(f"<details><summary>{_name(run, root)}: step {step}</summary><ul>{items}</ul></details>")
     return f"<h2>Samples at the last evaluation</h2>{''.join(blocks)}" if blocks else ""
 
 

@@ -24,7 +24,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if not root.exists():
             raise SystemExit(f"rlhf-diagnose: no such directory {root}")
         found = sorted({p.parent for p in root.rglob(rundir.METRICS)} | ({root} if rundir.is_run(root) else set()),
-                       key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parts])
+                       key=rundir.natural_key)
         if not found:
             raise SystemExit(f"rlhf-diagnose: no run under {root} (a run directory holds {rundir.METRICS})")
         runs += [d for d in found if (d / rundir.METRICS).is_file() or rundir.is_run(d)]

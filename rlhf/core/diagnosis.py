@@ -11,7 +11,6 @@ the reason for its value; they were set on the planted-pathology benchmark
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -115,14 +114,7 @@ class Record:
 
 def load(run: Path) -> Record:
     """A run directory's record (its config from .hydra/config.yaml when there is one)."""
-    rows = []
-    log = run / rundir.METRICS
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a half-written last line
+    rows = rundir.read_rows(run / rundir.METRICS)[0] if (run / rundir.METRICS).is_file() else []  # damaged lines skipped
     config: dict[str, Any] = {}
     if (run / rundir.CONFIG).is_file():
         from omegaconf import OmegaConf
@@ -135,13 +127,7 @@ def load(run: Path) -> Record:
                 config = OmegaConf.to_container(loaded, resolve=False)
         except Exception:
             config = {}
-    samples = {}
-    for f in sorted((run / rundir.SAMPLES).glob("step_*.jsonl")) if (run / rundir.SAMPLES).is_dir() else []:
-        try:
-            samples[int(f.stem.split("_")[1])] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-        except (ValueError, IndexError):
-            continue
-    return Record(rows, config, samples)
+    return Record(rows, config, rundir.read_samples(run))
 
 
 # ---------------------------------------------------------------- helpers

@@ -145,6 +145,24 @@ def read_rows(path: Path) -> tuple[list[dict], list[str]]:
     return rows, problems
 
 
+def read_samples(run: Path) -> dict[int, list[dict]]:
+    """A run's saved evaluation samples, {step: rows}, in step order; a file that cannot be
+    read is left out (a reader that must not fail: rlhf-diagnose, rlhf-compare)."""
+    out = {}
+    folder = Path(run) / SAMPLES
+    for f in folder.glob("step_*.jsonl") if folder.is_dir() else []:
+        try:
+            out[int(f.stem.split("_")[1])] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        except (ValueError, IndexError, OSError):
+            continue
+    return dict(sorted(out.items()))
+
+
+def natural_key(path: Path) -> list[tuple[int, int, str]]:
+    """Sort key that puts run 2 before run 10 (and numbered runs before named ones)."""
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in Path(path).parts]
+
+
 # ------------------------------------------------------------------------ ownership
 
 
