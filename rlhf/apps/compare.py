@@ -35,10 +35,14 @@ class Run:
     @property
     def optimizer(self) -> str:
         """The optimizer's registered name, plus `online` for online DPO."""
-        target = str(self.config.get("optimizer._target_", "?"))
-        names = {p.target: p.name for p in registry.plugins("optimizer")}
-        name = names.get(target, target.rsplit(".", 1)[-1])
+        name = self.plugin("optimizer")
         return f"{name} online" if self.config.get("optimizer.online") else name
+
+    def plugin(self, group: str) -> str:
+        """The registered name of the run's plugin of `group` (its class name if unregistered)."""
+        target = str(self.config.get(f"{group}._target_", "?"))
+        names = {p.target: p.name for p in registry.plugins(group)}
+        return names.get(target, target.rsplit(".", 1)[-1])
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -50,7 +54,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise FileNotFoundError(f"rlhf-compare: no such directory {root}")
         for summary in sorted(root.rglob(rundir.SUMMARY), key=lambda p: rundir.natural_key(p.parent)):
             d = summary.parent
-            if not rundir.is_run(d):
+            if not rundir.is_run(d) or rundir.is_reward_model(d):  # a reward model a sweep trained first
                 continue
             try:  # one damaged run is named and left out; the others are still compared
                 config = rundir.flatten(OmegaConf.to_container(OmegaConf.load(d / rundir.CONFIG), resolve=False))
@@ -106,6 +110,61 @@ def _label(run: Run, fields: list[str]) -> str:
     return text.replace("$", r"\$")
 
 
+# the fields a method sweeps to trace its frontier, and the seed: the same method at any of their values
+KNOBS = ("seed", "optimizer.beta")
+
+
+def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
+    """Runs grouped by method (optimizer, and reward source where those differ, and every other
+    differing field but the knobs), then by setting (the same but for the seed)."""
+    fields = differing_fields(runs)
+    rewards = len({r.plugin("reward") for r in runs}) > 1
+    out: dict[str, dict[str, list[Run]]] = {}
+    for r in runs:
+        rest = [f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in fields if k not in KNOBS]
+        method = " ".join([r.optimizer, *([f"reward={r.plugin('reward')}"] if rewards else []), *rest])
+        knob = " ".join(f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in fields if k in KNOBS and k != "seed")
+        out.setdefault(method, {}).setdefault(f"{method} {knob}".strip(), []).append(r)
+    return out
+
+
+def seeded(runs: list[Run]) -> bool:
+    """Some setting was run with more than one seed."""
+    return any(len(v) > 1 for m in methods(runs).values() for v in m.values())
+
+
+def frontiers(runs: list[Run], metric: str, rng) -> list:
+    """Each method's frontier over its settings' seed means, with its bootstrap band."""
+    from rlhf.core import frontier as fr
+
+    settings = {m: [fr.setting(name, [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
+                                      for r in group if any(metric in e for e in r.evals)])
+                    for name, group in by.items()] for m, by in methods(runs).items()}
+    settings = {m: [s for s in v if s.seeds and s.steps] for m, v in settings.items()}
+    settings = {m: v for m, v in settings.items() if v}
+    if not settings:
+        return []
+    grid = fr.kl_grid([s for v in settings.values() for s in v])
+    return [fr.frontier(m, v, grid, rng) for m, v in sorted(settings.items())]
+
+
+def seed_table(runs: list[Run], metric: str, rng) -> tuple[list[str], list[list[str]]]:
+    """Per setting: its seeds, and the mean and 95% bootstrap interval of the final metric and KL."""
+    from rlhf.core.frontier import interval
+
+    header = ["setting", "seeds", f"{metric} (end)", "95% interval", "eval/kl (end)", "95% interval"]
+    rows = []
+    for by in methods(runs).values():
+        for name, group in by.items():
+            last = [r.evals[-1] for r in group if r.evals and metric in r.evals[-1]]
+            if not last:
+                continue
+            m, lo, hi = interval([e[metric] for e in last], rng)
+            k, klo, khi = interval([e["eval/kl"] for e in last], rng)
+            rows.append([name, str(len(last)), f"{m:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{k:.2f}", f"[{klo:.2f}, {khi:.2f}]"])
+    return header, rows
+
+
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The upper-left envelope: points no other point beats in reward at lower or equal KL."""
     best, out = float("-inf"), []
@@ -116,21 +175,31 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def plots(runs: list[Run], out: Path) -> dict[str, Path]:
+def _metric_label(metric: str) -> str:
+    return "held-out reward" if metric == "eval/reward" else f"held-out {metric.removeprefix('eval/')}"
+
+
+def plots(runs: list[Run], out: Path, metric: str = "eval/reward", rng=None) -> dict[str, Path]:
     import matplotlib
+    import numpy as np
+
+    from rlhf.core import frontier as fr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rng = rng if rng is not None else np.random.default_rng(0)
     fields = differing_fields(runs)
     files = {}
     several = len({r.optimizer for r in runs}) > 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in (r for r in runs if r.evals):  # a run without a metrics log is in the table only
         label = f"{r.optimizer}: {_label(r, fields)}" if several else _label(r, fields)
-        ax.plot([e["step"] for e in r.evals], [e["eval/reward"] for e in r.evals], marker="o", ms=3, label=label)
-    ax.set(xlabel="step", ylabel="held-out reward", title="Held-out reward over training")
-    if ax.get_legend_handles_labels()[0]:
+        points = [(e["step"], e[metric]) for e in r.evals if metric in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, label=label)
+    ax.set(xlabel="step", ylabel=_metric_label(metric), title=f"{_metric_label(metric).capitalize()} over training")
+    if ax.get_legend_handles_labels()[0] and len(runs) <= 16:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     files["reward_over_steps"] = out / "reward_over_steps.png"
@@ -139,16 +208,30 @@ def plots(runs: list[Run], out: Path) -> dict[str, Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_optimizer: dict[str, list[tuple[float, float]]] = {}
-    for r in runs:
-        by_optimizer.setdefault(r.optimizer, []).extend((e["eval/kl"], e["eval/reward"]) for e in r.evals)
-    for i, (name, points) in enumerate(sorted((k, v) for k, v in by_optimizer.items() if v)):
-        color = f"C{i}"
-        ax.scatter(*zip(*points), s=14, alpha=0.5, color=color)
-        ax.plot(*zip(*frontier(points)), color=color, label=name)
-    ax.set(xlabel="KL(pi || pi_ref), nats", ylabel="held-out reward", title="Reward-KL frontier (one point per evaluation)")
+    if seeded(runs):
+        for i, f in enumerate(frontiers(runs, metric, rng)):
+            color = f"C{i}"
+            ax.plot(f.grid, f.mean, color=color, label=f"{f.method} ({f.seeds}+ seeds)")
+            ax.fill_between(f.grid, f.low, f.high, color=color, alpha=0.2, lw=0)
+        for i, (m, by) in enumerate(sorted(methods(runs).items())):
+            for group in by.values():  # each setting's seed-mean points
+                one = fr.setting("", [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
+                                      for r in group if any(metric in e for e in r.evals)])
+                if one.seeds and one.steps:
+                    ax.scatter(*one.points(), s=12, alpha=0.5, color=f"C{i}")
+        title = "Reward-KL frontier: seed means, 95% bootstrap band"
+    else:
+        by_method: dict[str, list[tuple[float, float]]] = {}
+        for m, by in methods(runs).items():
+            by_method[m] = [(e["eval/kl"], e[metric]) for g in by.values() for r in g for e in r.evals if metric in e]
+        for i, (name, points) in enumerate(sorted((k, v) for k, v in by_method.items() if v)):
+            color = f"C{i}"
+            ax.scatter(*zip(*points), s=14, alpha=0.5, color=color)
+            ax.plot(*zip(*frontier(points)), color=color, label=name)
+        title = "Reward-KL frontier (one point per evaluation)"
+    ax.set(xlabel="KL(pi || pi_ref), nats", ylabel=_metric_label(metric), title=title)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     files["frontier"] = out / "frontier.png"
     fig.tight_layout()
@@ -222,7 +305,16 @@ def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | 
     return path
 
 
-def report(runs: list[Run], root: Path, out: Path, files: dict[str, Path]) -> Path:
+def seeds_text(runs: list[Run], metric: str, rng) -> tuple[tuple[list[str], list[list[str]]], list[str]] | None:
+    """With seeds: the per-setting table and the frontier statements; None without."""
+    if not seeded(runs):
+        return None
+    from rlhf.core.frontier import statements
+
+    return seed_table(runs, metric, rng), statements(frontiers(runs, metric, rng)) or ["only one method: nothing to compare"]
+
+
+def report(runs: list[Run], root: Path, out: Path, files: dict[str, Path], seeds=None) -> Path:
     header, rows = table(runs, root)
     cells = lambda tag, row: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
     images = "".join(
@@ -238,11 +330,21 @@ figure{{display:inline-block;margin:1em}}</style></head>
 <body><h1>rlhf-compare</h1><p>{len(runs)} runs under <code>{html.escape(str(root))}</code></p>
 <table><thead><tr>{cells("th", header)}</tr></thead>
 <tbody>{"".join(f"<tr>{cells('td', r)}</tr>" for r in rows)}</tbody></table>
-{images}{diagnosis_section(runs, root)}{samples_section(runs, root)}{optimum_section(runs, root)}</body></html>
+{_seeds_html(seeds, cells)}{images}{diagnosis_section(runs, root)}{samples_section(runs, root)}
+{optimum_section(runs, root)}</body></html>
 """
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def _seeds_html(seeds, cells) -> str:
+    if seeds is None:
+        return ""
+    (header, rows), lines = seeds
+    return (f"<h2>Over seeds</h2><table><thead><tr>{cells('th', header)}</tr></thead><tbody>"
+            + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</tbody></table><ul>"
+            + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
 
 
 def _name(run: Run, root: Path) -> str:
@@ -298,18 +400,28 @@ def optimum_section(runs: list[Run], root: Path) -> str:
     return f"<h2>The trained policy beside pi_ref and the optimum pi*</h2>{''.join(blocks)}" if blocks else ""
 
 
-def compare(paths: list[Path], out: Path | None = None) -> Path:
-    """Print the table, write the plots and the report; return the report's path."""
+def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/reward") -> Path:
+    """Print the table, write the plots and the report; return the report's path. `metric` is
+    the frontier's reward axis (eval/reward, or a judge's eval/judge/<name>, the gold reward)."""
+    import numpy as np
+
     paths = [p.resolve() for p in paths]
     runs = find_runs(paths)
     if not runs:
         raise SystemExit(f"rlhf-compare: no run directories (with summary.json and .hydra/) under {', '.join(map(str, paths))}")
+    have = sorted({k for r in runs for e in r.evals for k in e if k.startswith("eval/")})
+    if not any(metric in e for r in runs for e in r.evals):
+        raise SystemExit(f"rlhf-compare: --metric {metric}: no run logged it; logged: {', '.join(have)}")
     root = paths[0] if len(paths) == 1 else Path(*_common(paths))
     out = (out or root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs, root)
     print(f"{len(runs)} runs\n{text_table(header, rows)}")
-    path = report(runs, root, out, plots(runs, out))
+    seeds = seeds_text(runs, metric, np.random.default_rng(0))
+    if seeds is not None:
+        (h, r), lines = seeds
+        print(f"\nover seeds ({metric}, mean and 95% bootstrap interval)\n{text_table(h, r)}\n" + "\n".join(lines))
+    path = report(runs, root, out, plots(runs, out, metric, np.random.default_rng(0)), seeds)
     print(f"report: {path}")
     return path
 
@@ -323,8 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", type=Path, help="a sweep directory, or several run directories")
     p.add_argument("--out", type=Path, help="where to write the plots and report.html (default: the sweep directory)")
+    p.add_argument("--metric", default="eval/reward",
+                   help="the frontier's reward axis: eval/reward (default) or a judge, e.g. eval/judge/sentiment")
     args = p.parse_args(argv)
-    compare(args.dirs, args.out)
+    compare(args.dirs, args.out, args.metric)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import warnings
 from rlhf.contracts import registry, schema
 
 # the commands' own classes that their configs name
-ALLOWED = ("rlhf.apps.sweep.SweepCallback", "hydra_plugins.rlhf_launcher.")
+ALLOWED = ("rlhf.apps.sweep.SweepCallback", "rlhf.apps.sweep.Prepare", "hydra_plugins.rlhf_launcher.")
 
 
 def prepare() -> None:
@@ -56,7 +56,7 @@ def _check_targets() -> None:
 
 def _register_launcher() -> None:
     from hydra.core.plugins import Plugins
-    from hydra_plugins.rlhf_launcher import IsolatedJoblibLauncher
+    from hydra_plugins.rlhf_launcher import GridsSweeper, IsolatedJoblibLauncher
 
-    name = f"{IsolatedJoblibLauncher.__module__}.{IsolatedJoblibLauncher.__name__}"
-    Plugins.instance().class_name_to_class.setdefault(name, IsolatedJoblibLauncher)
+    for plugin in (IsolatedJoblibLauncher, GridsSweeper):
+        Plugins.instance().class_name_to_class.setdefault(f"{plugin.__module__}.{plugin.__name__}", plugin)

@@ -109,13 +109,18 @@ class PreferenceFile:
 
     def append(self, record: dict) -> None:
         """One line, on disk (flushed and fsync'd) before this returns."""
+        self.extend([record])
+
+    def extend(self, records: list[dict]) -> None:
+        """One line each, all on disk (flushed and fsync'd once) before this returns; a crash
+        in between leaves whole lines and at most one part line, which the next reader cuts."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        self.records.append(record)
+        self.records.extend(records)
 
 
 @dataclass

@@ -161,6 +161,28 @@ class LabelRunConfig:
     label: LabelSettings = field(default_factory=LabelSettings)
 
 
+@dataclass
+class MakePairsSettings:
+    out: str = "pairs.jsonl"  # the preference JSONL written (relative to where you run); a rerun continues it
+    samples: int = 2  # responses sampled per prompt (k); every two of them make a pair: k(k-1)/2 pairs a prompt
+    margin: float = 0.0  # two responses whose scores differ by <= margin are a tie: written as label "tie", left out by readers
+    batch_size: int = 64  # prompts sampled at once (each k times)
+    seed: int = 0  # fixes every prompt's samples: the same command writes the same pairs
+
+
+@dataclass
+class MakePairsRunConfig:
+    """rlhf-make-pairs (`conf/make_pairs.yaml`)."""
+
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: Any = MISSING
+    reward: Any = MISSING
+    pairs: MakePairsSettings = field(default_factory=MakePairsSettings)
+
+
 # `${rlhf.pid:}`, which the default run directories end with: this process's id, so two runs
 # started in the same second get two directories. Registered on import, so that every process
 # that resolves a config (a sweep's job processes too) knows it; cached, so a sweep's jobs
@@ -174,6 +196,7 @@ def store() -> None:
     cs.store(name="rlhf_schema", node=RunConfig)
     cs.store(name="rlhf_rm_schema", node=RMRunConfig)
     cs.store(name="rlhf_label_schema", node=LabelRunConfig)
+    cs.store(name="rlhf_make_pairs_schema", node=MakePairsRunConfig)
 
 
 def validate(cfg: Any) -> None:

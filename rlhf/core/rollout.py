@@ -217,10 +217,16 @@ def columns_of(queries: Sequence[list[int]]) -> dict[str, list]:
 def score(reward: RewardSource, queries: list[str], responses: list[str], device: torch.device,
           columns: dict[str, list] | None = None) -> torch.Tensor:
     """The reward source's scores, checked: one float per response. The data's columns go to a
-    source whose score() takes them (by name, or **columns)."""
+    source whose score() takes them (by name, or **columns). Whatever random numbers the source
+    draws, torch's generator is where it was: the samples never depend on who scores them."""
     taken = _columns_taken(type(reward))
     given = {k: v for k, v in (columns or {}).items() if taken is True or k in taken}
-    scores = torch.as_tensor(reward.score(queries, responses, **given), dtype=torch.float32).flatten()
+    # apart from torch's random numbers: a source that draws any (building its model on first use
+    # does) would otherwise change the samples drawn after it, and evaluations with a judge or
+    # another reward source would not sample what evaluations without them sample
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        given_scores = reward.score(queries, responses, **given)
+    scores = torch.as_tensor(given_scores, dtype=torch.float32).flatten()
     if scores.shape[0] != len(responses):
         raise ValueError(
             f"reward source {type(reward).__name__} returned {scores.shape[0]} scores for "

@@ -57,6 +57,11 @@ def is_run(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
+def is_reward_model(path: Path) -> bool:
+    """A run of rlhf-train-rm (its reward model inside), not a policy's run."""
+    return (Path(path) / REWARD_MODEL).is_dir()
+
+
 class RunRecorder:
     """Writes `metrics.jsonl` (one object per logged step) and `summary.json`, always.
 

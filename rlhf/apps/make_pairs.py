@@ -1,0 +1,181 @@
+"""`rlhf-make-pairs`: preference pairs sampled from a policy and labelled by a reward source.
+
+The design of the DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, sec.
+6.1): responses are sampled from the SFT model itself and a classifier says which of two is
+better, so the pairs are on-policy for the model DPO starts from. For each training prompt
+(cut by the sampler, as rollouts are) k responses are sampled with the sampler's settings and
+scored; every two of them make a pair, the higher score chosen. The file is the one
+`rlhf-label` writes: one JSON line per pair, the same fields, `who` naming the reward source,
+so `data.pairs=<file>` reads AI-labelled and human-labelled pairs alike:
+
+    {"prompt": ..., "chosen": ..., "rejected": ..., "label": "preferred" | "tie" | "skip",
+     "index": 7, "pair": 0, "of": 1, "scores": [0.91, 0.12], "who": "sentiment",
+     "when": ..., "policy": ..., "sampler": {...}, "seed": 0}
+
+`index` is the prompt's number and `pair` the pair's number among that prompt's `of`. Two
+responses whose scores differ by no more than `pairs.margin` (or are the same text) are
+written as a "tie", and a pair with an empty response as a "skip": readers leave both out,
+and the command counts them. Prompts are sampled a block at a time, each block from a seed
+of its own, and every block's lines are on disk (fsync'd) before the next is sampled: a
+killed or interrupted command loses at most the block it was sampling, and the same command
+continues the file where it stopped, writing the same pairs it would have written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import random
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.apps import hydra_setup
+from rlhf.apps.label import PreferenceFile, PreferenceFileError, label_prompts
+from rlhf.contracts import registry
+from rlhf.contracts.checks import require
+from rlhf.core import rollout
+from rlhf.core.data import sample_queries, tokenize_prompts
+from rlhf.core.distributed import pick_device
+from rlhf.core.policy import Policy
+from rlhf.core.rundir import RunDirBusy
+
+# the settings a file's pairs were made with: continuing it with others would mix two designs
+SAME = ("policy", "who", "sampler", "seed", "samples", "margin")
+
+
+def pair_records(query: str, responses: list[str], scores: list[float], margin: float) -> list[dict]:
+    """Every two of one prompt's responses as a record: the higher score chosen; a tie when
+    the scores differ by no more than `margin` or the texts are equal; a skip when one is empty."""
+    records = []
+    for a, b in itertools.combinations(range(len(responses)), 2):
+        ra, rb, sa, sb = responses[a].strip(), responses[b].strip(), scores[a], scores[b]
+        first = sa >= sb
+        chosen, rejected = (ra, rb) if first else (rb, ra)
+        label = "skip" if not ra or not rb else "tie" if abs(sa - sb) <= margin or ra == rb else "preferred"
+        records.append({"prompt": query, "chosen": chosen, "rejected": rejected, "label": label,
+                        "scores": [max(sa, sb), min(sa, sb)] if first else [sb, sa]})
+    return records
+
+
+class PairMaker:
+    """Samples and labels the pairs of prompt blocks; writes what the file lacks."""
+
+    def __init__(self, policy, sampler, reward, prompts: list[list[int]], file: PreferenceFile, meta: dict,
+                 samples: int, margin: float, batch_size: int, seed: int):
+        self.policy, self.sampler, self.reward, self.prompts, self.file = policy, sampler, reward, prompts, file
+        self.meta, self.samples, self.margin, self.batch_size, self.seed = meta, samples, margin, batch_size, seed
+        self.per_prompt = samples * (samples - 1) // 2
+
+    def written(self) -> set[tuple[int, int]]:
+        return {(r["index"], r.get("pair", 0)) for r in self.file.records}
+
+    def block(self, first: int) -> list[dict]:
+        """The records of prompts first.. first + batch_size: the same whenever they are made."""
+        import torch
+
+        numbers = range(first, min(first + self.batch_size, len(self.prompts)))
+        rng = random.Random(f"{self.seed}:{first}")
+        queries = sample_queries(self.sampler, [self.prompts[i] for i in numbers], rng)
+        torch.manual_seed(hash((self.seed, first)) % 2**62)
+        rows = [q for q in queries for _ in range(self.samples)]  # k samples of each query, side by side
+        g = rollout.generate(self.policy, rows, self.sampler.generation_kwargs(), self.sampler.temperature)
+        texts_q, texts_r = rollout.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
+        scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device, rollout.columns_of(rows)).tolist()
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        records = []
+        for j, i in enumerate(numbers):
+            k = slice(j * self.samples, (j + 1) * self.samples)
+            prompt = texts_q[j * self.samples]
+            for p, rec in enumerate(pair_records(prompt, texts_r[k], scores[k], self.margin)):
+                records.append({**rec, "index": i, "pair": p, "of": self.per_prompt, "when": when, **self.meta})
+        return records
+
+    def run(self, progress=print) -> dict:
+        done = self.written()
+        for first in range(0, len(self.prompts), self.batch_size):
+            numbers = range(first, min(first + self.batch_size, len(self.prompts)))
+            if all((i, p) in done for i in numbers for p in range(self.per_prompt)):
+                continue
+            new = [r for r in self.block(first) if (r["index"], r["pair"]) not in done]
+            self.file.extend(new)
+            progress(line(self.counts(), len(self.prompts) * self.per_prompt))
+        return self.counts()
+
+    def counts(self) -> dict:
+        labels = [r["label"] for r in self.file.records]
+        return {"pairs": len(labels), "preferred": labels.count("preferred"), "ties": labels.count("tie"),
+                "skips": labels.count("skip")}
+
+
+def line(c: dict, total: int) -> str:
+    return (f"{c['pairs']}/{total} pairs: {c['preferred']} preferences, {c['ties']} ties (left out), "
+            f"{c['skips']} with an empty response (left out)")
+
+
+def check_continues(file: PreferenceFile, meta: dict) -> None:
+    """A file made with other settings is not continued: it would mix two designs."""
+    for r in file.records[:1]:
+        differ = [k for k in SAME if r.get(k) != meta.get(k)]
+        if differ:
+            k = differ[0]
+            raise PreferenceFileError(
+                f"{file.path} was made with {k}={r.get(k)!r}, this command has {k}={meta.get(k)!r}; "
+                "continue it with the same settings, or write a new file with pairs.out=<path>")
+
+
+def build(cfg: DictConfig) -> PairMaker:
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    s = cfg.pairs
+    require("make_pairs", [("pairs.samples", s.samples, s.samples >= 2, "at least 2"),
+                           ("pairs.margin", s.margin, s.margin >= 0, ">= 0"),
+                           ("pairs.batch_size", s.batch_size, s.batch_size >= 1, "at least 1")])
+    file = PreferenceFile(Path(s.out).expanduser(), lock=True)  # a malformed file fails before any model loads
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    who = choices.get("reward") or str(cfg.reward.get("_target_", "reward")).rsplit(".", 1)[-1]
+    meta = {"who": who, "policy": cfg.policy.path, "seed": s.seed, "samples": s.samples, "margin": s.margin,
+            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}
+    meta["sampler"].pop("_target_", None)
+    check_continues(file, meta)
+    sampler = registry.instantiate("sampler", cfg.sampler)
+    reward = registry.instantiate("reward", cfg.reward)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    policy = Policy.load_trained(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
+    prompts = tokenize_prompts(policy.tokenizer, label_prompts(cfg.data))
+    return PairMaker(policy, sampler, reward, prompts, file, meta, s.samples, s.margin, s.batch_size, s.seed)
+
+
+@hydra.main(config_path="pkg://rlhf.conf", config_name="make_pairs", version_base="1.3")
+def _make_pairs(cfg: DictConfig) -> None:
+    try:
+        maker = build(cfg)
+    except (PreferenceFileError, RunDirBusy) as e:
+        raise SystemExit(f"rlhf-make-pairs: {e}") from None
+    out, total = cfg.pairs.out, len(maker.prompts) * maker.per_prompt
+    try:
+        counts = maker.run(progress=lambda text: print(text, flush=True))
+    except KeyboardInterrupt:
+        print(f"\nstopped: {line(maker.counts(), total)} are in {out}; run the same command to continue", flush=True)
+        raise SystemExit(130) from None
+    print(f"{line(counts, total)}, in {out}\n"
+          f"train on them:  rlhf-train optimizer=dpo data.pairs={out}\n"
+          f"            or  rlhf-train-rm data.pairs={out}")
+    if counts["preferred"] <= 64:
+        print(f"only {counts['preferred']} preferences: DPO and rlhf-train-rm hold out data.n_eval of them "
+              "(64 by default); raise data.n_train", file=sys.stderr)
+
+
+def main() -> None:
+    hydra_setup.prepare()
+    _make_pairs()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
