@@ -139,9 +139,9 @@ def test_a_typo_in_a_yaml_file_fails_naming_the_key(tmp_path):
 def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ["optimizer: a2c, dpo, grpo, ppo, reinforce, rloo",
+    for line in ["optimizer: a2c, dpo, grpo, ppo, reinforce, rloo, sft",
                  "reward: learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
-                 "logger: jsonl, tensorboard, wandb", "experiment: arithmetic, frontier, imdb_ppo, toy_bandit, toy_bandit_dpo",
+                 "logger: jsonl, tensorboard, wandb", "experiment: arithmetic, dpo_paper, frontier, imdb_ppo, toy_bandit, toy_bandit_dpo",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 

@@ -117,13 +117,21 @@ KNOBS = ("seed", "optimizer.beta")
 def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
     """Runs grouped by method (optimizer, and reward source where those differ, and every other
     differing field but the knobs), then by setting (the same but for the seed)."""
-    fields = differing_fields(runs)
-    rewards = len({r.plugin("reward") for r in runs}) > 1
+    def varies(value) -> bool:  # within one optimizer's runs: a field that only tells optimizers apart is no part of a name
+        seen: dict[str, set] = {}
+        for r in runs:
+            seen.setdefault(r.optimizer, set()).add(json.dumps(value(r), sort_keys=True, default=str))
+        return any(len(v) > 1 for v in seen.values())
+
+    fields = [k for k in differing_fields(runs) if k not in KNOBS and varies(lambda r, k=k: r.config.get(k))]
+    # a knob only some methods have (sft has no beta) still tells their settings apart
+    knobs = [k for k in KNOBS if len({json.dumps(r.config.get(k), default=str) for r in runs if k in r.config}) > 1]
+    rewards = varies(lambda r: r.plugin("reward"))
     out: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
-        rest = [f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in fields if k not in KNOBS]
+        rest = [f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in fields]
         method = " ".join([r.optimizer, *([f"reward={r.plugin('reward')}"] if rewards else []), *rest])
-        knob = " ".join(f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in fields if k in KNOBS and k != "seed")
+        knob = " ".join(f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in knobs if k != "seed")
         out.setdefault(method, {}).setdefault(f"{method} {knob}".strip(), []).append(r)
     return out
 
@@ -305,13 +313,15 @@ def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | 
     return path
 
 
-def seeds_text(runs: list[Run], metric: str, rng) -> tuple[tuple[list[str], list[list[str]]], list[str]] | None:
-    """With seeds: the per-setting table and the frontier statements; None without."""
+def seeds_text(runs: list[Run], metric: str, rng) -> tuple | None:
+    """With seeds: the per-setting table, the frontiers at round KLs and the statements; None without."""
     if not seeded(runs):
         return None
-    from rlhf.core.frontier import statements
+    from rlhf.core.frontier import at_kls, statements
 
-    return seed_table(runs, metric, rng), statements(frontiers(runs, metric, rng)) or ["only one method: nothing to compare"]
+    found = frontiers(runs, metric, rng)
+    return (seed_table(runs, metric, rng), at_kls(found),
+            statements(found) or ["only one method: nothing to compare"])
 
 
 def report(runs: list[Run], root: Path, out: Path, files: dict[str, Path], seeds=None) -> Path:
@@ -341,10 +351,11 @@ figure{{display:inline-block;margin:1em}}</style></head>
 def _seeds_html(seeds, cells) -> str:
     if seeds is None:
         return ""
-    (header, rows), lines = seeds
-    return (f"<h2>Over seeds</h2><table><thead><tr>{cells('th', header)}</tr></thead><tbody>"
-            + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</tbody></table><ul>"
-            + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+    tables, lines = seeds[:-1], seeds[-1]
+    return ("<h2>Over seeds</h2>" + "".join(
+        f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>"
+        + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</tbody></table><br>" for header, rows in tables if rows)
+        + "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
 
 
 def _name(run: Run, root: Path) -> str:
@@ -419,8 +430,11 @@ def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/rewa
     print(f"{len(runs)} runs\n{text_table(header, rows)}")
     seeds = seeds_text(runs, metric, np.random.default_rng(0))
     if seeds is not None:
-        (h, r), lines = seeds
-        print(f"\nover seeds ({metric}, mean and 95% bootstrap interval)\n{text_table(h, r)}\n" + "\n".join(lines))
+        (h, r), (fh, fr_), lines = seeds
+        print(f"\nover seeds ({metric}, mean and 95% bootstrap interval)\n{text_table(h, r)}")
+        if fr_:
+            print(f"\nfrontiers: the best seed-mean {metric} at KL <= x [95% band]\n{text_table(fh, fr_)}")
+        print("\n" + "\n".join(lines))
     path = report(runs, root, out, plots(runs, out, metric, np.random.default_rng(0)), seeds)
     print(f"report: {path}")
     return path

@@ -88,18 +88,24 @@ def kl_grid(settings: list[Setting], n: int = 200) -> np.ndarray:
     return np.linspace(max(float(kls.min()), 0.0), float(kls.max()), n)
 
 
+MIN_SPAN = 0.05  # a lead over less than this share of the KL axis is not reported: single grid points are noise
+
+
 def dominance(a: Frontier, b: Frontier) -> list[tuple[float, float, float]]:
     """The KL intervals where a's frontier is above b's in at least LEVEL of the resamples
-    (both defined there): (from, to, the smallest share of resamples a leads in on it)."""
+    (both defined there), each at least MIN_SPAN of the axis wide: (from, to, the smallest
+    share of resamples a leads in on it)."""
     valid = ~np.isnan(a.draws) & ~np.isnan(b.draws)  # resamples where both frontiers reach x
     lead = (valid & (a.draws > b.draws)).sum(0) / np.maximum(valid.sum(0), 1)
     ahead = ~np.isnan(a.mean) & ~np.isnan(b.mean) & (lead >= LEVEL)
     spans, start = [], None
+    wide = MIN_SPAN * (a.grid[-1] - a.grid[0])
     for i, on in enumerate(list(ahead) + [False]):
         if on and start is None:
             start = i
         elif not on and start is not None:
-            spans.append((float(a.grid[start]), float(a.grid[i - 1]), float(np.min(lead[start:i]))))
+            if a.grid[i - 1] - a.grid[start] >= wide:
+                spans.append((float(a.grid[start]), float(a.grid[i - 1]), float(np.min(lead[start:i]))))
             start = None
     return spans
 
@@ -131,3 +137,24 @@ def interval(values: list[float], rng: np.random.Generator, resamples: int = RES
     means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
     tail = (1 - LEVEL) / 2
     return float(v.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+NICE_KL = (0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def at_kls(frontiers: list[Frontier]) -> tuple[list[str], list[list[str]]]:
+    """The frontiers in numbers: each method's mean [band] at round KL values within the grid
+    (blank where the method never reached or never tried that KL)."""
+    if not frontiers:
+        return [], []
+    grid = frontiers[0].grid
+    kls = [k for k in NICE_KL if grid[0] <= k <= grid[-1]]
+    header = ["method", *(f"KL {k:g}" for k in kls)]
+    rows = []
+    for f in frontiers:
+        cells = []
+        for k in kls:
+            i = int(np.searchsorted(grid, k, side="right")) - 1
+            cells.append("" if np.isnan(f.mean[i]) else f"{f.mean[i]:.2f} [{f.low[i]:.2f}, {f.high[i]:.2f}]")
+        rows.append([f.method, *cells])
+    return header, rows
