@@ -114,20 +114,27 @@ def test_preferred_ft_is_the_mean_nll_of_the_chosen_tokens_and_lowers_it(embedde
 
 
 def test_grid_jobs_union_replacement_and_shared_keys():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parse = OverridesParser.create().parse_overrides
     product = lambda o: BasicSweeper.split_arguments(o, None)[0]  # noqa: E731
     grids = {"ppo": {"optimizer": "ppo", "optimizer.beta": "0.1,0.2"}, "sft": {"optimizer": "sft"}}
-    jobs = grid_jobs(grids, parse(["seed=0,1"]), parse, product)
+    has = lambda grid, key: not (grid == "sft" and key == "optimizer.beta")  # noqa: E731  sft has no beta
+    jobs, left_out = grid_jobs(grids, parse(["seed=0,1"]), parse, product, has)
     assert sorted(map(tuple, jobs)) == sorted([
         ("optimizer=ppo", "optimizer.beta=0.1", "seed=0"), ("optimizer=ppo", "optimizer.beta=0.1", "seed=1"),
         ("optimizer=ppo", "optimizer.beta=0.2", "seed=0"), ("optimizer=ppo", "optimizer.beta=0.2", "seed=1"),
-        ("optimizer=sft", "seed=0"), ("optimizer=sft", "seed=1")])
-    # a key a grid sets: the command line's value replaces it there, and reaches no other grid
-    jobs = grid_jobs(grids, parse(["optimizer.beta=0.5"]), parse, product)
-    assert sorted(map(tuple, jobs)) == [("optimizer=ppo", "optimizer.beta=0.5"), ("optimizer=sft",)]
+        ("optimizer=sft", "seed=0"), ("optimizer=sft", "seed=1")]) and not left_out
+    # a key a grid sets: the command line's value replaces it there; a grid without the field is left without it
+    jobs, left_out = grid_jobs(grids, parse(["optimizer.beta=0.5", "train.steps=4"]), parse, product, has)
+    assert sorted(map(tuple, jobs)) == [("optimizer=ppo", "optimizer.beta=0.5", "train.steps=4"),
+                                        ("optimizer=sft", "train.steps=4")]
+    assert left_out == {"sft": ["optimizer.beta"]}
+    # ++key replaces where the grid sets it (the prefix is not part of the key) and goes nowhere else
+    # the field is missing; +key (a new key, explicitly) goes to every grid
+    jobs, _ = grid_jobs(grids, parse(["++optimizer.beta=0.3", "+foo=1"]), parse, product, has)
+    assert sorted(map(tuple, jobs)) == [("optimizer=ppo", "++optimizer.beta=0.3", "+foo=1"), ("optimizer=sft", "+foo=1")]
 
 
 # ------------------------------------------------------------------ frontiers over seeds
@@ -163,6 +170,18 @@ def test_a_clearly_better_method_dominates_and_identical_ones_do_not():
     assert not long, long
 
 
+def test_one_seed_is_not_compared_and_nan_points_are_left_out():
+    rng = np.random.default_rng(0)
+    a = [fr.setting("a", _curves(1.0, 1, 1, rng))]
+    b = [fr.setting("b", _curves(0.5, 1, 1, rng))]
+    grid = fr.kl_grid(a + b)
+    lines = fr.statements([fr.frontier("A", a, grid, rng, 50), fr.frontier("B", b, grid, rng, 50)])
+    assert all("one seed, left out" in x for x in lines) and len(lines) == 2
+    s = fr.setting("n", [[(0, 0.0, 0.1), (10, float("nan"), 0.5), (20, 2.0, float("inf")), (30, 3.0, 0.9)]])
+    assert s.steps == [0, 30] and np.isfinite(s.points()).all()
+    assert fr.envelope(np.array([[0.0, 1.0, 2.0], [0.2, np.nan, 0.1]]), np.array([0.0, 1.0, 2.0])).tolist() == [0.2, 0.2, 0.2]
+
+
 def test_interval_of_seed_means():
     rng = np.random.default_rng(0)
     mean, lo, hi = fr.interval([0.5, 0.6, 0.7], rng)
@@ -173,11 +192,21 @@ def test_interval_of_seed_means():
 # ------------------------------------------------------------------ the preset, small
 
 
+def test_a_failing_prepare_command_stops_the_sweep_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = cli("rlhf-train", "+experiment=dpo_paper", f"hydra.sweep.dir={sweep}",
+            'hydra.callbacks.prepare.commands.pairs=[rlhf-make-pairs,"pairs.samples=1"]', cwd=tmp_path, timeout=300)
+    assert r.returncode != 0
+    assert "rlhf-make-pairs failed" in r.stderr and "no job started" in r.stderr and "pairs.log" in r.stderr, r.stderr
+    assert not any(p.name.isdigit() for p in sweep.iterdir())  # no job's directory
+    assert "pairs.samples" in (sweep / "pairs.log").read_text()
+
+
 @pytest.mark.slow
 def test_dpo_paper_preset_small_variant_end_to_end(tmp_path, embedded_dir):
     sweep = tmp_path / "sweep"
     r = cli("rlhf-train", "+experiment=dpo_paper", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=4", "eval.every=2",
-            "optimizer.beta=0.1", "sampler.max_new_tokens=8", "data.n_eval=16", "hydra.launcher.n_jobs=2",
+            "optimizer.beta=0.1", "sampler.max_new_tokens=8", "data.n_eval=16",
             'hydra.callbacks.prepare.commands.pairs=[rlhf-make-pairs,"pairs.out={sweep_dir}/pairs.jsonl",'
             '"pairs.samples=3","data.n_train=40","sampler.max_new_tokens=8"]',
             'hydra.callbacks.prepare.commands.rm=[rlhf-train-rm,"data.pairs={sweep_dir}/pairs.jsonl",'

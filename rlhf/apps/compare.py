@@ -115,24 +115,39 @@ KNOBS = ("seed", "optimizer.beta")
 
 
 def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
-    """Runs grouped by method (optimizer, and reward source where those differ, and every other
-    differing field but the knobs), then by setting (the same but for the seed)."""
-    def varies(value) -> bool:  # within one optimizer's runs: a field that only tells optimizers apart is no part of a name
-        seen: dict[str, set] = {}
+    """Runs grouped by method, then by setting (the same but for the seed). A method is the
+    optimizer, its reward source where runs of one optimizer differ in it, and every field
+    (but the knobs) whose value differs between runs of one optimizer and one plugin of the
+    field's group (`optimizer.loss_type` between two DPO runs; not `reward.path`, which a
+    learned reward model alone has). A setting adds the knobs a run has (sft has no beta)."""
+    def varies(value, key: str = "") -> set:
+        """The optimizers among whose runs (of one plugin of the key's group) `value` differs."""
+        seen: dict[tuple, set] = {}
+        group = key.split(".")[0]
         for r in runs:
-            seen.setdefault(r.optimizer, set()).add(json.dumps(value(r), sort_keys=True, default=str))
-        return any(len(v) > 1 for v in seen.values())
+            where = (r.optimizer, r.config.get(f"{group}._target_")) if key else (r.optimizer,)
+            seen.setdefault(where, set()).add(json.dumps(value(r), sort_keys=True, default=str))
+        return {where[0] for where, values in seen.items() if len(values) > 1}
 
-    fields = [k for k in differing_fields(runs) if k not in KNOBS and varies(lambda r, k=k: r.config.get(k))]
-    # a knob only some methods have (sft has no beta) still tells their settings apart
+    absent = object()
+    keys = sorted({k for r in runs for k in r.config if not k.endswith("_target_") and k not in KNOBS})
+    fields = {k: varies(lambda r, k=k: r.config.get(k, "<absent>"), k) for k in keys}
+    fields = {k: v for k, v in fields.items() if v}
     knobs = [k for k in KNOBS if len({json.dumps(r.config.get(k), default=str) for r in runs if k in r.config}) > 1]
     rewards = varies(lambda r: r.plugin("reward"))
     out: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
-        rest = [f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in fields]
-        method = " ".join([r.optimizer, *([f"reward={r.plugin('reward')}"] if rewards else []), *rest])
-        knob = " ".join(f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k in knobs if k != "seed")
+        rest = [f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k, where in fields.items()
+                if r.optimizer in where and r.config.get(k, absent) is not absent]
+        method = " ".join([r.optimizer, *([f"reward={r.plugin('reward')}"] if r.optimizer in rewards else []), *rest])
+        knob = " ".join(f"{k.split('.')[-1]}={_fmt(r.config[k])}" for k in knobs if k != "seed" and k in r.config)
         out.setdefault(method, {}).setdefault(f"{method} {knob}".strip(), []).append(r)
+    for by in out.values():
+        for name, group in by.items():
+            seeds = [r.config.get("seed") for r in group]
+            if len(set(map(str, seeds))) < len(seeds):
+                print(f"rlhf-compare: setting {name!r}: runs share a seed ({seeds}); they count as separate seeds",
+                      file=sys.stderr)
     return out
 
 
@@ -291,6 +306,8 @@ def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | 
     Gao et al. 2022 plot over-optimisation; a star where the gold peaks."""
     with_gold = [(r, next(k for k in r.evals[0] if k.startswith("eval/judge/"))) for r in runs
                  if r.evals and any(k.startswith("eval/judge/") for k in r.evals[0])]
+    # a judge that is the run's own reward (the same scores) says nothing about over-optimisation
+    with_gold = [(r, k) for r, k in with_gold if any(abs(e.get(k, 0.0) - e["eval/reward"]) > 1e-9 for e in r.evals)]
     if not with_gold:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -304,7 +321,8 @@ def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | 
         ax.plot([x[peak]], [gold[peak]], color=f"C{i}", marker="*", ms=14, ls="none")
     ax.set(xlabel="sqrt(KL(pi || pi_ref)), sqrt(nats)", ylabel="reward",
            title="Gold and proxy reward against sqrt(KL) (star: gold's peak)")
-    ax.legend(fontsize=7)
+    if len(with_gold) <= 8:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     path = out / "gold_vs_proxy.png"
     fig.tight_layout()

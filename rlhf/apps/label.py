@@ -52,12 +52,12 @@ class PreferenceFileError(ValueError):
 class PreferenceFile:
     """The JSONL file of answers: read and checked at start, appended one durable line at a time."""
 
-    def __init__(self, path: Path, lock: bool = False):
-        self.path = path
+    def __init__(self, path: Path, lock: bool = False, setting: str = "label.out"):
+        self.path, self.setting = path, setting  # the setting that names the file, for messages
         self.records: list[dict] = []
         if path.is_dir():
-            raise PreferenceFileError(f"label.out={path} is a directory; name a file in it, e.g. "
-                                      f"label.out={path / 'preferences.jsonl'}")
+            raise PreferenceFileError(f"{setting}={path} is a directory; name a file in it, e.g. "
+                                      f"{setting}={path / 'preferences.jsonl'}")
         self.owner = self.lock() if lock else None  # before reading: it may cut a half-written line
         if path.exists():
             self.records = self._read()
@@ -69,7 +69,7 @@ class PreferenceFile:
 
     def _read(self) -> list[dict]:
         records = []
-        fix = "fix or remove that line, or choose another file with label.out=<path>"
+        fix = f"fix or remove that line, or choose another file with {self.setting}=<path>"
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # the process died writing its last answer: that one is lost
             warnings.warn(f"{self.path}: its last line was written only in part (a crash?) and is left out; "
@@ -97,6 +97,20 @@ class PreferenceFile:
                                           f"{record['index']!r} (expected preferred/tie/skip and a number); {fix}")
             records.append(record)
         return records
+
+    def drop_last(self, n: int) -> None:
+        """Remove the last n records from the file (cut durably) and from memory."""
+        if n <= 0:
+            return
+        data = self.path.read_bytes()
+        starts, pos = [], 0  # where each record's line begins (blank lines are no records)
+        for text in data.splitlines(keepends=True):
+            if text.strip():
+                starts.append(pos)
+            pos += len(text)
+        cut = starts[-n]
+        self._truncate_to(cut)
+        del self.records[-n:]
 
     def _truncate_to(self, size: int) -> None:
         with open(self.path, "r+b") as f:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import random
 import sys
 from pathlib import Path
@@ -43,20 +44,26 @@ from rlhf.core.policy import Policy
 from rlhf.core.rundir import RunDirBusy
 
 # the settings a file's pairs were made with: continuing it with others would mix two designs
-SAME = ("policy", "who", "sampler", "seed", "samples", "margin")
+SAME = ("policy", "who", "reward_config", "sampler", "data", "seed", "samples", "margin", "batch_size")
+# the data settings that choose the prompts and their order
+DATA_FIELDS = ("prompts", "prompt_list", "text_field", "as_chat", "subset", "split", "n_train")
 
 
 def pair_records(query: str, responses: list[str], scores: list[float], margin: float) -> list[dict]:
     """Every two of one prompt's responses as a record: the higher score chosen; a tie when
-    the scores differ by no more than `margin` or the texts are equal; a skip when one is empty."""
+    the scores differ by no more than `margin` or the texts are equal; a skip when one is empty
+    or a score is not a number. The texts are kept as sampled (a leading space is a token)."""
     records = []
     for a, b in itertools.combinations(range(len(responses)), 2):
-        ra, rb, sa, sb = responses[a].strip(), responses[b].strip(), scores[a], scores[b]
-        first = sa >= sb
+        ra, rb, sa, sb = responses[a], responses[b], scores[a], scores[b]
+        finite = math.isfinite(sa) and math.isfinite(sb)
+        first = not finite or sa >= sb
         chosen, rejected = (ra, rb) if first else (rb, ra)
-        label = "skip" if not ra or not rb else "tie" if abs(sa - sb) <= margin or ra == rb else "preferred"
+        label = ("skip" if not ra.strip() or not rb.strip() or not finite
+                 else "tie" if abs(sa - sb) <= margin or ra.strip() == rb.strip() else "preferred")
+        high, low = (sa, sb) if first else (sb, sa)
         records.append({"prompt": query, "chosen": chosen, "rejected": rejected, "label": label,
-                        "scores": [max(sa, sb), min(sa, sb)] if first else [sb, sa]})
+                        "scores": [v if math.isfinite(v) else None for v in (high, low)]})
     return records
 
 
@@ -94,15 +101,26 @@ class PairMaker:
         return records
 
     def run(self, progress=print) -> dict:
-        done = self.written()
+        self.drop_partial_block()
+        done = {r["index"] for r in self.file.records}
         for first in range(0, len(self.prompts), self.batch_size):
-            numbers = range(first, min(first + self.batch_size, len(self.prompts)))
-            if all((i, p) in done for i in numbers for p in range(self.per_prompt)):
+            if first in done:  # blocks are written whole (drop_partial_block): its first prompt says it is there
                 continue
-            new = [r for r in self.block(first) if (r["index"], r["pair"]) not in done]
-            self.file.extend(new)
+            self.file.extend(self.block(first))
             progress(line(self.counts(), len(self.prompts) * self.per_prompt))
         return self.counts()
+
+    def drop_partial_block(self) -> None:
+        """A block cut short (killed while writing it: only its last block can be) is removed
+        and sampled again whole, so that no prompt's pairs mix two sets of samples."""
+        records = self.file.records
+        if not records:
+            return
+        first = records[-1]["index"] // self.batch_size * self.batch_size
+        expected = (min(first + self.batch_size, len(self.prompts)) - first) * self.per_prompt
+        tail = [r for r in records if r["index"] >= first]
+        if len(tail) < expected:
+            self.file.drop_last(len(tail))
 
     def counts(self) -> dict:
         labels = [r["label"] for r in self.file.records]
@@ -136,11 +154,13 @@ def build(cfg: DictConfig) -> PairMaker:
     require("make_pairs", [("pairs.samples", s.samples, s.samples >= 2, "at least 2"),
                            ("pairs.margin", s.margin, s.margin >= 0, ">= 0"),
                            ("pairs.batch_size", s.batch_size, s.batch_size >= 1, "at least 1")])
-    file = PreferenceFile(Path(s.out).expanduser(), lock=True)  # a malformed file fails before any model loads
+    file = PreferenceFile(Path(s.out).expanduser(), lock=True, setting="pairs.out")  # a bad file fails before models load
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     who = choices.get("reward") or str(cfg.reward.get("_target_", "reward")).rsplit(".", 1)[-1]
     meta = {"who": who, "policy": cfg.policy.path, "seed": s.seed, "samples": s.samples, "margin": s.margin,
-            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}
+            "batch_size": s.batch_size, "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+            "reward_config": OmegaConf.to_container(cfg.reward, resolve=True),
+            "data": {k: OmegaConf.to_container(cfg.data, resolve=True)[k] for k in DATA_FIELDS}}
     meta["sampler"].pop("_target_", None)
     check_continues(file, meta)
     sampler = registry.instantiate("sampler", cfg.sampler)
@@ -167,9 +187,9 @@ def _make_pairs(cfg: DictConfig) -> None:
     print(f"{line(counts, total)}, in {out}\n"
           f"train on them:  rlhf-train optimizer=dpo data.pairs={out}\n"
           f"            or  rlhf-train-rm data.pairs={out}")
-    if counts["preferred"] <= 64:
-        print(f"only {counts['preferred']} preferences: DPO and rlhf-train-rm hold out data.n_eval of them "
-              "(64 by default); raise data.n_train", file=sys.stderr)
+    if counts["preferred"] <= cfg.data.n_eval:
+        print(f"only {counts['preferred']} preferences: DPO and rlhf-train-rm hold out data.n_eval={cfg.data.n_eval} "
+              "of them; raise data.n_train or pairs.samples", file=sys.stderr)
 
 
 def main() -> None:

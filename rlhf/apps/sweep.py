@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,40 +51,77 @@ class Prepare(Callback):
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         import subprocess
-        import sys
         import time
 
         root = Path(config.hydra.sweep.dir)
         root.mkdir(parents=True, exist_ok=True)
+        given = forwarded(list(config.hydra.overrides.task))
         for name, (command, *overrides) in self.commands.items():
-            overrides = [o.replace("{sweep_dir}", str(root)) for o in overrides]
+            overrides = [o.replace("{sweep_dir}", str(root)) for o in overrides] + given
             log = root / f"{name}.log"
             print(f"before the jobs: {command} {' '.join(overrides)}  (log: {log})", flush=True)
             t0 = time.time()
             with open(log, "w") as out:
                 code = subprocess.run([sys.executable, "-m", COMMANDS[command], *overrides], stdout=out,
                                       stderr=subprocess.STDOUT).returncode
-            if code != 0:
+            if code != 0:  # SystemExit: Hydra turns a callback's exceptions into warnings and goes on
                 tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
-                raise RuntimeError(f"{command} failed (exit status {code}) before the sweep's jobs; its log: {log}\n{tail}")
+                print(f"{command} failed (exit status {code}) before the sweep's jobs; no job started; its log: {log}\n"
+                      f"{tail}", file=sys.stderr, flush=True)
+                raise SystemExit(1)
             print(f"  done in {time.time() - t0:.0f} s", flush=True)
 
 
-def grid_jobs(grids: dict, common: list, parse, product) -> list[list[str]]:
-    """The jobs of a union of grids: each grid's own overrides (key: value or comma-separated
-    sweep) with the common ones (the sweeper's params and the command line's arguments, already
-    parsed). A common key that some grid sets replaces that grid's value, in those grids only
-    (`optimizer.beta=0.1` narrows the beta sweeps and adds no beta to a grid without one); a key
-    no grid sets goes to every grid. `product` makes one grid's job list."""
-    own = {name: parse([f"{k}={v}" for k, v in (grid or {}).items()]) for name, grid in grids.items()}
-    set_by_grids = {o.get_key_element() for overrides in own.values() for o in overrides}
-    jobs = []
-    for name, overrides in own.items():
-        keys = {o.get_key_element() for o in overrides}
-        replaced = {o.get_key_element(): o for o in common if o.get_key_element() in keys}
-        shared = [o for o in common if o.get_key_element() not in set_by_grids]
-        jobs += product([replaced.get(o.get_key_element(), o) for o in overrides] + shared)
-    return jobs
+# the sweep's command-line settings the prepared inputs depend on: passed on to each command
+FORWARDED = ("policy", "sampler", "data.prompts", "data.prompt_list", "data.text_field", "data.as_chat", "data.subset",
+             "data.split", "device", "threads")
+
+
+def forwarded(overrides: list[str]) -> list[str]:
+    """The sweep's overrides of FORWARDED settings, as each prepare command takes them: pairs are
+    sampled from the policy the jobs train, with their sampler and prompts. A sweep over one of
+    them has no one value to pass on: refused."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if any(key == f or key.startswith(f + ".") for f in FORWARDED):
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            if OverridesParser.create().parse_override(o).is_sweep_override():
+                print(f"{o}: a sweep over {key} has no one value for the commands that run before the jobs; "
+                      "sweep it in a sweep of its own", file=sys.stderr, flush=True)
+                raise SystemExit(1)
+            out.append(o)
+    return out
+
+
+def grid_jobs(grids: dict, common: list, parse, product, has=lambda grid, key: True) -> tuple[list, dict]:
+    """The jobs of a union of grids, and the common keys each grid left out.
+
+    Each grid's own overrides (key: value or comma-separated sweep) go with the common ones
+    (the sweeper's params and the command line's arguments, already parsed). A common key a
+    grid sets replaces that grid's value; one it does not set is added when the grid's config
+    has that field (`has(grid, key)`: `train.steps` reaches every grid, `optimizer.beta` no grid
+    whose optimizer has no beta; `++key` likewise) or when the override adds or deletes a key
+    explicitly (`+key`, `~key`: every grid).
+    `product` makes one grid's job list."""
+    bare = lambda o: o.get_key_element().lstrip("+~")  # noqa: E731
+    jobs, left_out = [], {}
+    for name, grid in grids.items():
+        own = parse([f"{k}={v}" for k, v in (grid or {}).items()])
+        keys = {bare(o) for o in own}
+        replaced = {bare(o): o for o in common if bare(o) in keys}
+        added = []
+        for o in common:
+            if bare(o) in keys:
+                continue
+            explicit = o.get_key_element().startswith(("~", "+")) and not o.get_key_element().startswith("++")
+            if explicit or has(name, bare(o)):
+                added.append(o)
+            else:
+                left_out.setdefault(name, []).append(bare(o))
+        jobs += product([replaced.get(bare(o), o) for o in own] + added)
+    return jobs, left_out
 
 
 def report() -> int:

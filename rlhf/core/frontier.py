@@ -14,6 +14,7 @@ distinct resamples: the band is a coarse guide, not a test at an exact level.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,7 +39,9 @@ class Setting:
 
 
 def setting(name: str, curves: list[list[tuple[int, float, float]]]) -> Setting:
-    """A setting from each seed's evaluations (step, KL, reward), on the steps every seed has."""
+    """A setting from each seed's evaluations (step, KL, reward), on the steps every seed has
+    (an evaluation with a KL or reward that is not a number is left out)."""
+    curves = [[(s, kl, r) for s, kl, r in c if math.isfinite(kl) and math.isfinite(r)] for c in curves]
     common = sorted(set.intersection(*({s for s, _, _ in c} for c in curves))) if curves else []
     s = Setting(name, steps=common)
     for c in curves:
@@ -51,7 +54,7 @@ def envelope(points: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """The best reward at KL <= x for each x of the grid; nan outside the KLs the points span
     (left of the smallest, nothing reached yet; right of the largest, never tried). points (2, N)."""
     order = np.argsort(points[0])
-    kl, best = points[0][order], np.maximum.accumulate(points[1][order])
+    kl, best = points[0][order], np.fmax.accumulate(points[1][order])
     at = np.searchsorted(kl, grid, side="right") - 1
     return np.where((at >= 0) & (grid <= kl[-1]), best[np.clip(at, 0, None)], np.nan)
 
@@ -111,8 +114,11 @@ def dominance(a: Frontier, b: Frontier) -> list[tuple[float, float, float]]:
 
 
 def statements(frontiers: list[Frontier]) -> list[str]:
-    """Which frontier dominates which on which KL range, and where no method is ahead of another."""
-    lines = []
+    """Which frontier dominates which on which KL range, and where no method is ahead of another.
+    Only methods whose every setting has 2+ seeds are compared: one seed has no spread to resample."""
+    lines = [f"{f.method}: a setting with one seed, left out of the comparison (no spread to resample)"
+             for f in frontiers if f.seeds < 2]
+    frontiers = [f for f in frontiers if f.seeds >= 2]
     for a in frontiers:
         for b in frontiers:
             if a is b:

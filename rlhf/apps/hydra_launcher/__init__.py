@@ -2,9 +2,14 @@
 `hydra_plugins` namespace, and `hydra/launcher=joblib` of rlhf-train points here (and
 `hydra/sweeper=grids`). The work is done in rlhf.apps.launcher and rlhf.apps.sweep."""
 
+import logging
+
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+log = logging.getLogger(__name__)
+_ABSENT = object()
 
 
 class IsolatedJoblibLauncher(JoblibLauncher):
@@ -27,6 +32,7 @@ class GridsSweeper(Sweeper):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         self.basic = BasicSweeper(max_batch_size, params)
+        self._configs: dict = {}  # each grid's first job's config, composed once (_has)
         self.params = dict(params or {})
         self.grids = {name: dict(grid or {}) for name, grid in (grids or {}).items()}
 
@@ -50,5 +56,29 @@ class GridsSweeper(Sweeper):
             return basic.split_arguments(overrides, max_batch_size)
         parse = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides
         grids = {name: {k: self._here(v) for k, v in grid.items()} for name, grid in self.grids.items()}
-        jobs = grid_jobs(grids, overrides, parse, lambda o: basic.split_arguments(o, None)[0])
+        product = lambda o: basic.split_arguments(o, None)[0]  # noqa: E731
+        self._common = list(overrides)
+        jobs, left_out = grid_jobs(grids, overrides, parse, product, self._has)
+        for name, keys in left_out.items():
+            log.info(f"grid {name}: {', '.join(keys)} left out (its config has no such field)")
         return list(basic.split_overrides_to_chunks(jobs, max_batch_size))
+
+    def _has(self, grid: str, key: str) -> bool:
+        """Whether the config of the grid's first job has the field `key`: composed from the grid's
+        own overrides and the common ones that choose configs (`+experiment=...`, `optimizer=...`),
+        once per grid. A grid that does not compose so is given every key (its jobs then say why)."""
+        from omegaconf import OmegaConf
+
+        if grid not in self._configs:
+            parse = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides
+            own = parse([f"{k}={self._here(v)}" for k, v in self.grids[grid].items()])
+            keys = {o.get_key_element().lstrip("+~") for o in own}
+            choosing = [o for o in self._common if "." not in o.get_key_element().lstrip("+~")
+                        and o.get_key_element().lstrip("+~") not in keys]
+            first = type(self.basic).split_arguments(own + choosing, None)[0][0]
+            try:
+                self._configs[grid] = self.hydra_context.config_loader.load_sweep_config(self.config, first)
+            except Exception:
+                self._configs[grid] = None
+        cfg = self._configs[grid]
+        return cfg is None or OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
