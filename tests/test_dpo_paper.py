@@ -237,3 +237,5 @@ def test_dpo_paper_preset_small_variant_end_to_end(tmp_path, embedded_dir):
     assert "over seeds (eval/judge/sentiment" in r.stdout
     for method in ("ppo reward=sentiment", "ppo reward=learned_rm", "dpo online", "sft"):
         assert method in r.stdout, method
+    d = cli("rlhf-diagnose", str(sweep), cwd=tmp_path, timeout=300)  # the reward model is no run of the sweep's
+    assert d.returncode == 0 and d.stdout.count(f"{sweep}/") == 10 and f"{sweep}/rm" not in d.stdout, d.stdout

@@ -27,7 +27,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
                        key=rundir.natural_key)
         if not found:
             raise SystemExit(f"rlhf-diagnose: no run under {root} (a run directory holds {rundir.METRICS})")
-        runs += [d for d in found if (d / rundir.METRICS).is_file() or rundir.is_run(d)]
+        # a reward model a sweep trained before its jobs is no policy's run
+        runs += [d for d in found if ((d / rundir.METRICS).is_file() or rundir.is_run(d)) and not rundir.is_reward_model(d)]
     return runs
 
 
