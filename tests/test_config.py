@@ -141,7 +141,8 @@ def test_help_lists_groups_and_options(tmp_path):
     assert r.returncode == 0, r.stderr
     for line in ["optimizer: a2c, dpo, grpo, ppo, reinforce, rloo, sft",
                  "reward: learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
-                 "logger: jsonl, tensorboard, wandb", "experiment: arithmetic, dpo_paper, frontier, imdb_ppo, toy_bandit, toy_bandit_dpo",
+                 "logger: jsonl, tensorboard, wandb",
+                 "experiment: arithmetic, dpo_paper, frontier, imdb_ppo, toy_bandit, toy_bandit_dpo",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 

@@ -88,15 +88,15 @@ def test_make_pairs_refuses_fewer_than_two_samples(tmp_path):
 
 
 def test_preferred_ft_is_the_mean_nll_of_the_chosen_tokens_and_lowers_it(embedded_dir):
+    from omegaconf import OmegaConf
+
+    from rlhf.contracts import registry
     from rlhf.core.pairs import Pair
     from rlhf.core.policy import Policy
     from rlhf.core.sources.preference_pairs import OfflinePairs
     from rlhf.embedded.corpus import preference_pairs
 
     cfg = compose("optimizer=sft", "optimizer.lr=1e-2")
-    from rlhf.contracts import registry
-    from omegaconf import OmegaConf
-
     torch.manual_seed(0)
     policy = Policy.load(OmegaConf.to_object(cfg.policy), torch.device("cpu"))
     opt = registry.instantiate("optimizer", cfg.optimizer)
