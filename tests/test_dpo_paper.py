@@ -38,16 +38,16 @@ def _lines(path):
 @pytest.mark.slow
 def test_make_pairs_writes_rlhf_labels_format_continues_exactly_and_refuses_other_settings(tmp_path, embedded_dir):
     out = tmp_path / "pairs.jsonl"
-    args = [f"pairs.out={out}", "pairs.samples=3", "pairs.batch_size=8", "data.n_train=20", "sampler.max_new_tokens=8"]
+    args = [f"pairs.out={out}", "pairs.samples=3", "pairs.batch_size=4", "data.n_train=12", "sampler.max_new_tokens=8"]
     r = cli("rlhf-make-pairs", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = _lines(out)
-    assert len(rows) == 60 and "60/60 pairs" in r.stdout  # 20 prompts x 3 pairs
+    assert len(rows) == 36 and "36/36 pairs" in r.stdout  # 12 prompts x 3 pairs
     for row in rows:  # what rlhf-label writes, and readers need
         assert {"prompt", "chosen", "rejected", "label", "index", "who", "policy", "sampler", "seed"} <= set(row)
         assert row["who"] == "sentiment" and row["label"] in ("preferred", "tie", "skip")
         assert row["scores"][0] >= row["scores"][1]
-    assert sorted({(r["index"], r["pair"]) for r in rows}) == [(i, p) for i in range(20) for p in range(3)]
+    assert sorted({(r["index"], r["pair"]) for r in rows}) == [(i, p) for i in range(12) for p in range(3)]
     # the chosen response is the one the reward source scores higher
     from rlhf.contracts import registry
 
@@ -205,12 +205,12 @@ def test_a_failing_prepare_command_stops_the_sweep_before_any_job(tmp_path):
 @pytest.mark.slow
 def test_dpo_paper_preset_small_variant_end_to_end(tmp_path, embedded_dir):
     sweep = tmp_path / "sweep"
-    r = cli("rlhf-train", "+experiment=dpo_paper", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=4", "eval.every=2",
-            "optimizer.beta=0.1", "sampler.max_new_tokens=8", "data.n_eval=16",
+    r = cli("rlhf-train", "+experiment=dpo_paper", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=2", "eval.every=1",
+            "optimizer.beta=0.1", "sampler.max_new_tokens=6", "data.n_eval=8", "train.batch_size=8",
             'hydra.callbacks.prepare.commands.pairs=[rlhf-make-pairs,"pairs.out={sweep_dir}/pairs.jsonl",'
-            '"pairs.samples=3","data.n_train=40","sampler.max_new_tokens=8"]',
+            '"pairs.samples=3","data.n_train=30","sampler.max_new_tokens=6"]',
             'hydra.callbacks.prepare.commands.rm=[rlhf-train-rm,"data.pairs={sweep_dir}/pairs.jsonl",'
-            '"hydra.run.dir={sweep_dir}/rm","rm.steps=4","rm.normalize_samples=16","data.n_eval=16"]',
+            '"hydra.run.dir={sweep_dir}/rm","rm.steps=2","rm.batch_size=8","rm.normalize_samples=8","data.n_eval=8"]',
             cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (sweep / "pairs.jsonl").is_file() and (sweep / "rm" / "reward_model").is_dir()
