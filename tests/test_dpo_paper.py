@@ -207,6 +207,7 @@ def test_dpo_paper_preset_small_variant_end_to_end(tmp_path, embedded_dir):
     sweep = tmp_path / "sweep"
     r = cli("rlhf-train", "+experiment=dpo_paper", f"hydra.sweep.dir={sweep}", "seed=0,1", "train.steps=2", "eval.every=1",
             "optimizer.beta=0.1", "sampler.max_new_tokens=6", "data.n_eval=8", "train.batch_size=8",
+            "hydra.launcher.n_jobs=2",  # a launcher setting over the one the preset chooses
             'hydra.callbacks.prepare.commands.pairs=[rlhf-make-pairs,"pairs.out={sweep_dir}/pairs.jsonl",'
             '"pairs.samples=3","data.n_train=30","sampler.max_new_tokens=6"]',
             'hydra.callbacks.prepare.commands.rm=[rlhf-train-rm,"data.pairs={sweep_dir}/pairs.jsonl",'
