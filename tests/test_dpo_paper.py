@@ -119,21 +119,21 @@ def test_grid_jobs_union_replacement_and_shared_keys():
 
     parse = OverridesParser.create().parse_overrides
     product = lambda o: BasicSweeper.split_arguments(o, None)[0]  # noqa: E731
-    grids = {"ppo": {"optimizer": "ppo", "optimizer.beta": "0.1,0.2"}, "sft": {"optimizer": "sft"}}
+    grids = {"ppo": parse(["optimizer=ppo", "optimizer.beta=0.1,0.2"]), "sft": parse(["optimizer=sft"])}
     has = lambda grid, key: not (grid == "sft" and key == "optimizer.beta")  # noqa: E731  sft has no beta
-    jobs, left_out = grid_jobs(grids, parse(["seed=0,1"]), parse, product, has)
+    jobs, left_out = grid_jobs(grids, parse(["seed=0,1"]), product, has)
     assert sorted(map(tuple, jobs)) == sorted([
         ("optimizer=ppo", "optimizer.beta=0.1", "seed=0"), ("optimizer=ppo", "optimizer.beta=0.1", "seed=1"),
         ("optimizer=ppo", "optimizer.beta=0.2", "seed=0"), ("optimizer=ppo", "optimizer.beta=0.2", "seed=1"),
         ("optimizer=sft", "seed=0"), ("optimizer=sft", "seed=1")]) and not left_out
     # a key a grid sets: the command line's value replaces it there; a grid without the field is left without it
-    jobs, left_out = grid_jobs(grids, parse(["optimizer.beta=0.5", "train.steps=4"]), parse, product, has)
+    jobs, left_out = grid_jobs(grids, parse(["optimizer.beta=0.5", "train.steps=4"]), product, has)
     assert sorted(map(tuple, jobs)) == [("optimizer=ppo", "optimizer.beta=0.5", "train.steps=4"),
                                         ("optimizer=sft", "train.steps=4")]
     assert left_out == {"sft": ["optimizer.beta"]}
     # ++key replaces where the grid sets it (the prefix is not part of the key) and goes nowhere else
     # the field is missing; +key (a new key, explicitly) goes to every grid
-    jobs, _ = grid_jobs(grids, parse(["++optimizer.beta=0.3", "+foo=1"]), parse, product, has)
+    jobs, _ = grid_jobs(grids, parse(["++optimizer.beta=0.3", "+foo=1"]), product, has)
     assert sorted(map(tuple, jobs)) == [("optimizer=ppo", "++optimizer.beta=0.3", "+foo=1"), ("optimizer=sft", "+foo=1")]
 
 

@@ -151,19 +151,25 @@ def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
     return out
 
 
-def seeded(runs: list[Run]) -> bool:
-    """Some setting was run with more than one seed."""
-    return any(len(v) > 1 for m in methods(runs).values() for v in m.values())
+def seeded(groups: dict[str, dict[str, list[Run]]]) -> bool:
+    """Some setting (of `methods`' groups) was run with more than one seed."""
+    return any(len(v) > 1 for m in groups.values() for v in m.values())
 
 
-def frontiers(runs: list[Run], metric: str, rng) -> list:
+def _setting(name: str, group: list[Run], metric: str):
+    """The seeds of one setting as rlhf.core.frontier takes them: each run's (step, KL, metric)."""
+    from rlhf.core.frontier import setting
+
+    return setting(name, [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
+                          for r in group if any(metric in e for e in r.evals)])
+
+
+def frontiers(groups: dict[str, dict[str, list[Run]]], metric: str, rng) -> list:
     """Each method's frontier over its settings' seed means, with its bootstrap band."""
     from rlhf.core import frontier as fr
 
-    settings = {m: [fr.setting(name, [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
-                                      for r in group if any(metric in e for e in r.evals)])
-                    for name, group in by.items()] for m, by in methods(runs).items()}
-    settings = {m: [s for s in v if s.seeds and s.steps] for m, v in settings.items()}
+    settings = {m: [s for s in (_setting(name, group, metric) for name, group in by.items()) if s.seeds and s.steps]
+                for m, by in groups.items()}
     settings = {m: v for m, v in settings.items() if v}
     if not settings:
         return []
@@ -171,13 +177,13 @@ def frontiers(runs: list[Run], metric: str, rng) -> list:
     return [fr.frontier(m, v, grid, rng) for m, v in sorted(settings.items())]
 
 
-def seed_table(runs: list[Run], metric: str, rng) -> tuple[list[str], list[list[str]]]:
+def seed_table(groups: dict[str, dict[str, list[Run]]], metric: str, rng) -> tuple[list[str], list[list[str]]]:
     """Per setting: its seeds, and the mean and 95% bootstrap interval of the final metric and KL."""
     from rlhf.core.frontier import interval
 
     header = ["setting", "seeds", f"{metric} (end)", "95% interval", "eval/kl (end)", "95% interval"]
     rows = []
-    for by in methods(runs).values():
+    for by in groups.values():
         for name, group in by.items():
             last = [r.evals[-1] for r in group if r.evals and metric in r.evals[-1]]
             if not last:
@@ -202,16 +208,16 @@ def _metric_label(metric: str) -> str:
     return "held-out reward" if metric == "eval/reward" else f"held-out {metric.removeprefix('eval/')}"
 
 
-def plots(runs: list[Run], out: Path, metric: str = "eval/reward", rng=None) -> dict[str, Path]:
+def plots(runs: list[Run], out: Path, metric: str = "eval/reward", found: list | None = None,
+          groups: dict[str, dict[str, list[Run]]] | None = None) -> dict[str, Path]:
+    """The figures. `groups`: the runs by method and setting (`methods`); `found`: the methods'
+    frontiers over seeds (`frontiers`), when some setting has seeds."""
     import matplotlib
-    import numpy as np
-
-    from rlhf.core import frontier as fr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rng = rng if rng is not None else np.random.default_rng(0)
+    groups = groups if groups is not None else methods(runs)
     fields = differing_fields(runs)
     files = {}
     several = len({r.optimizer for r in runs}) > 1
@@ -231,21 +237,20 @@ def plots(runs: list[Run], out: Path, metric: str = "eval/reward", rng=None) -> 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if seeded(runs):
-        for i, f in enumerate(frontiers(runs, metric, rng)):
+    if found is not None:
+        for i, f in enumerate(found):
             color = f"C{i}"
             ax.plot(f.grid, f.mean, color=color, label=f"{f.method} ({f.seeds}+ seeds)")
             ax.fill_between(f.grid, f.low, f.high, color=color, alpha=0.2, lw=0)
-        for i, (m, by) in enumerate(sorted(methods(runs).items())):
-            for group in by.values():  # each setting's seed-mean points
-                one = fr.setting("", [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
-                                      for r in group if any(metric in e for e in r.evals)])
+        for i, (m, by) in enumerate(sorted(groups.items())):
+            for name, group in by.items():  # each setting's seed-mean points
+                one = _setting(name, group, metric)
                 if one.seeds and one.steps:
                     ax.scatter(*one.points(), s=12, alpha=0.5, color=f"C{i}")
         title = "Reward-KL frontier: seed means, 95% bootstrap band"
     else:
         by_method: dict[str, list[tuple[float, float]]] = {}
-        for m, by in methods(runs).items():
+        for m, by in groups.items():
             by_method[m] = [(e["eval/kl"], e[metric]) for g in by.values() for r in g for e in r.evals if metric in e]
         for i, (name, points) in enumerate(sorted((k, v) for k, v in by_method.items() if v)):
             color = f"C{i}"
@@ -331,14 +336,11 @@ def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | 
     return path
 
 
-def seeds_text(runs: list[Run], metric: str, rng) -> tuple | None:
-    """With seeds: the per-setting table, the frontiers at round KLs and the statements; None without."""
-    if not seeded(runs):
-        return None
+def seeds_text(groups: dict[str, dict[str, list[Run]]], found: list, metric: str, rng) -> tuple:
+    """The per-setting table, the frontiers at round KLs and the statements."""
     from rlhf.core.frontier import at_kls, statements
 
-    found = frontiers(runs, metric, rng)
-    return (seed_table(runs, metric, rng), at_kls(found),
+    return (seed_table(groups, metric, rng), at_kls(found),
             statements(found) or ["only one method: nothing to compare"])
 
 
@@ -446,14 +448,17 @@ def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/rewa
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs, root)
     print(f"{len(runs)} runs\n{text_table(header, rows)}")
-    seeds = seeds_text(runs, metric, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    groups = methods(runs)
+    found = frontiers(groups, metric, rng) if seeded(groups) else None  # the bootstrap, once: tables and plot
+    seeds = seeds_text(groups, found, metric, rng) if found is not None else None
     if seeds is not None:
         (h, r), (fh, fr_), lines = seeds
         print(f"\nover seeds ({metric}, mean and 95% bootstrap interval)\n{text_table(h, r)}")
         if fr_:
             print(f"\nfrontiers: the best seed-mean {metric} at KL <= x [95% band]\n{text_table(fh, fr_)}")
         print("\n" + "\n".join(lines))
-    path = report(runs, root, out, plots(runs, out, metric, np.random.default_rng(0)), seeds)
+    path = report(runs, root, out, plots(runs, out, metric, found, groups), seeds)
     print(f"report: {path}")
     return path
 

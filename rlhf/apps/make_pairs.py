@@ -76,9 +76,6 @@ class PairMaker:
         self.meta, self.samples, self.margin, self.batch_size, self.seed = meta, samples, margin, batch_size, seed
         self.per_prompt = samples * (samples - 1) // 2
 
-    def written(self) -> set[tuple[int, int]]:
-        return {(r["index"], r.get("pair", 0)) for r in self.file.records}
-
     def block(self, first: int) -> list[dict]:
         """The records of prompts first.. first + batch_size: the same whenever they are made."""
         import torch

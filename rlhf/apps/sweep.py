@@ -57,7 +57,7 @@ class Prepare(Callback):
         root.mkdir(parents=True, exist_ok=True)
         given = forwarded(list(config.hydra.overrides.task))
         for name, (command, *overrides) in self.commands.items():
-            overrides = [o.replace("{sweep_dir}", str(root)) for o in overrides] + given
+            overrides = [in_sweep(o, root) for o in overrides] + given
             log = root / f"{name}.log"
             print(f"before the jobs: {command} {' '.join(overrides)}  (log: {log})", flush=True)
             t0 = time.time()
@@ -95,32 +95,39 @@ def forwarded(overrides: list[str]) -> list[str]:
     return out
 
 
-def grid_jobs(grids: dict, common: list, parse, product, has=lambda grid, key: True) -> tuple[list, dict]:
+def bare_key(override) -> str:
+    """A parsed override's key without its +, ++ or ~ prefix."""
+    return override.get_key_element().lstrip("+~")
+
+
+def in_sweep(value, root) -> str:
+    """`value` with `{sweep_dir}` replaced by the sweep's directory."""
+    return str(value).replace("{sweep_dir}", str(root))
+
+
+def grid_jobs(grids: dict, common: list, product, has=lambda grid, key: True) -> tuple[list, dict]:
     """The jobs of a union of grids, and the common keys each grid left out.
 
-    Each grid's own overrides (key: value or comma-separated sweep) go with the common ones
-    (the sweeper's params and the command line's arguments, already parsed). A common key a
-    grid sets replaces that grid's value; one it does not set is added when the grid's config
-    has that field (`has(grid, key)`: `train.steps` reaches every grid, `optimizer.beta` no grid
+    Each grid's own overrides (key: value or comma-separated sweep, parsed) go with the common
+    ones (the sweeper's params and the command line's arguments, parsed). A common key a grid
+    sets replaces that grid's value; one it does not set is added when the grid's config has
+    that field (`has(grid, key)`: `train.steps` reaches every grid, `optimizer.beta` no grid
     whose optimizer has no beta; `++key` likewise) or when the override adds or deletes a key
-    explicitly (`+key`, `~key`: every grid).
-    `product` makes one grid's job list."""
-    bare = lambda o: o.get_key_element().lstrip("+~")  # noqa: E731
+    explicitly (`+key`, `~key`: every grid). `product` makes one grid's job list."""
     jobs, left_out = [], {}
-    for name, grid in grids.items():
-        own = parse([f"{k}={v}" for k, v in (grid or {}).items()])
-        keys = {bare(o) for o in own}
-        replaced = {bare(o): o for o in common if bare(o) in keys}
+    for name, own in grids.items():
+        keys = {bare_key(o) for o in own}
+        replaced = {bare_key(o): o for o in common if bare_key(o) in keys}
         added = []
         for o in common:
-            if bare(o) in keys:
+            if bare_key(o) in keys:
                 continue
             explicit = o.get_key_element().startswith(("~", "+")) and not o.get_key_element().startswith("++")
-            if explicit or has(name, bare(o)):
+            if explicit or has(name, bare_key(o)):
                 added.append(o)
             else:
-                left_out.setdefault(name, []).append(bare(o))
-        jobs += product([replaced.get(bare(o), o) for o in own] + added)
+                left_out.setdefault(name, []).append(bare_key(o))
+        jobs += product([replaced.get(bare_key(o), o) for o in own] + added)
     return jobs, left_out
 
 

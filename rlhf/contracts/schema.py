@@ -149,14 +149,20 @@ class LabelSettings:
 
 
 @dataclass
-class LabelRunConfig:
-    """rlhf-label (`conf/label.yaml`)."""
+class SamplingRunConfig:
+    """What the commands that sample a policy's responses share (rlhf-label, rlhf-make-pairs)."""
 
     device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampler: Any = MISSING
+
+
+@dataclass
+class LabelRunConfig(SamplingRunConfig):
+    """rlhf-label (`conf/label.yaml`)."""
+
     reward: Any = None  # optional: a reward source whose agreement with the person is shown
     label: LabelSettings = field(default_factory=LabelSettings)
 
@@ -171,14 +177,9 @@ class MakePairsSettings:
 
 
 @dataclass
-class MakePairsRunConfig:
+class MakePairsRunConfig(SamplingRunConfig):
     """rlhf-make-pairs (`conf/make_pairs.yaml`)."""
 
-    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampler: Any = MISSING
     reward: Any = MISSING
     pairs: MakePairsSettings = field(default_factory=MakePairsSettings)
 

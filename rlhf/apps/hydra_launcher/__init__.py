@@ -32,21 +32,21 @@ class GridsSweeper(Sweeper):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         self.basic = BasicSweeper(max_batch_size, params)
-        self._configs: dict = {}  # each grid's first job's config, composed once (_has)
-        self.params = dict(params or {})
         self.grids = {name: dict(grid or {}) for name, grid in (grids or {}).items()}
+        self._configs: dict = {}  # each grid's first job's config, composed once (_has)
 
     def setup(self, *, hydra_context, task_function, config) -> None:
+        from rlhf.apps.sweep import in_sweep
+
         self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.config, self.hydra_context = config, hydra_context
-        self.basic._parse_config = lambda: [f"{k}={self._here(v)}" for k, v in self.params.items()]
+        self.hydra_context, root = hydra_context, config.hydra.sweep.dir
+        parse = OverridesParser.create(config_loader=hydra_context.config_loader).parse_overrides
+        self.own = {name: parse([f"{k}={in_sweep(v, root)}" for k, v in grid.items()]) for name, grid in self.grids.items()}
+        self.basic._parse_config = lambda: [f"{k}={in_sweep(v, root)}" for k, v in self.basic.params.items()]
         self.basic.split_arguments = self.split_arguments
 
     def sweep(self, arguments):
         return self.basic.sweep(arguments)
-
-    def _here(self, value) -> str:
-        return str(value).replace("{sweep_dir}", str(self.config.hydra.sweep.dir))
 
     def split_arguments(self, overrides, max_batch_size):
         from rlhf.apps.sweep import grid_jobs
@@ -54,11 +54,9 @@ class GridsSweeper(Sweeper):
         basic = type(self.basic)
         if not self.grids:
             return basic.split_arguments(overrides, max_batch_size)
-        parse = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides
-        grids = {name: {k: self._here(v) for k, v in grid.items()} for name, grid in self.grids.items()}
         product = lambda o: basic.split_arguments(o, None)[0]  # noqa: E731
         self._common = list(overrides)
-        jobs, left_out = grid_jobs(grids, overrides, parse, product, self._has)
+        jobs, left_out = grid_jobs(self.own, overrides, product, self._has)
         for name, keys in left_out.items():
             log.info(f"grid {name}: {', '.join(keys)} left out (its config has no such field)")
         return list(basic.split_overrides_to_chunks(jobs, max_batch_size))
@@ -69,15 +67,15 @@ class GridsSweeper(Sweeper):
         once per grid. A grid that does not compose so is given every key (its jobs then say why)."""
         from omegaconf import OmegaConf
 
+        from rlhf.apps.sweep import bare_key
+
         if grid not in self._configs:
-            parse = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides
-            own = parse([f"{k}={self._here(v)}" for k, v in self.grids[grid].items()])
-            keys = {o.get_key_element().lstrip("+~") for o in own}
-            choosing = [o for o in self._common if "." not in o.get_key_element().lstrip("+~")
-                        and o.get_key_element().lstrip("+~") not in keys]
+            own = self.own[grid]
+            keys = {bare_key(o) for o in own}
+            choosing = [o for o in self._common if "." not in bare_key(o) and bare_key(o) not in keys]
             first = type(self.basic).split_arguments(own + choosing, None)[0][0]
             try:
-                self._configs[grid] = self.hydra_context.config_loader.load_sweep_config(self.config, first)
+                self._configs[grid] = self.hydra_context.config_loader.load_sweep_config(self.basic.config, first)
             except Exception:
                 self._configs[grid] = None
         cfg = self._configs[grid]
