@@ -10,14 +10,13 @@ and a self-contained `report.html` (images inlined) into the output directory.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.apps.report import fmt, report
 from rlhf.contracts import registry
 from rlhf.core import rundir
 
@@ -90,12 +89,8 @@ def table(runs: list[Run], root: Path) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         rel = str(r.path.relative_to(root)) if r.path.is_relative_to(root) else str(r.path)
         values = [r.config.get(k) for k in fields] + [r.summary.get(k) for k in (*FIGURES, *judges)]
-        rows.append([rel, r.optimizer, *(_fmt(v) for v in values)])
+        rows.append([rel, r.optimizer, *(fmt(v) for v in values)])
     return header, rows
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -106,7 +101,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _label(run: Run, fields: list[str]) -> str:
     """A legend label; `$` escaped, or matplotlib would read a config value as mathtext."""
-    text = ", ".join(f"{k.split('.')[-1]}={_fmt(run.config.get(k))}" for k in fields) or run.path.name
+    text = ", ".join(f"{k.split('.')[-1]}={fmt(run.config.get(k))}" for k in fields) or run.path.name
     return text.replace("$", r"\$")
 
 
@@ -137,10 +132,10 @@ def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
     rewards = varies(lambda r: r.plugin("reward"))
     out: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
-        rest = [f"{k.split('.')[-1]}={_fmt(r.config.get(k))}" for k, where in fields.items()
+        rest = [f"{k.split('.')[-1]}={fmt(r.config.get(k))}" for k, where in fields.items()
                 if r.optimizer in where and r.config.get(k, absent) is not absent]
         method = " ".join([r.optimizer, *([f"reward={r.plugin('reward')}"] if r.optimizer in rewards else []), *rest])
-        knob = " ".join(f"{k.split('.')[-1]}={_fmt(r.config[k])}" for k in knobs if k != "seed" and k in r.config)
+        knob = " ".join(f"{k.split('.')[-1]}={fmt(r.config[k])}" for k in knobs if k != "seed" and k in r.config)
         out.setdefault(method, {}).setdefault(f"{method} {knob}".strip(), []).append(r)
     for by in out.values():
         for name, group in by.items():
@@ -344,93 +339,6 @@ def seeds_text(groups: dict[str, dict[str, list[Run]]], found: list, metric: str
             statements(found) or ["only one method: nothing to compare"])
 
 
-def report(runs: list[Run], root: Path, out: Path, files: dict[str, Path], seeds=None) -> Path:
-    header, rows = table(runs, root)
-    cells = lambda tag, row: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
-    images = "".join(
-        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>"
-        for name, p in files.items()
-    )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>rlhf-compare: {html.escape(str(root))}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} th{{background:#eee}}
-figure{{display:inline-block;margin:1em}}</style></head>
-<body><h1>rlhf-compare</h1><p>{len(runs)} runs under <code>{html.escape(str(root))}</code></p>
-<table><thead><tr>{cells("th", header)}</tr></thead>
-<tbody>{"".join(f"<tr>{cells('td', r)}</tr>" for r in rows)}</tbody></table>
-{_seeds_html(seeds, cells)}{images}{diagnosis_section(runs, root)}{samples_section(runs, root)}
-{optimum_section(runs, root)}</body></html>
-"""
-    path = out / "report.html"
-    path.write_text(page)
-    return path
-
-
-def _seeds_html(seeds, cells) -> str:
-    if seeds is None:
-        return ""
-    tables, lines = seeds[:-1], seeds[-1]
-    return ("<h2>Over seeds</h2>" + "".join(
-        f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>"
-        + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</tbody></table><br>" for header, rows in tables if rows)
-        + "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
-
-
-def _name(run: Run, root: Path) -> str:
-    return html.escape(str(run.path.relative_to(root)) if run.path.is_relative_to(root) else str(run.path))
-
-
-def diagnosis_section(runs: list[Run], root: Path) -> str:
-    """Each run's findings (rlhf-diagnose's), or "no findings"."""
-    from rlhf.core import diagnosis
-
-    blocks = []
-    for run in runs:
-        try:
-            findings = diagnosis.diagnose(diagnosis.load(run.path)) if run.rows else []
-        except Exception as e:  # one run's odd record does not cost the report
-            findings = [diagnosis.Finding("diagnosis failed", f"{type(e).__name__}: {e}", ("rlhf-diagnose on the run",))]
-        items = "".join(f"<li><b>{html.escape(f.name)}</b>: {html.escape(f.evidence)}<br><i>try:</i> "
-                        f"{html.escape('; '.join(f.knobs))}" + (f"<br><i>sample:</i> <code>{html.escape(f.sample)}</code>"
-                                                                 if f.sample else "") + "</li>" for f in findings)
-        verdict = f"<ul>{items}</ul>" if findings else ("<p>no findings</p>" if run.rows else "<p>no metrics log</p>")
-        blocks.append(f'<div class="diagnosis"><h3>{_name(run, root)}</h3>{verdict}</div>')
-    return f"<h2>Diagnosis</h2>{''.join(blocks)}"
-
-
-def samples_section(runs: list[Run], root: Path, n: int = 4) -> str:
-    """The last evaluation's first samples of each run."""
-    blocks = []
-    for run in runs:
-        samples = rundir.read_samples(run.path)
-        if not samples:
-            continue
-        step, rows = max(samples.items())
-        rows = rows[:n]
-        items = "".join(f"<li><q>{html.escape(str(r.get('query', '')))}</q> &rarr; <q>{html.escape(str(r.get('response', '')))}"
-                        f"</q> (reward {_fmt(r.get('reward'))})</li>" for r in rows)
-        blocks.append(f"<details><summary>{_name(run, root)}: step {step}</summary><ul>{items}</ul></details>")
-    return f"<h2>Samples at the last evaluation</h2>{''.join(blocks)}" if blocks else ""
-
-
-def optimum_section(runs: list[Run], root: Path) -> str:
-    """Runs with eval.kl_to_optimum: pi_ref, the trained pi and pi* side by side, one block each."""
-    from rlhf.core.optimum import format_table
-
-    blocks = []
-    for run in runs:
-        path = run.path / rundir.OPTIMUM
-        try:
-            text = format_table(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError):
-            continue  # no optimum (the usual case), or one that cannot be read: the table above still stands
-        name = html.escape(str(run.path.relative_to(root)) if run.path.is_relative_to(root) else str(run.path))
-        blocks.append(f"<details><summary>{name}</summary><pre>{html.escape(text)}</pre></details>")
-    return f"<h2>The trained policy beside pi_ref and the optimum pi*</h2>{''.join(blocks)}" if blocks else ""
-
-
 def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/reward") -> Path:
     """Print the table, write the plots and the report; return the report's path. `metric` is
     the frontier's reward axis (eval/reward, or a judge's eval/judge/<name>, the gold reward)."""
@@ -458,7 +366,7 @@ def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/rewa
         if fr_:
             print(f"\nfrontiers: the best seed-mean {metric} at KL <= x [95% band]\n{text_table(fh, fr_)}")
         print("\n" + "\n".join(lines))
-    path = report(runs, root, out, plots(runs, out, metric, found, groups), seeds)
+    path = report(root, out, runs, (header, rows), plots(runs, out, metric, found, groups), seeds)
     print(f"report: {path}")
     return path
 
