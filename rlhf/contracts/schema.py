@@ -98,6 +98,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1, mps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (also on CPU)
+    parallel: str = "ddp"  # several processes (torchrun): ddp (a whole copy per rank) or fsdp (weights, grads, Adam sharded)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -223,6 +224,8 @@ def validate(cfg: Any) -> None:
         ("policy.lora.dropout", cfg.policy.lora.dropout, 0 <= cfg.policy.lora.dropout < 1, "in [0, 1)"),
         ("precision", cfg.precision, cfg.precision in ("auto", "fp32", "bf16"),
          "auto, fp32 or bf16 (fp16 would need loss scaling)"),
+        ("parallel", cfg.parallel, cfg.parallel in ("ddp", "fsdp"),
+         "ddp (data-parallel, a whole copy per process) or fsdp (sharded over the processes)"),
         ("policy.reference", cfg.policy.reference, cfg.policy.reference in ("base", "start"), "base or start"),
         ("policy.dtype", cfg.policy.dtype, cfg.policy.dtype in ("float32", "bfloat16", "float16"),
          "float32, bfloat16 or float16"),

@@ -3,6 +3,8 @@ one that could be loaded half-written.
 
     <run>/checkpoints/step_000040/
         trainable.safetensors   adapters (or all weights) and the value head
+        shards/                 instead, under parallel=fsdp: the trained weights and the
+                                optimizer's state, each rank's shards (torch.distributed.checkpoint)
         state.pt                optimizer, scheduler, RNG states, data position, plugin state,
                                 counters: plain tensors and Python values, read back with
                                 torch.load(weights_only=True), which refuses anything else
@@ -24,16 +26,18 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from rlhf.core import distributed
 from rlhf.core.rundir import CHECKPOINTS as DIR
 from rlhf.core.rundir import fsync_dir
 
 MANIFEST = "checkpoint.json"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
+SHARDS = "shards"
 
 
 class DamagedCheckpoint(ValueError):
@@ -59,23 +63,38 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
+def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int,
+         shards: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones.
+    With `shards` (parallel=fsdp) every rank calls this: `shards(directory)` writes each rank's
+    part of the weights and optimizer state (a collective), rank 0 the rest and the manifest,
+    which lists every rank's files."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".partial-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+    main = distributed.is_main()
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if shards is not None:
+        distributed.barrier()  # the directory exists before any rank writes into it
+        shards(tmp / SHARDS)  # returns once every rank's files are written
+    if not main:
+        return final
+    if tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
-    files = {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE)}
-    sha256 = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
+    names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    files = {name: (tmp / name).stat().st_size for name in names}
+    sha256 = {name: _sha256(tmp / name) for name in names}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "sha256": sha256}, indent=2) + "\n")
-    for name in (WEIGHTS, STATE, MANIFEST):
+    for name in (*names, MANIFEST):
         _fsync(tmp / name)
+    if shards is not None:
+        fsync_dir(tmp / SHARDS)
     if final.exists():  # the same step again, after a resume from an earlier checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -107,7 +126,8 @@ def complete(run_dir: Path) -> list[Path]:
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(trainable tensors, state) of a checkpoint. Its files must have the contents its
+    """(trainable tensors, state) of a checkpoint; the tensors are {} for a sharded one (its
+    weights load with rlhf.core.sharding.load). Its files must have the contents its
     manifest lists (DamagedCheckpoint otherwise, naming the file). Only tensors and plain
     values are read: a pickle that would run code is refused by torch's weights-only loader."""
     from safetensors.torch import load_file
@@ -125,7 +145,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise DamagedCheckpoint(f"{path / name} does not have the contents {MANIFEST} lists (SHA-256 differs): "
                                     "it was damaged after it was written")
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        tensors = load_file(str(path / WEIGHTS)) if (path / WEIGHTS).is_file() else {}  # {}: sharded
     except Exception as e:  # safetensors' "header too large" and the like name no file
         raise DamagedCheckpoint(f"{path / WEIGHTS} cannot be read as safetensors ({e})") from e
     try:
@@ -137,6 +157,11 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             "was the file replaced?"
         ) from e
     return tensors, state
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint keeps its weights as DCP shards (written under parallel=fsdp)."""
+    return (Path(path) / SHARDS).is_dir()
 
 
 def seed_all(seed: int) -> None:

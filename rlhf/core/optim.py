@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.core import sharding
+
 
 def adam(params: list, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     """Adam over `params`, fused into one kernel where torch has one for their device (CPU and
@@ -18,4 +20,4 @@ def gradient_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, 
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     opt.step()
-    return grad_norm
+    return sharding.replicated(grad_norm)  # sharded weights: the norm of the whole gradient, held by every rank

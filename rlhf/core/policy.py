@@ -50,7 +50,9 @@ class Policy:
         self._chunked: bool | None = None  # log-probs through the chunked vocabulary projection
         self._chunk_checked = False  # the chunked path compared with the model's own logits once
         self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
-        self._local: _Trunk | None = None
+        self._local: _Trunk | None = None  # the trainable forward; sharded in place under parallel=fsdp
+        self._ref_root: _Trunk | None = None  # the frozen reference copy's, sharded, under parallel=fsdp
+        self._sharded = False
         self.trunk = ""  # what the adapters sit on, as a policy.path value (recorded with them)
         self.started_from: TrainedParts | None = None  # the trained run this policy goes on from
         if ref_model is not None:
@@ -164,7 +166,7 @@ class Policy:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trained tensor by name (adapters, or all weights, and the value head),
-        sharing storage with the parameters."""
+        sharing storage with the parameters (sharded: DTensors, each rank holding its part)."""
         out = {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
         if self.value_head is not None:
             out.update({f"value_head.{n}": p.detach() for n, p in self.value_head.named_parameters()})
@@ -174,6 +176,9 @@ class Policy:
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a checkpoint's tensors in, after checking that every one has this policy's
         name, shape and dtype (CheckpointMismatch names the first that do not)."""
+        if self.sharded:
+            raise CheckpointMismatch("this checkpoint holds whole tensors (written by one process or parallel=ddp), "
+                                     "and this run is sharded (parallel=fsdp): resume it with parallel=ddp, its layout")
         current = self.trainable_state()
         if set(tensors) != set(current):
             missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
@@ -197,9 +202,7 @@ class Policy:
 
         input_ids: (B, Q + T) -> logits (B, T, V), values (B, T) or None
         """
-        trunk = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self._local_trunk()
-        logits, values = trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits)
-        return logits, values
+        return self._trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits)
 
     def token_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, temperature: float = 1.0,
@@ -222,9 +225,21 @@ class Policy:
             self._check_chunked(input_ids[:1], attention_mask[:1], query_len)
             if not self.chunked:
                 return self.token_logprobs(input_ids, attention_mask, query_len, temperature, with_values, with_entropy)
-        trunk = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self._local_trunk()
-        return trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits,
-                     stats=(temperature, with_entropy))
+        return self._trunk(input_ids, attention_mask, query_len, with_values, self.keeps_logits,
+                           stats=(temperature, with_entropy))
+
+    def _trunk(self, *args, **kwargs):
+        """The trainable forward: through DDP when training data-parallel. Sharded and without
+        autograd, the root's weights are freed after it (FSDP2 keeps a root's weights gathered
+        from its forward to its backward, and without autograd there is none)."""
+        if self._ddp is not None and torch.is_grad_enabled():
+            return self._ddp(*args, **kwargs)
+        if self.sharded and not torch.is_grad_enabled():
+            from rlhf.core import sharding
+
+            with sharding.gathered(self._local):
+                return self._local(*args, **kwargs)
+        return self._local_trunk()(*args, **kwargs)
 
     @torch.no_grad()
     def _check_chunked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> None:
@@ -234,8 +249,7 @@ class Policy:
         self._chunk_checked = True
         logits, _ = self.forward(input_ids, attention_mask, query_len, with_values=False)
         full = numerics.logprobs_of(logits, input_ids[:, query_len:])
-        chunked = self._local_trunk()(input_ids, attention_mask, query_len, False, self.keeps_logits,
-                                      stats=(1.0, False))[0]
+        chunked = self._trunk(input_ids, attention_mask, query_len, False, self.keeps_logits, stats=(1.0, False))[0]
         if not torch.allclose(full, chunked, atol=1e-3, rtol=1e-3):
             self._chunked = False
             warnings.warn(f"{type(self.model).__name__}: the chunked log-probs differ from the model's own logits "
@@ -272,6 +286,60 @@ class Policy:
         if self._local is None or self._local.value_head is not self.value_head:
             self._local = _Trunk(self.model, self.value_head)
         return self._local
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are sharded over the ranks (parallel=fsdp)."""
+        return self._sharded
+
+    def enable_sharding(self, param_dtype: torch.dtype | None = None) -> None:
+        """Shard the weights, gradients and optimizer state over the ranks with FSDP2 (see
+        rlhf.core.sharding): the trainable forward (and the frozen reference copy, without
+        LoRA) block by block. Call after the value head is attached, before the optimizer is
+        built (it must hold the sharded parameters)."""
+        from rlhf.core import sharding
+
+        self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, param_dtype)
+        self._local.returns_copies = True
+        self._sharded = True
+        if self._ref_model is not None:
+            self._ref_root = sharding.shard(_Trunk(self._ref_model, None), self._ref_model, param_dtype)
+            self._ref_root.returns_copies = True
+        # one pass through each root first: FSDP2 learns which unit is the root on the first
+        # forward it sees, and sampling (which starts a run) calls the blocks directly
+        # (then every unit back to its shards: the parameters the optimizer is built on)
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            for root in (self._local, self._ref_root):
+                if root is not None:
+                    root(ids, torch.ones_like(ids), 1, False, self.keeps_logits)
+                    sharding.resharded(root)
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Around a sampling loop that calls the model directly: sharded, every weight gathered
+        for its length (see rlhf.core.sharding.gathered)."""
+        if not self.sharded:
+            yield
+            return
+        from rlhf.core import sharding
+
+        with sharding.gathered(self._local, everything=True):
+            yield
+
+    def trainable_root(self) -> nn.Module:
+        """The module that holds every trained weight (the model and the value head, with
+        their names in checkpoints): what FSDP shards and DCP saves."""
+        return self._local_trunk()
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Sharded: every trained weight (adapters, or all weights, and the value head), whole,
+        on rank 0 (empty on the others; every rank must call it). None when not sharded."""
+        if not self.sharded:
+            return None
+        from rlhf.core import sharding
+
+        return sharding.full_state(self._local)
 
     def enable_data_parallel(self) -> None:
         """Route training forwards through DistributedDataParallel, which averages the
@@ -320,24 +388,39 @@ class Policy:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:
-        """The reference model: adapters disabled on the same weights, or the frozen copy."""
+        """The reference model: adapters disabled on the same weights, or the frozen copy
+        (sharded: its root unit's weights gathered while it is in use)."""
+        gather = contextlib.nullcontext()
+        if self.sharded:
+            from rlhf.core import sharding
+
+            gather = sharding.gathered(self._ref_root if self._ref_model is not None else self._local)
         if self._ref_model is not None:
-            yield self._ref_model
+            with gather:
+                yield self._ref_model
         else:
-            with self.model.disable_adapter():
+            with gather, self.model.disable_adapter():
                 yield self.model
 
     # ---------------------------------------------------------------- saving
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, whole: dict[str, torch.Tensor] | None = None) -> None:
         """Adapters (or full weights) and value head as safetensors, plus the tokenizer. The
         adapters name what they sit on as a policy.path value ("embedded", a hub name, a run),
-        not as this machine's cache path, so a run moves to another machine."""
+        not as this machine's cache path, so a run moves to another machine. Sharded: from
+        `whole`, what full_state() gathered."""
         import json
 
         from safetensors.torch import save_file
 
-        self.model.save_pretrained(directory, safe_serialization=True)
+        model_state = head_state = None
+        if whole is not None:  # a tied weight once, under the name the model's own state_dict keeps
+            names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+            model_state = {k.removeprefix("model."): v for k, v in whole.items() if k.removeprefix("model.") in names}
+            head_state = {k.removeprefix("value_head."): v for k, v in whole.items() if k.startswith("value_head.")}
+        elif self.value_head is not None:
+            head_state = self.value_head.state_dict()
+        self.model.save_pretrained(directory, safe_serialization=True, state_dict=model_state)
         self.tokenizer.save_pretrained(directory)
         adapter_config = Path(directory) / "adapter_config.json"
         if self.lora and adapter_config.is_file() and self.trunk:
@@ -346,9 +429,8 @@ class Policy:
             adapter_config.write_text(json.dumps(record, indent=2) + "\n")
         elif not self.lora and self.trunk:  # full weights: the base they started from, for policy.reference=base
             (Path(directory) / BASE_RECORD).write_text(json.dumps({"base": portable_name(self.trunk)}) + "\n")
-        if self.value_head is not None:
-            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-                      f"{directory}/value_head.safetensors")
+        if head_state:
+            save_file({k: v.contiguous() for k, v in head_state.items()}, f"{directory}/value_head.safetensors")
 
 
 BASE_RECORD = "rlhf_base.json"  # final/ of a full fine-tuning run: the policy.path it started from
@@ -537,6 +619,15 @@ class _Trunk(nn.Module):
                 stats: tuple[float, bool] | None = None):
         """(logits (B, T, V), values); with `stats=(temperature, with_entropy)`, (log-probs,
         values, entropy) of the response tokens through the chunked projection instead."""
+        out = self._forward(input_ids, attention_mask, query_len, with_values, keeps_logits, stats)
+        if self.returns_copies:  # FSDP2 hooks its backward gather on the outputs, which an in-place op on a view would lose
+            out = tuple(None if x is None else x.clone() for x in out)
+        return out
+
+    returns_copies = False  # set on the sharded trunk
+
+    def _forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool,
+                 stats: tuple[float, bool] | None):
         if stats is not None:
             return self._token_stats(input_ids, attention_mask, query_len, with_values, *stats)
         keep = {"logits_to_keep": input_ids.shape[1] - query_len + 1} if keeps_logits else {}

@@ -93,17 +93,18 @@ def generate(
     offset, total = rows or (0, len(queries))
     seed = int(torch.randint(2**62, (1,)))  # the one draw from torch's generator, whatever the length
     try:
-        if sampling_loop_handles(gen_kwargs):
-            g = torch.Generator(ids.device).manual_seed(seed)
-            out, logprobs, values = _sampling_loop(policy, ids, qmask, gen_kwargs,
-                                                   temperature or gen_kwargs.get("temperature", 1.0),
-                                                   with_values and policy.value_head is not None, g, offset, total)
-        else:  # transformers draws from torch's generator: seeded per batch (and per rank's share)
-            with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
-                torch.manual_seed(seed + offset)
-                out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
-                                            eos_token_id=policy.eos_ids or None, **gen_kwargs)
-            logprobs = values = None
+        with policy.sampling():  # sharded: the whole model gathered for the loop
+            if sampling_loop_handles(gen_kwargs):
+                g = torch.Generator(ids.device).manual_seed(seed)
+                out, logprobs, values = _sampling_loop(policy, ids, qmask, gen_kwargs,
+                                                       temperature or gen_kwargs.get("temperature", 1.0),
+                                                       with_values and policy.value_head is not None, g, offset, total)
+            else:  # transformers draws from torch's generator: seeded per batch (and per rank's share)
+                with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+                    torch.manual_seed(seed + offset)
+                    out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
+                                                eos_token_id=policy.eos_ids or None, **gen_kwargs)
+                logprobs = values = None
     finally:
         policy.model.train(was_training)
     q = ids.shape[1]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf.contracts import registry
 from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo, SampleLogger
 from rlhf.contracts.schema import validate
-from rlhf.core import checkpoint, diagnosis, distributed, rundir, sources
+from rlhf.core import checkpoint, diagnosis, distributed, rundir, sharding, sources
 from rlhf.core.data import check_whole_prompts, load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.evaluation import evaluate, pass_at_k, save_samples
 from rlhf.core.policy import CheckpointMismatch, Policy
@@ -107,8 +107,13 @@ class Trainer:
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
         self.autocast_dtype = distributed.pick_precision(cfg.precision, self.policy.device)
-        if distributed.active():
+        if distributed.active() and cfg.parallel == "fsdp":  # weights gathered in bf16 where autocast computes in it
+            self.policy.enable_sharding(self.autocast_dtype if self.policy.device.type == "cuda" else None)
+        elif distributed.active():
             self.policy.enable_data_parallel()
+        elif cfg.parallel == "fsdp":
+            warnings.warn("parallel=fsdp: this is one process, so there is nothing to shard over; it trains as one "
+                          "process. Start several with torchrun --nproc_per_node=N -m rlhf.apps.train ...", stacklevel=1)
         self.torch_optimizer = self.optimizer.setup(self.policy, self.sampler.temperature)
         self.scheduler = None
         if cfg.train.lr_schedule == "linear":
@@ -163,7 +168,8 @@ class Trainer:
             self.policy, self.reward, self.eval_queries, self.sampler.generation_kwargs(),
             self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
         )
-        save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
+        if distributed.is_main():  # (sharded, every rank evaluates: each pass is collective)
+            save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
         self.last_samples = rows[: self.cfg.eval.samples]
         e = self.cfg.eval
         if e.pass_at_k:
@@ -185,7 +191,7 @@ class Trainer:
         """Everything but the trained tensors that step `step + 1` depends on."""
         return {
             "step": step,
-            "optimizer": self.torch_optimizer.state_dict(),
+            "optimizer": None if self.policy.sharded else self.torch_optimizer.state_dict(),  # sharded: in shards/
             "plugin": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "source": self.source.state_dict(),
@@ -207,7 +213,10 @@ class Trainer:
                 warnings.warn(f"{e}; trying the checkpoint before it", stacklevel=2)
                 continue
             try:
-                self.policy.load_trainable_state(tensors)
+                if checkpoint.is_sharded(path):
+                    self._load_shards(path / checkpoint.SHARDS)
+                else:
+                    self.policy.load_trainable_state(tensors)
             except CheckpointMismatch as e:
                 raise CheckpointMismatch(f"{e}{self._recorded_differences()}") from None
             self._restore_state(state)
@@ -216,6 +225,16 @@ class Trainer:
             return path, state
         raise checkpoint.DamagedCheckpoint(f"no checkpoint of {self.run_dir} could be loaded (see the warnings above); "
                                            "start a new run")
+
+    def _load_shards(self, directory: Path) -> None:
+        """A sharded checkpoint's weights and optimizer state, onto this run's layout (any
+        number of processes, sharded or not: DCP reshards on load)."""
+        try:
+            sharding.load(self.policy.trainable_root(), self.torch_optimizer, directory)
+        except Exception as e:  # DCP's errors name keys, not the cause
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatch(f"checkpoint {directory.parent} does not fit this policy ({first[:300]}) (was it "
+                                     "written with other policy.lora settings or another optimizer?)") from e
 
     def _recorded_differences(self) -> str:
         """'' or the policy and optimizer settings in which this run differs from the run's record."""
@@ -232,7 +251,8 @@ class Trainer:
                 "(drop those overrides), or start a new run")
 
     def _restore_state(self, state: dict[str, Any]) -> None:
-        self.torch_optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: it came with the shards
+            self.torch_optimizer.load_state_dict(state["optimizer"])
         self.optimizer.load_state_dict(state["plugin"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -241,8 +261,10 @@ class Trainer:
         self.kl_watch.streak = state["negative_kl_steps"]
 
     def _checkpoint(self, step: int, recorder: RunRecorder | None, first: dict, last: dict) -> None:
-        tensors = self.policy.trainable_state()
-        bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        tensors, sharded = self.policy.trainable_state(), self.policy.sharded
+        bad = [name for name, t in tensors.items() if not torch.isfinite(sharding.local(t)).all()]
+        if sharded:  # each rank sees its own shards: all must stop together
+            bad = sorted({name for part in distributed.gather_objects(bad) for name in part})
         if bad:  # never write weights a NaN has reached
             raise NonFiniteError(f"step {step}: non-finite values in {bad[:3]}; no checkpoint written")
         metrics_offset = 0
@@ -250,7 +272,11 @@ class Trainer:
             recorder.sync()
             metrics_offset = recorder.offset
         state = self.state_dict(step, metrics_offset, first, last)  # on every rank: it gathers their data state
-        if distributed.is_main():
+        if sharded:  # every rank writes its shards
+            root = self.policy.trainable_root()
+            checkpoint.save(self.run_dir, step, {}, state, self.cfg.checkpoint.keep,
+                            shards=lambda d: sharding.save(root, self.torch_optimizer, d))
+        elif distributed.is_main():
             checkpoint.save(self.run_dir, step, tensors, state, self.cfg.checkpoint.keep)
         distributed.barrier()  # no rank runs ahead of a checkpoint it may be resumed from
 
@@ -261,13 +287,16 @@ class Trainer:
         """Train, evaluate and log; with `resume` (a checkpoint directory, or a run's complete
         checkpoints oldest first), continue from it. `started` is called once the run is set
         up (after its checkpoint has loaded): the command records the run's config then.
-        Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints.
+        Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints
+        (sharded, every rank evaluates and writes its shards: passes through the model are
+        collective).
         With `preemption` (submitit's preemption, or Ctrl-C and SIGTERM), the signal ends the
         run at the end of the step it arrives in, with a checkpoint; submitit requeues it, an
         interrupted run says how to resume it."""
         from tqdm import tqdm
 
         cfg, main = self.cfg, distributed.is_main()
+        evaluates = main or self.policy.sharded
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start, first, last = 0, None, None
         if resume is not None:
@@ -306,8 +335,9 @@ class Trainer:
                 except Exception:
                     print(f"step {step}: {finding.text()}", file=sys.stderr)
 
-        if resume is None and main:
+        if resume is None and evaluates:
             first = last = self.evaluate(0)
+        if resume is None and main:
             emit(first, 0)
             emit_samples(0)
         every = cfg.checkpoint.every
@@ -330,8 +360,9 @@ class Trainer:
                 self.kl_watch.update(metrics.get("train/kl"))
             shown = [k for k in metrics if k in ("train/reward", "train/kl")] + [k for k in metrics if k.startswith("loss/")][:1]
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown}, refresh=False)
-            if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            if evaluates and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 last = self.evaluate(step)
+            if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 emit(last, step)
                 emit_samples(step)
                 diagnose(step)
@@ -345,13 +376,14 @@ class Trainer:
                 preemption.hand_over()
         bar.close()
 
-        # data-parallel: the ranks' parameters must not have drifted apart
-        divergence = distributed.max_param_difference(self.policy.trainable_state())
+        # data-parallel: the ranks' parameters must not have drifted apart (sharded, there is one copy)
+        divergence = None if self.policy.sharded else distributed.max_param_difference(self.policy.trainable_state())
+        whole = self.policy.full_state() if cfg.train.save_final else None  # sharded: gathered by every rank
         if not main:
             return {"steps": cfg.train.steps, "rank": distributed.rank()}
         if cfg.train.save_final:
             with rundir.atomic_dir(self.run_dir / rundir.FINAL) as final:  # the whole of it, or the old one
-                self.policy.save(str(final))
+                self.policy.save(str(final), whole)
         judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"]
                   for name in self.judges for when, m in (("start", first), ("end", last))}
         summary = {
@@ -368,8 +400,8 @@ class Trainer:
                for when, m in (("start", first), ("end", last))},
             "steps": cfg.train.steps,
             **({"resumed_from_step": start} if resume is not None else {}),
-            **({"data_parallel_ranks": distributed.world(), "max_param_diff_across_ranks": divergence}
-               if distributed.active() else {}),
+            **({"data_parallel_ranks": distributed.world(), "parallel": cfg.parallel} if distributed.active() else {}),
+            **({"max_param_diff_across_ranks": divergence} if divergence is not None and distributed.active() else {}),
             "device": str(self.policy.device),
             "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),

@@ -82,8 +82,12 @@ class OfflinePairs:
         )
         B = len(idx)
         missing = [j for j, i in enumerate(idx) if i not in self.ref_cache]
-        if missing:  # only the pairs never seen before go through the reference
-            rows = torch.tensor(missing + [j + B for j in missing], device=ids.device)
+        run = bool(missing)  # only the pairs never seen before go through the reference
+        if self.policy.sharded:  # every pass is collective: when any rank needs one, all make it
+            run = distributed.any_rank(run, ids.device)
+        if run:
+            todo = missing or [0]  # (a rank with nothing to compute passes its first pair, and drops it)
+            rows = torch.tensor(todo + [j + B for j in todo], device=ids.device)
             ref = reference_logps(self.policy, ids[rows], attn[rows], q, mask[rows].float()).tolist()
             for k, j in enumerate(missing):
                 self.ref_cache[idx[j]] = (ref[k], ref[k + len(missing)])
