@@ -30,6 +30,17 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def metric_rows(rows: list[dict], keys: tuple[str, ...]) -> list[tuple]:
+    return [(r["step"], *(r[k] for k in keys)) for r in rows if keys[0] in r]
+
+
+def assert_metrics_close(one: list[dict], two: list[dict], keys: tuple[str, ...], tol: float) -> None:
+    a, b = metric_rows(one, keys), metric_rows(two, keys)
+    assert [r[0] for r in a] == [r[0] for r in b] and a
+    worst = max(abs(x - y) / max(1.0, abs(x)) for ra, rb in zip(a, b) for x, y in zip(ra[1:], rb[1:]))
+    assert worst <= tol, (keys, worst)  # relative to the value where it is above 1 (a KL of 8 nats)
+
+
 def test_torchrun_is_installed_with_torch():
     assert (BIN / "torchrun").exists()
 
@@ -66,21 +77,42 @@ def test_two_ranks_resumed_equal_one_process_with_the_same_global_batch(tmp_path
 
 
 @pytest.mark.slow
-def test_two_ranks_of_dpo_equal_one_process(tmp_path, embedded_dir):
-    args = ["optimizer=dpo", "data.n_train=32", "train.steps=3", *SMALL]
-    for d in ("one", "two"):
+def test_two_ranks_of_dpo_equal_one_process_data_parallel_and_sharded(tmp_path, embedded_dir):
+    """DPO on LoRA adapters, 2 ranks x 4 pairs against one process of 8: data-parallel, and
+    sharded (parallel=fsdp: frozen base and trained adapters sharded in the same units, the
+    reference the base with the adapters off, gathered collectively). The sharded job's
+    checkpoint then resumes on one process and ends where the one-process run did."""
+    import shutil
+
+    args = ["optimizer=dpo", "data.n_train=32", "train.steps=3", "checkpoint.every=2", *SMALL]
+    for d in ("one", "two", "sharded"):
         (tmp_path / d).mkdir()
     assert cli("rlhf-train", *args, cwd=tmp_path / "one").returncode == 0
     r = torchrun(*args, cwd=tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
-    (one, _, _), (two, summary, _) = result(tmp_path / "one"), result(tmp_path / "two")
-    assert summary["max_param_diff_across_ranks"] == 0.0
+    (one, _, rows_one), (two, summary, _) = result(tmp_path / "one"), result(tmp_path / "two")
+    assert summary["max_param_diff_across_ranks"] == 0.0 and summary["parallel"] == "ddp"
     # Samples, rewards and losses agree (below); the weights to float noise that Adam amplifies:
     # it divides each gradient entry by its own running scale, so an entry whose gradient is
     # near zero (a LoRA A matrix while B is still near its zero init) moves by a noise-driven
     # step. Measured with transformers 5.24.0: 2.6e-5 (most tensors 1e-8); 2e-6 when this
     # test was written, with an older transformers. The largest weight is 0.09.
     assert max_diff(one, two) < 1e-4, max_diff(one, two)
+
+    r = torchrun(*args, "parallel=fsdp", cwd=tmp_path / "sharded")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded, summary, rows_sharded = result(tmp_path / "sharded")
+    assert summary["parallel"] == "fsdp" and summary["max_eval_diff_across_ranks"] == 0.0
+    assert_metrics_close(rows_one, rows_sharded, ("loss/dpo",), 1e-5)
+    assert max_diff(one, sharded) < 1e-5, max_diff(one, sharded)  # measured 4.4e-7
+
+    # the sharded checkpoint of step 2, resumed by one process (DCP reshards on load)
+    run = next((tmp_path / "sharded" / "outputs").rglob("summary.json")).parent
+    shutil.rmtree(run / "final"), shutil.rmtree(run / "checkpoints" / "step_000003"), (run / "summary.json").unlink()
+    r = cli("rlhf-train", f"resume={run}", "parallel=ddp", cwd=tmp_path / "sharded")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "from step_000002" in r.stdout
+    assert max_diff(one, final_tensors(run)) < 1e-5
 
 
 @pytest.mark.slow

@@ -221,9 +221,10 @@ def save_error(run_dir: Path, text: str) -> None:
 
 
 # Settings a resumed run may change: they decide how long it runs, what it logs and
-# where, not what a step computes (a linear lr schedule makes train.steps one that does).
+# where, not what a step computes (a linear lr schedule makes train.steps one that does;
+# parallel changes only the order of floating-point sums).
 RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "checkpoint.", "threads", "device",
-                     "resume", "resume_force")
+                     "parallel", "resume", "resume_force")
 
 
 def resume_argv(argv: list[str]) -> list[str]:

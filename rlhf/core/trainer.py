@@ -376,8 +376,12 @@ class Trainer:
                 preemption.hand_over()
         bar.close()
 
-        # data-parallel: the ranks' parameters must not have drifted apart (sharded, there is one copy)
+        # data-parallel: the ranks' parameters must not have drifted apart; sharded there is one copy,
+        # and every rank evaluated it: their last evaluations must agree
         divergence = None if self.policy.sharded else distributed.max_param_difference(self.policy.trainable_state())
+        eval_spread = None
+        if self.policy.sharded:
+            eval_spread = max(abs(m[k] - last[k]) for m in distributed.gather_objects(last) for k in last)
         whole = self.policy.full_state() if cfg.train.save_final else None  # sharded: gathered by every rank
         if not main:
             return {"steps": cfg.train.steps, "rank": distributed.rank()}
@@ -402,6 +406,7 @@ class Trainer:
             **({"resumed_from_step": start} if resume is not None else {}),
             **({"data_parallel_ranks": distributed.world(), "parallel": cfg.parallel} if distributed.active() else {}),
             **({"max_param_diff_across_ranks": divergence} if divergence is not None and distributed.active() else {}),
+            **({"max_eval_diff_across_ranks": eval_spread} if eval_spread is not None else {}),
             "device": str(self.policy.device),
             "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
