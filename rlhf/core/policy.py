@@ -292,18 +292,20 @@ class Policy:
         """Whether the weights are sharded over the ranks (parallel=fsdp)."""
         return self._sharded
 
-    def enable_sharding(self, param_dtype: torch.dtype | None = None) -> None:
+    def enable_sharding(self, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
         """Shard the weights, gradients and optimizer state over the ranks with FSDP2 (see
         rlhf.core.sharding): the trainable forward (and the frozen reference copy, without
-        LoRA) block by block. Call after the value head is attached, before the optimizer is
-        built (it must hold the sharded parameters)."""
+        LoRA) block by block, each rank's shards moved to `device` (load the policy on the
+        CPU: the whole model then never has to fit the device). Call after the value head is
+        attached, before the optimizer is built (it must hold the sharded parameters)."""
         from rlhf.core import sharding
 
-        self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, param_dtype)
+        self.device = device
+        self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, device, param_dtype)
         self._local.returns_copies = True
         self._sharded = True
         if self._ref_model is not None:
-            self._ref_root = sharding.shard(_Trunk(self._ref_model, None), self._ref_model, param_dtype)
+            self._ref_root = sharding.shard(_Trunk(self._ref_model, None), self._ref_model, device, param_dtype)
             self._ref_root.returns_copies = True
         # one pass through each root first: FSDP2 learns which unit is the root on the first
         # forward it sees, and sampling (which starts a run) calls the blocks directly

@@ -44,16 +44,20 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard(root: nn.Module, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+def shard(root: nn.Module, model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
     """`fully_shard` every block of `model`, then `root` (which holds `model`) over all ranks;
-    with `param_dtype`, weights are gathered in that dtype (FSDP2's MixedPrecisionPolicy) and
-    gradients reduced in float32. `root` is returned, sharded in place."""
+    each rank's shards go to `device` (the weights may arrive on the CPU: only 1/N of them
+    ever reaches the device). With `param_dtype`, weights are gathered in that dtype (FSDP2's
+    MixedPrecisionPolicy) and gradients reduced in float32. `root` is returned, sharded in place."""
+    from torch.distributed import get_world_size
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(device.type, (get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(root, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(root, mesh=mesh, mp_policy=mp)
     return root
 
 

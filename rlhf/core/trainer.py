@@ -97,7 +97,9 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         checkpoint.seed_all(cfg.seed)
-        self.policy = Policy.load(OmegaConf.to_object(cfg.policy), distributed.pick_device(cfg.device))
+        device = distributed.pick_device(cfg.device)
+        sharded = distributed.active() and cfg.parallel == "fsdp"  # loaded on the CPU: only shards reach the device
+        self.policy = Policy.load(OmegaConf.to_object(cfg.policy), torch.device("cpu") if sharded else device)
         self.optimum: list = []  # eval.kl_to_optimum: the last evaluation's exact distributions
         if cfg.eval.kl_to_optimum:  # before any step: how many responses there are to enumerate
             from rlhf.core.optimum import check_enumerable
@@ -106,9 +108,9 @@ class Trainer:
                              has_eos=self.policy.tokenizer.eos_token_id is not None)
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
-        self.autocast_dtype = distributed.pick_precision(cfg.precision, self.policy.device)
-        if distributed.active() and cfg.parallel == "fsdp":  # weights gathered in bf16 where autocast computes in it
-            self.policy.enable_sharding(self.autocast_dtype if self.policy.device.type == "cuda" else None)
+        self.autocast_dtype = distributed.pick_precision(cfg.precision, device)
+        if sharded:  # weights gathered in bf16 where autocast computes in it
+            self.policy.enable_sharding(device, self.autocast_dtype if device.type == "cuda" else None)
         elif distributed.active():
             self.policy.enable_data_parallel()
         elif cfg.parallel == "fsdp":
@@ -220,8 +222,8 @@ class Trainer:
             except CheckpointMismatch as e:
                 raise CheckpointMismatch(f"{e}{self._recorded_differences()}") from None
             self._restore_state(state)
-            for newer in candidates[candidates.index(path) + 1 :]:  # damaged: set aside, never rotated in
-                newer.rename(newer.with_name(f".damaged-{newer.name}"))
+            for newer in candidates[candidates.index(path) + 1 :] if distributed.is_main() else []:
+                newer.rename(newer.with_name(f".damaged-{newer.name}"))  # damaged: set aside (once), never rotated in
             return path, state
         raise checkpoint.DamagedCheckpoint(f"no checkpoint of {self.run_dir} could be loaded (see the warnings above); "
                                            "start a new run")
