@@ -1,6 +1,6 @@
 """Memory and step time of sharded training (parallel=fsdp) against one process and DDP.
 
-    python benchmarks/fsdp.py [--steps 5] [--batch 8] [--tokens 64] [--layers 12]
+    python benchmarks/fsdp.py [--steps 5] [--batch 8] [--tokens 64] [--layers 12] [--release-memory]
 
 Full fine-tuning of a GPT-2-124M-shaped model (12 layers, 768 wide, vocabulary 50,257,
 weights initialised at random: nothing is downloaded), through the project's own Policy:
@@ -13,7 +13,8 @@ after one untimed step (Adam's moments exist from then on), then reports per ran
     reference                  bytes of the frozen reference copy this rank holds
     peak RSS                   the process's peak resident memory (activations, libraries, gathered
                                layers, and the whole model each rank builds before it is sharded)
-    RSS end                    resident memory after the last sampling call
+    RSS end                    resident memory after the last sampling call (glibc keeps freed
+                               blocks for reuse, so it overstates live memory unless --release-memory)
     step                       median seconds of one step (forward, backward, Adam)
     sample                     median seconds of sampling `--sample-tokens` tokens for this rank's rows
 
@@ -124,7 +125,10 @@ def run(layout: str, args: argparse.Namespace, out: Path) -> list[dict]:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         cmd = [torchrun, "--standalone", "--nproc_per_node=2", __file__, *common, "--threads", "1"]
     t = time.time()
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.release_memory:  # every block over 1 MiB mmapped, so a freed tensor leaves the resident set at once
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    subprocess.run(cmd, check=True, env=env)
     print(f"  {layout}: {time.time() - t:.0f} s", flush=True)
     return json.loads(out.read_text())
 
@@ -141,6 +145,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="prompt and response length each")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--sample-tokens", type=int, default=16, help="new tokens per sampled response")
+    p.add_argument("--release-memory", action="store_true",
+                   help="glibc returns freed tensors to the system at once (RSS then follows live memory; steps are slower)")
     args = p.parse_args()
     if args.worker:
         return worker(args)

@@ -42,8 +42,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_job_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:
-    """Start a 2-rank torchrun job, wait until it has logged two steps past its first
-    checkpoint and not written the second, and kill -9 the launcher and every rank at once
+    """Start a 2-rank torchrun job, wait until it has logged a step past its second
+    checkpoint and not written the third, and kill -9 the launcher and every rank at once
     (a machine going down)."""
     proc = launch("torchrun", "--standalone", "--nproc_per_node=2", "-m", "rlhf.apps.train", *args, cwd=cwd)
     deadline = time.time() + 300
@@ -54,7 +54,7 @@ def kill_job_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path
                 steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()
                          if line.endswith("}")]
                 done = [p.name for p in checkpoint.complete(runs[0])]
-                if steps and max(steps) >= every + 2 and done == [f"step_{every:06d}"]:
+                if steps and max(steps) >= 2 * every + 1 and done == [f"step_{every:06d}", f"step_{2 * every:06d}"]:
                     for pid in [*descendants(proc.pid), proc.pid]:
                         try:
                             os.kill(pid, signal.SIGKILL)
@@ -74,8 +74,10 @@ def kill_job_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path
 def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_identical(tmp_path, embedded_dir):
     """Full fine-tuning (every weight trained and sharded, the tied embeddings included; the
     frozen reference copy sharded too), REINFORCE, 2 ranks x 4 rollouts against one process
-    of 8; then the same sharded job killed with SIGKILL between checkpoints and resumed."""
-    args = ["optimizer=reinforce", "policy.lora.enabled=false", "train.steps=8", "checkpoint.every=3",
+    of 8; then the same sharded job killed with SIGKILL between checkpoints, a byte of rank
+    1's shard of its newest checkpoint damaged, and resumed: rank 1 alone checks that file,
+    so the ranks must agree to fall back to the checkpoint before it."""
+    args = ["optimizer=reinforce", "policy.lora.enabled=false", "train.steps=10", "checkpoint.every=3",
             "eval.every=3", *FSDP]
     for d in ("one", "two", "killed"):
         (tmp_path / d).mkdir()
@@ -89,11 +91,11 @@ def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_ident
     assert summary["max_eval_diff_across_ranks"] == 0.0  # every rank evaluated the same sharded model alike
     assert "max_param_diff_across_ranks" not in summary  # one copy: nothing to drift apart
     run = next((tmp_path / "two" / "outputs").rglob("summary.json")).parent
-    step = run / "checkpoints" / "step_000008"
+    step = run / "checkpoints" / "step_000010"
     assert sorted(p.name for p in (step / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (step / checkpoint.WEIGHTS).exists()  # the weights are in the shards, once
     # The samples are the same (response lengths equal, rewards to float rounding); losses,
-    # rewards and KLs within 1e-5 over 8 steps. The weights to the noise Adam amplifies
+    # rewards and KLs within 1e-5 over 10 steps. The weights to the noise Adam amplifies
     # (each entry's step is divided by its own running gradient scale, so an entry whose
     # gradient is near zero moves by a rounding-driven amount): measured 7.6e-5 for 3 steps,
     # and DDP gives the same figure on this run (8.2e-5); the largest weight is 1.4.
@@ -104,9 +106,14 @@ def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_ident
 
     killed = kill_job_between_checkpoints(tmp_path / "killed", args, every=3)
     assert not (killed / "summary.json").exists()
+    shard = killed / "checkpoints" / "step_000006" / "shards" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
     r = torchrun(f"resume={killed}", cwd=tmp_path / "killed")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resuming {killed} from step_000003" in r.stdout
+    assert "__1_0.distcp does not have the contents checkpoint.json lists" in r.stderr
+    assert (killed / "checkpoints" / ".damaged-step_000006").is_dir()
     resumed = final_tensors(killed)
     assert resumed.keys() == two.keys() and all(torch.equal(resumed[k], two[k]) for k in two)
     assert (killed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()

@@ -79,17 +79,21 @@ def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    known: dict[str, tuple[int, str]] = {}  # (size, SHA-256) of the shard files, each hashed by its writer
     if shards is not None:
         distributed.barrier()  # the directory exists before any rank writes into it
         shards(tmp / SHARDS)  # returns once every rank's files are written
+        mine = {f"{SHARDS}/{f.name}": (f.stat().st_size, _sha256(f))
+                for f in (tmp / SHARDS).glob(f"__{distributed.rank()}_*.distcp")}
+        known = {name: v for part in distributed.gather_objects(mine) for name, v in part.items()}
     if not main:
         return final
     if tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
     names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-    files = {name: (tmp / name).stat().st_size for name in names}
-    sha256 = {name: _sha256(tmp / name) for name in names}
+    files = {name: known[name][0] if name in known else (tmp / name).stat().st_size for name in names}
+    sha256 = {name: known[name][1] if name in known else _sha256(tmp / name) for name in names}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "sha256": sha256}, indent=2) + "\n")
     for name in (*names, MANIFEST):
         _fsync(tmp / name)
@@ -125,18 +129,23 @@ def complete(run_dir: Path) -> list[Path]:
     return [p for p in found if p not in damaged]
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load(path: Path, share: tuple[int, int] = (0, 1)) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(trainable tensors, state) of a checkpoint; the tensors are {} for a sharded one (its
     weights load with rlhf.core.sharding.load). Its files must have the contents its
     manifest lists (DamagedCheckpoint otherwise, naming the file). Only tensors and plain
-    values are read: a pickle that would run code is refused by torch's weights-only loader."""
+    values are read: a pickle that would run code is refused by torch's weights-only loader.
+    `share=(rank, ranks)`: this rank checks every ranks-th shard file only, and every other
+    file (the ranks must then agree on the verdict)."""
     from safetensors.torch import load_file
 
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise DamagedCheckpoint(f"{path / MANIFEST} cannot be read ({e})") from e
+    shard_files = sorted(n for n in manifest.get("sha256", {}) if n.startswith(SHARDS + "/") and n.endswith(".distcp"))
     for name, digest in manifest.get("sha256", {}).items():  # checkpoints written before hashes: sizes only
+        if name in shard_files and shard_files.index(name) % share[1] != share[0]:
+            continue
         try:
             actual = _sha256(path / name)
         except OSError as e:  # a missing file, a bad disk block

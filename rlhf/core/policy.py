@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
-from rlhf.core import hub, numerics, rundir
+from rlhf.core import distributed, hub, numerics, rundir
 
 
 def resolve_path(path: str) -> str:
@@ -250,7 +250,10 @@ class Policy:
         logits, _ = self.forward(input_ids, attention_mask, query_len, with_values=False)
         full = numerics.logprobs_of(logits, input_ids[:, query_len:])
         chunked = self._trunk(input_ids, attention_mask, query_len, False, self.keeps_logits, stats=(1.0, False))[0]
-        if not torch.allclose(full, chunked, atol=1e-3, rtol=1e-3):
+        differs = not torch.allclose(full, chunked, atol=1e-3, rtol=1e-3)
+        if self.sharded:  # every rank must take the same path (ranks in step: under DDP rank 0 evaluates alone)
+            differs = distributed.any_rank(differs, full.device)
+        if differs:
             self._chunked = False
             warnings.warn(f"{type(self.model).__name__}: the chunked log-probs differ from the model's own logits "
                           f"(by {float((full - chunked).abs().max()):.3g} nats: it transforms its logits after the output "
@@ -301,7 +304,10 @@ class Policy:
         from rlhf.core import sharding
 
         self.device = device
-        self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, device, param_dtype)
+        # the value head is a unit of its own: it is float32 whatever the model's dtype, and FSDP2
+        # reduces one unit's gradients in one dtype
+        heads = (self.value_head,) if self.value_head is not None else ()
+        self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, device, param_dtype, heads)
         self._local.returns_copies = True
         self._sharded = True
         if self._ref_model is not None:

@@ -34,28 +34,37 @@ from torch import nn
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder blocks: modules of the classes its `_no_split_modules` names."""
+    """The model's decoder blocks: modules of the classes its `_no_split_modules` names (the
+    outermost, when one such class sits inside another)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
-    found = [m for m in base.modules() if type(m).__name__ in names]
+    found, taken = [], []
+    for name, module in base.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(prefix + ".") for prefix in taken):
+            found.append(module)
+            taken.append(name)
     if not found:
         raise ValueError(f"parallel=fsdp: {type(base).__name__} does not name its decoder blocks (transformers' "
                          "_no_split_modules is empty), so there is nothing to shard layer by layer; use parallel=ddp")
     return found
 
 
-def shard(root: nn.Module, model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """`fully_shard` every block of `model`, then `root` (which holds `model`) over all ranks;
-    each rank's shards go to `device` (the weights may arrive on the CPU: only 1/N of them
-    ever reaches the device). With `param_dtype`, weights are gathered in that dtype (FSDP2's
-    MixedPrecisionPolicy) and gradients reduced in float32. `root` is returned, sharded in place."""
+def shard(root: nn.Module, model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None,
+          own_units: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """`fully_shard` every block of `model` and each of `own_units`, then `root` (which holds
+    them all) over all ranks; each rank's shards go to `device` (the weights may arrive on the
+    CPU: each unit moves to the device whole and is cut there, so the device never holds more
+    than one unit beyond the shards). With `param_dtype`, weights are gathered in that dtype
+    (FSDP2's MixedPrecisionPolicy; the activations stay as autocast makes them) and gradients
+    reduced in float32. `root` is returned, sharded in place."""
     from torch.distributed import get_world_size
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
-    for block in blocks(model):
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+          if param_dtype else MixedPrecisionPolicy())
+    for block in [*blocks(model), *own_units]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(root, mesh=mesh, mp_policy=mp)
     return root
@@ -69,11 +78,11 @@ def gathered(root: nn.Module, everything: bool = False) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root] if everything else []
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-    for unit in [root, *units]:
-        unit.unshard()
     try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        for unit in [root, *units]:
+            unit.unshard()
         yield
     finally:
         for unit in [root, *units]:

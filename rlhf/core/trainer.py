@@ -209,10 +209,14 @@ class Trainer:
         check out; a damaged one is passed over, with a warning naming its file, for the one
         before it. Nothing is changed until a checkpoint has been read whole and fits."""
         for path in reversed(candidates):
-            try:
-                tensors, state = checkpoint.load(path)
+            damage = ""
+            try:  # each rank checks its share of the files; all ranks then agree on the verdict
+                tensors, state = checkpoint.load(path, share=(distributed.rank(), distributed.world()))
             except checkpoint.DamagedCheckpoint as e:
-                warnings.warn(f"{e}; trying the checkpoint before it", stacklevel=2)
+                damage = str(e)
+            damage = next((d for d in distributed.gather_objects(damage) if d), "")
+            if damage:
+                warnings.warn(f"{damage}; trying the checkpoint before it", stacklevel=2)
                 continue
             try:
                 if checkpoint.is_sharded(path):
@@ -233,6 +237,8 @@ class Trainer:
         number of processes, sharded or not: DCP reshards on load)."""
         try:
             sharding.load(self.policy.trainable_root(), self.torch_optimizer, directory)
+        except OSError:  # a disk's or a network's failure, not a mismatch: as it is
+            raise
         except Exception as e:  # DCP's errors name keys, not the cause
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointMismatch(f"checkpoint {directory.parent} does not fit this policy ({first[:300]}) (was it "
