@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 processes on the CPU (gloo), started by torchrun.
+"""Data-parallel training: 2 processes on the CPU (gloo), started by torchrun, or forked
+as ranks with the environment torchrun gives them (`ranks`).
 
 Every rank builds the same global batch and samples its own rows of it with the random
 numbers those rows get in one process, so two ranks of 4 must reproduce one process of 8
@@ -6,17 +7,51 @@ up to floating-point summation order, and the ranks' parameters must stay identi
 """
 
 import json
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, cli, final_tensors
+from conftest import BIN, cli, final_tensors, launch
 
 SMALL = ["train.batch_size=8", "data.n_eval=4", "sampler.max_new_tokens=8", "eval.every=100", "threads=1"]
 
 
 def torchrun(*args: str, cwd: Path):
     return cli("torchrun", "--standalone", "--nproc_per_node=2", "-m", "rlhf.apps.train", *args, cwd=cwd, timeout=600)
+
+
+def start_ranks(*args: str, cwd: Path, n: int = 2) -> list:
+    """`rlhf-train` as the n ranks of one job, each forked from the tests' fork server with the
+    environment torchrun gives its ranks (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), which is all the library reads: torchrun's own start (its agent, and n
+    fresh interpreters importing torch) costs about 7 s a job, and the suite runs a dozen.
+    test_ppo_ranks_stay_identical starts its job with torchrun itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    common = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return [launch("rlhf-train", *args, cwd=cwd, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
+
+
+def ranks(*args: str, cwd: Path, n: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a job of n ranks (start_ranks) to its end: rank 0's stdout, every rank's stderr, the
+    first failing rank's status. When a rank fails the others get 30 s to end, then are
+    stopped, as torchrun stops them."""
+    procs = start_ranks(*args, cwd=cwd, n=n)
+    deadline, failed_at = time.time() + timeout, None
+    while any(p.poll() is None for p in procs) and time.time() < min(deadline, (failed_at or deadline + 30) + 30):
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = time.time()
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    outs = [p.communicate() for p in procs]
+    status = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(list(args), status, outs[0][0], "".join(err for _, err in outs))
 
 
 def result(cwd: Path) -> tuple[dict[str, torch.Tensor], dict, list[dict]]:
@@ -47,7 +82,7 @@ def test_torchrun_is_installed_with_torch():
 
 @pytest.mark.slow
 def test_two_ranks_resumed_equal_one_process_with_the_same_global_batch(tmp_path, embedded_dir):
-    """REINFORCE: 2 ranks x 4 rollouts for 2 steps, resumed by torchrun for 2 more, against one
+    """REINFORCE: 2 ranks x 4 rollouts for 2 steps, resumed as 2 ranks for 2 more, against one
     process of 8 rollouts for 4 steps."""
     args = ["optimizer=reinforce", "checkpoint.every=2", *SMALL]
     for d in ("one", "two"):
@@ -55,10 +90,10 @@ def test_two_ranks_resumed_equal_one_process_with_the_same_global_batch(tmp_path
     # one thread, as each of the two ranks gets on 2 cores: sums split over threads round differently
     r = cli("rlhf-train", *args, "train.steps=4", "threads=1", cwd=tmp_path / "one")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(*args, "train.steps=2", cwd=tmp_path / "two")
+    r = ranks(*args, "train.steps=2", cwd=tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
     run = next((tmp_path / "two" / "outputs").rglob("summary.json")).parent
-    r = torchrun(f"resume={run}", "train.steps=4", cwd=tmp_path / "two")
+    r = ranks(f"resume={run}", "train.steps=4", cwd=tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stdout
 
@@ -88,7 +123,7 @@ def test_two_ranks_of_dpo_equal_one_process_data_parallel_and_sharded(tmp_path, 
     for d in ("one", "two", "sharded"):
         (tmp_path / d).mkdir()
     assert cli("rlhf-train", *args, cwd=tmp_path / "one").returncode == 0
-    r = torchrun(*args, cwd=tmp_path / "two")
+    r = ranks(*args, cwd=tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
     (one, _, rows_one), (two, summary, _) = result(tmp_path / "one"), result(tmp_path / "two")
     assert summary["max_param_diff_across_ranks"] == 0.0 and summary["parallel"] == "ddp"
@@ -99,7 +134,7 @@ def test_two_ranks_of_dpo_equal_one_process_data_parallel_and_sharded(tmp_path, 
     # test was written, with an older transformers. The largest weight is 0.09.
     assert max_diff(one, two) < 1e-4, max_diff(one, two)
 
-    r = torchrun(*args, "parallel=fsdp", cwd=tmp_path / "sharded")
+    r = ranks(*args, "parallel=fsdp", cwd=tmp_path / "sharded")
     assert r.returncode == 0, r.stderr[-3000:]
     sharded, summary, rows_sharded = result(tmp_path / "sharded")
     assert summary["parallel"] == "fsdp" and summary["max_eval_diff_across_ranks"] == 0.0

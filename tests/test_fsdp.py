@@ -1,5 +1,6 @@
-"""Sharded training (parallel=fsdp): 2 processes on the CPU (gloo), started by torchrun
-(DPO's sharded run is in test_distributed.py, sharing its one-process run with DDP's).
+"""Sharded training (parallel=fsdp): 2 ranks on the CPU (gloo), forked with torchrun's
+environment (test_distributed.ranks; DPO's sharded run is in test_distributed.py, sharing
+its one-process run with DDP's).
 
 Each rank holds half of every weight, gradient and Adam moment; the global batch and the
 random numbers are those of data parallelism, so two sharded ranks of 4 rollouts must
@@ -7,74 +8,53 @@ reproduce one process of 8 up to floating-point summation order.
 """
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, final_tensors, launch
-from test_distributed import SMALL, assert_metrics_close, max_diff, result, torchrun
+from conftest import cli, final_tensors
+from test_distributed import SMALL, assert_metrics_close, max_diff, ranks, result, start_ranks
 
 from rlhf.core import checkpoint
 
 FSDP = ["parallel=fsdp", *SMALL]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its ranks in sessions of their own, so a
-    signal to its process group does not reach them)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def kill_job_between_checkpoints(cwd: Path, args: list[str], every: int) -> Path:
-    """Start a 2-rank torchrun job, wait until it has logged a step past its second
-    checkpoint and not written the third, and kill -9 the launcher and every rank at once
-    (a machine going down)."""
-    proc = launch("torchrun", "--standalone", "--nproc_per_node=2", "-m", "rlhf.apps.train", *args, cwd=cwd)
+    """Start a job of 2 ranks, wait until it has logged a step past its second checkpoint and
+    not written the third, and kill -9 every rank at once (a machine going down)."""
+    procs = start_ranks(*args, cwd=cwd)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and all(p.poll() is None for p in procs):
             runs = [p.parent for p in (cwd / "outputs").rglob("metrics.jsonl")] if (cwd / "outputs").exists() else []
             if runs:
                 steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()
                          if line.endswith("}")]
                 done = [p.name for p in checkpoint.complete(runs[0])]
                 if steps and max(steps) >= 2 * every + 1 and done == [f"step_{every:06d}", f"step_{2 * every:06d}"]:
-                    for pid in [*descendants(proc.pid), proc.pid]:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    proc.wait()
+                    for p in procs:
+                        p.send_signal(signal.SIGKILL)
+                    for p in procs:
+                        p.wait()
                     return runs[0]
             time.sleep(0.003)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = proc.communicate()[1]
-    pytest.fail(f"the job ended ({proc.returncode}) before it could be killed between checkpoints: {err[-2000:]}")
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    errs = [p.communicate()[1] for p in procs]
+    pytest.fail(f"the job ended ({[p.returncode for p in procs]}) before it could be killed between checkpoints: "
+                f"{errs[0][-2000:]}")
 
 
 @pytest.mark.slow
 def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_identical(tmp_path, embedded_dir):
     """Full fine-tuning (every weight trained and sharded, the tied embeddings included; the
     frozen reference copy sharded too), REINFORCE, 2 ranks x 4 rollouts against one process
-    of 8; then the same sharded job killed with SIGKILL between checkpoints, a byte of rank
+    of 8; then the same sharded job, both ranks killed with SIGKILL between checkpoints, a byte of rank
     1's shard of its newest checkpoint damaged, and resumed: rank 1 alone checks that file,
     so the ranks must agree to fall back to the checkpoint before it."""
     args = ["optimizer=reinforce", "policy.lora.enabled=false", "train.steps=10", "checkpoint.every=3",
@@ -83,7 +63,7 @@ def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_ident
         (tmp_path / d).mkdir()
     r = cli("rlhf-train", *args, cwd=tmp_path / "one")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(*args, cwd=tmp_path / "two")
+    r = ranks(*args, cwd=tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
     one, _, rows_one = result(tmp_path / "one")
     two, summary, rows_two = result(tmp_path / "two")
@@ -110,7 +90,7 @@ def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_ident
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    r = torchrun(f"resume={killed}", cwd=tmp_path / "killed")
+    r = ranks(f"resume={killed}", cwd=tmp_path / "killed")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "__1_0.distcp does not have the contents checkpoint.json lists" in r.stderr
     assert (killed / "checkpoints" / ".damaged-step_000006").is_dir()
