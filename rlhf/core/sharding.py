@@ -145,11 +145,16 @@ def save(root: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> 
 
 def load(root: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """What `save` wrote, onto this layout (any number of ranks, sharded or not). Raises
-    KeyError-like errors from DCP when the checkpoint holds other tensors."""
+    KeyError (or DCP's own error) when the checkpoint holds other trained tensors than this
+    policy, more or fewer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _state(root, optimizer)
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    unexpected = sorted({k.split(".", 1)[1] for k in saved if k.startswith("model.")} - set(state["model"]))
+    if unexpected:  # (a tensor this policy lacks would otherwise be left out without a word)
+        raise KeyError(f"the checkpoint holds tensors this policy does not train: {unexpected[:3]}")
     dcp.load(state, checkpoint_id=str(directory))
     # not strict: the frozen weights are not in it (DCP's load has already refused a checkpoint
     # that lacks any tensor asked for)
