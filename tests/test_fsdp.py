@@ -99,6 +99,21 @@ def test_sharded_reinforce_equals_one_process_and_a_killed_job_resumes_bit_ident
     assert (killed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
+def test_sharded_ppo_with_bf16_weights_and_an_fp32_value_head(tmp_path, embedded_dir):
+    """Full fine-tuning of bf16 weights with PPO's fp32 value head: FSDP2 wants one dtype in
+    a unit, so the head is a unit of its own (in the root's unit this run failed with "FSDP
+    expects uniform original parameter dtype")."""
+    r = ranks("optimizer=ppo", "policy.lora.enabled=false", "policy.dtype=bfloat16", "train.steps=2", *FSDP,
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tensors, summary, rows = result(tmp_path)
+    assert summary["parallel"] == "fsdp" and summary["max_eval_diff_across_ranks"] == 0.0
+    assert [row["step"] for row in rows if "loss/value" in row] == [1, 2]
+    assert tensors["value_head.safetensors:weight"].dtype == torch.float32
+    assert tensors["model.safetensors:transformer.h.0.attn.c_attn.weight"].dtype == torch.bfloat16
+
+
 def test_a_checkpoint_of_whole_tensors_is_refused_by_a_sharded_policy_naming_the_fix(embedded_dir):
     """What the trainer's restore calls with a checkpoint written by one process or DDP."""
     from rlhf.contracts.schema import PolicyConfig

@@ -305,7 +305,7 @@ class Policy:
 
         self.device = device
         # the value head is a unit of its own: it is float32 whatever the model's dtype, and FSDP2
-        # reduces one unit's gradients in one dtype
+        # wants one dtype in a unit
         heads = (self.value_head,) if self.value_head is not None else ()
         self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, device, param_dtype, heads)
         self._local.returns_copies = True
