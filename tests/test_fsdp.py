@@ -122,7 +122,7 @@ def test_a_checkpoint_of_whole_tensors_is_refused_by_a_sharded_policy_naming_the
     policy = Policy.load(PolicyConfig(path="embedded"), torch.device("cpu"))
     whole = {k: v.clone() for k, v in policy.trainable_state().items()}
     policy.load_trainable_state(whole)  # unsharded: it fits
-    policy._sharded = True  # as enable_sharding leaves it (which needs several processes)
+    policy.sharded = True  # as enable_sharding leaves it (which needs several processes)
     with pytest.raises(CheckpointMismatch, match=r"holds whole tensors \(written by one process or parallel=ddp\), and "
                                                  r"this run is sharded \(parallel=fsdp\): resume it with parallel=ddp"):
         policy.load_trainable_state(whole)

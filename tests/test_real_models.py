@@ -347,7 +347,7 @@ def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_
 def test_the_recorded_base_of_adapters_is_kept_when_it_is_a_hub_name_and_replaced_when_a_stale_path(tmp_path):
     """A run continued from a run on a hub model records that hub name: it is what the
     adapters sit on (replacing it by the recorded run would apply the first run twice)."""
-    from rlhf.core.policy import trained_parts
+    from rlhf.core.trained import trained_parts
 
     run = tmp_path / "run2"
     (run / ".hydra").mkdir(parents=True)

@@ -24,7 +24,7 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
     import json
 
     from rlhf.core import card
-    from rlhf.core.policy import load_model, portable_name, recorded_config, trained_parts
+    from rlhf.core.trained import load_model, portable_name, recorded_config, trained_parts
 
     run_dir = run if rundir.is_run(run) else run.parent if rundir.is_run(run.parent) else None
     parts = trained_parts(str(run))
@@ -65,7 +65,7 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
 
 def _is_hub_name(name: str) -> bool:
     """A hub repository id (owner/name or name), not something only this machine has."""
-    from rlhf.core.policy import is_built_here
+    from rlhf.core.trained import is_built_here
 
     return not (is_built_here(name) or Path(name).expanduser().exists())
 

@@ -58,7 +58,8 @@ class Generator:
         import torch
 
         from rlhf.core.distributed import pick_device
-        from rlhf.core.policy import Policy, recorded_config
+        from rlhf.core.policy import Policy
+        from rlhf.core.trained import recorded_config
 
         torch.set_grad_enabled(False)  # the run's revision, dtype and trust_remote_code, as it trained
         self.policy = Policy.load_trained(recorded_config(policy_path), pick_device(device))

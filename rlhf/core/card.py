@@ -40,7 +40,7 @@ def card(run_dir: Path, kind: str, base: str | None, curve: list[tuple], has_cur
     if base:
         head.append(f"base_model: {base}")
     head += ["tags:", *[f"- {t}" for t in tags], "---", ""]
-    from rlhf.core.policy import is_built_here
+    from rlhf.core.trained import is_built_here
 
     local = base is not None and (is_built_here(base) or base.startswith("/"))
     load = (

@@ -143,8 +143,9 @@ def load(path: Path, share: tuple[int, int] = (0, 1)) -> tuple[dict[str, torch.T
     except (OSError, ValueError) as e:
         raise DamagedCheckpoint(f"{path / MANIFEST} cannot be read ({e})") from e
     shard_files = sorted(n for n in manifest.get("sha256", {}) if n.startswith(SHARDS + "/") and n.endswith(".distcp"))
+    others = set(shard_files) - set(shard_files[share[0] :: share[1]])  # the other ranks' share
     for name, digest in manifest.get("sha256", {}).items():  # checkpoints written before hashes: sizes only
-        if name in shard_files and shard_files.index(name) % share[1] != share[0]:
+        if name in others:
             continue
         try:
             actual = _sha256(path / name)

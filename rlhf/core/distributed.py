@@ -5,7 +5,8 @@ Every rank builds the same global batch of prompts and keeps its own slice of th
 a run on N ranks samples what one process with the same global batch would; gradients are
 averaged by DistributedDataParallel; batch statistics (advantage whitening, baselines, the
 KL controller, logged metrics) are reduced across ranks. Rank 0 alone evaluates, logs and
-writes checkpoints. With one process every function here is a no-op. Here too: which
+writes checkpoints (sharded, parallel=fsdp, see rlhf.core.sharding: every rank evaluates and
+writes its shards). With one process every function here is a no-op. Here too: which
 device and which autocast precision this process uses.
 """
 

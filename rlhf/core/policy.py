@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -17,23 +16,8 @@ import torch
 from torch import nn
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
-from rlhf.core import distributed, hub, numerics, rundir
-
-
-def resolve_path(path: str) -> str:
-    if path == "embedded":
-        from rlhf.embedded.build import policy_path
-
-        return policy_path()
-    if path == "arithmetic":
-        from rlhf.embedded import arithmetic
-
-        return arithmetic.policy_path()
-    from rlhf.embedded import toy
-
-    if toy.is_toy(path):
-        return toy.resolve(path)
-    return path
+from rlhf.core import distributed, numerics, sharding
+from rlhf.core.trained import BASE_RECORD, TrainedParts, from_pretrained, load_model, portable_name, quiet_peft, trained_parts
 
 
 class Policy:
@@ -52,7 +36,7 @@ class Policy:
         self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
         self._local: _Trunk | None = None  # the trainable forward; sharded in place under parallel=fsdp
         self._ref_root: _Trunk | None = None  # the frozen reference copy's, sharded, under parallel=fsdp
-        self._sharded = False
+        self.sharded = False  # weights, gradients and optimizer state sharded over the ranks (parallel=fsdp)
         self.trunk = ""  # what the adapters sit on, as a policy.path value (recorded with them)
         self.started_from: TrainedParts | None = None  # the trained run this policy goes on from
         if ref_model is not None:
@@ -71,14 +55,14 @@ class Policy:
         policy itself (adapters merged, fresh ones on top)."""
         parts = trained_parts(cfg.path)
         if parts is None:
-            model, tokenizer = _from_pretrained(cfg)
+            model, tokenizer = from_pretrained(cfg)
             policy = cls.from_model(model, tokenizer, cfg.lora, device)
             policy.trunk = cfg.path
         elif parts.adapters is not None and cfg.lora.enabled and cfg.reference == "base":
             from peft import PeftModel
 
             trunk, tokenizer = load_model(parts.trunk, cfg, tokenizer_from=parts.adapters)
-            with _quiet_peft():
+            with quiet_peft():
                 model = PeftModel.from_pretrained(trunk, str(parts.adapters), is_trainable=True)
             policy = cls(_ready(model, tokenizer, device), tokenizer, True, device)
             policy.trunk = parts.trunk
@@ -123,7 +107,7 @@ class Policy:
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 target_modules=_targets(model, lora.target_modules), task_type="CAUSAL_LM",
             )
-            with _quiet_peft():
+            with quiet_peft():
                 model = get_peft_model(model, peft_cfg)
         return cls(model, tokenizer, lora.enabled, device, ref_model)
 
@@ -235,8 +219,6 @@ class Policy:
         if self._ddp is not None and torch.is_grad_enabled():
             return self._ddp(*args, **kwargs)
         if self.sharded and not torch.is_grad_enabled():
-            from rlhf.core import sharding
-
             with sharding.gathered(self._local):
                 return self._local(*args, **kwargs)
         return self._local_trunk()(*args, **kwargs)
@@ -290,26 +272,19 @@ class Policy:
             self._local = _Trunk(self.model, self.value_head)
         return self._local
 
-    @property
-    def sharded(self) -> bool:
-        """Whether the weights are sharded over the ranks (parallel=fsdp)."""
-        return self._sharded
-
     def enable_sharding(self, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
         """Shard the weights, gradients and optimizer state over the ranks with FSDP2 (see
         rlhf.core.sharding): the trainable forward (and the frozen reference copy, without
         LoRA) block by block, each rank's shards moved to `device` (load the policy on the
         CPU: the whole model then never has to fit the device). Call after the value head is
         attached, before the optimizer is built (it must hold the sharded parameters)."""
-        from rlhf.core import sharding
-
         self.device = device
         # the value head is a unit of its own: it is float32 whatever the model's dtype, and FSDP2
         # wants one dtype in a unit
         heads = (self.value_head,) if self.value_head is not None else ()
         self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, device, param_dtype, heads)
         self._local.returns_copies = True
-        self._sharded = True
+        self.sharded = True
         if self._ref_model is not None:
             self._ref_root = sharding.shard(_Trunk(self._ref_model, None), self._ref_model, device, param_dtype)
             self._ref_root.returns_copies = True
@@ -327,12 +302,7 @@ class Policy:
     def sampling(self) -> Iterator[None]:
         """Around a sampling loop that calls the model directly: sharded, every weight gathered
         for its length (see rlhf.core.sharding.gathered)."""
-        if not self.sharded:
-            yield
-            return
-        from rlhf.core import sharding
-
-        with sharding.gathered(self._local, everything=True):
+        with sharding.gathered(self._local, everything=True) if self.sharded else contextlib.nullcontext():
             yield
 
     def trainable_root(self) -> nn.Module:
@@ -343,11 +313,7 @@ class Policy:
     def full_state(self) -> dict[str, torch.Tensor] | None:
         """Sharded: every trained weight (adapters, or all weights, and the value head), whole,
         on rank 0 (empty on the others; every rank must call it). None when not sharded."""
-        if not self.sharded:
-            return None
-        from rlhf.core import sharding
-
-        return sharding.full_state(self._local)
+        return sharding.full_state(self._local) if self.sharded else None
 
     def enable_data_parallel(self) -> None:
         """Route training forwards through DistributedDataParallel, which averages the
@@ -400,8 +366,6 @@ class Policy:
         (sharded: its root unit's weights gathered while it is in use)."""
         gather = contextlib.nullcontext()
         if self.sharded:
-            from rlhf.core import sharding
-
             gather = sharding.gathered(self._ref_root if self._ref_model is not None else self._local)
         if self._ref_model is not None:
             with gather:
@@ -441,130 +405,6 @@ class Policy:
             save_file({k: v.contiguous() for k, v in head_state.items()}, f"{directory}/value_head.safetensors")
 
 
-BASE_RECORD = "rlhf_base.json"  # final/ of a full fine-tuning run: the policy.path it started from
-
-
-@dataclasses.dataclass
-class TrainedParts:
-    """Where a trained run's policy is: its adapters (peft) or full weights (full fine-tuning),
-    the policy.path value they sit on or started from, and its value head if it had one."""
-
-    adapters: Path | None
-    weights: Path | None
-    trunk: str
-    value_head: Path | None
-
-
-def trained_parts(path: str) -> TrainedParts | None:
-    """A run directory of rlhf-train, its final/, or a directory of peft adapters; None for a
-    model (hub name, model directory, "embedded", "toy...")."""
-    import json
-
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return None
-    final, recorded = p, None
-    if rundir.is_run(p):
-        final = p / rundir.FINAL
-        if not final.is_dir():
-            raise FileNotFoundError(f"policy.path={path}: a run directory without final/ (it has not finished, or ran "
-                                    "with train.save_final=false); resume it first, or point at another run")
-        from omegaconf import OmegaConf
-
-        recorded = str(OmegaConf.load(p / rundir.CONFIG).policy.path)
-    elif rundir.is_run(p.parent) and p.name == rundir.FINAL:
-        from omegaconf import OmegaConf
-
-        recorded = str(OmegaConf.load(p.parent / rundir.CONFIG).policy.path)
-    head = final / "value_head.safetensors"
-    head = head if head.is_file() else None
-    if (final / "adapter_config.json").is_file():
-        trunk = json.loads((final / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        if recorded is not None and Path(trunk).is_absolute() and not Path(trunk).exists():
-            trunk = recorded  # an older run recorded this machine's cache path; a hub name stays as it is
-        if not trunk:
-            raise ValueError(f"policy.path={path}: adapter_config.json names no base model (base_model_name_or_path); "
-                             "set it to the model the adapters were trained on")
-        return TrainedParts(final, None, trunk, head)
-    if recorded is not None and (final / "config.json").is_file():
-        record = final / BASE_RECORD
-        base = json.loads(record.read_text())["base"] if record.is_file() else recorded
-        return TrainedParts(None, final, base, head)
-    if recorded is not None:
-        raise FileNotFoundError(f"policy.path={path}: {final} holds neither adapters (adapter_config.json) nor a "
-                                "model (config.json)")
-    return None
-
-
-def recorded_config(path: str) -> PolicyConfig:
-    """A PolicyConfig for `path` with the loading settings (revision, trust_remote_code, dtype)
-    of the run it is (or whose final/ it is); the defaults for anything else."""
-    p = Path(path).expanduser()
-    run = p if rundir.is_run(p) else p.parent if rundir.is_run(p.parent) else None
-    if run is None:
-        return PolicyConfig(path=path)
-    from omegaconf import OmegaConf
-
-    recorded = OmegaConf.load(run / rundir.CONFIG).get("policy") or {}
-    return PolicyConfig(path=path, revision=recorded.get("revision"), dtype=recorded.get("dtype", "float32"),
-                        trust_remote_code=bool(recorded.get("trust_remote_code", False)))
-
-
-def is_built_here(name: str) -> bool:
-    """A policy.path the project builds itself: "embedded", "arithmetic", "toy...". """
-    from rlhf.embedded import toy
-
-    return name in ("embedded", "arithmetic") or toy.is_toy(name)
-
-
-def portable_name(trunk: str) -> str:
-    """A policy.path value that means the same on another machine: names as they are, local
-    directories absolute."""
-    if is_built_here(trunk) or not Path(trunk).expanduser().exists():
-        return trunk
-    return str(Path(trunk).expanduser().resolve())
-
-
-def load_model(path: str, cfg: PolicyConfig, tokenizer_from: Path | None = None) -> tuple[nn.Module, object]:
-    """(model, tokenizer) that `path` names: a model as it is, or a trained run's policy with
-    its adapters merged in (recursively: a run may have started from another run)."""
-    from dataclasses import replace
-
-    parts = trained_parts(path)
-    if parts is None:
-        model, tokenizer = _from_pretrained(replace(cfg, path=path))
-    elif parts.weights is not None:
-        model, tokenizer = _from_pretrained(replace(cfg, path=str(parts.weights)))
-    else:
-        from peft import PeftModel
-
-        trunk, tokenizer = load_model(parts.trunk, cfg, tokenizer_from=parts.adapters)
-        with _quiet_peft():
-            model = _merge(PeftModel.from_pretrained(trunk, str(parts.adapters)))
-    if tokenizer_from is not None and (tokenizer_from / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
-    return model, tokenizer
-
-
-def _merge(model: nn.Module) -> nn.Module:
-    """The adapters merged into the weights. An adapter on a tied output layer (the toy
-    presets') adapts the output side only, so that layer is untied first: merged into the
-    shared matrix it would change the input embeddings too."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = model.get_base_model()
-    out = base.get_output_embeddings()
-    text_config = base.config.get_text_config()
-    tied = getattr(base.config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)
-    if tied and isinstance(out, BaseTunerLayer):
-        layer = out.get_base_layer()
-        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
-        base.config.tie_word_embeddings = text_config.tie_word_embeddings = False
-    return model.merge_and_unload()
-
-
 def _targets(model: nn.Module, wanted: list[str] | None) -> list[str] | str | None:
     """peft's target_modules: "all-linear" as peft spells it, or the names, checked against the
     model so that a preset's names for another architecture fail saying what this one has."""
@@ -600,24 +440,15 @@ def _apply_chat_template(tokenizer, path: str | None) -> None:
         tokenizer.chat_template = file.read_text()
 
 
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    with warnings.catch_warnings():  # library chatter, not the user's concern:
-        # GPT-2: Conv1D and a Linear lm_head, set per layer
-        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-        # an adapter on a tied lm_head (the toy preset) adapts the output side only
-        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
-        yield
-
-
 class CheckpointMismatch(ValueError):
     """A checkpoint's tensors do not have this policy's names, shapes or dtypes."""
 
 
 class _Trunk(nn.Module):
     """The policy's trainable forward as one module (the LM and its value head), so that
-    DistributedDataParallel can wrap it."""
+    DistributedDataParallel can wrap it, or FSDP2 shard it as its root."""
+
+    returns_copies = False  # set on the sharded trunk
 
     def __init__(self, model: nn.Module, value_head: nn.Module | None):
         super().__init__()
@@ -631,8 +462,6 @@ class _Trunk(nn.Module):
         if self.returns_copies:  # FSDP2 hooks its backward gather on the outputs, which an in-place op on a view would lose
             out = tuple(None if x is None else x.clone() for x in out)
         return out
-
-    returns_copies = False  # set on the sharded trunk
 
     def _forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool,
                  stats: tuple[float, bool] | None):
@@ -715,21 +544,6 @@ def _response_logits(logits: torch.Tensor, input_ids: torch.Tensor, query_len: i
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` uses them: 0 at the first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _from_pretrained(cfg: PolicyConfig) -> tuple[nn.Module, object]:
-    """(model, tokenizer) of `cfg.path` (hub name, local directory, "embedded" or "toy")."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_path(cfg.path)
-    hub.check_model(path, "policy.path", cfg.revision)  # offline: at once, not after a minute of retries
-    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **common)
-        return model, AutoTokenizer.from_pretrained(path, **common)
-    except Exception as e:  # a damaged weights file names no file of its own
-        raise OSError(f"policy.path={cfg.path}: the model in {path} could not be loaded ({type(e).__name__}: {e}); "
-                      "if a file there is damaged or cut short, save or download the model again") from e
 
 
 def _ready(model: nn.Module, tokenizer, device: torch.device) -> nn.Module:

@@ -368,9 +368,10 @@ class Trainer:
                 self.kl_watch.update(metrics.get("train/kl"))
             shown = [k for k in metrics if k in ("train/reward", "train/kl")] + [k for k in metrics if k.startswith("loss/")][:1]
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown}, refresh=False)
-            if evaluates and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            due = step % cfg.eval.every == 0 or step == cfg.train.steps
+            if evaluates and due:
                 last = self.evaluate(step)
-            if main and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            if main and due:
                 emit(last, step)
                 emit_samples(step)
                 diagnose(step)
