@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what is missing, and nothing else: a virtual environment in .venv, the CPU build
 # of torch 2.13.0 (first: a bare `torch` would pull a CUDA build of several GB), then this
-# project in editable mode. With --test: the test extras, and Debian's Chromium for the
-# browser tests (they are skipped, saying so, where it cannot be installed).
+# project in editable mode, every dependency at its version in constraints.txt (the tested
+# set; RLHF_UNPINNED=1 takes the newest versions pyproject.toml's ranges allow instead). With
+# --test: the test extras, and Debian's Chromium for the browser tests (they are skipped,
+# saying so, where it cannot be installed).
 # Sourced by scripts/main.sh and scripts/test.sh; leaves .venv activated.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,9 +23,11 @@ if ! python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "
   python -m pip install -q --upgrade pip
   pip install -q torch==2.13.0
 fi
-# the project, again only when pyproject.toml (or the extras asked for) changed since the last install
-stamp="$ROOT/.venv/.rlhf-installed$( [[ -n "$extras" ]] && echo -test )-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# the project, again only when pyproject.toml, the pins (or the extras asked for) changed since the last install
+pins=(-c "$ROOT/constraints.txt")
+[[ "${RLHF_UNPINNED:-0}" == 1 ]] && pins=()
+stamp="$ROOT/.venv/.rlhf-installed$( [[ -n "$extras" ]] && echo -test )$( [[ ${#pins[@]} == 0 ]] && echo -unpinned )-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
-  pip install -q -e "$ROOT$extras"
+  pip install -q "${pins[@]}" -e "$ROOT$extras"
   touch "$stamp"
 fi

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh --test
+# the set this run tests: constraints.txt exactly (RLHF_UNPINNED=1: what pip resolved, listed)
+if [[ "${RLHF_UNPINNED:-0}" == 1 ]]; then pip freeze --exclude-editable | tr '\n' ' '; echo; else python scripts/pins.py check; fi
 ruff check .
 # the one-time model builds first, on every core (each test worker has one thread): the workers
 # then never wait on a build's lock

@@ -136,6 +136,36 @@ def test_a_typo_in_a_yaml_file_fails_naming_the_key(tmp_path):
     assert not home.exists() or not any(home.iterdir())
 
 
+NEWCOMER = [  # what a newcomer typed (and Hydra's own advice for a typo), and what the one line must say
+    ({}, ["+train.stpes=5"], "no such setting: train.stpes (did you mean train.steps?)"),
+    ({}, ["+optimizer.clip_cof=0.1", "train.steps=1"], "optimizer.clip_cof (did you mean optimizer.clip_coef?)"),
+    ({}, ["train.stpes=5"], "train.stpes: did you mean train.steps?"),
+    ({}, ["optimizer=ppp"], "no optimizer plugin named 'ppp' (registered: a2c, dpo, grpo, ppo, reinforce, rloo, sft)"),
+    ({}, ["reward=acting"], "name it in $RLHF_PLUGINS (RLHF_PLUGINS=my_module"),
+    ({}, ["policy=nope"], "the options of policy: embedded, gpt2, gpt2-imdb"),
+    ({"RLHF_PLUGINS": "my_plugn"}, [], "RLHF_PLUGINS names 'my_plugn', which is not importable"),
+]
+
+
+def test_a_newcomers_mistakes_are_refused_in_one_line_naming_the_fix(tmp_path):
+    """A key added with `+` that no schema has, a misspelled plugin module, a group option that
+    does not exist: one line each (no traceback, no search-path dump), before any model loads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(i: int) -> str | None:
+        env, args, message = NEWCOMER[i]
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        r = cli("rlhf-train", *args, cwd=cwd, env={"RLHF_HOME": str(cwd / "cache"), **env}, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        ok = r.returncode != 0 and len(lines) == 1 and lines[0].startswith("rlhf-train: ") and message in lines[0]
+        return None if ok and not (cwd / "cache").exists() else f"{args} {env}: rc {r.returncode}, stderr {r.stderr[-1500:]!r}"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failures = [f for f in pool.map(attempt, range(len(NEWCOMER))) if f]
+    assert not failures, "\n".join(failures)
+
+
 def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr

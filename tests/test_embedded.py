@@ -7,7 +7,9 @@ import pytest
 
 from rlhf.embedded import build, corpus
 
-TINY = build.BuildSpec(n_reviews=300, vocab_size=300, policy_steps=8, classifier_steps=8, batch_size=8)
+# targets a few steps always meet: these tests are about the cache, not the models' quality
+TINY = build.BuildSpec(n_reviews=300, vocab_size=300, policy_steps=8, classifier_steps=8, batch_size=8,
+                       policy_loss_target=99.0, classifier_accuracy_target=0.0, held_out=20)
 
 
 def test_generator_is_varied_and_deterministic():
@@ -61,6 +63,21 @@ def test_build_is_deterministic_cached_and_rebuilt_when_damaged(home, tmp_path, 
     build.ensure_built(TINY, quiet=True)
     assert (first / "sentiment" / "config.json").is_file()
     assert not [p for p in home.iterdir() if p.name.startswith(".building-")]
+
+
+def test_a_part_short_of_its_target_trains_on_then_fails_saying_what_it_reached(home):
+    from dataclasses import replace
+
+    short = replace(TINY, classifier_accuracy_target=1.01)  # never met: 8 steps, then 8 more a tenth at a time
+    with pytest.raises(build.TargetNotReached, match=r"sentiment classifier reached 0\.\d+ after 16 steps"):
+        build.ensure_built(short, quiet=True)
+    assert not [p for p in home.iterdir() if p.is_dir()]  # nothing left that looks built
+
+
+def test_the_default_build_records_what_each_part_reached(embedded_dir):
+    spec, manifest = build.BuildSpec(), json.loads((embedded_dir / "manifest.json").read_text())
+    assert manifest["reached"]["policy_held_out_loss"] <= spec.policy_loss_target
+    assert manifest["reached"]["classifier_held_out_accuracy"] >= spec.classifier_accuracy_target
 
 
 def test_default_classifier_loads_in_a_sentiment_pipeline(embedded_dir):

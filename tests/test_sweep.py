@@ -29,6 +29,7 @@ def sweep(tmp_path_factory, embedded_dir):
             "hydra.sweep.dir=sweep", cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sweep sweep: 6 runs, 6 completed, 0 failed" in r.stdout
+    (cwd / "terminal.txt").write_text(r.stdout + r.stderr)  # what the user's terminal showed
     return cwd / "sweep"
 
 
@@ -40,6 +41,14 @@ def test_parallel_sweep_runs_every_job_with_shared_cores(sweep):
     assert names == sorted(f"optimizer.beta={b},sampler.temperature={t}" for b in (0.01, 0.05, 0.2) for t in (0.7, 1.0))
     rows = [json.loads(x) for x in (sweep / "metrics_all.jsonl").read_text().splitlines()]
     assert {r["run"] for r in rows} == set(names) and sum("summary" in r for r in rows) == 6
+
+
+def test_parallel_jobs_write_a_line_at_each_evaluation_not_progress_bars_over_each_other(sweep):
+    terminal = (sweep.parent / "terminal.txt").read_text()
+    assert "rlhf-train:" not in terminal and "%|" not in terminal, terminal[-2000:]  # no tqdm bar
+    for b in (0.01, 0.05, 0.2):
+        for t in (0.7, 1.0):
+            assert f"optimizer.beta={b},sampler.temperature={t}: step 2/2, held-out reward" in terminal, terminal[-2000:]
 
 
 def test_compare_lists_the_runs_and_writes_plots_and_report(sweep):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from math import comb
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,22 @@ def test_grpo_raises_held_out_accuracy_on_the_arithmetic_task(tmp_path):
     r = cli("rlhf-train", "+experiment=arithmetic", "train.steps=150", "eval.every=150", "eval.samples=4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(next(tmp_path.rglob("summary.json")).read_text())
-    assert 0.3 < s["accuracy_start"] < 0.9  # the SFT model answers some held-out sums, not all
-    assert s["accuracy_end"] > s["accuracy_start"] + 0.03, s  # 800 samples each; measured 0.632 -> 0.701
+    # The SFT build trains until its expected accuracy on validation sums is in [0.55, 0.75]; builds
+    # of spec seeds 0-3 (standing in for machines that round differently) start at 0.536-0.598 here
+    assert 0.4 < s["accuracy_start"] < 0.85, s
+    # 800 samples each; measured gains +0.096 to +0.194 over those four builds and RL seeds 0 and 1
+    assert s["accuracy_end"] > s["accuracy_start"] + 0.05, s
     assert s["pass@4_end"] >= s["pass@4_start"] and s["pass@1_end"] == pytest.approx(s["accuracy_end"])
+    # the run ends by saying accuracy and pass@k beside the held-out reward
+    assert f"accuracy          {s['accuracy_start']:.3f} -> {s['accuracy_end']:.3f}" in r.stdout, r.stdout[-1000:]
+    assert "pass@8" in r.stdout and "pass@1 " not in r.stdout
+
+
+def test_the_arithmetic_build_says_what_it_reached_and_lands_in_its_band():
+    from rlhf.embedded.arithmetic import ArithmeticSpec, policy_path
+
+    spec = ArithmeticSpec()
+    built = json.loads((Path(policy_path()) / "built_by.json").read_text())
+    reached = built["reached"]
+    assert spec.target_low <= reached["expected_accuracy"] <= spec.target_high, reached
+    assert 0 < reached["steps"] <= spec.max_steps and reached["steps"] % spec.check_every == 0

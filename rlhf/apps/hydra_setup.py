@@ -9,6 +9,10 @@
 - The launcher of `hydra/launcher=joblib` (hydra_plugins.rlhf_launcher) made known to
   Hydra, whose scan of the `hydra_plugins` namespace misses it in an editable install.
 - Warnings printed as one line each, without the source line that raised them.
+- Every refusal before the command's own code is one line naming the key and the fix, not a
+  traceback or Hydra's search-path dump: a module of $RLHF_PLUGINS that is not there, a group
+  option that does not exist (what exists, and how a plugin module is named), a key added
+  with `+` that no schema has (the nearest field), a `_target_` that is not allowed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ def prepare() -> None:
     warnings.formatwarning = _one_line
     # our joblib.yaml takes the place of the joblib plugin's config of the same name, on purpose
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
-    registry.discover()
+    try:
+        registry.discover()
+    except registry.PluginError as e:
+        raise refusal(e) from None
     schema.store()
     _check_targets()
     _register_launcher()
@@ -46,12 +53,91 @@ def _check_targets() -> None:
             continue
 
         def checked(self, *args, _load=load, **kwargs):
-            cfg = _load(self, *args, **kwargs)
-            registry.check_targets(cfg, ALLOWED)
+            from hydra.errors import ConfigCompositionException, MissingConfigException
+
+            try:
+                cfg = _load(self, *args, **kwargs)
+            except MissingConfigException as e:
+                raise refusal(missing_option(e)) from None
+            except ConfigCompositionException as e:
+                raise refusal(composition_error(e)) from None
+            try:
+                registry.check_targets(cfg, ALLOWED)
+                schema.check_known_keys(cfg)
+            except (registry.PluginError, ValueError) as e:
+                raise refusal(e) from None
             return cfg
 
         checked.checks_targets = True
         setattr(ConfigLoaderImpl, name, checked)
+
+
+def command() -> str:
+    """This command's name as the user typed it (rlhf-train), or its module's (python -m)."""
+    import os
+    import sys
+
+    name = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "rlhf")
+    return name if name.startswith("rlhf-") else "rlhf-" + name.removesuffix(".py").replace("_cli", "").replace("_", "-")
+
+
+def refusal(e: BaseException | str) -> SystemExit:
+    """The one-line exit of a command that refuses its input: `<command>: <message>`, status 1.
+    (A SystemExit passes through Hydra, which would print an Exception with its search path.)"""
+    text = " ".join(str(e).split("\n")) if "\n" in str(e) else str(e)
+    return SystemExit(f"{command()}: {text}")
+
+
+def missing_option(e) -> str:
+    """A group option that does not exist: what exists, and how a plugin of one's own is named."""
+    path = str(e.missing_cfg_file or "")
+    group, _, name = path.rpartition("/")
+    options = ", ".join(e.options or []) or "none"
+    if group in {p.group for p in registry.plugins()}:
+        return (f"Could not find '{path}': no {group} plugin named {name!r} (registered: {options}). A plugin of your own is "
+                f"registered when its module is imported: name it in $RLHF_PLUGINS (RLHF_PLUGINS=my_module, a "
+                "my_module.py in the current directory or on PYTHONPATH) or install it with an `rlhf.plugins` entry "
+                "point; `rlhf-plugins` lists every registered plugin")
+    if not group:
+        return f"no config named {path!r}; check --config-name and --config-dir"
+    return (f"Could not find '{path}' (the options of {group}: {options}); a file of your own goes in <dir>/{group}/"
+            f"{name}.yaml with --config-dir <dir>" + ("; a model directory is policy.path=<dir>" if group == "policy" else ""))
+
+
+def composition_error(e: BaseException) -> str:
+    """Hydra's refusal of an override or a config file in one line: its reason, and for a key
+    that does not exist the nearest field (not Hydra's advice to add it with `+`, which a typed
+    group does not take)."""
+    import dataclasses
+    import re
+
+    def lines_of(x: object) -> list[str]:
+        return [line.strip() for line in str(x).splitlines() if line.strip()]
+
+    cause = e.__cause__
+    own, reason = lines_of(e) or [type(e).__name__], lines_of(cause) if cause is not None else []
+    if reason:  # Hydra's line, then the cause's (not Hydra's advice on the next line of its own)
+        text = f"{own[0].rstrip('.:')}: {reason[0]}"
+    else:  # a config file's error: the reason is on the line after the colon
+        text = f"{own[0].rstrip(':')}: {own[1]}" if own[0].endswith(":") and len(own) > 1 else own[0]
+    lines = own + reason
+    full = getattr(cause, "full_key", None) or next((m[1] for x in lines if (m := re.match(r"full_key: (\S+)", x))), None)
+    kind = getattr(cause, "object_type", None) or _schema_named(next(
+        (m[1] for x in lines if (m := re.match(r"object_type=(\w+)", x))), ""))
+    if full and kind is not None and dataclasses.is_dataclass(kind):
+        path, _, key = str(full).rpartition(".")
+        if key not in {f.name for f in dataclasses.fields(kind)}:
+            text += f"; {full}: {schema.nearest_field(kind, key, path)}"
+    return text
+
+
+def _schema_named(name: str) -> type | None:
+    """The typed schema (a command's or a plugin's) of this class name, if there is one."""
+    import dataclasses
+
+    known = {c.__name__: c for c in vars(schema).values() if isinstance(c, type) and dataclasses.is_dataclass(c)}
+    known.update({p.config.__name__: p.config for p in registry.plugins()})
+    return known.get(name)
 
 
 def _register_launcher() -> None:

@@ -123,7 +123,8 @@ def _train(cfg: DictConfig) -> float:
                     owner = None
                 rundir.discard_if_empty(run_dir)
                 raise Refused(f"rlhf-train: {e}") from None
-            s = trainer.fit(resume=resume, preemption=stop, started=started if resume or single else None)
+            s = trainer.fit(resume=resume, preemption=stop, started=started if resume or single else None,
+                            progress_bar=parallel_jobs() <= 1)  # jobs side by side: a line each, not bars over each other
         except (Requeued, Interrupted):
             raise
         except KeyboardInterrupt:  # before training started, or a second Ctrl-C
@@ -161,6 +162,10 @@ def _train(cfg: DictConfig) -> float:
     (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a resumed run that ends well has no error to show
     print(f"held-out reward   {s['reward_start']:.3f} -> {s['reward_end']:.3f}")
     print(f"KL to reference   {s['kl_start']:.3f} -> {s['kl_end']:.3f} nats")
+    for key in ["accuracy", *sorted((k.removesuffix("_end") for k in s if k.startswith("pass@") and k.endswith("_end")),
+                                    key=lambda k: int(k[5:]))]:
+        if f"{key}_end" in s and key != "pass@1":  # (eval.pass_at_k: pass@1 is the accuracy)
+            print(f"{key:<17} {s[f'{key}_start']:.3f} -> {s[f'{key}_end']:.3f}")
     print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
     if (run_dir / rundir.OPTIMUM).is_file():  # eval.kl_to_optimum: the trained policy beside pi_ref and pi*
         import json

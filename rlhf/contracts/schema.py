@@ -201,8 +201,59 @@ def store() -> None:
     cs.store(name="rlhf_make_pairs_schema", node=MakePairsRunConfig)
 
 
+def unknown_keys(cfg: Any) -> list[str]:
+    """Keys of typed nodes (the schemas above, plugins' Config dataclasses) that their dataclass
+    does not have, each with the nearest field: `+train.stpes=5` adds one (Hydra lets `+` add
+    a key to a typed node), and nothing would ever read it. Hydra's own section is not checked."""
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig
+
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, DictConfig):
+            kind = node._metadata.object_type
+            if kind is not None and dataclasses.is_dataclass(kind):
+                fields = [f.name for f in dataclasses.fields(kind)]
+                for key in node.keys():
+                    if str(key) not in fields and not (not path and key == "hydra"):
+                        found.append(f"{path + '.' if path else ''}{key} ({nearest_field(kind, str(key), path)})")
+            for key in node.keys():
+                if not path and key == "hydra":
+                    continue
+                walk(node._get_node(key), f"{path}.{key}" if path else str(key))
+        elif isinstance(node, ListConfig):
+            for i in range(len(node)):
+                walk(node._get_node(i), f"{path}[{i}]")
+
+    walk(cfg, "")
+    return found
+
+
+def nearest_field(kind: type, key: str, path: str) -> str:
+    """What to type instead of `path.key`, a key dataclass `kind` lacks: "did you mean
+    path.<nearest field>?", or the fields there are."""
+    import dataclasses
+    import difflib
+
+    fields = [f.name for f in dataclasses.fields(kind) if f.name != "_target_"]
+    near = difflib.get_close_matches(key, fields, n=1)
+    prefix = f"{path}." if path else ""
+    return f"did you mean {prefix}{near[0]}?" if near else f"{path or 'the config'} has {', '.join(fields)}"
+
+
+def check_known_keys(cfg: Any) -> None:
+    """ValueError naming every key no schema has (see unknown_keys), in one line."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"no such setting: {'; '.join(unknown)}. A `+` adds a key, which a typed group does not take: "
+                         "set an existing field without it")
+
+
 def validate(cfg: Any) -> None:
     """Missing values and range checks Hydra's types cannot express; run before any model loads."""
+    check_known_keys(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(

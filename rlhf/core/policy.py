@@ -355,6 +355,15 @@ class Policy:
             self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         return self._keeps_logits
 
+    @property
+    def cache_argument(self) -> str:
+        """The name the model's forward takes its KV cache by, and returns it under: `cache` from
+        transformers 5.2x (which deprecates `past_key_values`, removed in 5.40), else `past_key_values`."""
+        import inspect
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
     def _response_logits_only(self, input_ids: torch.Tensor, query_len: int) -> dict:
         """Ask for the logits of the last T + 1 positions only: the query's rows of the
         vocabulary projection are never computed."""

@@ -122,15 +122,16 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
     model, pad = policy.model, policy.tokenizer.pad_token_id
     ends = torch.tensor(policy.eos_ids, dtype=torch.long, device=ids.device)
     keep_last = {"logits_to_keep": 1} if policy.keeps_logits else {}
+    cache_name = policy.cache_argument
     attn, x = qmask, ids
     pos = position_ids(qmask)
     cache = None
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, logps, values = [], [], []
     for _ in range(gen.get("max_new_tokens", 20)):
-        out = model(input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-                    output_hidden_states=with_values, **keep_last)
-        cache = out.past_key_values
+        out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, output_hidden_states=with_values,
+                    **{cache_name: cache}, **keep_last)
+        cache = out[cache_name]
         logits = out.logits[:, -1].float()  # (B, V)
         u = torch.rand(total, 1, dtype=torch.float64, device=ids.device, generator=g)[offset : offset + ids.shape[0]]
         y = _draw(logits, gen, u)  # (B,)

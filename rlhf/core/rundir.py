@@ -5,8 +5,8 @@
         .hydra/overrides.yaml   the command line's overrides (Hydra)
         metrics.jsonl           one JSON object per logged step (RunRecorder)
         summary.json            the final figures (RunRecorder)
-        samples/step_N.jsonl    held-out generations of each evaluation
-        checkpoints/step_N/     complete checkpoints (rlhf.core.checkpoint)
+        samples/step_00040.jsonl   held-out generations of each evaluation (5 digits)
+        checkpoints/step_000040/   complete checkpoints (6 digits; rlhf.core.checkpoint)
         final/                  the trained adapters (or weights), value head and tokenizer
         error.txt               the traceback of a run that raised
         .lock                   the owner's pid, host and command while a process owns the run

@@ -291,7 +291,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self, resume: Path | list[Path] | None = None, preemption: Preemption | Interrupt | None = None,
-            started: Callable[[], None] | None = None) -> dict[str, Any]:
+            started: Callable[[], None] | None = None, progress_bar: bool = True) -> dict[str, Any]:
         """Train, evaluate and log; with `resume` (a checkpoint directory, or a run's complete
         checkpoints oldest first), continue from it. `started` is called once the run is set
         up (after its checkpoint has loaded): the command records the run's config then.
@@ -300,7 +300,8 @@ class Trainer:
         collective).
         With `preemption` (submitit's preemption, or Ctrl-C and SIGTERM), the signal ends the
         run at the end of the step it arrives in, with a checkpoint; submitit requeues it, an
-        interrupted run says how to resume it."""
+        interrupted run says how to resume it. `progress_bar=False` (jobs sharing a terminal): no progress
+        bar, one line at each evaluation instead."""
         from tqdm import tqdm
 
         cfg, main = self.cfg, distributed.is_main()
@@ -352,7 +353,7 @@ class Trainer:
         if preemption is not None:
             preemption.arm()  # from here a signal waits for the end of the step
         bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="rlhf-train", mininterval=1, dynamic_ncols=True,
-                   initial=start, total=cfg.train.steps, disable=not main)
+                   initial=start, total=cfg.train.steps, disable=not (main and progress_bar))
         for step in bar:
             metrics = self.train_step()
             emit(metrics, step)  # the NaN itself is logged, not filtered out
@@ -372,6 +373,9 @@ class Trainer:
             if evaluates and due:
                 last = self.evaluate(step)
             if main and due:
+                if not progress_bar:
+                    print(f"{self.run.name}: step {step}/{cfg.train.steps}, held-out reward {last['eval/reward']:.3f}, "
+                          f"KL {last['eval/kl']:.3f}", flush=True)
                 emit(last, step)
                 emit_samples(step)
                 diagnose(step)
