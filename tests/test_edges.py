@@ -333,7 +333,8 @@ def test_a_damaged_embedded_build_is_rebuilt_saying_what_was_wrong(tmp_path, mon
     from rlhf.embedded import build
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path))
-    spec = build.BuildSpec(n_reviews=64, vocab_size=300, policy_steps=2, classifier_steps=2, batch_size=8)
+    spec = build.BuildSpec(n_reviews=64, vocab_size=300, policy_steps=2, classifier_steps=2, batch_size=8,
+                           policy_loss_target=99.0, classifier_accuracy_target=0.0, held_out=8)  # targets 2 steps meet
     target = build.ensure_built(spec, quiet=True)
     weights = target / "policy" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0" * 10)

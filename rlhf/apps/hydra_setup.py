@@ -1,11 +1,13 @@
 """What every Hydra command of the project does before Hydra starts.
 
 - Plugins discovered and every schema stored, so `optimizer=ppo` and typed overrides work.
-- Every `_target_` of the config Hydra composes is checked before Hydra builds anything:
-  Hydra instantiates `hydra.callbacks`, the launcher and the sweeper, and Python's logging
-  builds the handlers of `hydra.job_logging`, from whatever the composed config names,
-  before a command's own code runs; a YAML passed with --config-dir could name any function
-  there. Hydra's composition is wrapped (for this process) with `registry.check_targets`.
+- Every config Hydra composes is checked before Hydra uses any of it (`rlhf.contracts.safety`):
+  Hydra instantiates `hydra.callbacks`, the launcher and the sweeper, Python's logging builds
+  the handlers of `hydra.job_logging`, and a launcher runs what it is given, before a
+  command's own code runs; a YAML passed with --config-dir could name any function there.
+  Hydra's composition is wrapped (for this process) with that check. The keys of the user's
+  own command line are remembered for the processes the command starts (they may set fields
+  that run code; a file may not).
 - The launcher of `hydra/launcher=joblib` (hydra_plugins.rlhf_launcher) made known to
   Hydra, whose scan of the `hydra_plugins` namespace misses it in an editable install.
 - Warnings printed as one line each, without the source line that raised them.
@@ -17,9 +19,10 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
-from rlhf.contracts import registry, schema
+from rlhf.contracts import registry, safety, schema
 
 # the commands' own classes that their configs name
 ALLOWED = ("rlhf.apps.sweep.SweepCallback", "rlhf.apps.sweep.Prepare", "hydra_plugins.rlhf_launcher.")
@@ -33,6 +36,7 @@ def prepare() -> None:
         registry.discover()
     except registry.PluginError as e:
         raise refusal(e) from None
+    safety.remember_command_line(sys.argv[1:])
     schema.store()
     _check_targets()
     _register_launcher()
@@ -62,7 +66,7 @@ def _check_targets() -> None:
             except ConfigCompositionException as e:
                 raise refusal(composition_error(e)) from None
             try:
-                registry.check_targets(cfg, ALLOWED)
+                safety.check(cfg, ALLOWED)
                 schema.check_known_keys(cfg)
             except (registry.PluginError, ValueError) as e:
                 raise refusal(e) from None
@@ -75,7 +79,6 @@ def _check_targets() -> None:
 def command() -> str:
     """This command's name as the user typed it (rlhf-train), or its module's (python -m)."""
     import os
-    import sys
 
     name = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "rlhf")
     return name if name.startswith("rlhf-") else "rlhf-" + name.removesuffix(".py").replace("_cli", "").replace("_", "-")

@@ -204,7 +204,8 @@ def store() -> None:
 def unknown_keys(cfg: Any) -> list[str]:
     """Keys of typed nodes (the schemas above, plugins' Config dataclasses) that their dataclass
     does not have, each with the nearest field: `+train.stpes=5` adds one (Hydra lets `+` add
-    a key to a typed node), and nothing would ever read it. Hydra's own section is not checked."""
+    a key to a typed node), and nothing would ever read it. Hydra's own section is not checked,
+    nor the top level, where `+tag=...` labels a run (rlhf-compare shows it as a knob)."""
     import dataclasses
 
     from omegaconf import DictConfig, ListConfig
@@ -214,10 +215,10 @@ def unknown_keys(cfg: Any) -> list[str]:
     def walk(node: Any, path: str) -> None:
         if isinstance(node, DictConfig):
             kind = node._metadata.object_type
-            if kind is not None and dataclasses.is_dataclass(kind):
+            if path and kind is not None and dataclasses.is_dataclass(kind):  # (the root takes tags: +tag=...)
                 fields = [f.name for f in dataclasses.fields(kind)]
                 for key in node.keys():
-                    if str(key) not in fields and not (not path and key == "hydra"):
+                    if str(key) not in fields:
                         found.append(f"{path + '.' if path else ''}{key} ({nearest_field(kind, str(key), path)})")
             for key in node.keys():
                 if not path and key == "hydra":
