@@ -41,6 +41,78 @@ def test_a_hydra_callback_or_logging_handler_that_calls_anything_is_refused(tmp_
         assert not victim.exists()
 
 
+EXPERIMENT = "# @package _global_\n"
+# (files of a --config-dir handed around, the key the one-line refusal must name): every field that
+# can execute, import, unpickle or start a process, through each door Hydra opens
+CODE_FROM_YAML = [
+    ({"hydra/launcher/x.yaml": "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher\n"
+                               "setup: ['touch {victim}']\n",
+      "experiment/x.yaml": EXPERIMENT + "defaults:\n  - override /hydra/launcher: x\nhydra:\n  mode: MULTIRUN\n"},
+     "hydra.launcher.setup[0]"),
+    ({"hydra/launcher/x.yaml": "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher\n"
+                               "python: 'touch {victim}; python'\n",
+      "experiment/x.yaml": EXPERIMENT + "defaults:\n  - override /hydra/launcher: x\nhydra:\n  mode: MULTIRUN\n"},
+     "hydra.launcher.python"),
+    ({"hydra/launcher/x.yaml": "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher\n"
+                               "srun_args: ['--prolog=touch {victim}']\n",
+      "experiment/x.yaml": EXPERIMENT + "defaults:\n  - override /hydra/launcher: x\nhydra:\n  mode: MULTIRUN\n"},
+     "hydra.launcher.srun_args[0]"),
+    ({"experiment/x.yaml": EXPERIMENT + "hydra:\n  job:\n    env_set:\n      RLHF_PLUGINS: evil\n",
+      "../evil.py": "import pathlib\npathlib.Path('{victim}').touch()\n"}, "hydra.job.env_set.RLHF_PLUGINS"),
+    ({"experiment/x.yaml": EXPERIMENT + "hydra:\n  mode: MULTIRUN\n  callbacks:\n    prepare:\n"
+                           "      _target_: rlhf.apps.sweep.Prepare\n      commands:\n"
+                           "        x: [rlhf-train-rm, '--experimental-rerun={victim}.pickle']\n"},
+     "hydra.callbacks.prepare.commands.x[1]"),
+    ({"experiment/x.yaml": EXPERIMENT + "hydra:\n  job_logging:\n    handlers:\n      console:\n"
+                           "        stream: ext://this.s\n"}, "hydra.job_logging.handlers.console.stream"),
+    ({"experiment/x.yaml": EXPERIMENT + "hydra:\n  job_logging:\n    filters:\n      f:\n        (): pathlib.Path.touch\n"
+                           "        self: {victim}\n"}, "hydra.job_logging.filters.f.()"),
+    ({"experiment/x.yaml": EXPERIMENT + "hydra:\n  hydra_logging:\n    handlers:\n      console:\n"
+                           "        stream: cfg://handlers.console\n"}, "hydra.hydra_logging.handlers.console.stream"),
+    ({"mine.yaml": "defaults:\n  - config\n  - _self_\nhydra:\n  searchpath: ['pkg://evil']\n",  # a primary config
+      "experiment/x.yaml": EXPERIMENT}, "hydra.searchpath[0]"),
+    ({"experiment/x.yaml": EXPERIMENT + "policy:\n  trust_remote_code: true\n"}, "policy.trust_remote_code"),
+    ({"experiment/x.yaml": EXPERIMENT + "reward:\n  trust_remote_code: true\n"}, "reward.trust_remote_code"),
+]
+
+
+def test_a_config_file_cannot_run_import_or_unpickle_anything(tmp_path):
+    """Each door a YAML file handed around could open, refused in one line naming the key before
+    anything runs; the same key typed on the user's own command line is theirs to set."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(i: int) -> str | None:
+        files, key = CODE_FROM_YAML[i]
+        cwd = tmp_path / str(i)
+        victim = cwd / "pwned"
+        for name, text in files.items():
+            (cwd / "conf" / name).parent.mkdir(parents=True, exist_ok=True)
+            (cwd / "conf" / name).write_text(text.replace("{victim}", str(victim)))
+        primary = ["--config-name", "mine"] if "mine.yaml" in files else []
+        r = cli("rlhf-train", "--config-dir", str(cwd / "conf"), *primary, "+experiment=x", "train.steps=1", *TINY,
+                cwd=cwd, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        ok = r.returncode != 0 and len(lines) == 1 and f"{key}:" in lines[0] and not victim.exists()
+        return None if ok and not (cwd / "multirun").exists() else f"{key}: rc {r.returncode}, {r.stderr[-1500:]!r}"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failures = [f for f in pool.map(attempt, range(len(CODE_FROM_YAML))) if f]
+    assert not failures, "\n".join(failures)
+
+    # the user's own command line may set such a key (their command is theirs to run)
+    r = cli("rlhf-train", "+hydra.job.env_set.RLHF_TEST_MARK=1", "train.steps=1", *TINY, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_prepare_command_takes_overrides_only():
+    from rlhf.apps.sweep import Prepare
+
+    Prepare({"pairs": ["rlhf-make-pairs", "data.n_train=10", "+x=1", "~y", "pairs.out={sweep_dir}/p.jsonl"]})
+    for flag in ("--experimental-rerun=x.pickle", "-cp", "--config-dir=/tmp"):
+        with pytest.raises(ValueError, match="is not an override"):
+            Prepare({"pairs": ["rlhf-make-pairs", flag]})
+
+
 # ---------------------------------------------------------------------------- 8. the labelling page's doors
 
 

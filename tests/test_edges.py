@@ -255,6 +255,8 @@ def test_a_checkpoint_damaged_in_place_is_named_and_the_one_before_it_used(finis
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{weights} does not have the contents checkpoint.json lists" in r.stderr
     assert json.loads((run / rundir.SUMMARY).read_text())["resumed_from_step"] == 2
+    # the one "resuming" line names the checkpoint really loaded, not the newest one on disk
+    assert f"resuming {run} from step_000002 (step 2)" in r.stdout and "step_000004" not in r.stdout, r.stdout[-2000:]
 
 
 def test_rotation_orders_checkpoints_by_step_not_by_name(tmp_path):

@@ -177,3 +177,102 @@ def test_same_seed_same_metrics_and_another_seed_other_metrics(tmp_path, embedde
     assert texts["a"] == texts["b"]
     train_rows = lambda t: [row for row in map(json.loads, t.splitlines()) if "train/reward" in row]  # noqa: E731
     assert train_rows(texts["a"]) != train_rows(texts["c"])  # the seed reaches the training batches
+
+
+# ---------------------------------------------------------------------------- a forced resume does what it says
+
+TOY = ["train.steps=2", "train.batch_size=8", "data.n_train=8", "data.n_eval=4", "eval.every=2",
+       "checkpoint.every=1", "eval.kl_to_optimum=false", "threads=1", "train.lr_schedule=constant"]
+PRESETS = {"dpo": ["+experiment=toy_bandit_dpo", "data.n_train=16"], "sft": ["+experiment=toy_bandit_dpo",
+           "data.n_train=16", "optimizer=sft"]}  # the others: +experiment=toy_bandit optimizer=<name>
+# a value other than the default for fields that are not numbers or booleans (with what it needs)
+OTHER = {"kl_estimator": ["k3"], "advantage": ["nstep"], "baseline": ["batch"], "kl_penalty": ["loss", "kl_estimator=k3"],
+         "loss_aggregation": ["sum"], "loss_type": ["ipo"]}
+
+
+def _changed(field: str, value) -> list[str] | None:
+    """Overrides that set optimizer.<field> to another valid value (None: not a setting to change here)."""
+    if field in OTHER:
+        other = OTHER[field]
+        return None if other is None else [f"optimizer.{field}={other[0]}", *[f"optimizer.{o}" for o in other[1:]]]
+    if isinstance(value, bool):
+        return [f"optimizer.{field}={str(not value).lower()}"]
+    if isinstance(value, int):
+        return [f"optimizer.{field}={value + 1}"]
+    if isinstance(value, float):
+        return [f"optimizer.{field}={value * 0.5 if value else 0.25}"]
+    return None
+
+
+def _in_force(trainer, field: str):
+    """The value a step of `trainer` uses for optimizer.<field>: the torch optimizer's for lr, the KL
+    controller's for beta (state a checkpoint restores), the plugin's own config for the rest."""
+    if field == "lr":
+        return trainer.torch_optimizer.param_groups[0]["lr"]
+    if field == "beta" and hasattr(trainer.optimizer, "shaping"):
+        return trainer.optimizer.shaping.beta
+    return getattr(trainer.optimizer.cfg, field)
+
+
+@pytest.mark.parametrize("optimizer", ["ppo", "a2c", "reinforce", "rloo", "grpo", "dpo", "sft"])
+def test_every_setting_a_forced_resume_changes_is_the_one_in_force(tmp_path, optimizer):
+    """resume_force=true lets every setting but RESUME_NEVER change; each must then be the value the
+    next step uses, not what the checkpoint's state held (Adam's lr, the KL controller's beta, the
+    seed's streams, the schedule), for every field of every optimizer plugin."""
+    from omegaconf import OmegaConf
+
+    from rlhf.contracts import schema
+    from rlhf.core import rundir
+    from rlhf.core.trainer import Trainer
+
+    base = [*PRESETS.get(optimizer, ["+experiment=toy_bandit", f"optimizer={optimizer}"]), *TOY]
+    cfg = schema.compose(base)
+    run = tmp_path / "run"
+    Trainer(cfg, run).fit()
+    (run / rundir.HYDRA).mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run / rundir.CONFIG)  # the run's record, as rlhf-train writes it
+    saved = checkpoint.complete(run)
+
+    def resumed(*overrides: str) -> Trainer:
+        t = Trainer(schema.compose([*base, *overrides, "resume_force=true"]), run)
+        t.restore(saved)
+        return t
+
+    fields = OmegaConf.to_container(cfg.optimizer)
+    tried = []
+    for field, value in fields.items():
+        overrides = None if field == "_target_" or value is None else _changed(field, value)
+        if overrides is None:
+            continue
+        t = resumed(*overrides)
+        want = getattr(t.optimizer.cfg, field)
+        assert want != value and _in_force(t, field) == want, (field, value, want, _in_force(t, field))
+        assert field in {k.split(".", 1)[1] for k in t.resume_changes if k.startswith("optimizer.")}
+        tried.append(field)
+    assert {"lr"} <= set(tried) and (optimizer == "sft" or "beta" in tried), tried
+
+    # the seed: new streams from the step after the checkpoint (not the checkpoint's)
+    t = resumed("seed=7")
+    assert torch.initial_seed() == 7 + 2 and t.resume_changes == {"seed": (0, 7)}
+    # a schedule switched on: the lr it gives at this step, from the configured lr
+    t = resumed("train.lr_schedule=linear", "train.steps=4")
+    assert t.torch_optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * (1 - 2 / 4))
+    # other data: a new pass over it (the old order indexes rows it may not have)
+    t = resumed("data.n_train=4")
+    assert t.source.order.order == [] and all(i < 4 for i in t.source.order.take(4))
+
+
+def test_a_forced_change_is_what_the_resumed_steps_log_and_the_run_says_from_which_step(tmp_path, embedded_dir):
+    args = ["train.steps=2", "checkpoint.every=1", "eval.every=2", *SMALL]
+    assert cli("rlhf-train", *args, cwd=tmp_path).returncode == 0
+    run = run_dir(tmp_path)
+    r = cli("rlhf-train", f"resume={run}", "optimizer.beta=0.9", "train.steps=4", "resume_force=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {run} from step_000002 (step 2); with resume_force=true, from step 3 on: optimizer.beta 0.05 -> 0.9" \
+        in r.stdout, r.stdout[-2000:]
+    betas = {row["step"]: row["objective/beta"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "objective/beta" in row}
+    assert betas == {1: 0.05, 2: 0.05, 3: 0.9, 4: 0.9}
+    # what can never change, not even forced
+    r = cli("rlhf-train", f"resume={run}", "optimizer=a2c", "resume_force=true", cwd=tmp_path)
+    assert r.returncode != 0 and "optimizer._target_ say what its checkpoint holds" in r.stderr, r.stderr[-2000:]

@@ -74,6 +74,21 @@ def _check_targets() -> None:
 
         checked.checks_targets = True
         setattr(ConfigLoaderImpl, name, checked)
+    search = ConfigLoaderImpl._process_config_searchpath
+    if not getattr(search, "checks_targets", False):
+        def checked_search(self, config_name, parsed_overrides, repo, _search=search):
+            from omegaconf import OmegaConf
+
+            if config_name is not None and not any(o.get_key_element() == "hydra.searchpath" for o in parsed_overrides):
+                loaded = repo.load_config(config_path=config_name)  # (Hydra loads it next, from the same cache)
+                try:
+                    safety.check_searchpath(OmegaConf.select(loaded.config, "hydra.searchpath") if loaded else None)
+                except registry.PluginError as e:
+                    raise refusal(e) from None
+            return _search(self, config_name, parsed_overrides, repo)
+
+        checked_search.checks_targets = True
+        ConfigLoaderImpl._process_config_searchpath = checked_search
 
 
 def command() -> str:

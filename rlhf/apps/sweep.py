@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class SweepCallback(Callback):
 
 # the commands a sweep may run before its jobs: the project's own, each by its module
 COMMANDS = {"rlhf-make-pairs": "rlhf.apps.make_pairs", "rlhf-train-rm": "rlhf.apps.train_rm"}
+OVERRIDE = re.compile(r"^(\+\+?|~)?[A-Za-z_][\w.@/-]*(=|$)")  # Hydra's key=value, +key=value, ~key
 
 
 class Prepare(Callback):
@@ -48,6 +50,10 @@ class Prepare(Callback):
             if not c or c[0] not in COMMANDS:
                 raise ValueError(f"hydra.callbacks.prepare.commands.{name}: {c[:1]} is not a command a sweep runs; "
                                  f"one of {', '.join(COMMANDS)}, then its overrides")
+            flags = [a for a in c[1:] if not OVERRIDE.match(a)]
+            if flags:  # a flag (--experimental-rerun, --config-dir, -cp) would act before the command checks anything
+                raise ValueError(f"hydra.callbacks.prepare.commands.{name}: {flags[0]!r} is not an override (key=value); "
+                                 "a prepare command takes overrides only")
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         import subprocess

@@ -99,13 +99,15 @@ def _train(cfg: DictConfig) -> float:
             raise SystemExit(f"rlhf-train: resume={cfg.resume}: no complete checkpoint in {run_dir}")
         if resume is None and distributed.is_main():  # requeued before its first checkpoint: from the start
             (run_dir / rundir.METRICS).unlink(missing_ok=True)
+    trainer = None
+
     def started() -> None:  # .hydra/: the config this run trains with, once it has loaded
+        if resume and distributed.is_main():  # the checkpoint really loaded, and what a forced resume changed
+            print(f"{'requeued: ' if same_job else ''}{trainer.resume_line()}", flush=True)
         if distributed.is_main():
             rundir.write_record(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
 
-    if resume:
-        print(f"{'requeued: ' if same_job else ''}resuming {run_dir} from {resume[-1].name}")
-    elif not single:
+    if not resume and not single:
         started()  # a new job of a sweep: at once, so that the sweep's report lists it however it ends
 
     share_cores(cfg.threads)
@@ -225,13 +227,6 @@ def save_error(run_dir: Path, text: str) -> None:
               file=sys.stderr, flush=True)
 
 
-# Settings a resumed run may change: they decide how long it runs, what it logs and
-# where, not what a step computes (a linear lr schedule makes train.steps one that does;
-# parallel changes only the order of floating-point sums).
-RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "checkpoint.", "threads", "device",
-                     "parallel", "resume", "resume_force")
-
-
 def resume_argv(argv: list[str]) -> list[str]:
     """`rlhf-train resume=<run dir> [overrides]` -> the run's own overrides, then the new
     ones, in the run's own directory. Refuses (SystemExit, naming the fields) when the new
@@ -257,19 +252,25 @@ def resume_argv(argv: list[str]) -> list[str]:
         prospective = schema.compose([*before, *[a for a in new if not a.startswith("hydra.")]])
     except Exception as e:
         raise SystemExit(f"rlhf-train: resume={run_dir}: the overrides do not compose: {e}") from e
-    old_flat, new_flat = rundir.flatten(OmegaConf.to_container(recorded)), rundir.flatten(OmegaConf.to_container(prospective))
-    may_change = RESUME_MAY_CHANGE if prospective.train.lr_schedule == "constant" else RESUME_MAY_CHANGE[1:]
-    changed = sorted(k for k in set(old_flat) | set(new_flat)
-                     if old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>") and not k.startswith(may_change))
-    if changed and not prospective.resume_force:
-        shown = "; ".join(f"{k}: {old_flat.get(k, '<absent>')!r} -> {new_flat.get(k, '<absent>')!r}" for k in changed[:12])
+    changes = rundir.resume_changes(OmegaConf.to_container(recorded), OmegaConf.to_container(prospective))
+    shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:12])
+    never = [k for k in changes if k.startswith(rundir.RESUME_NEVER)]
+    if changes and not prospective.resume_force:
         raise SystemExit(
             f"rlhf-train: resume={run_dir} refused: these settings change what a step computes, so the run would "
-            f"not continue the one it resumes: {shown}{' ...' if len(changed) > 12 else ''}. "
-            "Start a new run, or add resume_force=true to continue anyway."
+            f"not continue the one it resumes: {shown}{' ...' if len(changes) > 12 else ''}. "
+            + (f"Start a new run (it may go on from this one: policy.path={run_dir}); {', '.join(never)} cannot change "
+               "on a resume, not even with resume_force=true." if never else
+               "Start a new run, or add resume_force=true to continue with them in effect from the step after the checkpoint.")
         )
-    if changed:
-        log.warning("resuming with changed settings (resume_force=true): %s", ", ".join(changed))
+    if never:
+        raise SystemExit(
+            f"rlhf-train: resume={run_dir} refused: {', '.join(never)} say what its checkpoint holds (another "
+            f"optimizer's state, adapters for another model), so not even resume_force=true continues it with "
+            f"{'them' if len(never) > 1 else 'it'} changed; start a new run from it: rlhf-train policy.path={run_dir} ..."
+        )
+    if changes:  # (the run says from which step they are in effect once its checkpoint has loaded)
+        log.warning("resuming with changed settings (resume_force=true): %s", ", ".join(changes))
     # the run's own overrides, then the new ones; its directory; one run even if a preset sweeps
     # quoted: a sweep job's directory is named by its overrides (optimizer.beta=0.1,seed=1)
     return [argv[0], *before, *new, f"resume={_quoted(run_dir)}", f"hydra.run.dir={_quoted(run_dir)}", "hydra.mode=RUN"]

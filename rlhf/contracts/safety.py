@@ -100,6 +100,16 @@ def _empty(value: Any) -> bool:
     return value is None or value is False or value == "" or (hasattr(value, "__len__") and len(value) == 0)
 
 
+def check_searchpath(values: Any, user_keys: frozenset[str] | None = None) -> None:
+    """A primary config's `hydra.searchpath`, before Hydra opens it: a `pkg://` entry imports that
+    package while Hydra composes, before `check` can see the composed config."""
+    keys = command_line_keys() if user_keys is None else user_keys
+    bad = [f"hydra.searchpath[{i}]: {v} imports that package; a config file may not set it (set it on the command line "
+           "if you mean it)" for i, v in enumerate(values or []) if str(v).startswith("pkg://")]
+    if bad and not _set_by_user("hydra.searchpath", keys):
+        raise PluginError("the config asks for what a config file may not do: " + "; ".join(bad))
+
+
 def check(cfg: Any, allowed: tuple[str, ...] = (), user_keys: frozenset[str] | None = None) -> None:
     """Refuse (PluginError, one line naming every key) a composed config that could make the
     command execute, import, unpickle or start anything a config file may not (module doc)."""
@@ -119,7 +129,12 @@ def check(cfg: Any, allowed: tuple[str, ...] = (), user_keys: frozenset[str] | N
         bad.append(f"{where}: {what}")
 
     def runs_code(where: str, value: Any, why: str) -> None:
-        if not _empty(value) and not _set_by_user(where, keys):
+        """Every non-empty leaf of `value` (a dict's entries, a list's items) set by the user, or refused."""
+        if isinstance(value, (DictConfig, ListConfig)) and not _empty(value):
+            items = value.items() if isinstance(value, DictConfig) else enumerate(value)
+            for k, v in items:
+                runs_code(f"{where}.{k}" if isinstance(value, DictConfig) else f"{where}[{k}]", v, why)
+        elif not _empty(value) and not _set_by_user(where, keys):
             refuse(where, f"{why}; a config file may not set it (set it on the command line if you mean it)")
 
     def scalar(node: DictConfig, key: str, where: str, logging: bool, parent: str) -> None:

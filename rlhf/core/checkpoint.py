@@ -187,6 +187,14 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # every CUDA device too
 
 
+def with_generators_of(saved: Any, fresh: Any) -> Any:
+    """`saved` (a source's state) with every random generator's state ("rng") taken from `fresh`:
+    the data position kept, the streams those of a new seed."""
+    if isinstance(saved, dict) and isinstance(fresh, dict):
+        return {k: fresh[k] if k == "rng" and k in fresh else with_generators_of(v, fresh.get(k)) for k, v in saved.items()}
+    return saved
+
+
 def rng_state() -> dict[str, Any]:
     """Every random number generator the run draws from."""
     import random

@@ -311,8 +311,9 @@ class Shuffled:
         return out
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "order": list(self.order)}
+        return {"rng": self.rng.getstate(), "order": list(self.order), "n": self.n}
 
     def load_state_dict(self, state: dict) -> None:
+        """The saved position; over data of another size (a forced resume), a new pass from here."""
         self.rng.setstate(state["rng"])
-        self.order = list(state["order"])
+        self.order = list(state["order"]) if state.get("n", self.n) == self.n else []

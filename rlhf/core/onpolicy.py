@@ -53,11 +53,13 @@ class KLShapedAdvantages:
         return self.kl_ctl.beta
 
     def state_dict(self) -> dict:
-        """What a resumed run needs: the adaptive controller's current beta."""
-        return {"beta": self.kl_ctl.beta}
+        """What a resumed run needs: the adaptive controller's current beta (and the beta it was
+        configured with, so that a resume forced to another beta starts from that one)."""
+        return {"beta": self.kl_ctl.beta, "beta_configured": self.cfg.beta}
 
     def load_state_dict(self, state: dict) -> None:
-        self.kl_ctl.beta = state["beta"]
+        if state.get("beta_configured", self.cfg.beta) == self.cfg.beta:
+            self.kl_ctl.beta = state["beta"]
 
     @torch.no_grad()
     def __call__(self, r: Rollout, n_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -52,6 +52,26 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Settings a resumed run may change: they decide how long it runs, what it logs and where, not
+# what a step computes (a linear lr schedule makes train.steps one that does; parallel changes
+# only the order of floating-point sums). Any other change needs resume_force=true, and then
+# takes effect from the step after the checkpoint (rlhf.core.trainer.Trainer.restore) ...
+RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "checkpoint.", "threads", "device",
+                     "parallel", "resume", "resume_force")
+# ... except these, which say what the checkpoint holds: another optimizer's state, adapters for
+# another model. They are refused even with resume_force (a new run can start from this one).
+RESUME_NEVER = ("optimizer._target_", "policy.path", "policy.revision", "policy.reference")
+
+
+def resume_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded, new)} for every setting of a resume that changes what a step computes."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    linear = new_flat.get("train.lr_schedule", "constant") != "constant"
+    free = RESUME_MAY_CHANGE[1:] if linear else RESUME_MAY_CHANGE
+    return {k: (old_flat.get(k, "<absent>"), new_flat.get(k, "<absent>")) for k in sorted(set(old_flat) | set(new_flat))
+            if old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>") and not k.startswith(free)}
+
+
 def is_run(path: Path) -> bool:
     """A directory written by one of the commands (Hydra recorded its config there)."""
     return (Path(path) / CONFIG).is_file()

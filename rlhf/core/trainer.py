@@ -208,6 +208,7 @@ class Trainer:
         """Load the newest of `candidates` (complete checkpoints, oldest first) whose contents
         check out; a damaged one is passed over, with a warning naming its file, for the one
         before it. Nothing is changed until a checkpoint has been read whole and fits."""
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.torch_optimizer.param_groups]
         for path in reversed(candidates):
             damage = ""
             try:  # each rank checks its share of the files; all ranks then agree on the verdict
@@ -225,7 +226,7 @@ class Trainer:
                     self.policy.load_trainable_state(tensors)
             except CheckpointMismatch as e:
                 raise CheckpointMismatch(f"{e}{self._recorded_differences()}") from None
-            self._restore_state(state)
+            self._restore_state(state, self.resume_changes, configured)
             for newer in candidates[candidates.index(path) + 1 :] if distributed.is_main() else []:
                 newer.rename(newer.with_name(f".damaged-{newer.name}"))  # damaged: set aside (once), never rotated in
             return path, state
@@ -246,27 +247,56 @@ class Trainer:
 
     def _recorded_differences(self) -> str:
         """'' or the policy and optimizer settings in which this run differs from the run's record."""
-        recorded = self.run_dir / rundir.CONFIG
-        if not recorded.is_file():
+        changes = {k: v for k, v in self.resume_changes.items() if k.startswith(("policy.", "optimizer."))}
+        if not changes:
             return ""
-        old = rundir.flatten(OmegaConf.to_container(OmegaConf.load(recorded)))
-        new = rundir.flatten(OmegaConf.to_container(self.cfg))
-        keys = sorted(k for k in set(old) | set(new) if k.startswith(("policy.", "optimizer.")) and old.get(k) != new.get(k))
-        if not keys:
-            return ""
-        shown = ", ".join(f"{k}={old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:6])
+        shown = ", ".join(f"{k}={old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:6])
         return (f". The run was recorded with other settings: {shown}; resume with the recorded ones "
                 "(drop those overrides), or start a new run")
 
-    def _restore_state(self, state: dict[str, Any]) -> None:
+    @property
+    def resume_changes(self) -> dict[str, tuple[Any, Any]]:
+        """The settings (resume_force=true) in which this run differs from its record: {key: (old, new)}."""
+        recorded = self.run_dir / rundir.CONFIG
+        if not recorded.is_file():
+            return {}
+        return rundir.resume_changes(OmegaConf.to_container(OmegaConf.load(recorded)), OmegaConf.to_container(self.cfg))
+
+    def _restore_state(self, state: dict[str, Any], changes: dict[str, tuple[Any, Any]], configured: list[dict]) -> None:
+        """The checkpoint's state, then the settings of this run on top: a forced change
+        (resume_force=true) takes effect from the next step, whatever the state held (the
+        optimizer's learning rate and Adam's settings as `configured`, the KL coefficient, the
+        seed's streams)."""
         if state["optimizer"] is not None:  # None: it came with the shards
             self.torch_optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.torch_optimizer.param_groups, configured):
+            group.update(settings)  # lr, eps, betas as configured (the moments and step counts stay)
         self.optimizer.load_state_dict(state["plugin"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.source.load_state_dict(state["source"])
-        checkpoint.set_rng_state(state["rng"])
+        if self.scheduler is not None:  # where the schedule is at this step, from the configured lr
+            self.scheduler.last_epoch = state["step"]
+            self.scheduler.base_lrs = [g["initial_lr"] for g in self.torch_optimizer.param_groups]
+            for group, base, factor in zip(self.torch_optimizer.param_groups, self.scheduler.base_lrs,
+                                           self.scheduler.lr_lambdas):
+                group["lr"] = base * factor(state["step"])  # LambdaLR's own formula
+            self.scheduler._last_lr = [g["lr"] for g in self.torch_optimizer.param_groups]
+        saved_source = state["source"]
+        if "seed" in changes:  # the new seed's streams from here: the data position stays, its generators do not
+            saved_source = checkpoint.with_generators_of(saved_source, self.source.state_dict())
+            checkpoint.seed_all(self.cfg.seed + state["step"])
+        else:
+            checkpoint.set_rng_state(state["rng"])
+        self.source.load_state_dict(saved_source)
         self.kl_watch.streak = state["negative_kl_steps"]
+
+    def resume_line(self) -> str:
+        """What a resumed run says it does: the checkpoint it loaded, and any forced change."""
+        step = self.resumed_step
+        text = f"resuming {self.run_dir} from {self.resumed_from.name} (step {step})"
+        changes = self.resume_changes
+        if changes:
+            text += (f"; with resume_force=true, from step {step + 1} on: "
+                     + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        return text
 
     def _checkpoint(self, step: int, recorder: RunRecorder | None, first: dict, last: dict) -> None:
         tensors, sharded = self.policy.trainable_state(), self.policy.sharded
@@ -311,7 +341,7 @@ class Trainer:
         if resume is not None:
             loaded, state = self.restore([resume] if isinstance(resume, Path) else list(resume))
             start, first, last = state["step"], state["first_eval"], state["last_eval"]
-            self.resumed_from = loaded
+            self.resumed_from, self.resumed_step = loaded, start
         if started is not None:
             started()
         recorder, live = None, None

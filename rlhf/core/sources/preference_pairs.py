@@ -61,11 +61,21 @@ class OfflinePairs:
         """The data position and the cached reference log-probs (recomputing them in other
         batches could differ in the last bit), every data-parallel rank's."""
         cache = {k: v for part in distributed.gather_objects(self.ref_cache) for k, v in part.items()}
-        return {"order": self.order.state_dict(), "ref_cache": {str(k): list(v) for k, v in cache.items()}}
+        return {"order": self.order.state_dict(), "ref_cache": {str(k): list(v) for k, v in cache.items()},
+                "pairs_sha256": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """The data position and the cached reference log-probs, when they are of these pairs (a
+        resume forced to other data computes them again)."""
         self.order.load_state_dict(state["order"])
-        self.ref_cache = {int(k): tuple(v) for k, v in state["ref_cache"].items()}
+        if state.get("pairs_sha256", self.fingerprint()) == self.fingerprint():
+            self.ref_cache = {int(k): tuple(v) for k, v in state.get("ref_cache", {}).items()}
+
+    def fingerprint(self) -> str:
+        """What the cached reference log-probs are of: every pair's tokens."""
+        import hashlib
+
+        return hashlib.sha256(repr((self.prompts, self.chosen, self.rejected)).encode()).hexdigest()
 
     def head_metrics(self, batch: PairBatch) -> dict[str, float]:
         return {}  # fixed data: nothing about the batch itself changes as the policy trains
