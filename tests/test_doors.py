@@ -6,6 +6,7 @@ promises that nothing is lost are in test_edges.py."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -165,6 +166,63 @@ def test_the_labelling_page_answers_only_to_its_own_host_and_an_idle_client_does
         assert _request(port, path="/static/secret.txt") == 404
     finally:
         idle.close()
+
+
+def test_a_slow_or_huge_post_stalls_no_one_and_a_huge_one_is_refused(tmp_path, monkeypatch):
+    """A client that sends a POST's headers and part of its body holds only its own thread (the
+    body is read before the lock); a 10 MB answer is refused with 413, not read."""
+    import http.client
+
+    from rlhf.apps.label_web import make_app, serve
+
+    monkeypatch.chdir(tmp_path)
+    app = make_app(_Session(), "out.jsonl", "next", lambda a: "")
+    ports = []
+    threading.Thread(target=serve, args=(app, "127.0.0.1", 0, False, lambda url: ports.append(int(url.rsplit(":", 1)[1][:-1]))),
+                     daemon=True).start()
+    wait_for(lambda: ports, 10, "the server")
+    port = ports[0]
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(f"POST /api/answer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 100\r\n\r\n{\"index\": 0, ".encode())  # 14 of 100 bytes, then silence
+    try:
+        time.sleep(0.3)
+        t0 = time.time()
+        assert _request(port) == 200 and time.time() - t0 < 3  # not stalled behind the slow POST
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = b'{"index": 0, "choice": "left", "pad": "' + b"x" * (10 * 2**20) + b'"}'
+        try:
+            conn.request("POST", "/api/answer", body=body, headers={"Host": f"127.0.0.1:{port}",
+                                                                    "Content-Type": "application/json"})
+            status = conn.getresponse().status
+        except (BrokenPipeError, ConnectionResetError):  # refused before the body was all sent
+            status = 413
+        assert status == 413
+        assert _request(port) == 200  # and still serving
+    finally:
+        slow.close()
+
+
+def test_one_owner_per_preference_file_whatever_path_names_it(tmp_path):
+    """A second labelling session on the same file through a symlink or a hard link is refused."""
+    out = tmp_path / "prefs.jsonl"
+    out.write_text("")
+    (tmp_path / "link.jsonl").symlink_to(out)
+    (tmp_path / "sub").mkdir()
+    os.link(out, tmp_path / "sub" / "hard.jsonl")
+    code = (f"from rlhf.apps.label import PreferenceFile; from pathlib import Path; import time; "
+            f"f = PreferenceFile(Path({str(out)!r}), lock=True); print('locked', flush=True); time.sleep(60)")
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        from rlhf.apps.label import PreferenceFile
+        from rlhf.core.rundir import RunDirBusy
+
+        for other in (tmp_path / "link.jsonl", tmp_path / "sub" / "hard.jsonl"):
+            with pytest.raises(RunDirBusy, match="is in use by another process"):
+                PreferenceFile(other, lock=True)
+    finally:
+        first.kill()
 
 
 def test_one_labelling_process_per_preference_file(tmp_path, embedded_dir):

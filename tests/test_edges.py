@@ -359,3 +359,27 @@ def test_a_full_disk_stops_the_run_in_one_line_naming_the_resume(tmp_path, embed
         assert "Traceback" not in r.stderr, r.stderr[-2000:]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_compare_lists_an_interrupted_run_and_a_resume_is_no_knob(small_sweep, tmp_path):
+    """Every run directory of a sweep is accounted for: one that never finished is listed with its
+    last step and how to go on; bookkeeping (resume, resume_force) never splits a method."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "sw"
+    shutil.copytree(small_sweep, sweep)
+    shutil.copytree(sweep / "0", sweep / "2")
+    (sweep / "2" / rundir.SUMMARY).unlink()  # killed before its end: no summary
+    config = OmegaConf.load(sweep / "1" / rundir.CONFIG)  # resumed once: its record names the resume
+    config.resume, config.resume_force = str(sweep / "1"), True
+    OmegaConf.save(config, sweep / "1" / rundir.CONFIG)
+    r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == "3 runs: 2 finished, 1 incomplete (not in the table):", r.stdout[:2000]
+    assert lines[1].startswith(f"  {sweep / '2'}: incomplete, last logged step 1; continue it with `rlhf-train "
+                               f"resume={sweep / '2'}` (from step_"), lines[1]
+    header = lines[2].split()
+    assert "resume" not in header and "resume_force" not in header and "seed" in header, header

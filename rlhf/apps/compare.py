@@ -18,7 +18,7 @@ from typing import Any
 
 from rlhf.apps.report import fmt, report
 from rlhf.contracts import registry
-from rlhf.core import rundir
+from rlhf.core import checkpoint, rundir
 
 FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
 
@@ -42,6 +42,25 @@ class Run:
         target = str(self.config.get(f"{group}._target_", "?"))
         names = {p.target: p.name for p in registry.plugins(group)}
         return names.get(target, target.rsplit(".", 1)[-1])
+
+
+def incomplete_runs(paths: list[Path]) -> list[str]:
+    """A line for each run directory under `paths` that has not finished (no summary.json): an
+    interrupted or failed job of a sweep, with the last step it logged and how to go on."""
+    out = []
+    for root in paths:
+        found = sorted((c.parent.parent for c in root.rglob(rundir.CONFIG)), key=rundir.natural_key)
+        for d in found:
+            if (d / rundir.SUMMARY).is_file() or rundir.is_reward_model(d):
+                continue
+            rows = rundir.read_rows(d / rundir.METRICS)[0] if (d / rundir.METRICS).is_file() else []
+            last = max((r.get("step", 0) for r in rows), default=None)
+            ckpts = checkpoint.complete(d)
+            how = (f"continue it with `rlhf-train resume={d}` (from {ckpts[-1].name})" if ckpts
+                   else "it wrote no checkpoint: run it again")
+            error = " (failed: see its error.txt)" if (d / rundir.ERROR).is_file() else ""
+            out.append(f"{d}: incomplete{error}, last logged step {last if last is not None else 'none'}; {how}")
+    return out
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -77,7 +96,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
 def differing_fields(runs: list[Run]) -> list[str]:
     """Fields every run has, with more than one value among them. (A field only some runs
     have belongs to a plugin the others did not pick: the optimizer column says that.)"""
-    keys = sorted(set.intersection(*(set(r.config) for r in runs)))
+    keys = sorted(k for k in set.intersection(*(set(r.config) for r in runs)) if not k.startswith(rundir.BOOKKEEPING))
     return [k for k in keys if not k.endswith("_target_") and len({json.dumps(r.config[k], sort_keys=True) for r in runs}) > 1]
 
 
@@ -125,7 +144,8 @@ def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
         return {where[0] for where, values in seen.items() if len(values) > 1}
 
     absent = object()
-    keys = sorted({k for r in runs for k in r.config if not k.endswith("_target_") and k not in KNOBS})
+    keys = sorted({k for r in runs for k in r.config
+                   if not k.endswith("_target_") and k not in KNOBS and not k.startswith(rundir.BOOKKEEPING)})
     fields = {k: varies(lambda r, k=k: r.config.get(k, "<absent>"), k) for k in keys}
     fields = {k: v for k, v in fields.items() if v}
     knobs = [k for k in KNOBS if len({json.dumps(r.config.get(k), default=str) for r in runs if k in r.config}) > 1]
@@ -345,9 +365,10 @@ def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/rewa
     import numpy as np
 
     paths = [p.resolve() for p in paths]
-    runs = find_runs(paths)
+    runs, unfinished = find_runs(paths), incomplete_runs(paths)
     if not runs:
-        raise SystemExit(f"rlhf-compare: no run directories (with summary.json and .hydra/) under {', '.join(map(str, paths))}")
+        raise SystemExit(f"rlhf-compare: no finished run directories (with summary.json and .hydra/) under "
+                         f"{', '.join(map(str, paths))}" + "".join(f"\n  {line}" for line in unfinished))
     have = sorted({k for r in runs for e in r.evals for k in e if k.startswith("eval/")})
     if not any(metric in e for r in runs for e in r.evals):
         raise SystemExit(f"rlhf-compare: --metric {metric}: no run logged it; logged: {', '.join(have)}")
@@ -355,7 +376,9 @@ def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/rewa
     out = (out or root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs, root)
-    print(f"{len(runs)} runs\n{text_table(header, rows)}")
+    print(f"{len(runs) + len(unfinished)} runs" + (f": {len(runs)} finished, {len(unfinished)} incomplete (not in the "
+                                                      "table):" + "".join(f"\n  {u}" for u in unfinished) if unfinished else "")
+          + f"\n{text_table(header, rows)}")
     rng = np.random.default_rng(0)
     groups = methods(runs)
     found = frontiers(groups, metric, rng) if seeded(groups) else None  # the bootstrap, once: tables and plot

@@ -38,7 +38,7 @@ from rlhf.core import rollout
 from rlhf.core.data import load_prompts, read_prompt_file, sample_queries, tokenize_prompts
 from rlhf.core.distributed import pick_device
 from rlhf.core.policy import Policy
-from rlhf.core.rundir import RunLock
+from rlhf.core.rundir import RunDirBusy, RunLock
 
 CHOICES = ("left", "right", "tie", "skip")
 LABELS = {"left": "preferred", "right": "preferred", "tie": "tie", "skip": "skip"}
@@ -63,9 +63,29 @@ class PreferenceFile:
             self.records = self._read()
 
     def lock(self) -> RunLock:
-        """This process's alone while it labels: a second rlhf-label on the same file is
-        refused, naming the first (two would answer every pair twice)."""
-        return RunLock(self.path.with_name(self.path.name + ".lock"), f"preference file {self.path}").acquire()
+        """This process's alone while it labels: a second rlhf-label (or rlhf-make-pairs) on the
+        same file is refused, naming the first (two would answer every pair twice), whatever path
+        names the file: the lock file sits beside the real file (a symlink leads there), and the
+        file itself is held too (a hard link is the same file under another name)."""
+        real = Path(os.path.realpath(self.path))
+        owner = RunLock(real.with_name(real.name + ".lock"), f"preference file {real}").acquire()
+        self._hold()
+        return owner
+
+    def _hold(self) -> None:
+        """An exclusive lock on the file itself, once it exists, for the life of the process."""
+        import fcntl
+
+        if getattr(self, "_held", None) is not None or not self.path.exists():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirBusy(f"preference file {self.path} is in use by another process (under another name: a hard "
+                             "link); wait for it to end, or use another file") from None
+        self._held = fd
 
     def _read(self) -> list[dict]:
         records = []
@@ -135,6 +155,8 @@ class PreferenceFile:
             f.flush()
             os.fsync(f.fileno())
         self.records.extend(records)
+        if self.owner is not None:
+            self._hold()  # the file exists now: held under any name
 
 
 @dataclass

@@ -7,9 +7,11 @@ POST /api/answer    {"index": i, "choice": "left" | "right" | "tie" | "skip"}: r
                     (on disk) before the reply, which carries the next pair
 GET  /api/agreement how often the reward source agrees with the answers so far
 
-Requests are served by threads, so an idle or slow client cannot stall the page, and are
-handled one at a time under a lock, so two tabs (or a double key press) cannot answer the
-same pair twice; the second answer to a pair is ignored and gets the current pair back.
+Requests are served by threads, so an idle or slow client cannot stall the page: a request's
+body is read whole (at most MAX_BODY bytes, else 413; a client silent for READ_TIMEOUT_S
+seconds is dropped) before the request takes the lock under which requests are handled one at
+a time, so two tabs (or a double key press) cannot answer the same pair twice; the second
+answer to a pair is ignored and gets the current pair back.
 The page answers only to its own address: a request whose Host (or Origin) names another
 site is refused (403), which closes the DNS-rebinding door through which a page elsewhere
 could read the pairs and record answers. No static folder is served.
@@ -21,6 +23,9 @@ import threading
 from typing import Any
 
 from rlhf.apps.label import CHOICES, Session
+
+MAX_BODY = 64 * 1024  # an answer is a few dozen bytes
+READ_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>rlhf-label</title>
@@ -104,6 +109,7 @@ def make_app(session: Session, out: str, next_steps: str, agreement_line) -> Any
     from flask import Flask, g, jsonify, request
 
     app = Flask("rlhf-label", static_folder=None)  # serves nothing from the current directory
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY  # a larger body: 413, never read
     app.config["done"] = threading.Event()
     app.config["hosts"] = {"localhost"}  # until serve() knows its port: only an in-process test client
     lock = threading.Lock()
@@ -114,6 +120,7 @@ def make_app(session: Session, out: str, next_steps: str, agreement_line) -> Any
         if host.lower() not in app.config["hosts"] or (origin is not None and not _same_site(origin, app.config["hosts"])):
             return jsonify({"error": f"this page answers only to {sorted(app.config['hosts'])[0]}, not to Host "
                                      f"{host!r}{f' from Origin {origin!r}' if origin else ''}"}), 403
+        request.get_data(cache=True)  # the whole body first, outside the lock: a slow client holds only its thread
         lock.acquire()  # one request at a time: answers are counted once
         g.holds_lock = True
 
@@ -182,7 +189,12 @@ def serve(app: Any, host: str, port: int, exit_when_done: bool, announce) -> Non
     the page time to fetch the summary and the agreement."""
     from werkzeug.serving import make_server
 
-    server = make_server(host, port, app, threaded=True)  # an idle connection holds one thread, not the server
+    from werkzeug.serving import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = READ_TIMEOUT_S  # the socket's: a client silent this long is dropped, its thread freed
+
+    server = make_server(host, port, app, threaded=True, request_handler=Handler)  # an idle connection holds one thread
     app.config["hosts"] = allowed_hosts(host, server.port)
     announce(f"http://{host}:{server.port}/")
     if exit_when_done:

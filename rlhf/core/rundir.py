@@ -63,6 +63,10 @@ RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "chec
 RESUME_NEVER = ("optimizer._target_", "policy.path", "policy.revision", "policy.reference")
 
 
+# Settings that say how a run was kept, not what it did: never a knob that tells methods apart.
+BOOKKEEPING = ("resume", "resume_force", "checkpoint.", "logger", "threads", "device", "parallel")
+
+
 def resume_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """{key: (recorded, new)} for every setting of a resume that changes what a step computes."""
     old_flat, new_flat = flatten(old), flatten(new)
