@@ -187,9 +187,7 @@ def _same_site(origin: str, hosts: set[str]) -> bool:
 def serve(app: Any, host: str, port: int, exit_when_done: bool, announce) -> None:
     """Serve until interrupted, or (exit_when_done) shortly after the last answer, leaving
     the page time to fetch the summary and the agreement."""
-    from werkzeug.serving import make_server
-
-    from werkzeug.serving import WSGIRequestHandler
+    from werkzeug.serving import WSGIRequestHandler, make_server
 
     class Handler(WSGIRequestHandler):
         timeout = READ_TIMEOUT_S  # the socket's: a client silent this long is dropped, its thread freed
