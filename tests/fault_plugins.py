@@ -2,7 +2,7 @@
 imported by a test after collection, so the contract suite never sees them).
 
 - `reward=faulty`: a cheap reward that, from its `at_call`-th score() call on, returns a
-  NaN, raises, or calls sys.exit(1).
+  NaN, raises, or calls sys.exit(1) (`once`: at that call only).
 - CRASH_IN_CHECKPOINT=N in the environment: the N-th checkpoint write dies half-way
   through its state file, with os._exit, as a kill -9 would leave it.
 """
@@ -25,6 +25,7 @@ class FaultyReward:
     class Config:
         fail: str = "none"  # none, nan, inf, raise or exit
         at_call: int = 1  # the score() call (1 = the first, evaluation included) from which it fails
+        once: bool = False  # fail at that call only
 
     def __init__(self, cfg: Config):
         self.cfg, self.calls = cfg, 0
@@ -32,7 +33,7 @@ class FaultyReward:
     def score(self, queries, responses):
         self.calls += 1
         out = torch.tensor([(len(r.split()) % 3) / 2 for r in responses], dtype=torch.float32)
-        if self.calls >= self.cfg.at_call:
+        if self.calls == self.cfg.at_call or (self.calls > self.cfg.at_call and not self.cfg.once):
             if self.cfg.fail in ("nan", "inf"):
                 out[len(out) // 2] = float(self.cfg.fail)
             elif self.cfg.fail == "raise":

@@ -254,6 +254,50 @@ def test_a_plugins_folder_in_the_current_directory_does_not_replace_the_builtins
 # ---------------------------------------------------------------------------- 11. errors that name the file and the fix
 
 
+BAD_INPUT_FILES = {
+    "empty.txt": b"",
+    "latin1.txt": b"caf\xe9 au lait\n",  # not UTF-8
+    "list.jsonl": b'[1, 2]\n"a string"\n',  # JSON, but not objects
+    "usr.jsonl": b'{"text": [{"role": "usr", "content": "hi"}]}\n' * 80,  # a role no template knows
+    "weights.bin": b"\x00" * 16,  # a regular file where a model directory goes
+}
+BAD_INPUTS = [  # (command and arguments, what its one line must say)
+    (["rlhf-make-pairs", "pairs.samples=1"], "pairs.samples=1 (must be at least 2)"),
+    (["rlhf-make-pairs", "data.prompts=empty.txt"], "holds no non-empty prompt"),
+    (["rlhf-make-pairs", "data.prompts=latin1.txt"], "not UTF-8 text"),
+    (["rlhf-label", "label.mode=terminal", "data.prompts=list.jsonl"], "row 0 is a JSON list, not an object"),
+    (["rlhf-label", "label.mode=terminal", "data.prompts=latin1.txt"], "not UTF-8 text"),
+    (["rlhf-train-rm", "data.pairs=list.jsonl"], "row 0 is a JSON list, not an object"),
+    (["rlhf-train", "data.prompts=list.jsonl"], "row 0 is a JSON list, not an object"),
+    (["rlhf-train", "data.prompts=usr.jsonl", "data.text_field=text"], "message 0 has role 'usr'"),
+    (["rlhf-train", "policy.path=weights.bin"], "weights.bin is a file; a model is a directory"),
+    (["rlhf-train", "sampler.max_new_tokens=100000"], "sampler.max_new_tokens=100000 with queries of up to 7 tokens is more"),
+    (["rlhf-generate", "./no/such/run", "hello"], "no such run or model directory: no/such/run"),
+]
+
+
+def test_every_command_refuses_bad_input_in_one_line_leaving_no_run_behind(tmp_path, embedded_dir):
+    """The same bad inputs give the same kind of answer from every command: one line naming the
+    problem (no traceback), a non-zero exit, and no run directory left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(i: int) -> str | None:
+        (command, *args), message = BAD_INPUTS[i]
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        for name, data in BAD_INPUT_FILES.items():
+            (cwd / name).write_bytes(data)
+        r = cli(command, *args, cwd=cwd, timeout=300)
+        lines = [x for x in r.stderr.strip().splitlines() if not x.startswith(("UserWarning", "  "))]
+        runs = [p.parent for p in cwd.rglob("metrics.jsonl")] + [p for p in cwd.glob("outputs/*/*") if any(p.iterdir())]
+        ok = r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"{command}: ") and message in lines[0]
+        return None if ok and not runs else f"{command} {args}: rc {r.returncode}, runs {runs}, stderr {r.stderr[-1500:]!r}"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failures = [f for f in pool.map(attempt, range(len(BAD_INPUTS))) if f]
+    assert not failures, "\n".join(failures)
+
+
 def test_bad_prompt_files_are_named_with_the_line_and_the_fix(tmp_path):
     from rlhf.contracts.schema import DataConfig
     from rlhf.core.data import load_prompts

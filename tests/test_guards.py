@@ -18,7 +18,9 @@ SMALL = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=8"]
 
 
 def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    from rlhf.core import rundir
+
+    return [rundir.from_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
@@ -34,6 +36,28 @@ def test_a_non_finite_reward_stops_the_run_at_its_step(value, tmp_path, embedded
     assert last["step"] == 3 and not math.isfinite(last["train/reward"])  # the NaN itself, logged
     assert [p.name for p in checkpoint.complete(run)] == ["step_000001", "step_000002"]  # keep=2, none for step 3
     assert "loss/policy" not in last  # the batch was not trained on
+
+
+def test_a_non_finite_evaluation_score_is_a_warning_and_a_finding_and_every_file_stays_strict_json(tmp_path, embedded_dir):
+    # score() calls: 1 = evaluation at step 0, 2 and 3 = the steps' batches, 4 = the evaluation at step 2
+    r = cli("rlhf-train", "reward=faulty", "reward.fail=nan", "reward.at_call=4", "reward.once=true", "train.steps=2",
+            "eval.every=2", *SMALL, cwd=tmp_path, env=FAULTS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "non-finite evaluation score: eval/reward = nan at step 2" in r.stderr, r.stderr[-2000:]
+    run = next((tmp_path / "outputs").rglob("metrics.jsonl")).parent
+
+    def strict(text: str):  # what a strict parser (RFC 8259: no NaN, no Infinity) reads
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a file the project wrote"))
+
+    summary = strict((run / "summary.json").read_text())
+    assert summary["reward_end"] is None and summary["nonfinite"] == {"reward_end": "nan"}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        strict(line)
+    for f in (run / "samples").glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            strict(line)
+    d = cli("rlhf-diagnose", str(run), cwd=tmp_path)
+    assert "non-finite evaluation score" in d.stdout, d.stdout[-2000:]
 
 
 def _trainer(tmp_path, *overrides) -> Trainer:

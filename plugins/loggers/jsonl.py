@@ -4,13 +4,13 @@ written by the core whatever the loggers.)"""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.contracts.registry import register
+from rlhf.core import rundir
 
 
 @register("logger", "jsonl")
@@ -30,8 +30,8 @@ class JsonlLogger:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        os.write(self.fd, (json.dumps({"run": self.name, "step": step, **metrics}) + "\n").encode())
+        os.write(self.fd, (rundir.to_json({"run": self.name, "step": step, **metrics}) + "\n").encode())
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        os.write(self.fd, (json.dumps({"run": self.name, "summary": dict(summary)}) + "\n").encode())
+        os.write(self.fd, (rundir.to_json({"run": self.name, "summary": dict(summary)}) + "\n").encode())
         os.close(self.fd)

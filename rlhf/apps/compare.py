@@ -76,7 +76,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 continue
             try:  # one damaged run is named and left out; the others are still compared
                 config = rundir.flatten(OmegaConf.to_container(OmegaConf.load(d / rundir.CONFIG), resolve=False))
-                figures = json.loads(summary.read_text())
+                figures = rundir.from_json(summary.read_text())
             except Exception as e:
                 print(f"rlhf-compare: {d} left out: its {rundir.SUMMARY} or {rundir.CONFIG} cannot be read ({e})",
                       file=sys.stderr)

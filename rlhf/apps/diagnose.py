@@ -11,7 +11,6 @@ those `rlhf-train` warns about live (rlhf/core/diagnosis.py). A healthy run gets
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rlhf-diagnose: {run}: the checks failed ({type(e).__name__}: {e})", file=sys.stderr)
             continue
         if args.json:
-            print(json.dumps({"run": str(run), "findings": [f.as_dict() for f in findings],
+            print(rundir.to_json({"run": str(run), "findings": [f.as_dict() for f in findings],
                               **({} if record.rows else {"error": f"no {rundir.METRICS}"})}))
             continue
         print(f"{run}:")

@@ -19,8 +19,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+from typing import Iterator
 
 from rlhf.contracts import registry, safety, schema
 
@@ -104,6 +106,17 @@ def refusal(e: BaseException | str) -> SystemExit:
     (A SystemExit passes through Hydra, which would print an Exception with its search path.)"""
     text = " ".join(str(e).split("\n")) if "\n" in str(e) else str(e)
     return SystemExit(f"{command()}: {text}")
+
+
+@contextlib.contextmanager
+def refusing(*kinds: type) -> Iterator[None]:
+    """Around a command's set-up (before anything trains): a setting, a file or a model that
+    cannot be used ends the command in one line (`refusal`), not a traceback. `kinds`: the
+    command's own refusals beside ValueError, OSError and PluginError."""
+    try:
+        yield
+    except (ValueError, OSError, registry.PluginError, *kinds) as e:
+        raise refusal(e) from None
 
 
 def missing_option(e) -> str:

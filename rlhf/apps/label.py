@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import DataConfig
-from rlhf.core import rollout
+from rlhf.core import rollout, rundir
 from rlhf.core.data import load_prompts, read_prompt_file, sample_queries, tokenize_prompts
 from rlhf.core.distributed import pick_device
 from rlhf.core.policy import Policy
@@ -104,7 +104,7 @@ class PreferenceFile:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = rundir.from_json(line)
             except json.JSONDecodeError as e:
                 raise PreferenceFileError(f"{self.path}: line {n} is not JSON ({e.msg}); {fix}") from None
             missing = ([k for k in ("prompt", "chosen", "rejected", "label", "index") if k not in record]
@@ -149,7 +149,7 @@ class PreferenceFile:
         """One line each, all on disk (flushed and fsync'd once) before this returns; a crash
         in between leaves whole lines and at most one part line, which the next reader cuts."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        text = "".join(rundir.to_json(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -69,10 +69,8 @@ def check_port(host: str, port: int) -> None:
 def _label(cfg: DictConfig) -> None:
     if cfg.label.mode == "web":
         check_port(cfg.label.host, cfg.label.port)
-    try:
+    with hydra_setup.refusing(PreferenceFileError, RunDirBusy):  # every refusal of the set-up: one line
         session = build_session(cfg)
-    except (PreferenceFileError, RunDirBusy) as e:
-        raise SystemExit(f"rlhf-label: {e}") from None
     out = cfg.label.out
     if session.next_index() is None:
         print(f"all {cfg.label.pairs} pairs of {out} are answered already; raise label.pairs to label more")

@@ -171,10 +171,8 @@ def build(cfg: DictConfig) -> PairMaker:
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="make_pairs", version_base="1.3")
 def _make_pairs(cfg: DictConfig) -> None:
-    try:
+    with hydra_setup.refusing(PreferenceFileError, RunDirBusy):  # every refusal of the set-up: one line
         maker = build(cfg)
-    except (PreferenceFileError, RunDirBusy) as e:
-        raise SystemExit(f"rlhf-make-pairs: {e}") from None
     out, total = cfg.pairs.out, len(maker.prompts) * maker.per_prompt
     try:
         counts = maker.run(progress=lambda text: print(text, flush=True))

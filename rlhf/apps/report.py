@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +99,7 @@ def optimum_section(runs: list, root: Path) -> str:
     for run in runs:
         path = run.path / rundir.OPTIMUM
         try:
-            text = format_table(json.loads(path.read_text()))
+            text = format_table(rundir.from_json(path.read_text()))
         except (OSError, ValueError, KeyError):
             continue  # no optimum (the usual case), or one that cannot be read: the table above still stands
         name = html.escape(str(run.path.relative_to(root)) if run.path.is_relative_to(root) else str(run.path))

@@ -170,11 +170,10 @@ def _train(cfg: DictConfig) -> float:
             print(f"{key:<17} {s[f'{key}_start']:.3f} -> {s[f'{key}_end']:.3f}")
     print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
     if (run_dir / rundir.OPTIMUM).is_file():  # eval.kl_to_optimum: the trained policy beside pi_ref and pi*
-        import json
 
         from rlhf.core.optimum import format_table
 
-        print(format_table(json.loads((run_dir / rundir.OPTIMUM).read_text())))
+        print(format_table(rundir.from_json((run_dir / rundir.OPTIMUM).read_text())))
     return s["reward_end"]
 
 

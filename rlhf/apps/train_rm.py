@@ -11,9 +11,10 @@ the reference policy, so the reward is mean 0, std 1 there) and `summary.json` w
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,21 @@ from rlhf.core.reward_model import load_reward_model, pairwise_accuracy, rm_scor
 from rlhf.core.rundir import RunRecorder
 
 
-def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    from tqdm import tqdm
-    from transformers.utils import logging as hf_logging
+@dataclass
+class Setup:
+    """What training a reward model needs, checked and loaded before the run directory is written."""
 
-    hf_logging.disable_progress_bar()
-    t0 = time.time()
+    settings: RMSettings
+    sampler: Any
+    device: torch.device
+    train_pairs: list
+    held_out: list
+    model: torch.nn.Module
+    tokenizer: Any
+
+
+def setup(cfg: DictConfig) -> Setup:
+    """The settings checked, the pairs read, the base model loaded: every refusal comes from here."""
     s: RMSettings = OmegaConf.to_object(cfg.rm)
     require("rm", [(f"rm.{key}", getattr(s, key), getattr(s, key) >= 1, "at least 1")
                    for key in ("steps", "batch_size", "eval_every", "normalize_samples")]
@@ -54,13 +64,24 @@ def train_reward_model(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     checkpoint.seed_all(cfg.seed)
     device = pick_device(cfg.device)
     train_pairs, held_out = load_pairs(cfg.data)
-
     base = s.base
     if base == "embedded":
         from rlhf.embedded.build import policy_path
 
         base = policy_path()
     model, tokenizer = load_reward_model(base, device, s.trust_remote_code, num_labels=1)
+    return Setup(s, sampler, device, train_pairs, held_out, model, tokenizer)
+
+
+def train_reward_model(cfg: DictConfig, run_dir: Path, ready: Setup | None = None) -> dict[str, Any]:
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t0 = time.time()
+    ready = ready or setup(cfg)
+    s, sampler, device, model, tokenizer = ready.settings, ready.sampler, ready.device, ready.model, ready.tokenizer
+    train_pairs, held_out = ready.train_pairs, ready.held_out
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
     order = Shuffled(len(train_pairs), random.Random(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,23 +133,28 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
         texts += [text_of(a, b) for a, b in zip(*rollout.decode(policy, g.input_ids, g.attention_mask, g.query_len))]
     scores = rm_scores(model, tokenizer, texts)
     stats = {"mean": scores.mean().item(), "std": scores.std().item(), "samples": len(texts)}
-    (out / rundir.NORMALIZATION).write_text(json.dumps(stats, indent=2) + "\n")
+    (out / rundir.NORMALIZATION).write_text(rundir.to_json(stats, indent=2) + "\n")
     return {"reference_mean": stats["mean"], "reference_std": stats["std"]}
 
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="train_rm", version_base="1.3")
 def _train_rm(cfg: DictConfig) -> float:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    single = hc.mode == RunMode.RUN
     try:
-        owner = rundir.claim(run_dir, continuing=False)
-    except rundir.RunDirRefused as e:
-        if hc.mode == RunMode.RUN:
-            raise SystemExit(f"rlhf-train-rm: {e}") from None
+        with hydra_setup.refusing(rundir.RunDirRefused) if single else contextlib.nullcontext():
+            ready = setup(cfg)  # a setting, a pair file or a model that cannot be used: one line, nothing written
+            owner = rundir.claim(run_dir, continuing=False)
+    except SystemExit:
+        rundir.discard_if_empty(run_dir)
         raise
     try:
         rundir.write_record(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
-        s = train_reward_model(cfg, run_dir)
+        s = train_reward_model(cfg, run_dir, ready)
     finally:
         owner.release()
     print(f"held-out pairwise accuracy   {s['pairwise_accuracy']:.3f}  ({s['held_out_pairs']} pairs)")

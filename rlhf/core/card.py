@@ -6,7 +6,6 @@ and into every `rlhf-export` directory, with the reward-KL curve beside it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ def card(run_dir: Path, kind: str, base: str | None, curve: list[tuple], has_cur
     config = OmegaConf.load(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else OmegaConf.create()
     summary: dict[str, Any] = {}
     if (run_dir / rundir.SUMMARY).is_file():
-        summary = json.loads((run_dir / rundir.SUMMARY).read_text() or "{}")
+        summary = rundir.from_json((run_dir / rundir.SUMMARY).read_text() or "{}")
     optimizer = str(config.get("optimizer", {}).get("_target_", "?")).rsplit(".", 1)[-1]
     reward = str(config.get("reward", {}).get("_target_", "?")).rsplit(".", 1)[-1]
     start = str(config.get("policy", {}).get("path", "?"))

@@ -90,7 +90,11 @@ def read_text(path: Path, setting: str) -> str:
         raise FileNotFoundError(f"{setting}: no such file {path}")
     data = path.read_bytes()
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return data.decode("utf-16")
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: starts like UTF-16 text (a byte-order mark) but is not ({e.reason} at byte "
+                             f"{e.start}); {setting} must be a UTF-8 (or UTF-16) text file: save it as UTF-8") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -138,11 +142,14 @@ def prompt_records(rows: Sequence[object], field: str, where: str) -> Prompts:
     """Each record's prompt (text or a conversation) in `field`, and its other fields."""
     texts, fields = [], []
     for i, row in enumerate(rows):
-        value = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: row {i} is a JSON {type(row).__name__}, not an object; each row is an object "
+                             f'such as {{"{field}": "..."}}')
+        value = row.get(field)
         if is_conversation(value):
             check_conversation(value, f"{where}: row {i}, field {field!r}")
         elif not isinstance(value, str):
-            have = f" (it has {sorted(row)})" if isinstance(row, dict) else ""
+            have = f" (it has {sorted(row)})"
             raise ValueError(f"{where}: row {i} has no field {field!r} holding text or a list of messages{have}; "
                              "set data.text_field")
         elif not value.strip():
@@ -150,6 +157,9 @@ def prompt_records(rows: Sequence[object], field: str, where: str) -> Prompts:
         texts.append(value)
         fields.append({k: v for k, v in row.items() if k != field})
     return Prompts(texts, fields)
+
+
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
 
 
 def is_conversation(value: object) -> bool:
@@ -161,6 +171,9 @@ def check_conversation(messages: list, where: str) -> None:
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: message {j} is {m!r}; a conversation is a list of "
                              '{"role": "user", "content": "..."} messages')
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {j} has role {m['role']!r}; a role is one of {', '.join(ROLES)} "
+                             "(a chat template renders any other as it is, which the model never saw)")
 
 
 class PromptIds(list):

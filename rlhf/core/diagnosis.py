@@ -199,6 +199,22 @@ def _fmt(x: float) -> str:
 # ---------------------------------------------------------------- the detectors
 
 
+def nonfinite_evaluation(record: Record) -> Finding | None:
+    """An evaluation figure that is NaN or infinite: a reward source or judge that returned one
+    for a held-out response (training steps stop at one; an evaluation does not, so it is said)."""
+    bad = [(int(r["step"]), k, v) for r in record.rows for k, v in r.items()
+           if k.startswith("eval/") and isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return None
+    first = bad[0]
+    keys = sorted({k for _, k, _ in bad})
+    return Finding("non-finite evaluation score",
+                   f"{first[1]} = {first[2]} at step {first[0]} ({len(bad)} value(s) in all: {', '.join(keys)}); every "
+                   "figure of a mean over those samples is then meaningless",
+                   ("the reward source (or judge) named: it returned NaN or infinity for a held-out response; find it in "
+                    "samples/step_<N>.jsonl and make score() return a finite number", "eval.judges without that judge"))
+
+
 def reward_hacking(record: Record) -> Finding | None:
     """The optimized reward rises while what it stands for does not: an independent judge stays
     flat or falls, the text stops being language (fluency under the reference collapses,
@@ -461,8 +477,8 @@ def early_saturation(record: Record) -> Finding | None:
 
 
 DETECTORS: tuple[Callable[[Record], Finding | None], ...] = (
-    reward_hacking, past_gold_peak, kl_blowup, nothing_moves, steps_too_large, entropy_collapse, value_explains_nothing,
-    dpo_displacement, dpo_saturated, biased_kl, ratio_skips, early_saturation)
+    nonfinite_evaluation, reward_hacking, past_gold_peak, kl_blowup, nothing_moves, steps_too_large, entropy_collapse,
+    value_explains_nothing, dpo_displacement, dpo_saturated, biased_kl, ratio_skips, early_saturation)
 
 
 def diagnose(record: Record) -> list[Finding]:

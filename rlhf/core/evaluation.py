@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -102,5 +101,5 @@ def pass_at_k(policy: Policy, judge: RewardSource, queries: Sequence[list[int]],
 
 def save_samples(run_dir: Path, step: int, rows: list[dict[str, Any]], n: int) -> None:
     """The first n samples of an evaluation, as samples/step_<N>.jsonl (written atomically)."""
-    text = "".join(json.dumps(row) + "\n" for row in rows[:n])
+    text = "".join(rundir.to_json(row) + "\n" for row in rows[:n])
     rundir.write_atomic(run_dir / rundir.SAMPLES / f"step_{step:05d}.jsonl", text)

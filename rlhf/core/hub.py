@@ -33,9 +33,16 @@ def _offline() -> bool:
 
 def check_model(name: str, setting: str, revision: str | None = None) -> None:
     """Raise OSError, naming `setting` and the fix, when `name` is neither a local folder, nor
-    in the local Hugging Face cache, nor downloadable from here."""
-    if Path(name).expanduser().exists():
+    in the local Hugging Face cache, nor downloadable from here; a path (not a hub name) that
+    is not a directory is named as such."""
+    local = Path(name).expanduser()
+    if local.is_file():
+        raise OSError(f"{setting}={name}: {local} is a file; a model is a directory (config.json and its weights), "
+                      "as is a run of rlhf-train")
+    if local.exists():
         return
+    if looks_like_a_path(name):
+        raise OSError(f"no such run or model directory: {local} ({setting}={name})")
     from huggingface_hub import try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
@@ -47,6 +54,12 @@ def check_model(name: str, setting: str, revision: str | None = None) -> None:
         f"network: `huggingface-cli download {name} --local-dir <folder>`, copy the folder here, and set "
         f"{setting}=<folder>"
     )
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path, not a hub name ("owner/name" or "name"): absolute, relative to here or home,
+    or of more than two parts."""
+    return name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1 or "\\" in name
 
 
 def check_dataset(name: str, setting: str) -> None:

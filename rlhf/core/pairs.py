@@ -91,7 +91,10 @@ def _pair(row: dict, i: int, cfg: DataConfig, where: str) -> Pair:
     """A row of text fields, or of the conversational format: the prompt a list of messages,
     chosen and rejected each a list holding the assistant's message (as TRL's datasets)."""
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
-    values = [row.get(f) if isinstance(row, dict) else None for f in fields]
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: row {i} is a JSON {type(row).__name__}, not an object; each row is an object such as "
+                         f'{{"{fields[0]}": "...", "{fields[1]}": "...", "{fields[2]}": "..."}}')
+    values = [row.get(f) for f in fields]
     if is_conversation(values[0]):
         check_conversation(values[0], f"{where}: row {i}, field {fields[0]!r}")
         values[0] = tuple(MessageDict(m) for m in values[0])

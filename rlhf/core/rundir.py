@@ -111,7 +111,7 @@ class RunRecorder:
         return self._file.tell()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.write(to_json({"step": step, **metrics}) + "\n")
         self._file.flush()
 
     def sync(self) -> None:
@@ -121,7 +121,7 @@ class RunRecorder:
 
     def summary(self, summary: dict[str, Any]) -> None:
         self.sync()
-        write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.run_dir / SUMMARY, to_json(summary, indent=2) + "\n")
         self._file.close()
 
 
@@ -157,6 +157,39 @@ def _is_row(line: bytes) -> bool:
         return False
 
 
+NONFINITE = "nonfinite"  # beside the nulls of a strict-JSON object: which values were NaN or infinite
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (RFC 8259, which has no NaN or Infinity): a non-finite float is written as null,
+    and an object holding one names it under "nonfinite" ({"loss/policy": "nan"}), so that
+    `from_json` gives the same values back and a strict parser reads every file the project writes."""
+    return json.dumps(_strict(obj), allow_nan=False, **kwargs)
+
+
+def _strict(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        odd = {str(k): repr(v) for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v)}
+        return {**{k: _strict(v) for k, v in obj.items()}, **({NONFINITE: odd} if odd else {})}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def from_json(text: str | bytes) -> Any:
+    """What `to_json` wrote, with its non-finite values back (older files' bare NaN read too)."""
+    def restore(d: dict) -> dict:
+        for k, v in d.pop(NONFINITE, {}).items():
+            d[k] = float(v)
+        return d
+
+    return json.loads(text, object_hook=restore)
+
+
 def read_rows(path: Path) -> tuple[list[dict], list[str]]:
     """The rows of a `metrics.jsonl`, and a message for each line that is not one (a reader
     that must not fail on a damaged log: rlhf-compare)."""
@@ -165,7 +198,7 @@ def read_rows(path: Path) -> tuple[list[dict], list[str]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = from_json(line)
         except ValueError:
             problems.append(f"{path}: line {i} is not JSON (a half-written row?); skipped")
             continue
@@ -181,7 +214,7 @@ def read_samples(run: Path) -> dict[int, list[dict]]:
     folder = Path(run) / SAMPLES
     for f in folder.glob("step_*.jsonl") if folder.is_dir() else []:
         try:
-            out[int(f.stem.split("_")[1])] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            out[int(f.stem.split("_")[1])] = [from_json(x) for x in f.read_text().splitlines() if x.strip()]
         except (ValueError, IndexError, OSError):
             continue
     return dict(sorted(out.items()))

@@ -140,6 +140,25 @@ def load_model(path: str, cfg: PolicyConfig, tokenizer_from: Path | None = None)
     return model, tokenizer
 
 
+def context_length(cfg: PolicyConfig) -> int | None:
+    """Positions the model `cfg.path` names can attend over, from its config alone (no weights
+    loaded; a trained run's base, or its own full weights); None where its config does not say
+    or cannot be read here (the load that follows says why)."""
+    from transformers import AutoConfig
+
+    parts = trained_parts(cfg.path)
+    path = resolve_path(cfg.path if parts is None else str(parts.weights) if parts.weights is not None else parts.trunk)
+    try:
+        hub.check_model(path, "policy.path", cfg.revision)
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
 def merge(model: nn.Module) -> nn.Module:
     """The adapters merged into the weights. An adapter on a tied output layer (the toy
     presets') adapts the output side only, so that layer is untied first: merged into the

@@ -10,7 +10,6 @@ logging are the same for all.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import sys
@@ -72,7 +71,21 @@ def preflight(cfg: DictConfig) -> Plugins:
         check_sampler(plugins.sampler.generation_kwargs())
     distributed.shard(cfg.train.batch_size)  # the batch must split evenly over the processes
     distributed.pick_device(cfg.device)
+    check_context(cfg, plugins.sampler)
     return plugins
+
+
+def check_context(cfg: DictConfig, sampler: QuerySampler) -> None:
+    """The longest query the sampler cuts plus the response cap must fit the model's context
+    (read from its config, no weights loaded): refused here, not at the first batch."""
+    from rlhf.core.trained import context_length
+
+    limit = context_length(OmegaConf.to_object(cfg.policy))
+    new = sampler.generation_kwargs().get("max_new_tokens", 20)
+    query = max(1, getattr(getattr(sampler, "cfg", None), "max_query_tokens", 2) - 1)
+    if limit is not None and query + new > limit:
+        raise ValueError(f"sampler.max_new_tokens={new} with queries of up to {query} tokens is more than the model's "
+                         f"context of {limit} positions; lower sampler.max_new_tokens (or sampler.max_query_tokens)")
 
 
 class Trainer:
@@ -465,7 +478,8 @@ class Trainer:
         if self.optimum:
             from rlhf.core.optimum import table_record
 
-            rundir.write_atomic(self.run_dir / rundir.OPTIMUM, json.dumps(table_record(self.optimum, cfg.train.steps), indent=1))
+            record = table_record(self.optimum, cfg.train.steps)
+            rundir.write_atomic(self.run_dir / rundir.OPTIMUM, rundir.to_json(record, indent=1))
         for lg in self.loggers:
             lg.finish(summary)
         return summary
