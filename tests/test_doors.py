@@ -271,7 +271,7 @@ BAD_INPUTS = [  # (command and arguments, what its one line must say)
     (["rlhf-train", "data.prompts=list.jsonl"], "row 0 is a JSON list, not an object"),
     (["rlhf-train", "data.prompts=usr.jsonl", "data.text_field=text"], "message 0 has role 'usr'"),
     (["rlhf-train", "policy.path=weights.bin"], "weights.bin is a file; a model is a directory"),
-    (["rlhf-train", "sampler.max_new_tokens=100000"], "sampler.max_new_tokens=100000 with queries of up to 7 tokens is more"),
+    (["rlhf-train", "sampler.max_new_tokens=100000"], "a query of up to 7 tokens plus sampler.max_new_tokens=100000 is more"),
     (["rlhf-generate", "./no/such/run", "hello"], "no such run or model directory: no/such/run"),
 ]
 

@@ -84,7 +84,7 @@ def check_context(cfg: DictConfig, sampler: QuerySampler) -> None:
     new = sampler.generation_kwargs().get("max_new_tokens", 20)
     query = max(1, getattr(getattr(sampler, "cfg", None), "max_query_tokens", 2) - 1)
     if limit is not None and query + new > limit:
-        raise ValueError(f"sampler.max_new_tokens={new} with queries of up to {query} tokens is more than the model's "
+        raise ValueError(f"a query of up to {query} tokens plus sampler.max_new_tokens={new} is more than the model's "
                          f"context of {limit} positions; lower sampler.max_new_tokens (or sampler.max_query_tokens)")
 
 
