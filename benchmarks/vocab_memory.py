@@ -56,6 +56,8 @@ def measure(variant: str, vocab: int) -> dict[str, float]:
     discover()
     from rlhf_plugins.optimizers.ppo import PPO
 
+    from rlhf.core.update import Updater
+
     torch.manual_seed(0)
     torch.set_num_threads(2)
     path = build_chat_model("qwen2", tempfile.mkdtemp(), vocab_size=vocab)
@@ -64,8 +66,7 @@ def measure(variant: str, vocab: int) -> dict[str, float]:
     policy.attach_value_head()
     if variant == "TRL utilities":
         _use_trl_utilities(policy)
-    ppo = PPO(PPO.Config(ppo_epochs=1, num_minibatches=1))
-    ppo.setup(policy, 1.0)
+    ppo = Updater(PPO(PPO.Config(epochs=1, num_minibatches=1)), policy)
     ids = torch.randint(0, vocab, (B, Q + T))
     attn = torch.ones_like(ids)
     mask = torch.ones(B, T)
@@ -76,7 +77,7 @@ def measure(variant: str, vocab: int) -> dict[str, float]:
             ref = policy.reference_logprobs(ids, attn, Q, 1.0)
         r = Rollout(input_ids=ids, attention_mask=attn, query_len=Q, mask=mask, logprobs=logprobs, ref_logprobs=ref,
                     values=values, scores=torch.randn(B), queries=[""] * B, responses=[""] * B)
-        ppo.update(r)
+        ppo.step(r)
 
     step()  # once first: one-time allocations (thread pools, the allocator's arenas) are not the step's
     proc = psutil.Process()

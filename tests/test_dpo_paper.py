@@ -94,18 +94,18 @@ def test_preferred_ft_is_the_mean_nll_of_the_chosen_tokens_and_lowers_it(embedde
     from rlhf.core.pairs import Pair
     from rlhf.core.policy import Policy
     from rlhf.core.sources.preference_pairs import OfflinePairs
+    from rlhf.core.update import Updater
     from rlhf.embedded.corpus import preference_pairs
 
     cfg = compose("optimizer=sft", "optimizer.lr=1e-2")
     torch.manual_seed(0)
     policy = Policy.load(OmegaConf.to_object(cfg.policy), torch.device("cpu"))
-    opt = registry.instantiate("optimizer", cfg.optimizer)
-    opt.setup(policy, 1.0)
+    opt = Updater(registry.instantiate("optimizer", cfg.optimizer), policy)
     b = OfflinePairs.from_text(policy, [Pair(*p) for p in preference_pairs(4, seed=3)], 64, seed=0).next(4)
     with torch.no_grad():
         lp, _, _ = policy.token_logprobs(b.input_ids[:4], b.attention_mask[:4], b.query_len, with_values=False)
         expected = -(lp * b.mask[:4]).sum() / b.mask[:4].sum()
-    losses = [opt.update(b)["loss/sft"] for _ in range(8)]
+    losses = [opt.step(b)["loss/sft"] for _ in range(8)]
     assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
     assert losses[-1] < losses[0] - 0.3  # maximum likelihood: the chosen responses grow likelier
 

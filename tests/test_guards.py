@@ -66,7 +66,7 @@ def _trainer(tmp_path, *overrides) -> Trainer:
 
 def test_a_non_finite_loss_stops_the_run_and_no_checkpoint_holds_its_weights(tmp_path, embedded_dir):
     t = _trainer(tmp_path)
-    update, calls = t.optimizer.update, []
+    update, calls = t.updater.step, []
 
     def poisoned(batch):
         calls.append(1)
@@ -75,7 +75,7 @@ def test_a_non_finite_loss_stops_the_run_and_no_checkpoint_holds_its_weights(tmp
             stats["loss/policy"] = float("nan")
         return stats
 
-    t.optimizer.update = poisoned
+    t.updater.step = poisoned
     with pytest.raises(NonFiniteError, match=r"step 2: loss/policy = nan; stopped before any weights it touched were saved; "
                                              r"the last checkpoint is .*step_000001"):
         t.fit()
@@ -109,10 +109,10 @@ def test_ppo_skips_and_counts_minibatches_far_outside_the_trust_region(tmp_path,
     batch = t.next_batch(8)
     batch.logprobs = (batch.logprobs - 5.0) * batch.mask  # as if pi_old gave every token e^-5 of pi's probability
     before = {k: v.clone() for k, v in t.policy.trainable_state().items()}
-    stats = t.optimizer.update(batch)
+    stats = t.updater.step(batch)
     assert stats["policy/skipped_minibatches"] == 16  # 4 epochs x 4 minibatches, ratio ~ e^5 > 10
     assert all(torch.equal(before[k], v) for k, v in t.policy.trainable_state().items())
-    assert t.optimizer.update(t.next_batch(8))["policy/skipped_minibatches"] == 0
+    assert t.updater.step(t.next_batch(8))["policy/skipped_minibatches"] == 0
 
 
 def test_a_sustained_negative_kl_warns_and_names_the_sampling_settings(tmp_path, embedded_dir):

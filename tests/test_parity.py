@@ -86,9 +86,8 @@ def test_dpo_loss_and_gradient_match_trl(models, beta, tmp_path):
     assert sorted(zip(ours_rows[:B], ours_rows[B:])) == sorted(zip(_rows(batch)[:B], _rows(batch)[B:]))
 
     dpo = DPO(DPO.Config(beta=beta))
-    dpo.setup(policy, temperature=1.0)
     policy.train()
-    loss, _ = dpo.loss(b)
+    loss = dpo.loss(policy, b, dpo.prepare(b), 0).loss
     loss.backward()
 
     assert abs(loss.item() - trl_loss.item()) < 1e-6, (loss.item(), trl_loss.item())

@@ -9,6 +9,7 @@ from rlhf.contracts import registry
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
 from rlhf.core import numerics, rollout
 from rlhf.core.policy import Policy
+from rlhf.core.update import Updater
 
 CPU = torch.device("cpu")
 
@@ -26,12 +27,13 @@ def ppo_steps(policy: Policy, steps: int = 3, overrides: tuple[str, ...] = ()):
     reward = registry.instantiate("reward", cfg.reward)
     sampler = registry.instantiate("sampler", cfg.sampler)
     policy.attach_value_head()
-    ppo.setup(policy, sampler.temperature)
+    policy.temperature = sampler.temperature
+    updater = Updater(ppo, policy)
     queries = [policy.tokenizer("The movie was", add_special_tokens=False).input_ids] * 8
     history = []
     for _ in range(steps):
         batch = rollout.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
-        history.append(ppo.update(batch))
+        history.append(updater.step(batch))
     return reward, history
 
 

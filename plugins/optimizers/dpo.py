@@ -14,10 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlhf.contracts.checks import require
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
-from rlhf.core.optim import adam, gradient_step
+from rlhf.core.update import Loss, OptimConfig, row_mean
 
 
 def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing) -> torch.Tensor:
@@ -39,24 +38,24 @@ LOSSES = {"sigmoid": sigmoid_loss, "ipo": ipo_loss}
 @register("optimizer", "dpo")
 class DPO:
     @dataclass
-    class Config:
+    class Config(OptimConfig):
         lr: Optional[float] = None  # Adam learning rate; null: 2e-4 offline, 1e-3 online (see below)
         beta: float = 0.1  # inverse temperature of the implicit reward beta log(pi / pi_ref)
         label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
         loss_type: str = "sigmoid"  # sigmoid (DPO) or ipo
         online: bool = False  # sample two responses per prompt and let the reward source label them
-        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
     samples_per_prompt = 1
 
     def __init__(self, cfg: Config):
-        require("dpo", [(f"optimizer.{k}", getattr(cfg, k), ok, want) for k, ok, want in (
-            ("lr", cfg.lr is None or cfg.lr > 0, "> 0, or null for the default"),
-            ("beta", cfg.beta > 0, "> 0"),
-            ("label_smoothing", 0 <= cfg.label_smoothing < 0.5, "in [0, 0.5)"),
-            ("loss_type", cfg.loss_type in LOSSES, " or ".join(LOSSES)),
-        )])
+        cfg.check("dpo", beta=(cfg.beta > 0, "> 0"), label_smoothing=(0 <= cfg.label_smoothing < 0.5, "in [0, 0.5)"),
+                  loss_type=(cfg.loss_type in LOSSES, " or ".join(LOSSES)))
+        # Offline pairs are fixed and off-policy: larger steps push the rejected responses'
+        # likelihood down until the policy writes gibberish (measured on the embedded default:
+        # lr 1e-3 offline reached KL ~60 nats). Fresh online pairs tolerate, and need, more.
+        if cfg.lr is None:
+            cfg.lr = 1e-3 if cfg.online else 2e-4
         self.cfg = cfg
         self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.consumes = "sampled_pairs" if cfg.online else "preference_pairs"
@@ -67,52 +66,38 @@ class DPO:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
-        self.policy = policy
-        self.params = list(policy.trainable_parameters())
-        # Offline pairs are fixed and off-policy: larger steps push the rejected responses'
-        # likelihood down until the policy writes gibberish (measured on the embedded default:
-        # lr 1e-3 offline reached KL ~60 nats). Fresh online pairs tolerate, and need, more.
-        lr = self.cfg.lr if self.cfg.lr is not None else (1e-3 if self.cfg.online else 2e-4)
-        self.opt = adam(self.params, lr=lr)
-        return self.opt
+    def prepare(self, b: PairBatch) -> dict:
+        return {}  # the reference log-probs come with the batch
 
-    def loss(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of a batch, and the log-probs the metrics need."""
-        c = self.cfg
+    def logratios(self, policy, b: PairBatch) -> dict[str, torch.Tensor]:
+        """Summed log-probs of the chosen and rejected responses, the policy's and the reference's. (B,) each"""
         B = b.input_ids.shape[0] // 2
-        logprobs, _, _ = self.policy.token_logprobs(b.input_ids, b.attention_mask, b.query_len, with_values=False)
+        logprobs, _, _ = policy.token_logprobs(b.input_ids, b.attention_mask, b.query_len, with_values=False)
         logps = (logprobs * b.mask).sum(1)  # (2B,)
-        chosen_logps, rejected_logps = logps[:B], logps[B:]
-        ref_chosen_logps, ref_rejected_logps = b.ref_logps[:B], b.ref_logps[B:]
+        return {"chosen": logps[:B], "rejected": logps[B:], "ref_chosen": b.ref_logps[:B], "ref_rejected": b.ref_logps[B:]}
 
-        pi_logratios = chosen_logps - rejected_logps
-        ref_logratios = ref_chosen_logps - ref_rejected_logps
+    def loss(self, policy, b: PairBatch, t: dict, epoch: int) -> Loss:
+        c = self.cfg
+        lp = self.logratios(policy, b)
+        pi_logratios = lp["chosen"] - lp["rejected"]
+        ref_logratios = lp["ref_chosen"] - lp["ref_rejected"]
         h = pi_logratios - ref_logratios  # (B,)
         # soft labels (Bradley-Terry pairs): the probability the chosen one is preferred
         eps = c.label_smoothing if b.preference is None else 1 - b.preference
-        loss = LOSSES[c.loss_type](h, c.beta, eps).mean()
-        return loss, {"chosen": chosen_logps, "rejected": rejected_logps, "ref_chosen": ref_chosen_logps,
-                      "ref_rejected": ref_rejected_logps}
-
-    def update(self, b: PairBatch) -> dict[str, float]:
-        c = self.cfg
-        self.policy.train()
-        loss, lp = self.loss(b)
-        chosen_logps, rejected_logps = lp["chosen"], lp["rejected"]
-        ref_chosen_logps, ref_rejected_logps = lp["ref_chosen"], lp["ref_rejected"]
-        grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
-
+        loss = row_mean(LOSSES[c.loss_type](h, c.beta, eps))
         with torch.no_grad():
-            chosen_rewards = c.beta * (chosen_logps - ref_chosen_logps)
-            rejected_rewards = c.beta * (rejected_logps - ref_rejected_logps)
-            return {
-                "loss/dpo": loss.item(),
-                "rewards/chosen": chosen_rewards.mean().item(),
-                "rewards/rejected": rejected_rewards.mean().item(),
-                "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
-                "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "logps/chosen": chosen_logps.mean().item(),
-                "logps/rejected": rejected_logps.mean().item(),
-                "optim/grad_norm": grad_norm.item(),
+            chosen_rewards = c.beta * (lp["chosen"] - lp["ref_chosen"])
+            rejected_rewards = c.beta * (lp["rejected"] - lp["ref_rejected"])
+            stats = {
+                "loss/dpo": loss,
+                "rewards/chosen": chosen_rewards.mean(),
+                "rewards/rejected": rejected_rewards.mean(),
+                "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+                "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+                "logps/chosen": lp["chosen"].mean(),
+                "logps/rejected": lp["rejected"].mean(),
             }
+        return Loss(loss, stats)
+
+    def finish(self, b: PairBatch, t: dict) -> dict[str, float]:
+        return {}

@@ -22,9 +22,9 @@ import torch
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core import numerics, rollout
+from rlhf.core import numerics
 from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages
-from rlhf.core.optim import adam, gradient_step
+from rlhf.core.update import Loss, MinibatchConfig, row_mean
 
 
 def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
@@ -39,38 +39,27 @@ def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: f
 @register("optimizer", "grpo")
 class GRPO:
     @dataclass
-    class Config(KLConfig):
-        lr: float = 1e-3  # Adam learning rate for the adapters
+    class Config(KLConfig, MinibatchConfig):
         group_size: int = 4  # samples per prompt (train.batch_size counts prompts)
         kl_penalty: str = "reward"  # reward: -beta KL in the return (exact optimum); loss: beta k3 in the loss (paper)
         clip_coef: float = 0.2  # ratio clipping epsilon
-        epochs: int = 1  # passes over each batch (mu in the paper)
-        num_minibatches: int = 1  # minibatches per pass
         scale_rewards: bool = True  # divide by the group's std (Dr. GRPO, Liu et al. 2025, argues against)
         loss_aggregation: str = "response_mean"  # response_mean: each response's token mean (paper); sum: token sum (Dr. GRPO)
-        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
     consumes = "rollouts"
 
     def __init__(self, cfg: Config):
-        cfg.check("grpo", lr=(cfg.lr > 0, "> 0"), group_size=(cfg.group_size >= 2, "at least 2"),
+        cfg.check("grpo", group_size=(cfg.group_size >= 2, "at least 2"),
                   kl_penalty=(cfg.kl_penalty in ("reward", "loss"), "reward or loss"),
                   kl_estimator=(cfg.kl_penalty == "reward" or cfg.kl_estimator != "k1",
                                 "k3 with kl_penalty=loss: k1 in the loss has an expected gradient of zero"),
                   loss_aggregation=(cfg.loss_aggregation in ("response_mean", "sum"), "response_mean or sum"),
-                  clip_coef=(cfg.clip_coef > 0, "> 0"), epochs=(cfg.epochs >= 1, "at least 1"),
-                  num_minibatches=(cfg.num_minibatches >= 1, "at least 1"))
+                  clip_coef=(cfg.clip_coef > 0, "> 0"))
         self.cfg = cfg
         self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.samples_per_prompt = cfg.group_size
         self.shaping = KLShapedAdvantages(cfg)
-
-    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
-        self.policy, self.temperature = policy, temperature
-        self.params = list(policy.trainable_parameters())
-        self.opt = adam(self.params, lr=self.cfg.lr)
-        return self.opt
 
     def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return self.shaping.state_dict()
@@ -78,41 +67,32 @@ class GRPO:
     def load_state_dict(self, state: dict) -> None:
         self.shaping.load_state_dict(state)
 
-    def update(self, r: Rollout) -> dict[str, float]:
-        c, G = self.cfg, self.cfg.group_size
+    def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
+        c = self.cfg
         if c.kl_penalty == "reward":
             kl, returns = self.shaping.sequence_returns(r)  # R = score - beta * sum_t KL_t
         else:  # the KL goes into the loss below; R is the score alone
             kl, returns = self.shaping.kl(r), r.scores
-        advantages = group_advantages(returns, G, c.scale_rewards)  # (B,)
+        return {"kl": kl, "returns": returns, "advantages": group_advantages(returns, c.group_size, c.scale_rewards)}
 
-        B = r.input_ids.shape[0]
-        stats: dict[str, list[torch.Tensor]] = {}
-        self.policy.train()
-        for _ in range(c.epochs):
-            for idx in rollout.minibatch_indices(B, c.num_minibatches, r.mask.device):
-                mb, _ = rollout.minibatch(r, idx)  # (b, T_mb)
-                m = mb.mask
-                logprobs, _, _ = self.policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len, self.temperature,
-                                                            with_values=False)
-                ratio = torch.exp((logprobs - mb.logprobs) * m)
-                adv = advantages[idx, None]  # (b, 1): one advantage for every token of a response
-                pg_loss1 = -adv * ratio
-                pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
-                per_token = torch.max(pg_loss1, pg_loss2)
-                if c.kl_penalty == "loss":  # the paper's k3 = pi_ref / pi - 1 - log(pi_ref / pi)
-                    per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, c.kl_estimator)
-                if c.loss_aggregation == "response_mean":  # mean over each response, then over responses
-                    loss = numerics.masked_mean(per_token, m, dim=1).mean()
-                else:  # sum over each response's tokens: a long response counts as much per token as a short one
-                    loss = (per_token * m).sum(1).mean()
-                grad_norm = gradient_step(self.opt, self.params, loss, c.max_grad_norm)
-                with torch.no_grad():
-                    for name, value in {
-                        "loss/policy": loss,
-                        "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
-                        "optim/grad_norm": grad_norm,
-                    }.items():
-                        stats.setdefault(name, []).append(value.detach())  # tensors: no device sync per minibatch
-        return {**numerics.means(stats), "objective/return": returns.mean().item(),
-                **self.shaping.after_update(kl, r)}
+    def loss(self, policy, mb: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
+        c, m = self.cfg, mb.mask  # (b, T_mb)
+        logprobs, _, _ = policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len, policy.temperature,
+                                               with_values=False)
+        ratio = torch.exp((logprobs - mb.logprobs) * m)
+        adv = t["advantages"][:, None]  # (b, 1): one advantage for every token of a response
+        pg_loss1 = -adv * ratio
+        pg_loss2 = -adv * torch.clamp(ratio, 1 - c.clip_coef, 1 + c.clip_coef)
+        per_token = torch.max(pg_loss1, pg_loss2)
+        if c.kl_penalty == "loss":  # the paper's k3 = pi_ref / pi - 1 - log(pi_ref / pi)
+            per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, c.kl_estimator)
+        if c.loss_aggregation == "response_mean":  # mean over each response, then over responses
+            loss = row_mean(numerics.masked_mean(per_token, m, dim=1))
+        else:  # sum over each response's tokens: a long response counts as much per token as a short one
+            loss = row_mean((per_token * m).sum(1))
+        with torch.no_grad():
+            stats = {"loss/policy": loss, "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m)}
+        return Loss(loss, stats)
+
+    def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"objective/return": t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}

@@ -10,36 +10,28 @@ import torch
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
 from rlhf.core import distributed, numerics
-from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
-from rlhf.core.optim import adam
+from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, sequence_policy_gradient
+from rlhf.core.update import Loss
 
 
 @register("optimizer", "reinforce")
 class Reinforce:
     @dataclass
     class Config(KLConfig):
-        lr: float = 1e-3  # Adam learning rate for the adapters
         baseline: str = "ema"  # ema: moving average of past returns (unbiased); batch: this batch's mean; none
         baseline_decay: float = 0.9  # weight of the old value in the moving average
-        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
     consumes = "rollouts"
     samples_per_prompt = 1
 
     def __init__(self, cfg: Config):
-        cfg.check("reinforce", lr=(cfg.lr > 0, "> 0"), baseline=(cfg.baseline in ("ema", "batch", "none"), "ema, batch or none"),
+        cfg.check("reinforce", baseline=(cfg.baseline in ("ema", "batch", "none"), "ema, batch or none"),
                   baseline_decay=(0 <= cfg.baseline_decay < 1, "in [0, 1)"))
         self.cfg = cfg
         self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.shaping = KLShapedAdvantages(cfg)
         self.ema: float | None = None
-
-    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
-        self.policy, self.temperature = policy, temperature
-        self.params = list(policy.trainable_parameters())
-        self.opt = adam(self.params, lr=self.cfg.lr)
-        return self.opt
 
     def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return {**self.shaping.state_dict(), "ema": self.ema}
@@ -48,17 +40,23 @@ class Reinforce:
         self.shaping.load_state_dict(state)
         self.ema = state["ema"]
 
-    def update(self, r: Rollout) -> dict[str, float]:
+    def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         c = self.cfg
         kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)
         mean = numerics.batch_mean(returns, reduce=distributed.all_sum)  # over every rank's rows
         if c.baseline == "batch":
             b = mean
-        elif c.baseline == "ema":
+        elif c.baseline == "ema":  # the baseline of past batches only: unbiased
             b = torch.tensor(self.ema if self.ema is not None else 0.0)
             mean = mean.item()
             self.ema = mean if self.ema is None else c.baseline_decay * self.ema + (1 - c.baseline_decay) * mean
         else:
             b = torch.tensor(0.0)
-        stats = policy_gradient_step(self.opt, self.params, self.policy, r, returns - b, self.temperature, c.max_grad_norm)
-        return {**stats, "objective/baseline": float(b), "objective/return": float(mean), **self.shaping.after_update(kl, r)}
+        return {"kl": kl, "advantages": returns - b, "baseline": b, "return": mean}  # (the last two: for the metrics)
+
+    def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
+        return sequence_policy_gradient(policy, r, t["advantages"])
+
+    def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"objective/baseline": float(t["baseline"]), "objective/return": float(t["return"]),
+                **self.shaping.after_update(t["kl"], r)}

@@ -9,8 +9,8 @@ import torch
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, policy_gradient_step
-from rlhf.core.optim import adam
+from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, sequence_policy_gradient
+from rlhf.core.update import Loss
 
 
 def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
@@ -24,25 +24,17 @@ def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
 class RLOO:
     @dataclass
     class Config(KLConfig):
-        lr: float = 1e-3  # Adam learning rate for the adapters
         k: int = 4  # samples per prompt (train.batch_size counts prompts)
-        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
     consumes = "rollouts"
 
     def __init__(self, cfg: Config):
-        cfg.check("rloo", lr=(cfg.lr > 0, "> 0"), k=(cfg.k >= 2, "at least 2"))
+        cfg.check("rloo", k=(cfg.k >= 2, "at least 2"))
         self.cfg = cfg
         self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
         self.samples_per_prompt = cfg.k
         self.shaping = KLShapedAdvantages(cfg)
-
-    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
-        self.policy, self.temperature = policy, temperature
-        self.params = list(policy.trainable_parameters())
-        self.opt = adam(self.params, lr=self.cfg.lr)
-        return self.opt
 
     def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
         return self.shaping.state_dict()
@@ -50,8 +42,12 @@ class RLOO:
     def load_state_dict(self, state: dict) -> None:
         self.shaping.load_state_dict(state)
 
-    def update(self, r: Rollout) -> dict[str, float]:
-        kl, returns = self.shaping.sequence_returns(r)
-        advantages = leave_one_out_advantages(returns, self.cfg.k)
-        stats = policy_gradient_step(self.opt, self.params, self.policy, r, advantages, self.temperature, self.cfg.max_grad_norm)
-        return {**stats, "objective/return": returns.mean().item(), **self.shaping.after_update(kl, r)}
+    def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
+        kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)
+        return {"kl": kl, "returns": returns, "advantages": leave_one_out_advantages(returns, self.cfg.k)}
+
+    def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
+        return sequence_policy_gradient(policy, r, t["advantages"])
+
+    def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"objective/return": t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}

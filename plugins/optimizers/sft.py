@@ -17,18 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.contracts.checks import require
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
-from rlhf.core.optim import adam, gradient_step
+from rlhf.core.update import Loss, OptimConfig, token_mean
 
 
 @register("optimizer", "sft")
 class PreferredFT:
     @dataclass
-    class Config:
+    class Config(OptimConfig):
         lr: float = 2e-4  # Adam learning rate (DPO's offline default: the same pairs, the same model)
-        max_grad_norm: float = 1.0  # gradient-norm clipping; <= 0 turns it off
 
     needs_value_head = False
     samples_per_prompt = 1
@@ -36,7 +34,7 @@ class PreferredFT:
     beta = 0.0  # no KL term in the objective: nothing to compare with a closed-form optimum
 
     def __init__(self, cfg: Config):
-        require("sft", [("optimizer.lr", cfg.lr, cfg.lr > 0, "> 0")])
+        cfg.check("sft")
         self.cfg = cfg
 
     def state_dict(self) -> dict:
@@ -45,25 +43,19 @@ class PreferredFT:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def setup(self, policy, temperature: float) -> torch.optim.Optimizer:
-        self.policy = policy
-        self.params = list(policy.trainable_parameters())
-        self.opt = adam(self.params, lr=self.cfg.lr)
-        return self.opt
+    def prepare(self, b: PairBatch) -> dict:
+        return {}
 
-    def update(self, b: PairBatch) -> dict[str, float]:
-        self.policy.train()
+    def loss(self, policy, b: PairBatch, t: dict, epoch: int) -> Loss:
         B = b.input_ids.shape[0] // 2  # rows [0, B) are the chosen responses; the rejected ones are not used
-        logprobs, _, _ = self.policy.token_logprobs(b.input_ids[:B], b.attention_mask[:B], b.query_len, with_values=False)
+        logprobs, _, _ = policy.token_logprobs(b.input_ids[:B], b.attention_mask[:B], b.query_len, with_values=False)
         mask = b.mask[:B]  # (B, T) the chosen responses' tokens
-        tokens = mask.sum().clamp(min=1)
-        loss = -(logprobs * mask).sum() / tokens  # mean negative log-likelihood per chosen token
-        grad_norm = gradient_step(self.opt, self.params, loss, self.cfg.max_grad_norm)
+        loss = -token_mean(logprobs, mask)  # mean negative log-likelihood per chosen token
         with torch.no_grad():
             chosen_logps = (logprobs * mask).sum(1)  # (B,)
-            return {
-                "loss/sft": loss.item(),
-                "logps/chosen": chosen_logps.mean().item(),
-                "logps/chosen_vs_ref": (chosen_logps - b.ref_logps[:B]).mean().item(),
-                "optim/grad_norm": grad_norm.item(),
-            }
+            stats = {"loss/sft": loss, "logps/chosen": chosen_logps.mean(),
+                     "logps/chosen_vs_ref": (chosen_logps - b.ref_logps[:B]).mean()}
+        return Loss(loss, stats)
+
+    def finish(self, b: PairBatch, t: dict) -> dict[str, float]:
+        return {}

@@ -55,11 +55,22 @@ class PairBatch:
 
 
 @runtime_checkable
+class TrainablePolicy(Protocol):
+    """What an optimizer plugin sees of the policy: its log-probs (`rlhf.core.policy.Policy`)."""
+
+    temperature: float  # the sampling temperature: log pi of a rollout's tokens is taken at it
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
+                       temperature: float = 1.0, with_values: bool = True, with_entropy: bool = False) -> tuple:
+        """(log pi(y_t | x, y_<t) (B, T), the value head's V(s_t) (B, T) or None, the entropy (B, T) or None)."""
+
+
+@runtime_checkable
 class PolicyOptimizer(Protocol):
-    """Holds a loss and an update rule; the core collects the batches and runs the loop."""
+    """An objective: the core collects the batches and runs the update loop (`rlhf.core.update`)."""
 
     needs_value_head: bool  # the core attaches a value head to the policy if True
-    # what update() takes: the name of a batch source (`rlhf.core.sources`): "rollouts"
+    # what the core feeds it: the name of a batch source (`rlhf.core.sources`): "rollouts"
     # (Rollout), "preference_pairs" (PairBatch from the data's pairs) or "sampled_pairs"
     # (PairBatch of two policy samples per prompt, labelled by the reward source)
     consumes: str
@@ -69,14 +80,20 @@ class PolicyOptimizer(Protocol):
     # the KL coefficient of the objective E[r] - beta KL(pi || pi_ref) this optimizer
     # solves, as configured: eval.kl_to_optimum compares the policy with its optimum
     beta: float
+    # its config: an rlhf.core.update.OptimConfig (lr, adam_eps, max_grad_norm), a
+    # MinibatchConfig when it reuses a batch (epochs, num_minibatches), and its own fields
+    cfg: Any
 
-    def setup(self, policy: Any, temperature: float) -> torch.optim.Optimizer:  # policy: an rlhf.core.policy.Policy
-        """Called once before training: create the torch optimizer over the trainable
-        parameters and return it. The core decays its learning rate
-        (train.lr_schedule=linear) and saves and restores its state in checkpoints."""
+    def prepare(self, batch: Rollout | PairBatch) -> dict[str, Any]:
+        """What the loss needs from the whole batch, once, without gradients (advantages,
+        returns): (B, T) and (B,) tensors are cut into the minibatches with the batch."""
 
-    def update(self, batch: Rollout | PairBatch) -> Mapping[str, float]:
-        """Run the update on one batch; return scalar metrics (names are free-form)."""
+    def loss(self, policy: TrainablePolicy, batch: Rollout | PairBatch, prepared: dict[str, Any], epoch: int) -> Any:
+        """The loss of a batch or minibatch: an rlhf.core.update.Loss (the scalar, reduced with
+        token_mean or row_mean; named statistics; whether to skip it)."""
+
+    def finish(self, batch: Rollout | PairBatch, prepared: dict[str, Any]) -> Mapping[str, float]:
+        """Metrics after the update (and state to step: an adaptive KL coefficient)."""
 
     def state_dict(self) -> dict:
         """State beyond the torch optimizer's that a resumed run needs (an adaptive KL

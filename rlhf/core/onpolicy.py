@@ -8,14 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.contracts.checks import require
 from rlhf.contracts.interfaces import Rollout
 from rlhf.core import distributed, numerics
-from rlhf.core.optim import gradient_step
+from rlhf.core.update import Loss, OptimConfig, row_mean
 
 
 @dataclass
-class KLConfig:
+class KLConfig(OptimConfig):
     beta: float = 0.05  # KL penalty coefficient (initial value if adaptive_kl)
     kl_estimator: str = "k1"  # per-token KL in the reward: k1 (log ratio) or k3
     adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
@@ -23,13 +22,9 @@ class KLConfig:
     kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
 
     def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
-        """Raise one error naming every out-of-range field: these and the plugin's own
-        (each `field=(ok, requirement)`)."""
-        checks = {
-            "beta": (self.beta >= 0, ">= 0"), "kl_estimator": (self.kl_estimator in ("k1", "k3"), "k1 or k3"),
-            "kl_target": (self.kl_target > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"), **checks,
-        }
-        require(plugin, [(f"optimizer.{k}", getattr(self, k), ok, want) for k, (ok, want) in checks.items()])
+        super().check(plugin, **{"beta": (self.beta >= 0, ">= 0"),
+                                 "kl_estimator": (self.kl_estimator in ("k1", "k3"), "k1 or k3"),
+                                 "kl_target": (self.kl_target > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"), **checks})
 
 
 @dataclass
@@ -39,8 +34,8 @@ class KLShapedConfig(KLConfig):
     whiten_advantages: bool = True  # normalise advantages over the batch
 
     def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
-        super().check(plugin, gamma=(0 <= self.gamma <= 1, "in [0, 1]"), gae_lambda=(0 <= self.gae_lambda <= 1, "in [0, 1]"),
-                      **checks)
+        super().check(plugin, **{"gamma": (0 <= self.gamma <= 1, "in [0, 1]"),
+                                 "gae_lambda": (0 <= self.gae_lambda <= 1, "in [0, 1]"), **checks})
 
 
 class KLShapedAdvantages:
@@ -97,15 +92,13 @@ class KLShapedAdvantages:
         return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}
 
 
-def policy_gradient_step(opt, params, policy, r: Rollout, advantages: torch.Tensor, temperature: float,
-                         max_grad_norm: float) -> dict[str, float]:
-    """One step on -mean_i A_i log pi(y_i|x_i), log pi summed over the response tokens."""
-    policy.train()
-    logprobs, _, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, temperature,
+def sequence_policy_gradient(policy, r: Rollout, advantages: torch.Tensor) -> Loss:
+    """REINFORCE's loss, -mean_i A_i log pi(y_i|x_i) with log pi summed over the response's
+    tokens, and the policy's entropy. advantages: (B,)"""
+    logprobs, _, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, policy.temperature,
                                                  with_values=False, with_entropy=True)  # (B, T) each
     seq_logprobs = (logprobs * r.mask).sum(1)  # (B,)
-    pg_loss = -(advantages * seq_logprobs).mean()
-    grad_norm = gradient_step(opt, params, pg_loss, max_grad_norm)
+    pg_loss = -row_mean(advantages * seq_logprobs)
     with torch.no_grad():
         entropy = numerics.masked_mean(entropy.detach(), r.mask)
-    return {"loss/policy": pg_loss.item(), "policy/entropy": entropy.item(), "optim/grad_norm": grad_norm.item()}
+    return Loss(pg_loss, {"loss/policy": pg_loss.detach(), "policy/entropy": entropy})

@@ -285,11 +285,11 @@ def minibatch_indices(B: int, n: int, device: torch.device) -> list[torch.Tensor
     return list(torch.randperm(B, device=device).tensor_split(min(n, B)))
 
 
-def minibatch(r: Rollout, idx: torch.Tensor, **per_token: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:
-    """Rows `idx` of a rollout, and of other (B, T) tensors, without the columns that are
-    padding in every one of those rows: the query padding on the left, the response padding
-    on the right. Position ids and causal attention make this exact, and a minibatch of
-    short responses costs what short responses cost."""
+def minibatch(r: Rollout, idx: torch.Tensor, **per_row: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:
+    """Rows `idx` of a rollout, and of other (B, T) or (B,) tensors, without the columns that
+    are padding in every one of those rows: the query padding on the left, the response
+    padding on the right. Position ids and causal attention make this exact, and a minibatch
+    of short responses costs what short responses cost."""
     attn, mask = r.attention_mask[idx], r.mask[idx]
     q_start = int((attn[:, : r.query_len].sum(0) > 0).long().argmax())  # first query column someone uses
     T = max(1, int(mask.sum(1).max()))
@@ -302,4 +302,4 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_token: torch.Tensor) -> tuple
         queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
         columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
     )
-    return sub, {k: v[idx, :T] for k, v in per_token.items()}
+    return sub, {k: v[idx, :T] if v.dim() == 2 else v[idx] for k, v in per_row.items()}

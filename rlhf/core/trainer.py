@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf.contracts import registry
 from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo, SampleLogger
 from rlhf.contracts.schema import validate
-from rlhf.core import checkpoint, diagnosis, distributed, rundir, sharding, sources
+from rlhf.core import checkpoint, diagnosis, distributed, rundir, sharding, sources, update
 from rlhf.core.data import check_whole_prompts, load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.evaluation import evaluate, pass_at_k, save_samples
 from rlhf.core.policy import CheckpointMismatch, Policy
@@ -129,7 +129,9 @@ class Trainer:
         elif cfg.parallel == "fsdp":
             warnings.warn("parallel=fsdp: this is one process, so there is nothing to shard over; it trains as one "
                           "process. Start several with torchrun --nproc_per_node=N -m rlhf.apps.train ...", stacklevel=1)
-        self.torch_optimizer = self.optimizer.setup(self.policy, self.sampler.temperature)
+        self.policy.temperature = self.sampler.temperature  # log pi of the samples is taken at it
+        self.updater = update.Updater(self.optimizer, self.policy)
+        self.torch_optimizer = self.updater.opt
         self.scheduler = None
         if cfg.train.lr_schedule == "linear":
             steps = cfg.train.steps
@@ -167,7 +169,7 @@ class Trainer:
         self.problem = next((p for p in distributed.gather_objects(self.source.problem(batch)) if p), "")
         if self.problem:  # on any rank: no rank trains on this batch
             return distributed.mean_metrics(head, device)
-        stats = {**head, **dict(self.optimizer.update(batch))}
+        stats = {**head, **self.updater.step(batch)}
         if self.scheduler is not None:
             self.scheduler.step()
         return distributed.mean_metrics(stats, device)
