@@ -189,3 +189,37 @@ def test_a_slow_but_moving_run_and_one_word_answers_are_not_pathologies():
     words = run_record(evals={"eval/reward": lambda t: 0.3 * t, "eval/reward_std": lambda t: 0.0 if t == 0 else 0.3,
                               "eval/distinct_2": lambda t: 0.8 * (1 - t), "eval/response_len": lambda t: 1.0})
     assert "reward hacking" not in names(words)
+
+
+@pytest.mark.parametrize("optimizer", ["ppo", "a2c", "reinforce", "rloo", "grpo", "dpo", "sft"])
+def test_every_override_a_finding_suggests_composes_for_that_optimizer(optimizer):
+    """Each planted pathology on a record of a run with this optimizer (its real, composed config):
+    every setting a finding suggests exists for that optimizer, and the override it names composes.
+    (A finding once told PPO users to set optimizer.epochs, a field PPO did not have.)"""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from rlhf.core.diagnosis import Knob
+
+    base = [f"optimizer={optimizer}", *(["data.pairs=embedded"] if optimizer in ("dpo", "sft") else [])]
+    config = OmegaConf.to_container(compose(*base), resolve=True)
+    suggested: dict[str, object] = {}
+    for planted in [*PLANTED.values(), dict(config={"sampler.top_k": 2})]:
+        record = run_record(**planted)
+        record.config = {**config, **{k: v for k, v in record.config.items() if k not in config}}
+        for key, value in (planted.get("config") or {}).items():  # the planted settings this optimizer has
+            node = record.config
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            if last in node:
+                node[last] = value
+        for finding in diagnose(record):
+            for knob in finding.knobs:
+                assert isinstance(knob, Knob), (finding.name, knob)
+                if knob.key is not None:
+                    suggested[knob.key] = knob.value if knob.value is not None else record.setting(knob.key)
+    assert suggested, "no finding was made"
+    for key, value in suggested.items():
+        text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+        compose(*base, f"{key}={text}")  # raises if the key does not exist or the value does not fit

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rlhf_plugins.optimizers.detectors import value_explains_nothing
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
@@ -27,6 +28,7 @@ class A2C:
     needs_value_head = True
     consumes = "rollouts"
     samples_per_prompt = 1
+    detectors = (value_explains_nothing,)  # over the metrics only it logs
 
     def __init__(self, cfg: Config):
         cfg.check("a2c", advantage=(cfg.advantage in ("gae", "nstep"), "gae or nstep"),

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from rlhf_plugins.optimizers.detectors import chosen_still, dpo_displacement, dpo_saturated
 
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
@@ -47,6 +48,8 @@ class DPO:
 
     needs_value_head = False
     samples_per_prompt = 1
+    detectors = (dpo_displacement, dpo_saturated)  # over the metrics only it logs
+    tiny_steps = staticmethod(chosen_still)  # its evidence of tiny updates
 
     def __init__(self, cfg: Config):
         cfg.check("dpo", beta=(cfg.beta > 0, "> 0"), label_smoothing=(0 <= cfg.label_smoothing < 0.5, "in [0, 0.5)"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rlhf_plugins.optimizers.detectors import trust_region
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
@@ -48,6 +49,7 @@ class GRPO:
 
     needs_value_head = False
     consumes = "rollouts"
+    detectors = (trust_region,)  # its clipfrac
 
     def __init__(self, cfg: Config):
         cfg.check("grpo", group_size=(cfg.group_size >= 2, "at least 2"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rlhf_plugins.optimizers.detectors import approx_kl_tiny, ratio_skips, trust_region, value_explains_nothing
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
@@ -51,6 +52,8 @@ class PPO:
     needs_value_head = True
     consumes = "rollouts"
     samples_per_prompt = 1
+    detectors = (trust_region, ratio_skips, value_explains_nothing)  # over the metrics only it logs
+    tiny_steps = staticmethod(approx_kl_tiny)  # its evidence of tiny updates
 
     def __init__(self, cfg: Config):
         cfg.check("ppo", clip_coef=(cfg.clip_coef > 0, "> 0"), clip_coef_value=(cfg.clip_coef_value > 0, "> 0"),

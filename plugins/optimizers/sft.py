@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rlhf_plugins.optimizers.detectors import chosen_still
 
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
@@ -30,6 +31,7 @@ class PreferredFT:
 
     needs_value_head = False
     samples_per_prompt = 1
+    tiny_steps = staticmethod(chosen_still)  # log pi(chosen) hardly moving
     consumes = "preference_pairs"
     beta = 0.0  # no KL term in the objective: nothing to compare with a closed-form optimum
 

@@ -7,6 +7,13 @@ detector sees the metrics rows logged so far (`metrics.jsonl`), the run's config
 saved samples; it returns a Finding or None. Every threshold is a named constant below with
 the reason for its value; they were set on the planted-pathology benchmark
 (`benchmarks/diagnose.py`), whose confusion table is in the README.
+
+The detectors here read what the core logs (evaluations, train/reward and train/kl, the
+gradient norm, the entropy); a plugin owns the detectors over the metrics only it emits (a
+class attribute `detectors`, found through the registry by the run's `_target_`, never
+imported here: PPO's trust region, DPO's displacement) and says whether its updates were
+tiny (`tiny_steps`). A finding's knobs are settings (`Knob`): only those the run's config
+has are suggested, so every override it prints composes for that optimizer.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from rlhf.contracts import registry
 from rlhf.core import rundir
 
 # --- how much is "moved": the reward's spread over the held-out samples at step 0 is the unit
@@ -58,11 +66,25 @@ MIN_EVALS = 3  # trends need a start, a middle and an end
 MIN_TRAIN_ROWS = 10  # training-step statistics need this many steps
 
 
+class Knob(str):
+    """Advice on one setting: its text ("raise optimizer.beta (now {now})"), and `key`, the
+    setting it turns (None: advice that is no setting, "stop earlier"); `value`, for a group,
+    the option it suggests (optimizer=grpo)."""
+
+    key: str | None
+    value: Any
+
+    def __new__(cls, key: str | None, text: str, value: Any = None) -> Knob:
+        knob = super().__new__(cls, text)
+        knob.key, knob.value = key, value
+        return knob
+
+
 @dataclass(frozen=True)
 class Finding:
     name: str  # the pathology
     evidence: str  # the metrics and steps that show it
-    knobs: tuple[str, ...]  # what to turn, with the direction
+    knobs: tuple[str, ...]  # what to turn, with the direction (Knobs: each names its setting)
     sample: str | None = None  # a response that shows it
 
     def text(self) -> str:
@@ -97,6 +119,24 @@ class Record:
                 return default
             node = node[part]
         return node
+
+    def has(self, key: str) -> bool:
+        """Whether the run's config has this setting, or cannot tell (a record without the
+        plugin's `_target_`: a key of that plugin's group is taken to exist)."""
+        group = key.split(".")[0]
+        if "." not in key or self.setting(f"{group}._target_") is None:
+            return True
+        return self.setting(key, _ABSENT) is not _ABSENT
+
+    def advice(self, *knobs: Knob) -> tuple[Knob, ...]:
+        """The knobs this run has, their text filled with its current value (`{now}`)."""
+        return tuple(Knob(k.key, k.format(now=fmt_any(self.setting(k.key)) if k.key else ""), k.value) for k in knobs
+                     if k.key is None or self.has(k.key))
+
+    def plugin(self, group: str) -> type | None:
+        """The class of the run's plugin of `group` (from its `_target_`), if registered."""
+        target = self.setting(f"{group}._target_")
+        return next((p.cls for p in registry.plugins(group) if p.target == target), None)
 
     @property
     def total_steps(self) -> int:
@@ -133,24 +173,24 @@ def load(run: Path) -> Record:
 # ---------------------------------------------------------------- helpers
 
 
-def _start_end(record: Record, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+def start_end(record: Record, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
     s = record.series(key)
     return (s[0], s[-1]) if len(s) >= 2 else None
 
 
-def _spread(record: Record) -> float:
+def spread(record: Record) -> float:
     std, r = record.values("eval/reward_std"), record.values("eval/reward")
     floor = SPREAD_FLOOR * max(1.0, abs(r[0]) if r else 1.0)  # a reward every sample scores alike at step 0
     return max(std[0], floor) if std else 1.0
 
 
-def _reward_gain(record: Record) -> float | None:
+def reward_gain(record: Record) -> float | None:
     """The held-out reward's change from the first evaluation to the last, in step-0 spreads."""
-    ends = _start_end(record, "eval/reward")
-    return None if ends is None else (ends[1][1] - ends[0][1]) / _spread(record)
+    ends = start_end(record, "eval/reward")
+    return None if ends is None else (ends[1][1] - ends[0][1]) / spread(record)
 
 
-def _median_tail(record: Record, key: str, share: float = 0.5) -> float | None:
+def median_tail(record: Record, key: str, share: float = 0.5) -> float | None:
     """The median of `key` over the last `share` of its logged steps."""
     v = record.values(key)
     if len(v) < MIN_TRAIN_ROWS:
@@ -158,20 +198,20 @@ def _median_tail(record: Record, key: str, share: float = 0.5) -> float | None:
     return statistics.median(v[int(len(v) * (1 - share)) :])
 
 
-def _mean(v: list[float]) -> float:
+def mean(v: list[float]) -> float:
     return sum(v) / len(v)
 
 
-def _span(record: Record, key: str, share: float = 0.1) -> tuple[float, float] | None:
+def span(record: Record, key: str, share: float = 0.1) -> tuple[float, float] | None:
     """The mean of `key` over its first and over its last `share` of logged steps."""
     v = record.values(key)
     if len(v) < MIN_TRAIN_ROWS:
         return None
     k = max(1, int(len(v) * share))
-    return _mean(v[:k]), _mean(v[-k:])
+    return mean(v[:k]), mean(v[-k:])
 
 
-def _top_sample(record: Record) -> str | None:
+def top_sample(record: Record) -> str | None:
     """The last evaluation's best-rewarded response: what the reward is paying for."""
     if not record.samples:
         return None
@@ -180,11 +220,7 @@ def _top_sample(record: Record) -> str | None:
     return None if best is None else str(best.get("response", ""))[:200]
 
 
-def _on_policy(record: Record) -> bool:
-    return bool(record.values("policy/approx_kl") or record.values("train/reward"))
-
-
-def _beta(record: Record) -> float | None:
+def current_beta(record: Record) -> float | None:
     b = record.values("objective/beta")
     if b:
         return b[-1]
@@ -192,8 +228,15 @@ def _beta(record: Record) -> float | None:
     return float(beta) if isinstance(beta, (int, float)) else None
 
 
-def _fmt(x: float) -> str:
+def fmt(x: float) -> str:
     return f"{x:.3g}"
+
+
+def fmt_any(x: Any) -> str:
+    return fmt(x) if isinstance(x, float) else str(x)
+
+
+_ABSENT = object()
 
 
 # ---------------------------------------------------------------- the detectors
@@ -211,48 +254,51 @@ def nonfinite_evaluation(record: Record) -> Finding | None:
     return Finding("non-finite evaluation score",
                    f"{first[1]} = {first[2]} at step {first[0]} ({len(bad)} value(s) in all: {', '.join(keys)}); every "
                    "figure of a mean over those samples is then meaningless",
-                   ("the reward source (or judge) named: it returned NaN or infinity for a held-out response; find it in "
-                    "samples/step_<N>.jsonl and make score() return a finite number", "eval.judges without that judge"))
+                   record.advice(Knob("reward", "the reward source (or judge) named: it returned NaN or infinity for a "
+                                      "held-out response; find it in samples/step_<N>.jsonl and make score() return a "
+                                      "finite number"),
+                                 Knob("eval.judges", "eval.judges without that judge")))
 
 
 def reward_hacking(record: Record) -> Finding | None:
     """The optimized reward rises while what it stands for does not: an independent judge stays
     flat or falls, the text stops being language (fluency under the reference collapses,
     responses loop or copy one another), or responses run to the length cap or to nothing."""
-    gain = _reward_gain(record)
+    gain = reward_gain(record)
     if gain is None or gain < MOVED or len(record.series("eval/reward")) < MIN_EVALS:
         return None
-    (s0, r0), (s1, r1) = _start_end(record, "eval/reward")
+    (s0, r0), (s1, r1) = start_end(record, "eval/reward")
     signs = []
     for key in sorted({k for r in record.rows for k in r if k.startswith("eval/judge/")}):
-        ends = _start_end(record, key)
+        ends = start_end(record, key)
         if ends and ends[1][1] - ends[0][1] < FLAT_JUDGE:
-            signs.append(f"judge {key.removeprefix('eval/judge/')} {_fmt(ends[0][1])} -> {_fmt(ends[1][1])}")
-    ends = _start_end(record, "eval/fluency")
+            signs.append(f"judge {key.removeprefix('eval/judge/')} {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
+    ends = start_end(record, "eval/fluency")
     if ends and ends[0][1] - ends[1][1] >= FLUENCY_DROP:
-        signs.append(f"fluency (log-likelihood per token under the reference) {_fmt(ends[0][1])} -> {_fmt(ends[1][1])}")
-    ends, length = _start_end(record, "eval/distinct_2"), record.values("eval/response_len")
+        signs.append(f"fluency (log-likelihood per token under the reference) {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
+    ends, length = start_end(record, "eval/distinct_2"), record.values("eval/response_len")
     if ends and ends[0][1] > 0.2 and ends[1][1] <= DISTINCT_COLLAPSE * ends[0][1] and length and length[-1] >= 3:
-        signs.append(f"distinct-2 {_fmt(ends[0][1])} -> {_fmt(ends[1][1])}")
-    ends = _start_end(record, "eval/repetition")
+        signs.append(f"distinct-2 {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
+    ends = start_end(record, "eval/repetition")
     if ends and ends[1][1] - ends[0][1] >= REPETITION_RISE:
-        signs.append(f"repeated bigrams within a response {_fmt(ends[0][1])} -> {_fmt(ends[1][1])}")
-    ends = _start_end(record, "eval/response_len")
+        signs.append(f"repeated bigrams within a response {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
+    ends = start_end(record, "eval/response_len")
     cap = record.setting("sampler.max_new_tokens")
     if ends and isinstance(cap, int) and ends[1][1] >= LENGTH_CAP * cap and ends[0][1] < 0.8 * cap:
-        signs.append(f"response length {_fmt(ends[0][1])} -> {_fmt(ends[1][1])} tokens (the cap is {cap})")
+        signs.append(f"response length {fmt(ends[0][1])} -> {fmt(ends[1][1])} tokens (the cap is {cap})")
     if ends and ends[1][1] <= LENGTH_NOTHING < ends[0][1]:
-        signs.append(f"response length {_fmt(ends[0][1])} -> {_fmt(ends[1][1])} tokens (responses of nothing)")
+        signs.append(f"response length {fmt(ends[0][1])} -> {fmt(ends[1][1])} tokens (responses of nothing)")
     if not signs:
         return None
     return Finding(
         "reward hacking",
-        f"eval/reward {_fmt(r0)} -> {_fmt(r1)} (steps {s0}-{s1}, +{gain:.1f} step-0 spreads) while " + "; ".join(signs),
-        ("raise optimizer.beta (keep closer to the reference)",
-         "stop earlier (train.steps) or keep the checkpoint where the judges peaked",
-         "a reward that cannot be satisfied this way (a reward model trained on more pairs, reward=weighted with a judge)",
-         "add independent judges: eval.judges=[...]"),
-        _top_sample(record))
+        f"eval/reward {fmt(r0)} -> {fmt(r1)} (steps {s0}-{s1}, +{gain:.1f} step-0 spreads) while " + "; ".join(signs),
+        record.advice(Knob("optimizer.beta", "raise optimizer.beta (keep closer to the reference)"),
+                      Knob("train.steps", "stop earlier (train.steps) or keep the checkpoint where the judges peaked"),
+                      Knob("reward", "a reward that cannot be satisfied this way (a reward model trained on more pairs, "
+                           "reward=weighted with a judge)", "weighted"),
+                      Knob("eval.judges", "add independent judges: eval.judges=[...]")),
+        top_sample(record))
 
 
 def past_gold_peak(record: Record) -> Finding | None:
@@ -275,10 +321,12 @@ def past_gold_peak(record: Record) -> Finding | None:
         kl = dict(record.series("eval/kl"))
         at = f" (sqrt KL {math.sqrt(max(kl[s_peak], 0)):.2f})" if s_peak in kl else ""
         return Finding("over-optimisation: past the gold reward's peak",
-                       f"{key.removeprefix('eval/judge/')} peaked at {_fmt(g_peak)} at step {s_peak}{at} and fell to "
-                       f"{_fmt(g_end)} by step {s_end}, while eval/reward went on {_fmt(proxy[s_peak])} -> {_fmt(proxy[s_end])}",
-                       (f"stop near step {s_peak} (train.steps) or keep that checkpoint", "raise optimizer.beta",
-                        "a proxy reward closer to the gold (a reward model trained on more pairs)"), _top_sample(record))
+                       f"{key.removeprefix('eval/judge/')} peaked at {fmt(g_peak)} at step {s_peak}{at} and fell to "
+                       f"{fmt(g_end)} by step {s_end}, while eval/reward went on {fmt(proxy[s_peak])} -> {fmt(proxy[s_end])}",
+                       record.advice(Knob("train.steps", f"stop near step {s_peak} (train.steps) or keep that checkpoint"),
+                                     Knob("optimizer.beta", "raise optimizer.beta"),
+                                     Knob(None, "a proxy reward closer to the gold (a reward model trained on more pairs)")),
+                       top_sample(record))
     return None
 
 
@@ -288,22 +336,23 @@ def kl_blowup(record: Record) -> Finding | None:
     kl = record.series("eval/kl")
     if len(kl) < MIN_EVALS:
         return None
-    beta = _beta(record)
-    knobs = (f"raise optimizer.beta (now {_fmt(beta) if beta is not None else '?'})", "lower optimizer.lr",
-             "optimizer.kl_target=<nats> (adaptive beta) where the optimizer has it")
+    beta = current_beta(record)
+    knobs = record.advice(Knob("optimizer.beta", f"raise optimizer.beta (now {fmt(beta) if beta is not None else '?'})"),
+                          Knob("optimizer.lr", "lower optimizer.lr"),
+                          Knob("optimizer.kl_target", "optimizer.adaptive_kl=true optimizer.kl_target=<nats> (adaptive beta)"))
     peak = max(kl, key=lambda p: p[1])
     length = dict(record.series("eval/response_len")).get(peak[0], 0.0)
     limit = max(KL_BLOWUP, KL_BLOWUP_PER_TOKEN * length)
     if peak[1] >= limit:
-        return Finding("KL blow-up", f"eval/kl {_fmt(kl[0][1])} -> {_fmt(peak[1])} nats at step {peak[0]} (over "
-                       f"{limit:.3g}; {_fmt(kl[-1][1])} at step {kl[-1][0]})", knobs, _top_sample(record))
+        return Finding("KL blow-up", f"eval/kl {fmt(kl[0][1])} -> {fmt(peak[1])} nats at step {peak[0]} (over "
+                       f"{limit:.3g}; {fmt(kl[-1][1])} at step {kl[-1][0]})", knobs, top_sample(record))
     mid = [p for p in kl if p[0] >= kl[-1][0] / 2]
     rewards = [p for p in record.series("eval/reward") if p[0] >= kl[-1][0] / 2]
     if len(mid) >= 2 and len(rewards) >= 2:
         grew = mid[-1][1] - mid[0][1]
-        gained = (rewards[-1][1] - rewards[0][1]) / _spread(record)
+        gained = (rewards[-1][1] - rewards[0][1]) / spread(record)
         if mid[-1][1] >= KL_GROWTH * max(mid[0][1], 1e-6) and grew >= KL_GROWTH_MIN and gained < MOVED:
-            return Finding("KL blow-up", f"eval/kl {_fmt(mid[0][1])} -> {_fmt(mid[-1][1])} nats over steps "
+            return Finding("KL blow-up", f"eval/kl {fmt(mid[0][1])} -> {fmt(mid[-1][1])} nats over steps "
                            f"{mid[0][0]}-{mid[-1][0]} while eval/reward moved {gained:+.2f} step-0 spreads", knobs)
     return None
 
@@ -311,152 +360,114 @@ def kl_blowup(record: Record) -> Finding | None:
 def nothing_moves(record: Record) -> Finding | None:
     """Neither the reward nor the KL moves by the second half of the run: either the KL
     penalty holds the policy at the reference (over-regularisation), or the steps are too
-    small to go anywhere (stagnation)."""
+    small to go anywhere (stagnation: the optimizer plugin's `tiny_steps` must show it, from
+    the metrics only it logs; a hard task also leaves reward and KL flat)."""
     if record.progress < 0.5 or len(record.series("eval/reward")) < MIN_EVALS:
         return None
-    gain, kl = _reward_gain(record), record.values("eval/kl")
+    gain, kl = reward_gain(record), record.values("eval/kl")
     if gain is None or abs(gain) >= MOVED or not kl or abs(kl[-1]) >= KL_STILL:
         return None
-    beta = _beta(record)
-    lr = record.setting("optimizer.lr")
-    evidence = f"eval/reward moved {gain:+.2f} step-0 spreads and eval/kl is {_fmt(kl[-1])} nats at step {record.last_step}"
-    approx = _median_tail(record, "policy/approx_kl")
-    if beta is not None and beta >= BETA_LARGE and not (approx is not None and approx < APPROX_KL_TINY):
-        return Finding("over-regularisation", f"{evidence}, with optimizer.beta={_fmt(beta)}: the KL penalty outweighs "
-                       "what the reward can pay", (f"lower optimizer.beta (now {_fmt(beta)}; 0.01-0.1 is usual)",))
-    if approx is not None:  # the steps must be shown to be tiny: a hard task also leaves reward and KL flat
-        if approx >= APPROX_KL_TINY:
-            return None
-        evidence += f"; the policy hardly changes per update (median policy/approx_kl {approx:.2g}"
-        clip = _median_tail(record, "policy/clipfrac")
-        evidence += f", clipfrac {clip:.2g})" if clip is not None else ")"
-    else:
-        chosen = _span(record, "logps/chosen")
-        if chosen is None or abs(chosen[1] - chosen[0]) >= LOGP_STILL:
-            return None
-        evidence += f"; log pi(chosen) {_fmt(chosen[0])} -> {_fmt(chosen[1])}"
-    return Finding("stagnation: steps too small", evidence,
-                   (f"raise optimizer.lr (now {lr})" if lr is not None else "raise optimizer.lr",
-                    "more steps (train.steps)", "lower optimizer.beta if it is large"))
+    beta = current_beta(record)
+    evidence = f"eval/reward moved {gain:+.2f} step-0 spreads and eval/kl is {fmt(kl[-1])} nats at step {record.last_step}"
+    tiny = next((t for t in (f(record) for f in plugin_hooks(record, "tiny_steps")) if t is not None), None)
+    if beta is not None and beta >= BETA_LARGE and not tiny:
+        return Finding("over-regularisation", f"{evidence}, with optimizer.beta={fmt(beta)}: the KL penalty outweighs "
+                       "what the reward can pay",
+                       record.advice(Knob("optimizer.beta", f"lower optimizer.beta (now {fmt(beta)}; 0.01-0.1 is usual)")))
+    if not tiny:
+        return None
+    return Finding("stagnation: steps too small", f"{evidence}; {tiny}",
+                   record.advice(Knob("optimizer.lr", "raise optimizer.lr (now {now})"),
+                                 Knob("train.steps", "more steps (train.steps)"),
+                                 Knob("optimizer.beta", "lower optimizer.beta if it is large")))
 
 
-def steps_too_large(record: Record) -> Finding | None:
-    """Each update goes far outside the trust region, or every gradient is clipped."""
-    lr = record.setting("optimizer.lr")
-    knobs = (f"lower optimizer.lr (now {lr})" if lr is not None else "lower optimizer.lr",
-             "lower optimizer.clip_coef or fewer epochs per batch where the optimizer has them")
-    parts = []
-    for key, high in (("policy/clipfrac", CLIPFRAC_HIGH), ("policy/approx_kl", APPROX_KL_HIGH)):
-        s = record.series(key)
-        over = [step for step, x in s if x >= high]
-        if len(s) >= MIN_TRAIN_ROWS and len(over) >= LARGE_SHARE * len(s):
-            top = _fmt(max(x for _, x in s))
-            parts.append(f"{key} >= {high:g} on {len(over)} of {len(s)} steps (first {over[0]}, max {top})")
-    s = record.series("policy/approx_kl")
-    extreme = [(step, x) for step, x in s if x >= APPROX_KL_EXTREME]
-    if extreme and not parts:
-        parts.append(f"policy/approx_kl {_fmt(extreme[0][1])} nats at step {extreme[0][0]}"
-                     + (f" and at {len(extreme) - 1} more steps" if len(extreme) > 1 else ""))
-    if parts:  # (a run whose early steps were huge may have collapsed since, and now moves no more)
-        return Finding("unstable: steps too large", " and ".join(parts) + " (a healthy PPO update keeps clipfrac < "
-                       f"{CLIPFRAC_HIGH} and approx_kl < {APPROX_KL_HIGH})", knobs)
+def clipped_gradients(record: Record) -> Finding | None:
+    """Nearly every gradient is clipped, by a large factor: the steps are too large."""
     norms, cap = record.values("optim/grad_norm"), record.setting("optimizer.max_grad_norm")
     if len(norms) >= MIN_TRAIN_ROWS and isinstance(cap, (int, float)) and cap > 0:
         share = sum(n > cap for n in norms) / len(norms)
         if share >= CLIPPED_SHARE and statistics.median(norms) >= CLIPPED_FACTOR * cap:
             return Finding("unstable: steps too large", f"the gradient norm exceeded optimizer.max_grad_norm={cap:g} on "
-                           f"{share:.0%} of the steps (median {_fmt(statistics.median(norms))}): every step was clipped",
-                           knobs)
+                           f"{share:.0%} of the steps (median {fmt(statistics.median(norms))}): every step was clipped",
+                           record.advice(*STEP_KNOBS))
     return None
+
+
+# what any finding of too-large steps suggests (the plugin's own trust region's knobs where it has them)
+STEP_KNOBS = (Knob("optimizer.lr", "lower optimizer.lr (now {now})"), Knob("optimizer.clip_coef", "lower optimizer.clip_coef"),
+              Knob("optimizer.epochs", "fewer epochs per batch (optimizer.epochs)"))
 
 
 def entropy_collapse(record: Record) -> Finding | None:
     """The policy samples (nearly) one token everywhere: no exploration left."""
-    span = _span(record, "policy/entropy")
-    if span is None:
+    ends = span(record, "policy/entropy")
+    if ends is None:
         return None
-    start, end = span
+    start, end = ends
     if end <= ENTROPY_FLOOR or (start > 0 and end <= ENTROPY_FALL * start):
-        return Finding("entropy collapse", f"policy/entropy {_fmt(start)} -> {_fmt(end)} nats per token",
-                       ("raise optimizer.beta", "lower optimizer.lr", "raise sampler.temperature"), _top_sample(record))
+        return Finding("entropy collapse", f"policy/entropy {fmt(start)} -> {fmt(end)} nats per token",
+                       record.advice(Knob("optimizer.beta", "raise optimizer.beta"), Knob("optimizer.lr", "lower optimizer.lr"),
+                                     Knob("sampler.temperature", "raise sampler.temperature")), top_sample(record))
     return None
 
 
-def value_explains_nothing(record: Record) -> Finding | None:
-    """The critic is no better than a constant: advantages are noise around the return."""
-    v = record.series("val/explained_var")
-    if len(v) < 2 * MIN_TRAIN_ROWS:
-        return None
-    tail = v[len(v) // 2 :]
-    share = sum(x <= 0 for _, x in tail) / len(tail)
-    if share < EXPLAINED_VAR_SHARE:
-        return None
-    return Finding("value function explains nothing", f"val/explained_var <= 0 on {share:.0%} of steps "
-                   f"{tail[0][0]}-{tail[-1][0]} (median {_fmt(statistics.median(x for _, x in tail))})",
-                   ("optimizer.vf_coef (the value loss's weight) or the value head's learning rate",
-                    "optimizer=grpo or optimizer=rloo (no critic: a baseline from several samples per prompt)"))
+def negative_streaks(kl: list[float]) -> tuple[list[float], float]:
+    """The run of consecutive negative KL estimates (at least NEGATIVE_KL_STEPS long) with the
+    lowest mean, and that mean (0 if there is none): the live warning's rule and the finding's."""
+    streak, best, worst = [], [], 0.0
+    for x in kl:
+        streak = streak + [x] if x < 0 else []
+        if len(streak) >= NEGATIVE_KL_STEPS and mean(streak) < worst:
+            best, worst = list(streak), mean(streak)
+    return best, worst
 
 
-def dpo_displacement(record: Record) -> Finding | None:
-    """Both the chosen and the rejected responses lose probability: the margin grows by
-    pushing everything down (likelihood displacement), mass goes to responses neither pair holds."""
-    chosen, rejected = _span(record, "logps/chosen"), _span(record, "logps/rejected")
-    if chosen is None or rejected is None:
+def kl_bias_causes(sampler: Any) -> list[str]:
+    """The settings the sampler plugin says make its samples differ from pi at the sampling
+    temperature, as `key=value` ("sampler.top_k=2"); [] for none or no sampler."""
+    if sampler is None:
+        return []
+    return [m.split(" makes ")[0] for m in sampler.kl_bias_warnings() if " makes " in m]
+
+
+def run_sampler(record: Record) -> Any:
+    """The run's sampler plugin, built from its recorded settings (the plugin the record names,
+    or the registered one whose fields are the record's), or None."""
+    settings = record.setting("sampler")
+    if not isinstance(settings, dict):
         return None
-    if chosen[0] - chosen[1] >= DISPLACEMENT and rejected[0] - rejected[1] >= DISPLACEMENT:
-        return Finding("DPO likelihood displacement", f"log pi(chosen) {_fmt(chosen[0])} -> {_fmt(chosen[1])} and "
-                       f"log pi(rejected) {_fmt(rejected[0])} -> {_fmt(rejected[1])} nats: both fall",
-                       ("lower optimizer.lr", "raise optimizer.beta", "fewer steps (train.steps)"), _top_sample(record))
+    values = {k: v for k, v in settings.items() if k != "_target_"}
+    for info in registry.plugins("sampler"):
+        if settings.get("_target_", info.target) != info.target:
+            continue
+        try:
+            return info.cls(info.cls.Config(**{**vars(info.cls.Config()), **values}))
+        except Exception:  # fields it does not have, or values it refuses
+            continue
     return None
-
-
-def dpo_saturated(record: Record) -> Finding | None:
-    """The preference loss is ~0 with every pair ranked right: the pairs have nothing left to
-    teach, and further steps only push the log-ratios apart."""
-    loss, acc = _median_tail(record, "loss/dpo"), _median_tail(record, "rewards/accuracy")
-    if loss is None or acc is None or loss > SATURATED_LOSS or acc < 0.99:
-        return None
-    first = next((s for s, x in record.series("loss/dpo") if x <= SATURATED_LOSS), None)
-    return Finding("DPO margin saturated", f"loss/dpo {_fmt(loss)} (log 2 = 0.69 at the start) with rewards/accuracy "
-                   f"{acc:.2f} over the second half; first below {SATURATED_LOSS} at step {first}",
-                   ("lower optimizer.lr", "fewer steps (train.steps)", "more pairs (data.n_train)"))
 
 
 def biased_kl(record: Record) -> Finding | None:
-    """Negative KL estimates, step after step: the samples are not draws from pi at the
-    sampling temperature (top-k, top-p, a temperature the log-probs do not use)."""
-    streak, best, worst = [], [], 0.0
-    for _, x in record.series("train/kl"):
-        streak = streak + [x] if x < 0 else []
-        if len(streak) >= NEGATIVE_KL_STEPS and _mean(streak) < worst:
-            best, worst = list(streak), _mean(streak)
+    """Negative KL estimates, step after step, or a sampler that says its samples are not
+    draws of pi at the sampling temperature (its `kl_bias_warnings`: top-k, top-p, ...)."""
+    best, worst = negative_streaks(record.values("train/kl"))
     kl = record.values("eval/kl")
-    settings = [f"sampler.{k}={record.setting('sampler.' + k)}" for k, off in (("top_k", 0), ("top_p", 1.0))
-                if isinstance(record.setting("sampler." + k), (int, float)) and record.setting("sampler." + k) != off]
+    settings = kl_bias_causes(run_sampler(record))
     negative = worst <= -NEGATIVE_KL_MEAN or bool(kl and kl[-1] < -NEGATIVE_KL_MEAN)
     if not negative and not settings:
         return None
     said = []
     if best and worst <= -NEGATIVE_KL_MEAN:
-        said.append(f"train/kl negative for {len(best)} steps in a row (mean {_fmt(worst)} nats)")
+        said.append(f"train/kl negative for {len(best)} steps in a row (mean {fmt(worst)} nats)")
     if kl and kl[-1] < -NEGATIVE_KL_MEAN:
-        said.append(f"eval/kl {_fmt(kl[-1])} nats at the end")
+        said.append(f"eval/kl {fmt(kl[-1])} nats at the end")
     if settings:
-        said.append(f"{', '.join(settings)}: the responses are samples of a truncated pi, so every log-ratio the KL "
-                    "estimate and penalty average is taken where pi put more mass than it should: biased low")
+        said.append(f"{', '.join(settings)}: the responses are not samples of pi, so every log-ratio the KL estimate "
+                    "and penalty average is taken where pi put more mass than it should: biased low")
     return Finding("biased KL estimate", "; ".join(said),
-                   ("sampler.top_k=0 and sampler.top_p=1.0 (sample from pi itself)",
-                    "the KL penalty and metrics are biased while it lasts"))
-
-
-def ratio_skips(record: Record) -> Finding | None:
-    """PPO skipped minibatches whose probability ratio left the trust region, again and again."""
-    skipped = [s for s, x in record.series("policy/skipped_minibatches") if x > 0]
-    if len(skipped) < SKIPPED_STEPS:
-        return None
-    return Finding("repeated PPO ratio skips", f"minibatches skipped (mean ratio over optimizer.ratio_threshold) at "
-                   f"{len(skipped)} steps, first {skipped[0]}, last {skipped[-1]}",
-                   ("lower optimizer.lr", "fewer epochs per batch (optimizer.epochs)", "check the reward's scale"))
+                   record.advice(Knob("sampler.top_k", "sampler.top_k=0 and sampler.top_p=1.0 (sample from pi itself)", 0),
+                                 Knob(None, "the KL penalty and metrics are biased while it lasts")))
 
 
 def early_saturation(record: Record) -> Finding | None:
@@ -466,24 +477,49 @@ def early_saturation(record: Record) -> Finding | None:
     if len(r) < MIN_EVALS + 1 or len(std) < MIN_EVALS + 1 or record.progress < 0.9:
         return None
     total = r[-1][1] - r[0][1]
-    if total <= MOVED * _spread(record):
+    if total <= MOVED * spread(record):
         return None
     reached = next(s for s, x in r if x - r[0][1] >= 0.95 * total)
     if reached > SATURATED_BY * record.total_steps or std[-1][1] > SPREAD_LEFT * std[0][1]:
         return None
     return Finding("reward saturated early", f"eval/reward at 95% of its final gain by step {reached} of "
-                   f"{record.total_steps}, its spread {_fmt(std[0][1])} -> {_fmt(std[-1][1])}: every sample scores alike",
-                   ("stop earlier (train.steps)", "a harder task or a reward with more range"))
+                   f"{record.total_steps}, its spread {fmt(std[0][1])} -> {fmt(std[-1][1])}: every sample scores alike",
+                   record.advice(Knob("train.steps", "stop earlier (train.steps)"),
+                                 Knob(None, "a harder task or a reward with more range")))
 
 
 DETECTORS: tuple[Callable[[Record], Finding | None], ...] = (
-    nonfinite_evaluation, reward_hacking, past_gold_peak, kl_blowup, nothing_moves, steps_too_large, entropy_collapse,
-    value_explains_nothing, dpo_displacement, dpo_saturated, biased_kl, ratio_skips, early_saturation)
+    nonfinite_evaluation, reward_hacking, past_gold_peak, kl_blowup, nothing_moves, clipped_gradients, entropy_collapse,
+    biased_kl, early_saturation)
+
+
+def plugin_hooks(record: Record, name: str) -> list[Callable]:
+    """`name` ("detectors", "tiny_steps") of the run's optimizer and sampler plugins, found
+    through the registry; of every registered optimizer when the record names none (the
+    hooks of a plugin read only the metrics it logs, so another's find nothing)."""
+    classes = [record.plugin("optimizer")] if record.setting("optimizer._target_") else [
+        p.cls for p in registry.plugins("optimizer")]
+    classes.append(record.plugin("sampler"))
+    out: list[Callable] = []
+    for cls in classes:
+        hook = getattr(cls, name, None)
+        if hook is None:
+            continue
+        for f in (hook if isinstance(hook, (tuple, list)) else (hook,)):
+            if f not in out:
+                out.append(f)
+    return out
 
 
 def diagnose(record: Record) -> list[Finding]:
-    """Every finding on the record; [] for a healthy run."""
-    return [f for f in (d(record) for d in DETECTORS) if f is not None]
+    """Every finding on the record, the plugins' first; [] for a healthy run. One finding a
+    pathology (the first that shows it)."""
+    found: dict[str, Finding] = {}
+    for detect in [*plugin_hooks(record, "detectors"), *DETECTORS]:
+        f = detect(record)
+        if f is not None and f.name not in found:
+            found[f.name] = f
+    return list(found.values())
 
 
 class LiveDiagnosis:
@@ -505,7 +541,33 @@ class LiveDiagnosis:
             if "diagnosis" in self.said:
                 return []
             found = [Finding("diagnosis", f"the live checks failed ({type(e).__name__}: {e}) and are off for this run",
-                             ("rlhf-diagnose <run> after training",))]
+                             (Knob(None, "rlhf-diagnose <run> after training"),))]
         new = [f for f in found if f.name not in self.said]
         self.said.update(f.name for f in new)
         return new
+
+
+class NegativeKLWatch:
+    """Warns once, at the step it happens, when the per-batch KL estimate has been negative for
+    NEGATIVE_KL_STEPS steps in a row (the rule of `biased_kl`, which needs an evaluation): the
+    samples are then not draws of pi at the sampling temperature, and the KL penalty is biased."""
+
+    def __init__(self, sampler: Any):
+        self.sampler, self.streak, self.warned = sampler, 0, False
+
+    def update(self, kl: float | None) -> None:
+        import warnings
+
+        if kl is None:
+            return
+        self.streak = self.streak + 1 if kl < 0 else 0
+        if self.streak >= NEGATIVE_KL_STEPS and not self.warned:
+            self.warned = True
+            causes = kl_bias_causes(self.sampler)
+            warnings.warn(
+                f"train/kl has been negative for {self.streak} steps in a row (last {kl:.3f} nats): responses are not "
+                "samples of pi at the sampling temperature, so the KL estimate and penalty are biased. "
+                + (f"Settings that cause it: {', '.join(causes)}." if causes else
+                   "None of the sampler's own settings does this: check a custom sampler or generation settings."),
+                stacklevel=2,
+            )

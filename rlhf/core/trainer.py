@@ -149,7 +149,7 @@ class Trainer:
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed))
         self.problem = ""  # why the last batch was not trained on, if it was not
-        self.kl_watch = NegativeKLWatch(self.sampler)
+        self.kl_watch = diagnosis.NegativeKLWatch(self.sampler)
         self.next_batch = self.source.next
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -492,28 +492,3 @@ GUARDED = ("loss/", "train/reward", "train/kl")  # metrics that stop the run whe
 
 class NonFiniteError(FloatingPointError):
     """A loss, reward or KL became NaN or infinite; names the step and the quantity."""
-
-
-class NegativeKLWatch:
-    """Warns once when the per-batch KL estimate stays negative: the samples are then not
-    draws from pi at the sampling temperature, and the KL penalty is biased."""
-
-    STEPS = 5
-
-    def __init__(self, sampler: QuerySampler):
-        self.sampler, self.streak, self.warned = sampler, 0, False
-
-    def update(self, kl: float | None) -> None:
-        if kl is None:
-            return
-        self.streak = self.streak + 1 if kl < 0 else 0
-        if self.streak >= self.STEPS and not self.warned:
-            self.warned = True
-            causes = [m.split(" makes ")[0] for m in self.sampler.kl_bias_warnings()]
-            warnings.warn(
-                f"train/kl has been negative for {self.streak} steps in a row (last {kl:.3f} nats): responses are not "
-                "samples of pi at the sampling temperature, so the KL estimate and penalty are biased. "
-                + (f"Settings that cause it: {', '.join(causes)}." if causes else
-                   "None of the sampler's own settings does this: check a custom sampler or generation settings."),
-                stacklevel=2,
-            )
