@@ -101,11 +101,15 @@ def command() -> str:
     return name if name.startswith("rlhf-") else "rlhf-" + name.removesuffix(".py").replace("_cli", "").replace("_", "-")
 
 
-def refusal(e: BaseException | str) -> SystemExit:
-    """The one-line exit of a command that refuses its input: `<command>: <message>`, status 1.
-    (A SystemExit passes through Hydra, which would print an Exception with its search path.)"""
+class Refusal(SystemExit):
+    """A command refusing its input, in one line: `<command>: <message>`, exit status 1."""
+
+
+def refusal(e: BaseException | str) -> Refusal:
+    """The one-line exit of a command that refuses its input. (A SystemExit passes through
+    Hydra, which would print an Exception with its search path.)"""
     text = " ".join(str(e).split("\n")) if "\n" in str(e) else str(e)
-    return SystemExit(f"{command()}: {text}")
+    return Refusal(f"{command()}: {text}")
 
 
 @contextlib.contextmanager

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf.apps import hydra_setup, sweep
-from rlhf.contracts import registry, schema
+from rlhf.contracts import schema
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.core import checkpoint, distributed, rundir
 from rlhf.core.preemption import Interrupt, Interrupted, Preemption, Requeued, under_submitit
@@ -63,22 +65,50 @@ def parallel_jobs() -> int:
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> float:
-    from rlhf.core.trainer import Trainer, preflight
+    from rlhf.core.trainer import preflight
 
-    distributed.setup()  # a submitit job of several tasks joins its process group here: ranks known from now on
+    distributed.setup()  # torchrun's ranks joined before Hydra; a submitit job of several tasks joins here
     info = run_info()
     run_dir = Path(info.run_dir)
-    hc = HydraConfig.get()
-    single = hc.mode == RunMode.RUN
-    if single:  # a settings error: one line, and no run directory left behind
-        try:
-            preflight(cfg)
-        except (ValueError, registry.PluginError) as e:
-            rundir.discard_if_empty(run_dir)
-            raise SystemExit(f"rlhf-train: {e}") from None
+    single = HydraConfig.get().mode == RunMode.RUN
+    plugins = None
+    if single:  # a settings error: one line, and no run directory left behind (a sweep's job: a failed job)
+        with refused_in_one_line(run_dir):
+            plugins = preflight(cfg)
     preemption = Preemption()
-    job = submitit_job_id() if preemption.install() else None
-    # the one process that writes the directory owns it; its verdict reaches every rank
+    owner, same_job = claim(run_dir, cfg, submitit_job_id() if preemption.install() else None, single)
+    stop = preemption if preemption.installed else Interrupt().install()  # Ctrl-C and SIGTERM
+    try:
+        s = run(cfg, info, plugins, resume_from(cfg, run_dir, same_job), stop, owner, single, same_job)
+    finally:
+        if owner is not None:
+            owner.release()  # (a second release does nothing)
+        if isinstance(stop, Interrupt):
+            stop.uninstall()
+    if not distributed.is_main():
+        return 0.0
+    (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a resumed run that ends well has no error to show
+    report(s, run_dir)
+    return s["reward_end"]
+
+
+@contextlib.contextmanager
+def refused_in_one_line(run_dir: Path, owner: rundir.RunLock | None = None) -> Iterator[None]:
+    """Around what may refuse a new run (a setting, a data file, a model): one line, the run
+    directory's lock released and the directory removed if the run left nothing in it."""
+    try:
+        with hydra_setup.refusing():
+            yield
+    except SystemExit:
+        if owner is not None:
+            owner.release()
+        rundir.discard_if_empty(run_dir)
+        raise
+
+
+def claim(run_dir: Path, cfg: DictConfig, job: str | None, single: bool) -> tuple[rundir.RunLock | None, bool]:
+    """The run directory, owned by the one process that writes it (rank 0), and whether this is
+    submitit's requeue of the very job that wrote it; the verdict reaches every rank."""
     owner, refused, same_job = None, None, False
     if distributed.is_main():
         try:
@@ -91,90 +121,91 @@ def _train(cfg: DictConfig) -> float:
         if single:
             raise SystemExit(f"rlhf-train: {refused}")
         raise rundir.RunDirRefused(refused)  # a job of a sweep: failed, and reported with the others
-    stop = preemption if preemption.installed else Interrupt().install()  # Ctrl-C and SIGTERM
-    resume = None  # the run's complete checkpoints, oldest first: the newest that loads is used
-    if cfg.resume or same_job:
-        resume = checkpoint.complete(run_dir) or None
-        if resume is None and cfg.resume:
-            raise SystemExit(f"rlhf-train: resume={cfg.resume}: no complete checkpoint in {run_dir}")
-        if resume is None and distributed.is_main():  # requeued before its first checkpoint: from the start
-            (run_dir / rundir.METRICS).unlink(missing_ok=True)
+    return owner, same_job
+
+
+def resume_from(cfg: DictConfig, run_dir: Path, same_job: bool) -> list[Path] | None:
+    """The run's complete checkpoints, oldest first (the newest that loads is used), when it
+    continues: resume=, or submitit's requeue (before its first checkpoint: from the start)."""
+    if not (cfg.resume or same_job):
+        return None
+    resume = checkpoint.complete(run_dir) or None
+    if resume is None and cfg.resume:
+        raise SystemExit(f"rlhf-train: resume={cfg.resume}: no complete checkpoint in {run_dir}")
+    if resume is None and distributed.is_main():
+        (run_dir / rundir.METRICS).unlink(missing_ok=True)
+    return resume
+
+
+def run(cfg: DictConfig, info: RunInfo, plugins, resume: list[Path] | None, stop, owner, single: bool,
+        same_job: bool) -> dict:
+    """Build the trainer and fit; a run that fails says so in one line where it can (a refused
+    input, a full disk), and writes its traceback to error.txt otherwise."""
+    from rlhf.core.trainer import Trainer
+
+    run_dir, hc = Path(info.run_dir), HydraConfig.get()
     trainer = None
 
     def started() -> None:  # .hydra/: the config this run trains with, once it has loaded
-        if resume and distributed.is_main():  # the checkpoint really loaded, and what a forced resume changed
-            print(f"{'requeued: ' if same_job else ''}{trainer.resume_line()}", flush=True)
         if distributed.is_main():
+            if resume:  # the checkpoint really loaded, and what a forced resume changed
+                print(f"{'requeued: ' if same_job else ''}{trainer.resume_line()}", flush=True)
             rundir.write_record(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
 
     if not resume and not single:
         started()  # a new job of a sweep: at once, so that the sweep's report lists it however it ends
-
     share_cores(cfg.threads)
     try:
-        try:
-            # a resumed run records its config only once its checkpoint has loaded: a resume
-            # that fails leaves the run's record as it was
-            try:
-                trainer = Trainer(cfg, run_dir, info)
-            except (ValueError, OSError, registry.PluginError) as e:
-                if not single:
-                    raise
-                if owner is not None:  # a data file or a model that cannot be used: one line, nothing left behind
-                    owner.release()
-                    owner = None
-                rundir.discard_if_empty(run_dir)
-                raise Refused(f"rlhf-train: {e}") from None
-            s = trainer.fit(resume=resume, preemption=stop, started=started if resume or single else None,
-                            progress_bar=parallel_jobs() <= 1)  # jobs side by side: a line each, not bars over each other
-        except (Requeued, Interrupted):
-            raise
-        except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-            last = checkpoint.complete(run_dir)
-            where = (f"the last checkpoint is {last[-1].name}; continue with:\n  rlhf-train resume={run_dir}" if last
-                     else "no checkpoint was written, nothing to resume")
-            print(f"\nstopped at once: {where}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        except Refused:
-            raise
-        except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
-            raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
-    except Exception as e:
-        full = disk_full(e)
-        if full is not None:  # nothing more can be written there: say what to do, in one line
-            last = checkpoint.complete(run_dir)
-            message = (f"no space left on the device holding {full or run_dir}: free some (df -h {run_dir}), then continue with "
-                       f"`rlhf-train resume={run_dir}`" + (f" from {last[-1].name}" if last else " (no checkpoint completed)"))
-            if single:
-                raise SystemExit(f"rlhf-train: {message}") from None
-            raise RuntimeError(message) from e
-        # into the job's own log (Hydra writes it to the run directory) and a file of its own,
-        # so a failed job of a sweep can be found and read after the others finish
-        log.exception("run failed")
-        if distributed.is_main():
-            save_error(run_dir, traceback.format_exc())
+        # a resumed run records its config only once its checkpoint has loaded: a resume that
+        # fails leaves the run's record as it was; a data file or model that cannot be used: one line
+        with refused_in_one_line(run_dir, owner) if single else contextlib.nullcontext():
+            trainer = Trainer(cfg, run_dir, info, plugins)
+        return trainer.fit(resume=resume, preemption=stop, started=started if resume or single else None,
+                           progress_bar=parallel_jobs() <= 1)  # jobs side by side: a line each, not bars over each other
+    except (Requeued, Interrupted, hydra_setup.Refusal):
         raise
-    finally:
-        if owner is not None:
-            owner.release()
-        if isinstance(stop, Interrupt):
-            stop.uninstall()
-    if not distributed.is_main():
-        return 0.0
-    (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a resumed run that ends well has no error to show
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        last = checkpoint.complete(run_dir)
+        where = (f"the last checkpoint is {last[-1].name}; continue with:\n  rlhf-train resume={run_dir}" if last
+                 else "no checkpoint was written, nothing to resume")
+        print(f"\nstopped at once: {where}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
+        raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
+    except Exception as e:
+        failed(e, run_dir, single)
+        raise
+
+
+def failed(e: Exception, run_dir: Path, single: bool) -> None:
+    """A run that raised: on a full disk, one line saying what to do; else the traceback into
+    the job's log and error.txt, so a failed job of a sweep can be read after the others end."""
+    full = disk_full(e)
+    if full is not None:  # nothing more can be written there
+        last = checkpoint.complete(run_dir)
+        message = (f"no space left on the device holding {full or run_dir}: free some (df -h {run_dir}), then continue with "
+                   f"`rlhf-train resume={run_dir}`" + (f" from {last[-1].name}" if last else " (no checkpoint completed)"))
+        if single:
+            raise SystemExit(f"rlhf-train: {message}") from None
+        raise RuntimeError(message) from e
+    log.exception("run failed")
+    if distributed.is_main():
+        save_error(run_dir, traceback.format_exc())
+
+
+def report(s: dict, run_dir: Path) -> None:
+    """The end of a run, as the README shows it."""
     print(f"held-out reward   {s['reward_start']:.3f} -> {s['reward_end']:.3f}")
     print(f"KL to reference   {s['kl_start']:.3f} -> {s['kl_end']:.3f} nats")
     for key in ["accuracy", *sorted((k.removesuffix("_end") for k in s if k.startswith("pass@") and k.endswith("_end")),
                                     key=lambda k: int(k[5:]))]:
         if f"{key}_end" in s and key != "pass@1":  # (eval.pass_at_k: pass@1 is the accuracy)
             print(f"{key:<17} {s[f'{key}_start']:.3f} -> {s[f'{key}_end']:.3f}")
-    print(f"run directory     {info.run_dir}  ({s['wall_s']:.0f} s)")
+    print(f"run directory     {s['run_dir']}  ({s['wall_s']:.0f} s)")
     if (run_dir / rundir.OPTIMUM).is_file():  # eval.kl_to_optimum: the trained policy beside pi_ref and pi*
-
         from rlhf.core.optimum import format_table
 
         print(format_table(rundir.from_json((run_dir / rundir.OPTIMUM).read_text())))
-    return s["reward_end"]
 
 
 def submitit_job_id() -> str | None:
@@ -211,10 +242,6 @@ def disk_full(e: BaseException) -> str | None:
             return ""
         e = e.__cause__ or e.__context__
     return None
-
-
-class Refused(SystemExit):
-    """A run refused before it trained (a data file or a model that cannot be used): one line."""
 
 
 def save_error(run_dir: Path, text: str) -> None:

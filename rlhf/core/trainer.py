@@ -10,9 +10,7 @@ logging are the same for all.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,11 +21,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.contracts import registry
-from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo, SampleLogger
+from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
 from rlhf.contracts.schema import validate
-from rlhf.core import checkpoint, diagnosis, distributed, rundir, sharding, sources, update
+from rlhf.core import checkpoint, diagnosis, distributed, lifecycle, rundir, sharding, sources, update
 from rlhf.core.data import check_whole_prompts, load_prompts, sample_queries, tokenize_prompts
 from rlhf.core.evaluation import evaluate, pass_at_k, save_samples
+from rlhf.core.lifecycle import NonFiniteError
 from rlhf.core.policy import CheckpointMismatch, Policy
 from rlhf.core.preemption import Interrupt, Preemption
 from rlhf.core.rundir import RunRecorder
@@ -91,16 +90,16 @@ def check_context(cfg: DictConfig, sampler: QuerySampler) -> None:
 class Trainer:
     """Builds a run from its config, then `fit()` trains, evaluates and logs it."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, run: RunInfo | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, run: RunInfo | None = None, plugins: Plugins | None = None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own
         self.t0 = time.time()
-        distributed.setup()  # a no-op unless started by torchrun / accelerate with several processes
         self.cfg, self.run_dir = cfg, run_dir
         self.run = run or RunInfo(run_dir=str(run_dir), name=run_dir.name, group_dir=str(run_dir))
-        # plugins first: they are cheap, so their config errors come before any model loads
-        p = preflight(cfg)
+        # plugins first (unless the command's preflight built them): cheap, so their config errors come
+        # before any model loads
+        p = plugins if plugins is not None else preflight(cfg)
         self.optimizer, self.reward, self.sampler, self.loggers, self.judges = (
             p.optimizer, p.reward, p.sampler, p.loggers, p.judges)
         if self.optimizer.consumes != "preference_pairs":
@@ -149,6 +148,8 @@ class Trainer:
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed))
         self.problem = ""  # why the last batch was not trained on, if it was not
+        self.first: dict[str, float] | None = None  # the evaluations at step 0 and at the last evaluation
+        self.last: dict[str, float] | None = None
         self.kl_watch = diagnosis.NegativeKLWatch(self.sampler)
         self.next_batch = self.source.next
 
@@ -313,7 +314,8 @@ class Trainer:
                      + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         return text
 
-    def _checkpoint(self, step: int, recorder: RunRecorder | None, first: dict, last: dict) -> None:
+    def checkpoint(self, step: int, recorder: RunRecorder | None) -> None:
+        """A checkpoint of step `step` (the rows of metrics.jsonl it points to synced first)."""
         tensors, sharded = self.policy.trainable_state(), self.policy.sharded
         bad = [name for name, t in tensors.items() if not torch.isfinite(sharding.local(t)).all()]
         if sharded:  # each rank sees its own shards: all must stop together
@@ -324,7 +326,7 @@ class Trainer:
         if recorder is not None:  # the rows the checkpoint points to are on disk before it is
             recorder.sync()
             metrics_offset = recorder.offset
-        state = self.state_dict(step, metrics_offset, first, last)  # on every rank: it gathers their data state
+        state = self.state_dict(step, metrics_offset, self.first, self.last)  # on every rank: it gathers their data state
         if sharded:  # every rank writes its shards
             root = self.policy.trainable_root()
             checkpoint.save(self.run_dir, step, {}, state, self.cfg.checkpoint.keep,
@@ -340,100 +342,49 @@ class Trainer:
         """Train, evaluate and log; with `resume` (a checkpoint directory, or a run's complete
         checkpoints oldest first), continue from it. `started` is called once the run is set
         up (after its checkpoint has loaded): the command records the run's config then.
-        Data-parallel, every rank trains and rank 0 alone evaluates, logs and checkpoints
+        With `preemption` (submitit's, or Ctrl-C and SIGTERM), the signal ends the run at the
+        end of the step it arrives in, with a checkpoint. `progress_bar=False` (jobs sharing a
+        terminal): a line at each evaluation instead. Each cadence is a part of its own
+        (rlhf.core.lifecycle); data-parallel, rank 0 alone evaluates, logs and checkpoints
         (sharded, every rank evaluates and writes its shards: passes through the model are
-        collective).
-        With `preemption` (submitit's preemption, or Ctrl-C and SIGTERM), the signal ends the
-        run at the end of the step it arrives in, with a checkpoint; submitit requeues it, an
-        interrupted run says how to resume it. `progress_bar=False` (jobs sharing a terminal): no progress
-        bar, one line at each evaluation instead."""
-        from tqdm import tqdm
-
-        cfg, main = self.cfg, distributed.is_main()
-        evaluates = main or self.policy.sharded
+        collective)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        start, first, last = 0, None, None
+        start, state = 0, None
         if resume is not None:
-            loaded, state = self.restore([resume] if isinstance(resume, Path) else list(resume))
-            start, first, last = state["step"], state["first_eval"], state["last_eval"]
-            self.resumed_from, self.resumed_step = loaded, start
+            self.resumed_from, state = self.restore([resume] if isinstance(resume, Path) else list(resume))
+            start, self.first, self.last = state["step"], state["first_eval"], state["last_eval"]
+            self.resumed_step = start
         if started is not None:
             started()
-        recorder, live = None, None
-        if main:
-            recorder = RunRecorder(self.run_dir, truncate_to=state["metrics_offset"] if resume is not None else None)
-            config = OmegaConf.to_container(cfg, resolve=True)
-            for lg in self.loggers:
-                lg.start(self.run, config)
-            live = diagnosis.LiveDiagnosis(config)
-            if resume is not None:  # the steps before the resume count too
-                live.record.rows = diagnosis.load(self.run_dir).rows
-
-        def emit(metrics: dict[str, float], step: int) -> None:
-            if recorder is not None:
-                recorder.log(metrics, step)
-                live.log(metrics, step)
-                for lg in self.loggers:
-                    lg.log(metrics, step)
-
-        def emit_samples(step: int) -> None:
-            for lg in self.loggers:
-                if isinstance(lg, SampleLogger):
-                    lg.log_samples(self.last_samples, step)
-
-        def diagnose(step: int) -> None:  # the diagnoses, live: each pathology said once, when first seen
-            for finding in live.check(self.last_samples, step):
-                try:  # (under -W error a warning raises: a diagnosis never stops the run)
-                    warnings.warn(f"step {step}: {finding.text()}\n  (rlhf-diagnose {self.run_dir} lists every finding)",
-                                  stacklevel=1)
-                except Exception:
-                    print(f"step {step}: {finding.text()}", file=sys.stderr)
-
-        if resume is None and evaluates:
-            first = last = self.evaluate(0)
-        if resume is None and main:
-            emit(first, 0)
-            emit_samples(0)
-        every = cfg.checkpoint.every
-        if preemption is not None:
-            preemption.arm()  # from here a signal waits for the end of the step
-        bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="rlhf-train", mininterval=1, dynamic_ncols=True,
-                   initial=start, total=cfg.train.steps, disable=not (main and progress_bar))
-        for step in bar:
+        if resume is None and self.evaluates:
+            self.first = self.last = self.evaluate(0)
+        self.parts = parts = lifecycle.parts(self, start, state, preemption, progress_bar)
+        for part in parts:
+            part.begin()
+        for step in range(start + 1, self.cfg.train.steps + 1):
             metrics = self.train_step()
-            emit(metrics, step)  # the NaN itself is logged, not filtered out
-            bad = {k: v for k, v in metrics.items() if k.startswith(GUARDED) and not math.isfinite(v)}
-            if bad or self.problem:
-                last_ckpt = checkpoint.complete(self.run_dir)
-                raise NonFiniteError(
-                    f"step {step}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
-                    + (f" ({self.problem})" if self.problem else "") + "; stopped before any weights it touched were saved"
-                    + (f"; the last checkpoint is {last_ckpt[-1]}" if last_ckpt else "")
-                )
-            if main:
-                self.kl_watch.update(metrics.get("train/kl"))
-            shown = [k for k in metrics if k in ("train/reward", "train/kl")] + [k for k in metrics if k.startswith("loss/")][:1]
-            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown}, refresh=False)
-            due = step % cfg.eval.every == 0 or step == cfg.train.steps
-            if evaluates and due:
-                last = self.evaluate(step)
-            if main and due:
-                if not progress_bar:
-                    print(f"{self.run.name}: step {step}/{cfg.train.steps}, held-out reward {last['eval/reward']:.3f}, "
-                          f"KL {last['eval/kl']:.3f}", flush=True)
-                emit(last, step)
-                emit_samples(step)
-                diagnose(step)
-            preempted = preemption is not None and distributed.any_rank(preemption.requested, self.policy.device)
-            if preempted or (every > 0 and step % every == 0) or step == cfg.train.steps:
-                self._checkpoint(step, recorder, first, last)
-            if preempted and step < cfg.train.steps:  # at the last step the run just ends
-                bar.close()
-                if main:
-                    print(preemption.message(step, self.run_dir), flush=True)
-                preemption.hand_over()
-        bar.close()
+            for part in parts:
+                part.after_step(step, metrics)
+            if step % self.cfg.eval.every == 0 or step == self.cfg.train.steps:
+                if self.evaluates:
+                    self.last = self.evaluate(step)
+                for part in parts:
+                    part.after_eval(step, self.last)
+            for part in parts:
+                part.end_of_step(step)
+        for part in parts:
+            part.close()
+        return self.finish(start if resume is not None else None)
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank evaluates: rank 0, or every rank when sharded (each pass is collective)."""
+        return distributed.is_main() or self.policy.sharded
+
+    def finish(self, resumed_from_step: int | None) -> dict[str, Any]:
+        """After the last step: final/, summary.json, the model card and optimum.json (rank 0)."""
+        cfg, first, last, start = self.cfg, self.first, self.last, resumed_from_step
+        main = distributed.is_main()
         # data-parallel: the ranks' parameters must not have drifted apart; sharded there is one copy,
         # and every rank evaluated it: their last evaluations must agree
         divergence = None if self.policy.sharded else distributed.max_param_difference(self.policy.trainable_state())
@@ -461,7 +412,7 @@ class Trainer:
             **{f"{k.removeprefix('eval/')}_{when}": m[k] for k in last if k.startswith(("eval/pass@", "eval/accuracy"))
                for when, m in (("start", first), ("end", last))},
             "steps": cfg.train.steps,
-            **({"resumed_from_step": start} if resume is not None else {}),
+            **({"resumed_from_step": start} if start is not None else {}),
             **({"data_parallel_ranks": distributed.world(), "parallel": cfg.parallel} if distributed.active() else {}),
             **({"max_param_diff_across_ranks": divergence} if divergence is not None and distributed.active() else {}),
             **({"max_eval_diff_across_ranks": eval_spread} if eval_spread is not None else {}),
@@ -471,7 +422,7 @@ class Trainer:
             "wall_s": round(time.time() - self.t0, 2),
             "run_dir": str(self.run_dir),
         }
-        recorder.summary(summary)
+        next(p.recorder for p in self.parts if isinstance(p, lifecycle.Recording)).summary(summary)
         if cfg.train.save_final:  # peft's blank template replaced by what this run is and did
             from rlhf.core import card
 
@@ -487,8 +438,3 @@ class Trainer:
         return summary
 
 
-GUARDED = ("loss/", "train/reward", "train/kl")  # metrics that stop the run when not finite
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss, reward or KL became NaN or infinite; names the step and the quantity."""
