@@ -264,7 +264,7 @@ def bare_reinforce_step(policy, reward, queries, opt, beta: float, sample: Calla
     """REINFORCE with a KL penalty and a batch-mean baseline, as a short script would write it:
     sample, score, reference log-probs with the adapters off, one forward with gradients,
     one backward, one Adam step."""
-    from rlhf.core.policy import position_ids
+    from rlhf.core.logprobs import position_ids
 
     tok, model = policy.tokenizer, policy.model
     ids, attn, q = sample(queries)  # (B, Q + T), left-padded queries

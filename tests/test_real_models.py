@@ -310,7 +310,7 @@ def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_
     """The vocabulary projection a chunk of positions at a time (checkpointed) gives the
     log-probs, values, entropy and gradients of the full (B, T, V) logits path. Chunks of 7
     rows here, so several chunks and a ragged last one are exercised."""
-    from rlhf.core import policy as policy_module
+    from rlhf.core import logprobs as policy_module
 
     policy = Policy.load(PolicyConfig(path=chat_models.get(family, family)), torch.device("cpu"))
     monkeypatch.setattr(policy_module, "LOGITS_PER_CHUNK", 7 * policy.vocab_size)

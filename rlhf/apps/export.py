@@ -42,7 +42,7 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
             from transformers import AutoTokenizer
 
             for f in parts.adapters.iterdir():
-                if f.name.startswith("adapter_") or f.name in ("value_head.safetensors",):
+                if f.name.startswith("adapter_") or f.name == rundir.VALUE_HEAD:
                     shutil.copy2(f, partial / f.name)
             AutoTokenizer.from_pretrained(str(parts.adapters)).save_pretrained(partial)
             base = portable_name(parts.trunk)
@@ -51,9 +51,9 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
                 model.save_pretrained(partial / "base", safe_serialization=True)
                 AutoTokenizer.from_pretrained(str(parts.adapters)).save_pretrained(partial / "base")
                 base = str((out / "base").resolve())
-            record = json.loads((partial / "adapter_config.json").read_text())
+            record = json.loads((partial / rundir.ADAPTER_CONFIG).read_text())
             record["base_model_name_or_path"] = base
-            (partial / "adapter_config.json").write_text(json.dumps(record, indent=2) + "\n")
+            (partial / rundir.ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
             card.write(run_dir, partial, "adapters", base=base)
         else:
             model, tokenizer = load_model(str(run), cfg)

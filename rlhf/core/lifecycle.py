@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -29,8 +29,7 @@ from rlhf.contracts.interfaces import SampleLogger
 from rlhf.core import checkpoint, diagnosis, distributed
 from rlhf.core.rundir import RunRecorder
 
-if TYPE_CHECKING:
-    from rlhf.core.trainer import Trainer
+Trainer = Any  # rlhf.core.trainer.Trainer, which imports this module: the parts read its run's state
 
 GUARDED = ("loss/", "train/reward", "train/kl")  # metrics that stop the run when not finite
 

@@ -17,7 +17,17 @@ from torch import nn
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
 from rlhf.core import distributed, numerics, sharding
-from rlhf.core.trained import BASE_RECORD, TrainedParts, from_pretrained, load_model, portable_name, quiet_peft, trained_parts
+from rlhf.core.logprobs import Trunk, position_ids, response_logits
+from rlhf.core.trained import (
+    TrainedParts,
+    apply_chat_template,
+    from_pretrained,
+    load_model,
+    lora_targets,
+    quiet_peft,
+    ready,
+    trained_parts,
+)
 
 
 class Policy:
@@ -35,8 +45,8 @@ class Policy:
         self._chunked: bool | None = None  # log-probs through the chunked vocabulary projection
         self._chunk_checked = False  # the chunked path compared with the model's own logits once
         self._ddp: nn.Module | None = None  # DistributedDataParallel over model + value head, when data-parallel
-        self._local: _Trunk | None = None  # the trainable forward; sharded in place under parallel=fsdp
-        self._ref_root: _Trunk | None = None  # the frozen reference copy's, sharded, under parallel=fsdp
+        self._local: Trunk | None = None  # the trainable forward; sharded in place under parallel=fsdp
+        self._ref_root: Trunk | None = None  # the frozen reference copy's, sharded, under parallel=fsdp
         self.sharded = False  # weights, gradients and optimizer state sharded over the ranks (parallel=fsdp)
         self.trunk = ""  # what the adapters sit on, as a policy.path value (recorded with them)
         self.started_from: TrainedParts | None = None  # the trained run this policy goes on from
@@ -65,20 +75,20 @@ class Policy:
             trunk, tokenizer = load_model(parts.trunk, cfg, tokenizer_from=parts.adapters)
             with quiet_peft():
                 model = PeftModel.from_pretrained(trunk, str(parts.adapters), is_trainable=True)
-            policy = cls(_ready(model, tokenizer, device), tokenizer, True, device)
+            policy = cls(ready(model, tokenizer, device), tokenizer, True, device)
             policy.trunk = parts.trunk
         else:  # merged weights, then fresh adapters (or full fine-tuning) on them
             model, tokenizer = load_model(cfg.path, cfg)
             ref = None
             if cfg.reference == "base":
                 ref, _ = load_model(parts.trunk, cfg)
-                ref = _ready(ref, tokenizer, device).eval().requires_grad_(False)
+                ref = ready(ref, tokenizer, device).eval().requires_grad_(False)
             policy = cls.from_model(model, tokenizer, cfg.lora, device, ref_model=ref)
             policy.trunk = str(Path(cfg.path).expanduser().resolve())
         policy.started_from = parts
         if not cfg.chunked_logprobs:
             policy._chunked = False
-        _apply_chat_template(policy.tokenizer, cfg.chat_template)
+        apply_chat_template(policy.tokenizer, cfg.chat_template)
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         return policy
@@ -100,13 +110,13 @@ class Policy:
                    ref_model: nn.Module | None = None) -> Policy:
         """`model` with fresh adapters (or all its weights trainable); the reference is `ref_model`
         if given, else the model itself with the adapters off (or a frozen copy of it)."""
-        model = _ready(model, tokenizer, device)
+        model = ready(model, tokenizer, device)
         if lora.enabled:
             from peft import LoraConfig, get_peft_model
 
             peft_cfg = LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=_targets(model, lora.target_modules), task_type="CAUSAL_LM",
+                target_modules=lora_targets(model, lora.target_modules), task_type="CAUSAL_LM",
             )
             with quiet_peft():
                 model = get_peft_model(model, peft_cfg)
@@ -252,7 +262,7 @@ class Policy:
             return numerics.logprobs_of(self.reference_logits(input_ids, attention_mask, query_len),
                                         input_ids[:, query_len:], temperature)
         with self.reference() as ref:
-            return _Trunk(ref, None)(input_ids, attention_mask, query_len, False, self.keeps_logits,
+            return Trunk(ref, None)(input_ids, attention_mask, query_len, False, self.keeps_logits,
                                      stats=(temperature, False))[0]
 
     @property
@@ -268,9 +278,9 @@ class Policy:
                 getattr(base, "base_model_prefix", "")) and hasattr(base, base.base_model_prefix)
         return self._chunked
 
-    def _local_trunk(self) -> _Trunk:
+    def _local_trunk(self) -> Trunk:
         if self._local is None or self._local.value_head is not self.value_head:
-            self._local = _Trunk(self.model, self.value_head)
+            self._local = Trunk(self.model, self.value_head)
         return self._local
 
     def enable_sharding(self, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
@@ -283,11 +293,11 @@ class Policy:
         # the value head is a unit of its own: it is float32 whatever the model's dtype, and FSDP2
         # wants one dtype in a unit
         heads = (self.value_head,) if self.value_head is not None else ()
-        self._local = sharding.shard(_Trunk(self.model, self.value_head), self.model, device, param_dtype, heads)
+        self._local = sharding.shard(Trunk(self.model, self.value_head), self.model, device, param_dtype, heads)
         self._local.returns_copies = True
         self.sharded = True
         if self._ref_model is not None:
-            self._ref_root = sharding.shard(_Trunk(self._ref_model, None), self._ref_model, device, param_dtype)
+            self._ref_root = sharding.shard(Trunk(self._ref_model, None), self._ref_model, device, param_dtype)
             self._ref_root.returns_copies = True
         # one pass through each root first: FSDP2 learns which unit is the root on the first
         # forward it sees, and sampling (which starts a run) calls the blocks directly
@@ -321,7 +331,7 @@ class Policy:
         gradients of every rank in backward(). Sampling and the reference stay local."""
         from torch.nn.parallel import DistributedDataParallel
 
-        trunk = _Trunk(self.model, self.value_head)
+        trunk = Trunk(self.model, self.value_head)
         ids = [self.device.index] if self.device.type == "cuda" else None
         self._ddp = DistributedDataParallel(trunk, device_ids=ids)
 
@@ -330,7 +340,7 @@ class Policy:
         with self.reference() as ref:
             out = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False, **self._response_logits_only(input_ids, query_len))
-        return _response_logits(out.logits, input_ids, query_len)
+        return response_logits(out.logits, input_ids, query_len)
 
     @property
     def context_length(self) -> int | None:
@@ -386,51 +396,6 @@ class Policy:
 
     # ---------------------------------------------------------------- saving
 
-    def save(self, directory: str, whole: dict[str, torch.Tensor] | None = None) -> None:
-        """Adapters (or full weights) and value head as safetensors, plus the tokenizer. The
-        adapters name what they sit on as a policy.path value ("embedded", a hub name, a run),
-        not as this machine's cache path, so a run moves to another machine. Sharded: from
-        `whole`, what full_state() gathered."""
-        import json
-
-        from safetensors.torch import save_file
-
-        model_state = head_state = None
-        if whole is not None:  # a tied weight once, under the name the model's own state_dict keeps
-            names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
-            model_state = {k.removeprefix("model."): v for k, v in whole.items() if k.removeprefix("model.") in names}
-            head_state = {k.removeprefix("value_head."): v for k, v in whole.items() if k.startswith("value_head.")}
-        elif self.value_head is not None:
-            head_state = self.value_head.state_dict()
-        self.model.save_pretrained(directory, safe_serialization=True, state_dict=model_state)
-        self.tokenizer.save_pretrained(directory)
-        adapter_config = Path(directory) / "adapter_config.json"
-        if self.lora and adapter_config.is_file() and self.trunk:
-            record = json.loads(adapter_config.read_text())
-            record["base_model_name_or_path"] = portable_name(self.trunk)
-            adapter_config.write_text(json.dumps(record, indent=2) + "\n")
-        elif not self.lora and self.trunk:  # full weights: the base they started from, for policy.reference=base
-            (Path(directory) / BASE_RECORD).write_text(json.dumps({"base": portable_name(self.trunk)}) + "\n")
-        if head_state:
-            save_file({k: v.contiguous() for k, v in head_state.items()}, f"{directory}/value_head.safetensors")
-
-
-def _targets(model: nn.Module, wanted: list[str] | None) -> list[str] | str | None:
-    """peft's target_modules: "all-linear" as peft spells it, or the names, checked against the
-    model so that a preset's names for another architecture fail saying what this one has."""
-    if not wanted:
-        return None
-    if list(wanted) == ["all-linear"]:
-        return "all-linear"
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                     if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
-    missing = [w for w in wanted if not any(name == w or name.endswith("." + w) for name, _ in model.named_modules())]
-    if missing:
-        raise ValueError(f"policy.lora.target_modules: {missing} not in this model ({type(model).__name__}); its linear "
-                         f"layers are {linear}: name some of them, or use [all-linear] (every linear layer but the "
-                         "output one) or null (peft's default for the architecture)")
-    return list(wanted)
-
 
 def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     ids = set()
@@ -442,138 +407,7 @@ def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _apply_chat_template(tokenizer, path: str | None) -> None:
-    if path:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"policy.chat_template={path}: no such file (a Jinja chat template)")
-        tokenizer.chat_template = file.read_text()
-
-
 class CheckpointMismatch(ValueError):
     """A checkpoint's tensors do not have this policy's names, shapes or dtypes."""
 
 
-class _Trunk(nn.Module):
-    """The policy's trainable forward as one module (the LM and its value head), so that
-    DistributedDataParallel can wrap it, or FSDP2 shard it as its root."""
-
-    returns_copies = False  # set on the sharded trunk
-
-    def __init__(self, model: nn.Module, value_head: nn.Module | None):
-        super().__init__()
-        self.model, self.value_head = model, value_head
-
-    def forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool,
-                stats: tuple[float, bool] | None = None):
-        """(logits (B, T, V), values); with `stats=(temperature, with_entropy)`, (log-probs,
-        values, entropy) of the response tokens through the chunked projection instead."""
-        out = self._forward(input_ids, attention_mask, query_len, with_values, keeps_logits, stats)
-        if self.returns_copies:  # FSDP2 hooks its backward gather on the outputs, which an in-place op on a view would lose
-            out = tuple(None if x is None else x.clone() for x in out)
-        return out
-
-    def _forward(self, input_ids, attention_mask, query_len: int, with_values: bool, keeps_logits: bool,
-                 stats: tuple[float, bool] | None):
-        if stats is not None:
-            return self._token_stats(input_ids, attention_mask, query_len, with_values, *stats)
-        keep = {"logits_to_keep": input_ids.shape[1] - query_len + 1} if keeps_logits else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                         output_hidden_states=with_values, use_cache=False, **keep)
-        logits = _response_logits(out.logits, input_ids, query_len)
-        values = None
-        if with_values and self.value_head is not None:
-            hidden = out.hidden_states[-1][:, query_len - 1 : -1]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return logits, values
-
-
-    def _token_stats(self, input_ids, attention_mask, query_len: int, with_values: bool, temperature: float,
-                     with_entropy: bool):
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        decoder = getattr(base, base.base_model_prefix)  # the trunk without its head (adapters inside)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                      use_cache=False)
-        hidden = out.last_hidden_state[:, query_len - 1 : -1]  # (B, T, H): the states that predict y_0..y_{T-1}
-        values = None
-        if with_values and self.value_head is not None:
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        logprobs, entropy = chunked_token_stats(base.get_output_embeddings(), hidden, input_ids[:, query_len:],
-                                                temperature, with_entropy)
-        return logprobs, values, entropy
-
-
-LOGITS_PER_CHUNK = 2**22  # elements of one chunk's logits (rows x vocabulary): 16 MB in float32
-
-
-def chunked_token_stats(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                        with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(head(hidden) / temperature) at `tokens`, and the entropy, a chunk of
-    positions at a time; under autograd each chunk is checkpointed, so its logits are freed
-    at once and recomputed in backward (when one chunk holds every position there is nothing
-    to free early, and it runs as it is). (B, T, H), (B, T) -> (B, T), (B, T) or None"""
-    from torch.utils.checkpoint import checkpoint
-
-    B, T, H = hidden.shape
-    rows = max(1, LOGITS_PER_CHUNK // int(head.weight.shape[0]))
-    flat_h, flat_y = hidden.reshape(B * T, H), tokens.reshape(B * T)
-
-    def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(h).float()  # (rows, V)
-        if temperature != 1.0:
-            logits = logits / temperature
-        lse = logits.logsumexp(-1)
-        logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
-        ent = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else lse.new_zeros(())
-        return logp, ent
-
-    grad = B * T > rows and torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    # the reentrant form recomputes and backpropagates one chunk at a time and frees it at once;
-    # the non-reentrant form kept every chunk's recomputed logits to the end of backward (measured:
-    # 576 MiB at vocabulary 32k against 81 MiB) but is the one that reaches the head's own
-    # parameters when the hidden states need no gradient, and the one DistributedDataParallel
-    # allows when a trained head (an adapter on it) is used in every chunk
-    trained_head = any(p.requires_grad for p in head.parameters())
-    reentrant = hidden.requires_grad and not (trained_head and torch.distributed.is_available()
-                                              and torch.distributed.is_initialized())
-    parts = [checkpoint(chunk, flat_h[s : s + rows], flat_y[s : s + rows], use_reentrant=reentrant) if grad
-             else chunk(flat_h[s : s + rows], flat_y[s : s + rows]) for s in range(0, B * T, rows)]
-    logprobs = torch.cat([p[0] for p in parts]).view(B, T)
-    entropy = torch.cat([p[1] for p in parts]).view(B, T) if with_entropy else None
-    return logprobs, entropy
-
-
-def _response_logits(logits: torch.Tensor, input_ids: torch.Tensor, query_len: int) -> torch.Tensor:
-    """(B, T, V): the logits predicting response tokens 0..T-1, from the full sequence's logits
-    or from the last T + 1 positions' (logits_to_keep)."""
-    T = input_ids.shape[1] - query_len
-    return logits[:, -T - 1 : -1]
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` uses them: 0 at the first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _ready(model: nn.Module, tokenizer, device: torch.device) -> nn.Module:
-    """Padding set up, dropout off, on its device."""
-    _prepare_tokenizer(tokenizer, model)
-    _disable_dropout(model)
-    return model.to(device)
-
-
-def _prepare_tokenizer(tokenizer, model: nn.Module) -> None:
-    """Left padding for generation; a pad token (EOS if the model has none: masked anyway)."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    """Dropout off in the base model: with it, log pi_old and log pi of PPO's first epoch differ."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0

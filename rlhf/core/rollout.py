@@ -15,7 +15,8 @@ import torch
 
 from rlhf.contracts.interfaces import RewardSource, Rollout
 from rlhf.core.data import RenderedText, special_ids
-from rlhf.core.policy import Policy, position_ids
+from rlhf.core.logprobs import position_ids
+from rlhf.core.policy import Policy
 
 
 def pad_left(queries: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+# final/ (and a checkpoint's weights): what peft, transformers and the value head write there
+VALUE_HEAD = "value_head.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
+BASE_RECORD = "rlhf_base.json"  # final/ of a full fine-tuning run: the policy.path it started from
 HYDRA = ".hydra"
 CONFIG = f"{HYDRA}/config.yaml"
 OVERRIDES = f"{HYDRA}/overrides.yaml"

@@ -33,7 +33,7 @@ def resolve_path(path: str) -> str:
     return path
 
 
-BASE_RECORD = "rlhf_base.json"  # final/ of a full fine-tuning run: the policy.path it started from
+BASE_RECORD = rundir.BASE_RECORD
 
 
 @dataclasses.dataclass
@@ -68,17 +68,17 @@ def trained_parts(path: str) -> TrainedParts | None:
         from omegaconf import OmegaConf
 
         recorded = str(OmegaConf.load(p.parent / rundir.CONFIG).policy.path)
-    head = final / "value_head.safetensors"
+    head = final / rundir.VALUE_HEAD
     head = head if head.is_file() else None
-    if (final / "adapter_config.json").is_file():
-        trunk = json.loads((final / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if (final / rundir.ADAPTER_CONFIG).is_file():
+        trunk = json.loads((final / rundir.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
         if recorded is not None and Path(trunk).is_absolute() and not Path(trunk).exists():
             trunk = recorded  # an older run recorded this machine's cache path; a hub name stays as it is
         if not trunk:
             raise ValueError(f"policy.path={path}: adapter_config.json names no base model (base_model_name_or_path); "
                              "set it to the model the adapters were trained on")
         return TrainedParts(final, None, trunk, head)
-    if recorded is not None and (final / "config.json").is_file():
+    if recorded is not None and (final / rundir.MODEL_CONFIG).is_file():
         record = final / BASE_RECORD
         base = json.loads(record.read_text())["base"] if record.is_file() else recorded
         return TrainedParts(None, final, base, head)
@@ -200,3 +200,83 @@ def from_pretrained(cfg: PolicyConfig) -> tuple[nn.Module, object]:
     except Exception as e:  # a damaged weights file names no file of its own
         raise OSError(f"policy.path={cfg.path}: the model in {path} could not be loaded ({type(e).__name__}: {e}); "
                       "if a file there is damaged or cut short, save or download the model again") from e
+
+
+# ---------------------------------------------------------------- a model made ready to train
+
+
+def ready(model: nn.Module, tokenizer, device: torch.device) -> nn.Module:
+    """Padding set up, dropout off, on its device."""
+    prepare_tokenizer(tokenizer, model)
+    disable_dropout(model)
+    return model.to(device)
+
+
+def prepare_tokenizer(tokenizer, model: nn.Module) -> None:
+    """Left padding for generation; a pad token (EOS if the model has none: masked anyway)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in the base model: with it, log pi_old and log pi of PPO's first epoch differ."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def lora_targets(model: nn.Module, wanted: list[str] | None) -> list[str] | str | None:
+    """peft's target_modules: "all-linear" as peft spells it, or the names, checked against the
+    model so that a preset's names for another architecture fail saying what this one has."""
+    if not wanted:
+        return None
+    if list(wanted) == ["all-linear"]:
+        return "all-linear"
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+    missing = [w for w in wanted if not any(name == w or name.endswith("." + w) for name, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"policy.lora.target_modules: {missing} not in this model ({type(model).__name__}); its linear "
+                         f"layers are {linear}: name some of them, or use [all-linear] (every linear layer but the "
+                         "output one) or null (peft's default for the architecture)")
+    return list(wanted)
+
+
+def apply_chat_template(tokenizer, path: str | None) -> None:
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"policy.chat_template={path}: no such file (a Jinja chat template)")
+        tokenizer.chat_template = file.read_text()
+
+
+def save_policy(policy, directory: str, whole: dict[str, torch.Tensor] | None = None) -> None:
+    """A policy's adapters (or full weights) and value head as safetensors, plus the tokenizer
+    (`final/`). The adapters name what they sit on as a policy.path value ("embedded", a hub
+    name, a run), not as this machine's cache path, so a run moves to another machine.
+    Sharded: from `whole`, what policy.full_state() gathered."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model_state = head_state = None
+    if whole is not None:  # a tied weight once, under the name the model's own state_dict keeps
+        names = {n for n, _ in policy.model.named_parameters()} | {n for n, _ in policy.model.named_buffers()}
+        model_state = {k.removeprefix("model."): v for k, v in whole.items() if k.removeprefix("model.") in names}
+        head_state = {k.removeprefix("value_head."): v for k, v in whole.items() if k.startswith("value_head.")}
+    elif policy.value_head is not None:
+        head_state = policy.value_head.state_dict()
+    policy.model.save_pretrained(directory, safe_serialization=True, state_dict=model_state)
+    policy.tokenizer.save_pretrained(directory)
+    adapter_config = Path(directory) / rundir.ADAPTER_CONFIG
+    if policy.lora and adapter_config.is_file() and policy.trunk:
+        record = json.loads(adapter_config.read_text())
+        record["base_model_name_or_path"] = portable_name(policy.trunk)
+        adapter_config.write_text(json.dumps(record, indent=2) + "\n")
+    elif not policy.lora and policy.trunk:  # full weights: the base they started from, for policy.reference=base
+        (Path(directory) / rundir.BASE_RECORD).write_text(json.dumps({"base": portable_name(policy.trunk)}) + "\n")
+    if head_state:
+        save_file({k: v.contiguous() for k, v in head_state.items()}, str(Path(directory) / rundir.VALUE_HEAD))

@@ -30,6 +30,7 @@ from rlhf.core.lifecycle import NonFiniteError
 from rlhf.core.policy import CheckpointMismatch, Policy
 from rlhf.core.preemption import Interrupt, Preemption
 from rlhf.core.rundir import RunRecorder
+from rlhf.core.trained import save_policy
 
 
 def judge(name: str) -> RewardSource:
@@ -396,7 +397,7 @@ class Trainer:
             return {"steps": cfg.train.steps, "rank": distributed.rank()}
         if cfg.train.save_final:
             with rundir.atomic_dir(self.run_dir / rundir.FINAL) as final:  # the whole of it, or the old one
-                self.policy.save(str(final), whole)
+                save_policy(self.policy, str(final), whole)
         judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"]
                   for name in self.judges for when, m in (("start", first), ("end", last))}
         summary = {
