@@ -154,7 +154,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for layout in ("one", "ddp", "fsdp"):
             results[layout] = run(layout, args, Path(tmp) / f"{layout}.json")
-    mib = lambda b: f"{b / 2**20:8.1f}"  # noqa: E731
+    def mib(b):
+        return f"{b / 2**20:8.1f}"
     print(f"\nfull fine-tuning, GPT-2-124M shape ({args.layers} layers), global batch {args.batch} x "
           f"{2 * args.tokens} tokens, median of {args.steps} steps")
     print(f"{'layout':8} {'rank':>4} {'weights':>8} {'grads':>8} {'Adam':>8} {'trained':>8} {'ref':>8} "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.core import forkserver
+from rlhf.apps import forkserver
 
 # Under pytest-xdist the workers share the cores: each gets its share of torch threads (set
 # before torch is first imported, so the fork server and every command inherit it). Small
@@ -36,7 +36,7 @@ def launch(name: str, *args: str, cwd: Path, env: dict | None = None) -> "Comman
     text; env values of None unset a variable. Used as `subprocess.Popen` is (pid, poll, wait,
     send_signal, kill, communicate).
 
-    The process is forked from the fork server (rlhf/core/forkserver.py, which has imported
+    The process is forked from the fork server (rlhf/apps/forkserver.py, which has imported
     torch, transformers and peft once), unless the environment changes what Python or those
     libraries read when they start; then it is the installed script, started from scratch."""
     exe = shutil.which(name, path=str(BIN)) or shutil.which(name)

@@ -107,7 +107,8 @@ def test_two_ranks_resumed_equal_one_process_with_the_same_global_batch(tmp_path
     # step. Measured with transformers 5.24.0: 2.6e-5 (most tensors 1e-8); 2e-6 when this
     # test was written, with an older transformers. The largest weight is 0.09.
     assert max_diff(one, two) < 1e-4, max_diff(one, two)
-    train = lambda rows: [(r["step"], r["train/reward"], r["train/response_len"]) for r in rows if "train/reward" in r]  # noqa: E731
+    def train(rows):
+        return [(r["step"], r["train/reward"], r["train/response_len"]) for r in rows if "train/reward" in r]
     assert [(s, round(x, 5), n) for s, x, n in train(rows_one)] == [(s, round(x, 5), n) for s, x, n in train(rows_two)]
 
 

@@ -118,9 +118,11 @@ def test_grid_jobs_union_replacement_and_shared_keys():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parse = OverridesParser.create().parse_overrides
-    product = lambda o: BasicSweeper.split_arguments(o, None)[0]  # noqa: E731
+    def product(o):
+        return BasicSweeper.split_arguments(o, None)[0]
     grids = {"ppo": parse(["optimizer=ppo", "optimizer.beta=0.1,0.2"]), "sft": parse(["optimizer=sft"])}
-    has = lambda grid, key: not (grid == "sft" and key == "optimizer.beta")  # noqa: E731  sft has no beta
+    def has(grid, key):  # sft has no beta
+        return not (grid == "sft" and key == "optimizer.beta")
     jobs, left_out = grid_jobs(grids, parse(["seed=0,1"]), product, has)
     assert sorted(map(tuple, jobs)) == sorted([
         ("optimizer=ppo", "optimizer.beta=0.1", "seed=0"), ("optimizer=ppo", "optimizer.beta=0.1", "seed=1"),

@@ -1,4 +1,4 @@
-"""The fork server sweeps start their jobs from (rlhf/core/forkserver.py): each child is a
+"""The fork server sweeps start their jobs from (rlhf/apps/forkserver.py): each child is a
 process of its own, reported as subprocess reports one."""
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.core.forkserver import ForkServer
-
 HERE = str(Path(__file__).parent)
+
+
+def fork_server(**kwargs):
+    """A ForkServer, imported when used: a child that imports this file must not import rlhf.apps."""
+    from rlhf.apps.forkserver import ForkServer
+
+    return ForkServer(**kwargs)
 
 
 def report(path: str) -> None:
@@ -50,7 +55,7 @@ def exits_later(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def server():
-    s = ForkServer(preload=("torch",)).start()
+    s = fork_server(preload=("torch",)).start()
     yield s
     s.close()
 
@@ -93,7 +98,7 @@ def test_an_exception_in_the_child_is_printed_and_exits_1(server, tmp_path):
 
 
 def test_the_server_ignores_interrupts_so_running_children_are_still_reported(tmp_path):
-    s = ForkServer(preload=()).start()
+    s = fork_server(preload=()).start()
     try:
         child = s.spawn("time:sleep", [2], cwd=tmp_path, new_session=True)
         os.kill(s.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the sweep's process group
@@ -105,7 +110,7 @@ def test_the_server_ignores_interrupts_so_running_children_are_still_reported(tm
 
 
 def test_children_outlive_a_closed_server(tmp_path):
-    s = ForkServer(preload=()).start()
+    s = fork_server(preload=()).start()
     child = s.spawn("time:sleep", [1.5], cwd=tmp_path)
     s.close()
     os.kill(child.pid, 0)  # still running after the server ended

@@ -175,7 +175,8 @@ def test_same_seed_same_metrics_and_another_seed_other_metrics(tmp_path, embedde
     with ThreadPoolExecutor(max_workers=3) as pool:  # side by side: the same result either way
         texts = dict(pool.map(run, [("a", 0), ("b", 0), ("c", 1)]))
     assert texts["a"] == texts["b"]
-    train_rows = lambda t: [row for row in map(json.loads, t.splitlines()) if "train/reward" in row]  # noqa: E731
+    def train_rows(t):
+        return [row for row in map(json.loads, t.splitlines()) if "train/reward" in row]
     assert train_rows(texts["a"]) != train_rows(texts["c"])  # the seed reaches the training batches
 
 

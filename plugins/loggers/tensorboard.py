@@ -38,7 +38,8 @@ class TensorBoardLogger:
     def log_samples(self, rows, step: int) -> None:
         """Each evaluation's samples as a markdown table under the `samples` text tab."""
         cols = list(dict.fromkeys(k for r in rows for k in r))
-        cell = lambda v: (f"{v:.3g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        def cell(v):
+            return (f"{v:.3g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")
         table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                           + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
         self.writer.add_text("samples", table, step)

@@ -105,7 +105,8 @@ class VerifiableReward:
             return re.fullmatch(answer, got, re.DOTALL) is not None
         from math_verify import parse, verify
 
-        latex = lambda t: t if "$" in t or "\\(" in t else f"${t}$"  # noqa: E731  math-verify reads LaTeX in delimiters
+        def latex(t):  # math-verify reads LaTeX in delimiters
+            return t if "$" in t or "\\(" in t else f"${t}$"
         return bool(verify(parse(latex(answer)), parse(latex(got))))
 
 

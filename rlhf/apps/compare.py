@@ -114,7 +114,8 @@ def table(runs: list[Run], root: Path) -> tuple[list[str], list[list[str]]]:
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 

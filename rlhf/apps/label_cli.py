@@ -82,7 +82,8 @@ def _label(cfg: DictConfig) -> None:
     from rlhf.apps.label_web import make_app, serve
 
     app = make_app(session, out, next_steps(out), agreement_line)
-    announce = lambda url: print(f"label in your browser: {url}   (Ctrl-C stops; answers are saved as you go)", flush=True)  # noqa: E731
+    def announce(url):
+        print(f"label in your browser: {url}   (Ctrl-C stops; answers are saved as you go)", flush=True)
     try:
         serve(app, cfg.label.host, cfg.label.port, cfg.label.exit_when_done, announce)
     except KeyboardInterrupt:

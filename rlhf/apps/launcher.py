@@ -6,7 +6,7 @@ running beside it is killed and listed as failed, and the jobs not yet started n
 Here joblib dispatches the jobs from threads (`n_jobs` at a time, as before), and every job
 is a process of its own that runs exactly what Hydra's joblib worker runs (the job's own
 config, Hydra's `run_job`, the same run directory). The job processes are forked from a fork
-server that has imported torch, transformers and peft once (`core/forkserver.py`: ~5 s saved
+server that has imported torch, transformers and peft once (`apps/forkserver.py`: ~5 s saved
 a job), or, where there is none, started fresh. A job that dies is one failed job: the
 others run to the end, its directory gets an error.txt naming the signal, and the sweep's
 report counts every job. Ctrl-C or SIGTERM reaching the sweep is passed to every running job
@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhf.core import forkserver
+from rlhf.apps import forkserver
 
 log = logging.getLogger(__name__)
 

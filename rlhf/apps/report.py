@@ -22,7 +22,8 @@ def report(root: Path, out: Path, runs: list, table: tuple[list[str], list[list[
     """report.html in `out`: the table, the tables over seeds, the figures inlined, each run's
     diagnosis, samples and (toy problems) optimum."""
     header, rows = table
-    cells = lambda tag, row: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
+    def cells(tag, row):
+        return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>"

@@ -93,10 +93,20 @@ class CheckpointConfig:
 
 
 @dataclass
-class RunConfig:
-    seed: int = 0  # seeds python, numpy and torch; the default build is independent of it
+class Machine:
+    """Where a command computes: what every command's schema has."""
+
     device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1, mps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class Seeded(Machine):
+    seed: int = 0  # seeds python, numpy and torch; the embedded builds are independent of it
+
+
+@dataclass
+class RunConfig(Seeded):
     precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32; fp32; bf16 (also on CPU)
     parallel: str = "ddp"  # several processes (torchrun): ddp (a whole copy per rank) or fsdp (weights, grads, Adam sharded)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -125,12 +135,9 @@ class RMSettings:
 
 
 @dataclass
-class RMRunConfig:
+class RMRunConfig(Seeded):
     """rlhf-train-rm (`conf/train_rm.yaml`)."""
 
-    seed: int = 0  # seeds python and torch
-    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampler: Any = MISSING
@@ -150,11 +157,9 @@ class LabelSettings:
 
 
 @dataclass
-class SamplingRunConfig:
+class SamplingRunConfig(Machine):
     """What the commands that sample a policy's responses share (rlhf-label, rlhf-make-pairs)."""
 
-    device: str = "auto"  # auto (cuda if present), cpu, cuda, ...
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampler: Any = MISSING

@@ -42,8 +42,9 @@ def load_prompts(cfg: DataConfig) -> tuple[Prompts, Prompts]:
     with `as_chat`, text prompts become a user's message."""
     train, held_out = _load_prompts(cfg)
     if cfg.as_chat:
-        chat = lambda ps: Prompts([[{"role": "user", "content": p}] if isinstance(p, str) else p for p in ps],  # noqa: E731
-                                  ps.fields)
+        def chat(ps):
+            return Prompts([[{"role": "user", "content": p}] if isinstance(p, str) else p for p in ps], ps.fields)
+
         train, held_out = chat(train), chat(held_out)
     return train, held_out
 
@@ -54,7 +55,9 @@ def _load_prompts(cfg: DataConfig) -> tuple[Prompts, Prompts]:
 
         return Prompts(*prompts(cfg.n_train, "train")), Prompts(*prompts(cfg.n_eval, "eval"))
     if cfg.prompt_list:  # the same few prompts for both, as in the toy problem
-        cycle = lambda n: Prompts([cfg.prompt_list[i % len(cfg.prompt_list)] for i in range(n)])  # noqa: E731
+        def cycle(n):
+            return Prompts([cfg.prompt_list[i % len(cfg.prompt_list)] for i in range(n)])
+
         return cycle(cfg.n_train), cycle(cfg.n_eval)
     if cfg.prompts == "embedded":
         from rlhf.embedded.corpus import reviews

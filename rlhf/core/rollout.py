@@ -112,7 +112,8 @@ def generate(
     rmask = response_mask(out[:, q:], policy.eos_ids)
     width = int(rmask.sum(1).max())  # drop columns that are padding in every row
     out, rmask = out[:, : q + width], rmask[:, :width]
-    trim = lambda x: None if x is None else x[:, :width] * rmask  # noqa: E731
+    def trim(x):
+        return None if x is None else x[:, :width] * rmask
     return Generation(out, torch.cat([qmask, rmask], 1), q, rmask, trim(logprobs), trim(values))
 
 
@@ -198,7 +199,8 @@ def decode(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor
     specials = special_ids(tok)
     # as Python lists first: indexing a tensor row by row costs more than the decoding (3x, measured)
     rows, masks = input_ids.tolist(), attention_mask.tolist()
-    kept = lambda ids, keep: [t for t, k in zip(ids, keep) if k]  # noqa: E731
+    def kept(ids, keep):
+        return [t for t, k in zip(ids, keep) if k]
     queries = []
     for r, m in zip(rows, masks):
         ids = kept(r[:q], m[:q])

@@ -51,7 +51,8 @@ class ArithmeticSpec:
 
 def problems(split: str) -> list[tuple[int, int]]:
     """All (a, b) of a split: "eval" holds one problem in ten, "train" the rest."""
-    held = lambda a, b: int(hashlib.md5(f"{a}+{b}".encode()).hexdigest(), 16) % 10 == 0  # noqa: E731
+    def held(a, b):
+        return int(hashlib.md5(f"{a}+{b}".encode()).hexdigest(), 16) % 10 == 0
     return [(a, b) for a in range(100) for b in range(100) if held(a, b) == (split == "eval")]
 
 

@@ -93,7 +93,8 @@ def chat_model(family: str, tokenizer, vocab_size: int | None = None, hidden: in
 
     spec = FAMILIES[family]
     vocab = max(vocab_size or 0, len(tokenizer))
-    ids = lambda name: tokenizer.convert_tokens_to_ids(name)  # noqa: E731
+    def ids(name):
+        return tokenizer.convert_tokens_to_ids(name)
     ends = [ids(t) for t in spec["ends"]]
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,

@@ -54,7 +54,8 @@ class GridsSweeper(Sweeper):
         basic = type(self.basic)
         if not self.grids:
             return basic.split_arguments(overrides, max_batch_size)
-        product = lambda o: basic.split_arguments(o, None)[0]  # noqa: E731
+        def product(o):
+            return basic.split_arguments(o, None)[0]
         self._common = list(overrides)
         jobs, left_out = grid_jobs(self.own, overrides, product, self._has)
         for name, keys in left_out.items():

@@ -129,7 +129,8 @@ def bradley_terry_pairs(
     check_enumerable(vocab, {"max_new_tokens": max_new_tokens}, tok.eos_token_id is not None)
     responses = all_responses(vocab, max_new_tokens, tok.eos_token_id)
     rng = random.Random(seed)
-    text = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+    def text(ids):
+        return tok.decode(list(ids), skip_special_tokens=True)
     rows, q_ids, c_ids, r_ids, preference = [], [], [], [], []
     for i in range(n):
         x = prompts[i % len(prompts)]

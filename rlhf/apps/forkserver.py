@@ -211,7 +211,9 @@ class ForkServer:
             raise ForkServerError(f"no fork server on {sys.platform}")
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
-        code = f"from rlhf.core.forkserver import serve; serve({req_r}, {rep_w}, {list(self.preload)!r})"
+        # this file run as it is, not imported: the server holds no module of the project's (each child
+        # imports the commands fresh, so an edit between two jobs is seen)
+        code = f"import runpy; runpy.run_path({__file__!r})['serve']({req_r}, {rep_w}, {list(self.preload)!r})"
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, pass_fds=(req_r, rep_w),
                                          env=self.env)
