@@ -11,12 +11,12 @@ from rlhf_plugins.optimizers.detectors import value_explains_nothing
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
 from rlhf.core import numerics
-from rlhf.core.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.core.onpolicy import KLObjective, KLShapedConfig
 from rlhf.core.update import Loss, token_mean
 
 
 @register("optimizer", "a2c")
-class A2C:
+class A2C(KLObjective):
     @dataclass
     class Config(KLShapedConfig):
         adam_eps: float = 1e-5  # Adam's epsilon (as PPO's)
@@ -33,15 +33,7 @@ class A2C:
     def __init__(self, cfg: Config):
         cfg.check("a2c", advantage=(cfg.advantage in ("gae", "nstep"), "gae or nstep"),
                   n_steps=(cfg.n_steps >= 1, "at least 1"))
-        self.cfg = cfg
-        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
-        self.shaping = KLShapedAdvantages(cfg)
-
-    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
-        return self.shaping.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shaping.load_state_dict(state)
+        super().__init__(cfg)
 
     def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         c = self.cfg

@@ -24,7 +24,7 @@ from rlhf_plugins.optimizers.detectors import trust_region
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
 from rlhf.core import numerics
-from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages
+from rlhf.core.onpolicy import KLConfig, KLObjective
 from rlhf.core.update import Loss, MinibatchConfig, row_mean
 
 
@@ -38,7 +38,7 @@ def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: f
 
 
 @register("optimizer", "grpo")
-class GRPO:
+class GRPO(KLObjective):
     @dataclass
     class Config(KLConfig, MinibatchConfig):
         group_size: int = 4  # samples per prompt (train.batch_size counts prompts)
@@ -58,16 +58,8 @@ class GRPO:
                                 "k3 with kl_penalty=loss: k1 in the loss has an expected gradient of zero"),
                   loss_aggregation=(cfg.loss_aggregation in ("response_mean", "sum"), "response_mean or sum"),
                   clip_coef=(cfg.clip_coef > 0, "> 0"))
-        self.cfg = cfg
-        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
+        super().__init__(cfg)
         self.samples_per_prompt = cfg.group_size
-        self.shaping = KLShapedAdvantages(cfg)
-
-    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
-        return self.shaping.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shaping.load_state_dict(state)
 
     def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         c = self.cfg

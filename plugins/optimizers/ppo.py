@@ -14,7 +14,7 @@ from rlhf_plugins.optimizers.detectors import approx_kl_tiny, ratio_skips, trust
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
 from rlhf.core import numerics
-from rlhf.core.onpolicy import KLShapedAdvantages, KLShapedConfig
+from rlhf.core.onpolicy import KLObjective, KLShapedConfig
 from rlhf.core.update import Loss, MinibatchConfig, token_mean
 
 
@@ -37,7 +37,7 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
 
 
 @register("optimizer", "ppo")
-class PPO:
+class PPO(KLObjective):
     @dataclass
     class Config(KLShapedConfig, MinibatchConfig):
         lr: float = 3e-4  # Adam learning rate for adapters and value head
@@ -58,15 +58,7 @@ class PPO:
     def __init__(self, cfg: Config):
         cfg.check("ppo", clip_coef=(cfg.clip_coef > 0, "> 0"), clip_coef_value=(cfg.clip_coef_value > 0, "> 0"),
                   ratio_threshold=(cfg.ratio_threshold > 1, "> 1"))
-        self.cfg = cfg
-        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
-        self.shaping = KLShapedAdvantages(cfg)
-
-    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
-        return self.shaping.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shaping.load_state_dict(state)
+        super().__init__(cfg)
 
     def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         kl, advantages, returns = self.shaping(r)  # (B, T) each

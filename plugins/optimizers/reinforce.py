@@ -10,12 +10,12 @@ import torch
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
 from rlhf.core import distributed, numerics
-from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, sequence_policy_gradient
+from rlhf.core.onpolicy import KLConfig, KLObjective, sequence_policy_gradient
 from rlhf.core.update import Loss
 
 
 @register("optimizer", "reinforce")
-class Reinforce:
+class Reinforce(KLObjective):
     @dataclass
     class Config(KLConfig):
         baseline: str = "ema"  # ema: moving average of past returns (unbiased); batch: this batch's mean; none
@@ -28,9 +28,7 @@ class Reinforce:
     def __init__(self, cfg: Config):
         cfg.check("reinforce", baseline=(cfg.baseline in ("ema", "batch", "none"), "ema, batch or none"),
                   baseline_decay=(0 <= cfg.baseline_decay < 1, "in [0, 1)"))
-        self.cfg = cfg
-        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
-        self.shaping = KLShapedAdvantages(cfg)
+        super().__init__(cfg)
         self.ema: float | None = None
 
     def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs

@@ -9,7 +9,7 @@ import torch
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core.onpolicy import KLConfig, KLShapedAdvantages, sequence_policy_gradient
+from rlhf.core.onpolicy import KLConfig, KLObjective, sequence_policy_gradient
 from rlhf.core.update import Loss
 
 
@@ -21,7 +21,7 @@ def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @register("optimizer", "rloo")
-class RLOO:
+class RLOO(KLObjective):
     @dataclass
     class Config(KLConfig):
         k: int = 4  # samples per prompt (train.batch_size counts prompts)
@@ -31,16 +31,8 @@ class RLOO:
 
     def __init__(self, cfg: Config):
         cfg.check("rloo", k=(cfg.k >= 2, "at least 2"))
-        self.cfg = cfg
-        self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
+        super().__init__(cfg)
         self.samples_per_prompt = cfg.k
-        self.shaping = KLShapedAdvantages(cfg)
-
-    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
-        return self.shaping.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shaping.load_state_dict(state)
 
     def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)

@@ -38,6 +38,23 @@ class KLShapedConfig(KLConfig):
                                  "gae_lambda": (0 <= self.gae_lambda <= 1, "in [0, 1]"), **checks})
 
 
+class KLObjective:
+    """What every objective with a KL-shaped return starts from: its checked config, the beta of
+    its objective as configured (eval.kl_to_optimum), the shaping, and the one piece of state
+    a resumed run needs, the adaptive controller's beta."""
+
+    def __init__(self, cfg: KLConfig):
+        self.cfg = cfg
+        self.beta = cfg.beta
+        self.shaping = KLShapedAdvantages(cfg)
+
+    def state_dict(self) -> dict:  # beyond the torch optimizer's, what a resumed run needs
+        return self.shaping.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shaping.load_state_dict(state)
+
+
 class KLShapedAdvantages:
     def __init__(self, cfg: KLConfig):
         self.cfg = cfg
