@@ -45,7 +45,8 @@ class A2C(KLObjective):
         logprobs, vpred, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, policy.temperature,
                                                          with_entropy=True)  # (B, T) each
         entropy = token_mean(entropy, mask)
-        pg_loss = -token_mean(t["advantages"] * logprobs, mask)
+        pg = t["advantages"] * logprobs
+        pg_loss = -token_mean(pg if "is_weight" not in t else pg * t["is_weight"], mask)  # (weighted: samples of q != pi)
         vf_loss = 0.5 * token_mean((vpred - t["returns"]) ** 2, mask)
         loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
         return Loss(loss, {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy})

@@ -80,6 +80,8 @@ class GRPO(KLObjective):
         per_token = torch.max(pg_loss1, pg_loss2)
         if c.kl_penalty == "loss":  # the paper's k3 = pi_ref / pi - 1 - log(pi_ref / pi)
             per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, c.kl_estimator)
+        if "is_weight" in t:  # samples of a proposal q != pi, weighted to pi
+            per_token = per_token * t["is_weight"]
         if c.loss_aggregation == "response_mean":  # mean over each response, then over responses
             loss = row_mean(numerics.masked_mean(per_token, m, dim=1))
         else:  # sum over each response's tokens: a long response counts as much per token as a short one

@@ -18,8 +18,11 @@ from rlhf.core.onpolicy import KLObjective, KLShapedConfig
 from rlhf.core.update import Loss, MinibatchConfig, token_mean
 
 
-def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, clip_coef_value):
-    """Clipped surrogate and clipped value loss over the masked tokens. All inputs (b, T).
+def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, clip_coef_value,
+               weight=None):
+    """Clipped surrogate and clipped value loss over the masked tokens. All inputs (b, T); `weight`,
+    importance weights of samples drawn by a proposal q != pi_old (decoupled PPO: the ratio is
+    against the policy that was current, the weight carries q to it).
 
     Returns pg_loss, vf_loss, the ratio, the log-ratio, and where the clipped value loss won.
     """
@@ -27,7 +30,8 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
     ratio = torch.exp(logratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
-    pg_loss = token_mean(torch.max(pg_loss1, pg_loss2), mask)
+    pg_losses = torch.max(pg_loss1, pg_loss2)
+    pg_loss = token_mean(pg_losses if weight is None else pg_losses * weight, mask)
 
     vpred_clipped = old_values + torch.clamp(vpred - old_values, -clip_coef_value, clip_coef_value)
     vf_loss1 = (vpred - returns) ** 2
@@ -70,7 +74,8 @@ class PPO(KLObjective):
         new_logprobs, vpred, entropy = policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len,
                                                              policy.temperature, with_entropy=epoch == 0)
         pg_loss, vf_loss, ratio, logratio, vf_clipped = ppo_losses(
-            new_logprobs, mb.logprobs, t["advantages"], vpred, mb.values, t["returns"], m, c.clip_coef, c.clip_coef_value)
+            new_logprobs, mb.logprobs, t["advantages"], vpred, mb.values, t["returns"], m, c.clip_coef, c.clip_coef_value,
+            t.get("is_weight"))
         loss = pg_loss + c.vf_coef * vf_loss
         with torch.no_grad():
             stats = {

@@ -53,7 +53,7 @@ class Reinforce(KLObjective):
         return {"kl": kl, "advantages": returns - b, "baseline": b, "return": mean}  # (the last two: for the metrics)
 
     def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
-        return sequence_policy_gradient(policy, r, t["advantages"])
+        return sequence_policy_gradient(policy, r, t["advantages"], t.get("is_weight"))
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"objective/baseline": float(t["baseline"]), "objective/return": float(t["return"]),

@@ -39,7 +39,7 @@ class RLOO(KLObjective):
         return {"kl": kl, "returns": returns, "advantages": leave_one_out_advantages(returns, self.cfg.k)}
 
     def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
-        return sequence_policy_gradient(policy, r, t["advantages"])
+        return sequence_policy_gradient(policy, r, t["advantages"], t.get("is_weight"))
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"objective/return": t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}

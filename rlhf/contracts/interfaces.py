@@ -30,6 +30,14 @@ class Rollout:
     queries: list[str]
     responses: list[str]
     columns: dict[str, list] = field(default_factory=dict)  # the prompts' other data fields, per row (e.g. answer)
+    # (B, T) log q(y_t | x, y_<t) under the proposal that drew the responses (its temperature, truncation,
+    # mixing, its own older weights or kernels); None when q is the current policy (then it is `logprobs`)
+    proposal_logprobs: torch.Tensor | None = None
+
+    @property
+    def sampled_logprobs(self) -> torch.Tensor:
+        """log q of each sampled token: the proposal's, or the policy's when it drew them."""
+        return self.logprobs if self.proposal_logprobs is None else self.proposal_logprobs
 
 
 @dataclass
@@ -130,6 +138,24 @@ class QuerySampler(Protocol):
         """Settings that make samples differ from pi(.|x) / temperature, one line each."""
 
 
+@runtime_checkable
+class Proposal(Protocol):
+    """The distribution q a rollout's responses are drawn from: the current policy (the default),
+    the policy some updates old, an exploring variant of it, another engine. It records log q
+    of every token it draws; an optimizer corrects for q != pi with importance weights
+    (`optimizer.correction`)."""
+
+    is_policy: bool  # q is the current policy at the sampler's settings: log q = log pi, nothing to correct
+
+    def sample(self, policy: Any, queries: Sequence[list[int]], gen_kwargs: dict[str, Any], temperature: float,
+               with_values: bool, rows: tuple[int, int] | None) -> Any:
+        """An rlhf.core.rollout.Generation of the queries; unless is_policy, with `sampled_logprobs`
+        (log q of each drawn token, under exactly the distribution that drew it)."""
+
+    def after_update(self, policy: Any) -> None:
+        """Called after every update of the policy (a copy of older weights kept, an engine's weights synced)."""
+
+
 @dataclass
 class RunInfo:
     """Where a run writes and how dashboards should name and group it."""
@@ -185,5 +211,5 @@ class BatchSource(Protocol):
 
 # The Protocol every plugin of a group must satisfy; checked when the core builds one.
 PROTOCOLS: dict[str, type] = {
-    "optimizer": PolicyOptimizer, "reward": RewardSource, "sampler": QuerySampler, "logger": Logger,
+    "optimizer": PolicyOptimizer, "reward": RewardSource, "sampler": QuerySampler, "logger": Logger, "proposal": Proposal,
 }

@@ -119,6 +119,7 @@ class RunConfig(Seeded):
     optimizer: Any = MISSING
     reward: Any = MISSING
     sampler: Any = MISSING
+    proposal: Any = MISSING
     logger: Any = field(default_factory=dict)
 
 

@@ -151,6 +151,17 @@ class Progress(Part):
         self.bar.close()
 
 
+class ProposalSync(Part):
+    """After every update, the proposal learns of it: a stale proposal keeps the new weights, an
+    engine receives them (its time, for an engine that reports one)."""
+
+    def __init__(self, t: Trainer):
+        self.t = t
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.t.proposal.after_update(self.t.policy)
+
+
 class Checkpointer(Part):
     """A checkpoint every `checkpoint.every` steps, at the last step, and when a preemption or
     an interrupt is asked for (then handed over: submitit requeues, Ctrl-C exits saying how
@@ -181,7 +192,7 @@ def parts(t: Trainer, start: int, resumed: dict | None, preemption: Any, bar: bo
     """This rank's parts, in the order the loop calls them."""
     main = distributed.is_main()
     recording = Recording(t, resumed) if main else None
-    out: list[Part] = [p for p in (recording, Guard(t)) if p is not None]
+    out: list[Part] = [p for p in (recording, Guard(t), ProposalSync(t)) if p is not None]
     if main:
         out += [LiveWarnings(t, resumed is not None), Progress(t, start, bar)]
     out.append(Checkpointer(t, recording, preemption, out))

@@ -160,3 +160,48 @@ def n_step_advantages(
     v = torch.nn.functional.pad(values, (0, n))
     returns = sum(gamma**k * r[:, k : k + T] for k in range(n)) + gamma**n * v[:, n : n + T]
     return (returns - values) * mask, returns * mask
+
+
+# ---------------------------------------------------------------- importance weights: samples of q, expectations under pi
+
+CORRECTIONS = ("none", "token_tis", "sequence_mis", "sequence")
+
+
+def importance_weights(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
+    """Per-token weights that turn an average over samples of q into one over pi. (B, T) each -> (B, T)
+
+    sequence:     W = pi(y) / q(y) = exp(sum_t log pi - log q) on every token of y: exact (E_q[W f] = E_pi[f]
+                  for any f of the whole response), and of high variance when q is far from pi;
+    sequence_mis: W where 1/cap <= W <= cap, else 0 (the response masked out): biased, bounded;
+    token_tis:    min(pi(y_t) / q(y_t), cap) per token (truncated IS): biased, low variance;
+    none:         1 (valid only when q = pi).
+    """
+    if kind == "none":
+        return mask.clone()
+    log_ratio = ((logp - logq) * mask).double()
+    if kind == "token_tis":
+        return (log_ratio.exp().clamp(max=cap) * mask).to(logp.dtype)
+    w = log_ratio.sum(1, keepdim=True).exp()  # (B, 1)
+    if kind == "sequence_mis":
+        w = torch.where((w >= 1 / cap) & (w <= cap), w, torch.zeros_like(w))
+    return (w * mask).to(logp.dtype)
+
+
+def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / (n sum w^2) of a weight vector: 1 when every weight is equal, 1/n when one
+    sample carries them all. (n,) -> ()"""
+    return w.sum() ** 2 / (w.numel() * (w**2).sum()).clamp(min=1e-30)
+
+
+@torch.no_grad()
+def mismatch(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the proposal q that drew the tokens is from pi: the mean per-token KL(q || pi)
+    (the k3 estimate on q's samples, (r - 1) - log r with r = pi / q), the share of tokens whose
+    ratio leaves [0.5, 2], and the effective sample size of the sequence weights (a share of B)."""
+    log_r = (logp - logq) * mask
+    r = log_r.exp()
+    outside = ((r < 0.5) | (r > 2.0)).float()
+    seq = log_r.double().sum(1)
+    w = (seq - seq.max()).exp()  # the weights up to a common factor, which the ESS does not see
+    return {"mismatch/kl": masked_mean((r - 1) - log_r, mask).item(), "mismatch/outside": masked_mean(outside, mask).item(),
+            "mismatch/ess": effective_sample_size(w).item()}

@@ -20,9 +20,16 @@ class KLConfig(OptimConfig):
     adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
     kl_target: float = 6.0  # target sequence KL of the adaptive controller
     kl_horizon: int = 10000  # horizon (in samples) of the adaptive controller
+    # samples of a proposal q != pi (proposal=explore, stale, vllm) corrected to pi: none (valid only for q = pi),
+    # token_tis (each token's ratio truncated at is_cap), sequence_mis (responses whose weight leaves
+    # [1/is_cap, is_cap] masked out), sequence (the exact weight pi(y) / q(y))
+    correction: str = "none"
+    is_cap: float = 2.0  # token_tis: the cap of a token's ratio; sequence_mis: the band of a response's weight
 
     def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
         super().check(plugin, **{"beta": (self.beta >= 0, ">= 0"),
+                                 "correction": (self.correction in numerics.CORRECTIONS, ", ".join(numerics.CORRECTIONS)),
+                                 "is_cap": (self.is_cap > 1, "> 1"),
                                  "kl_estimator": (self.kl_estimator in ("k1", "k3"), "k1 or k3"),
                                  "kl_target": (self.kl_target > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"), **checks})
 
@@ -109,12 +116,13 @@ class KLShapedAdvantages:
         return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}
 
 
-def sequence_policy_gradient(policy, r: Rollout, advantages: torch.Tensor) -> Loss:
+def sequence_policy_gradient(policy, r: Rollout, advantages: torch.Tensor, weight: torch.Tensor | None = None) -> Loss:
     """REINFORCE's loss, -mean_i A_i log pi(y_i|x_i) with log pi summed over the response's
-    tokens, and the policy's entropy. advantages: (B,)"""
+    tokens, and the policy's entropy; each token's term weighted by `weight` (importance
+    weights, for samples of a proposal q != pi). advantages: (B,), weight: (B, T) or None"""
     logprobs, _, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, policy.temperature,
                                                  with_values=False, with_entropy=True)  # (B, T) each
-    seq_logprobs = (logprobs * r.mask).sum(1)  # (B,)
+    seq_logprobs = (logprobs * (r.mask if weight is None else r.mask * weight)).sum(1)  # (B,)
     pg_loss = -row_mean(advantages * seq_logprobs)
     with torch.no_grad():
         entropy = numerics.masked_mean(entropy.detach(), r.mask)

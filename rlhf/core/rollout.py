@@ -51,12 +51,15 @@ class Generation:
     mask: torch.Tensor  # (B, T) long, 1 on response tokens up to and including the first EOS
     logprobs: torch.Tensor | None = None  # (B, T) log pi(y_t | x, y_<t) at the given temperature
     values: torch.Tensor | None = None  # (B, T) value head on the state before each token
+    # (B, T) log q(y_t | x, y_<t): the distribution that drew each token (its temperature, top-k, top-p and
+    # uniform mixing included); with `exact_q`, else None
+    sampled_logprobs: torch.Tensor | None = None
 
 
 # generation settings the core's sampling loop implements; any other setting (beams, a
 # repetition penalty, min_new_tokens, a key of a user's sampler) goes to transformers' generate
 SAMPLING_LOOP_KEYS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "num_beams",
-                      "repetition_penalty", "min_new_tokens"}
+                      "repetition_penalty", "min_new_tokens", "mix_uniform"}
 
 
 def sampling_loop_handles(gen_kwargs: dict[str, Any]) -> bool:
@@ -68,6 +71,7 @@ def sampling_loop_handles(gen_kwargs: dict[str, Any]) -> bool:
 def generate(
     policy: Policy, queries: Sequence[list[int]], gen_kwargs: dict[str, Any],
     temperature: float | None = None, with_values: bool = False, rows: tuple[int, int] | None = None,
+    exact_q: bool = False,
 ) -> Generation:
     """Sample a response to each query (left-padded, KV cache, one batch).
 
@@ -80,6 +84,8 @@ def generate(
     uniform per row of the whole batch and token: `rows=(offset, total)` says these queries
     are rows offset.. of a batch of `total` (a data-parallel rank's share), and they then
     get exactly the samples those rows get when one process samples the whole batch.
+    `exact_q`: also the log-probability of each token under the distribution that drew it
+    (`sampled_logprobs`), what a proposal's importance weights need.
     """
     tok = policy.tokenizer
     ids, qmask = pad_left(queries, tok.pad_token_id, policy.device)
@@ -97,15 +103,20 @@ def generate(
         with policy.sampling():  # sharded: the whole model gathered for the loop
             if sampling_loop_handles(gen_kwargs):
                 g = torch.Generator(ids.device).manual_seed(seed)
-                out, logprobs, values = _sampling_loop(policy, ids, qmask, gen_kwargs,
-                                                       temperature or gen_kwargs.get("temperature", 1.0),
-                                                       with_values and policy.value_head is not None, g, offset, total)
+                out, logprobs, values, sampled = _sampling_loop(policy, ids, qmask, gen_kwargs,
+                                                                temperature or gen_kwargs.get("temperature", 1.0),
+                                                                with_values and policy.value_head is not None, g, offset,
+                                                                total, exact_q)
             else:  # transformers draws from torch's generator: seeded per batch (and per rank's share)
+                if exact_q:
+                    raise ValueError(f"importance weights need the exact log-probabilities of the sampling distribution, "
+                                     f"which transformers' generate does not give for these settings ({sorted(gen_kwargs)}); "
+                                     "sample with temperature, top-k, top-p or greedy only")
                 with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
                     torch.manual_seed(seed + offset)
                     out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
                                                 eos_token_id=policy.eos_ids or None, **gen_kwargs)
-                logprobs = values = None
+                logprobs = values = sampled = None
     finally:
         policy.model.train(was_training)
     q = ids.shape[1]
@@ -114,13 +125,14 @@ def generate(
     out, rmask = out[:, : q + width], rmask[:, :width]
     def trim(x):
         return None if x is None else x[:, :width] * rmask
-    return Generation(out, torch.cat([qmask, rmask], 1), q, rmask, trim(logprobs), trim(values))
+    return Generation(out, torch.cat([qmask, rmask], 1), q, rmask, trim(logprobs), trim(values), trim(sampled))
 
 
 def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: dict[str, Any], temperature: float,
-                   with_values: bool, g: torch.Generator, offset: int,
-                   total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Ancestral sampling with a KV cache. Returns (ids (B, Q+T), log-probs (B, T), values (B, T) or None)."""
+                   with_values: bool, g: torch.Generator, offset: int, total: int,
+                   exact_q: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Ancestral sampling with a KV cache. Returns (ids (B, Q+T), log-probs at `temperature` (B, T),
+    values (B, T) or None, with `exact_q` the log-probs under the sampling distribution (B, T) or None)."""
     model, pad = policy.model, policy.tokenizer.pad_token_id
     ends = torch.tensor(policy.eos_ids, dtype=torch.long, device=ids.device)
     keep_last = {"logits_to_keep": 1} if policy.keeps_logits else {}
@@ -129,7 +141,7 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
     pos = position_ids(qmask)
     cache = None
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    tokens, logps, values = [], [], []
+    tokens, logps, values, sampled = [], [], [], []
     for _ in range(gen.get("max_new_tokens", 20)):
         out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, output_hidden_states=with_values,
                     **{cache_name: cache}, **keep_last)
@@ -140,6 +152,8 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
         y = torch.where(finished, torch.full_like(y, pad), y)  # after EOS: padding, as generate does
         tokens.append(y)
         logps.append(torch.log_softmax(logits / temperature, -1).gather(-1, y[:, None]).squeeze(-1))
+        if exact_q:
+            sampled.append(sampling_log_probs(logits, gen).gather(-1, y[:, None]).squeeze(-1))
         if with_values:
             hidden = out.hidden_states[-1][:, -1]
             values.append(policy.value_head(hidden.to(policy.value_head.weight.dtype)).squeeze(-1))
@@ -150,7 +164,7 @@ def _sampling_loop(policy: Policy, ids: torch.Tensor, qmask: torch.Tensor, gen: 
         x, pos = y[:, None], pos[:, -1:] + 1
         attn = torch.cat([attn, torch.ones_like(x)], 1)
     return (torch.cat([ids, torch.stack(tokens, 1)], 1), torch.stack(logps, 1),
-            torch.stack(values, 1) if with_values else None)
+            torch.stack(values, 1) if with_values else None, torch.stack(sampled, 1) if exact_q else None)
 
 
 def sampling_logits(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
@@ -173,8 +187,19 @@ def sampling_logits(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
 
 
 def sampling_log_probs(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
-    """log of the distribution the sampler draws the next token from (-inf where it never does). (B, V)"""
-    return torch.log_softmax(sampling_logits(logits, gen), -1)
+    """log of the distribution the sampler draws the next token from (-inf where it never does):
+    with `mix_uniform` = eps, (1 - eps) of the filtered softmax and eps spread over every token. (B, V)"""
+    mix = gen.get("mix_uniform") or 0.0
+    if not mix:
+        return torch.log_softmax(sampling_logits(logits, gen), -1)
+    return sampling_probs(logits, gen).log()
+
+
+def sampling_probs(logits: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
+    """The distribution the sampler draws the next token from (see sampling_log_probs). (B, V)"""
+    probs = sampling_logits(logits, gen).softmax(-1)
+    mix = gen.get("mix_uniform") or 0.0
+    return probs if not mix else (1 - mix) * probs + mix / probs.shape[-1]
 
 
 def _draw(logits: torch.Tensor, gen: dict[str, Any], u: torch.Tensor) -> torch.Tensor:
@@ -186,7 +211,7 @@ def _draw(logits: torch.Tensor, gen: dict[str, Any], u: torch.Tensor) -> torch.T
     # exceeds it. Exact (float64 sums), and on the CPU 5-20x faster than torch.multinomial,
     # which transformers' generate calls once per token (0.8 ms at vocabulary 1k, 38 ms at 50k
     # for 32 rows, measured here)
-    cdf = sampling_logits(logits, gen).softmax(-1).double().cumsum(-1)
+    cdf = sampling_probs(logits, gen).double().cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -243,16 +268,24 @@ def score(reward: RewardSource, queries: list[str], responses: list[str], device
 @torch.no_grad()
 def collect(
     policy: Policy, reward: RewardSource, queries: Sequence[list[int]], gen_kwargs: dict[str, Any], temperature: float,
-    with_values: bool = True, rows: tuple[int, int] | None = None,
+    with_values: bool = True, rows: tuple[int, int] | None = None, proposal: Any = None,
 ) -> Rollout:
-    g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
+    """Sample (from `proposal`, default the policy itself), then log pi of the current policy,
+    log pi_ref, the decoded texts and the reward source's scores."""
+    if proposal is None or proposal.is_policy:
+        g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
+    else:
+        g = proposal.sample(policy, queries, gen_kwargs, temperature, with_values, rows)
     input_ids, attention_mask, q = g.input_ids, g.attention_mask, g.query_len
     logprobs, values = g.logprobs, g.values
     # Under bf16 autocast the cached sampling pass and a full forward round differently (by
     # ~1e-2 nats a token), so PPO's ratio would not start at 1 and the KL not at 0: recompute
-    # on the path that the reference and the update use. In fp32 they agree to ~1e-6.
+    # on the path that the reference and the update use. In fp32 they agree to ~1e-6. Drawn by
+    # another proposal, log pi is the current policy's, from a pass of its own.
     low_precision = torch.is_autocast_enabled(policy.device.type)
-    if low_precision or logprobs is None or (with_values and policy.value_head is not None and values is None):
+    off_policy = proposal is not None and not proposal.is_policy
+    if (low_precision or off_policy or logprobs is None
+            or (with_values and policy.value_head is not None and values is None)):
         logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, q, temperature, with_values=with_values)
     ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, q, temperature)
     query_text, response_text = decode(policy, input_ids, attention_mask, q)
@@ -264,6 +297,7 @@ def collect(
         logprobs=logprobs * maskf, ref_logprobs=ref_logprobs * maskf,
         values=None if values is None else values * maskf, scores=scores,
         queries=query_text, responses=response_text, columns=columns,
+        proposal_logprobs=g.sampled_logprobs * maskf if off_policy else None,
     )
 
 
@@ -302,6 +336,7 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_row: torch.Tensor) -> tuple[R
         r, input_ids=r.input_ids[idx, cols], attention_mask=attn[:, cols], query_len=r.query_len - q_start,
         mask=mask[:, :T], logprobs=r.logprobs[idx, :T], ref_logprobs=r.ref_logprobs[idx, :T],
         values=None if r.values is None else r.values[idx, :T], scores=r.scores[idx],
+        proposal_logprobs=None if r.proposal_logprobs is None else r.proposal_logprobs[idx, :T],
         queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
         columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
     )

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.contracts import registry
-from rlhf.contracts.interfaces import Logger, PolicyOptimizer, QuerySampler, RewardSource, RunInfo
+from rlhf.contracts.interfaces import Logger, PolicyOptimizer, Proposal, QuerySampler, RewardSource, RunInfo
 from rlhf.contracts.schema import validate
 from rlhf.core import checkpoint, diagnosis, distributed, lifecycle, rundir, sharding, sources, update
 from rlhf.core.data import check_whole_prompts, load_prompts, sample_queries, tokenize_prompts
@@ -49,6 +49,7 @@ class Plugins:
     sampler: QuerySampler
     loggers: list[Logger]
     judges: dict[str, RewardSource]
+    proposal: Proposal
 
 
 def preflight(cfg: DictConfig) -> Plugins:
@@ -62,6 +63,7 @@ def preflight(cfg: DictConfig) -> Plugins:
         sampler=registry.instantiate("sampler", cfg.sampler),
         loggers=[registry.instantiate("logger", n) for n in (cfg.logger or {}).values()],
         judges={name: judge(name) for name in cfg.eval.judges},
+        proposal=registry.instantiate("proposal", cfg.proposal),
     )
     if plugins.optimizer.consumes not in sources.kinds():
         raise ValueError(f"optimizer consumes {plugins.optimizer.consumes!r}; the core provides {sources.kinds()}")
@@ -101,8 +103,8 @@ class Trainer:
         # plugins first (unless the command's preflight built them): cheap, so their config errors come
         # before any model loads
         p = plugins if plugins is not None else preflight(cfg)
-        self.optimizer, self.reward, self.sampler, self.loggers, self.judges = (
-            p.optimizer, p.reward, p.sampler, p.loggers, p.judges)
+        self.optimizer, self.reward, self.sampler, self.loggers, self.judges, self.proposal = (
+            p.optimizer, p.reward, p.sampler, p.loggers, p.judges, p.proposal)
         if self.optimizer.consumes != "preference_pairs":
             for message in self.sampler.kl_bias_warnings():
                 warnings.warn(message, stacklevel=1)
@@ -147,7 +149,7 @@ class Trainer:
         self.eval_queries = sample_queries(self.sampler, eval_prompts, random.Random(cfg.eval.seed))
         self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
-            self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed))
+            self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal))
         self.problem = ""  # why the last batch was not trained on, if it was not
         self.first: dict[str, float] | None = None  # the evaluations at step 0 and at the last evaluation
         self.last: dict[str, float] | None = None
@@ -219,6 +221,7 @@ class Trainer:
             "first_eval": first,
             "last_eval": last,
             "negative_kl_steps": self.kl_watch.streak,
+            "proposal": self.proposal.state_dict() if hasattr(self.proposal, "state_dict") else {},
         }
 
     def restore(self, candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
@@ -304,6 +307,8 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
         self.source.load_state_dict(saved_source)
         self.kl_watch.streak = state["negative_kl_steps"]
+        if hasattr(self.proposal, "load_state_dict") and state.get("proposal"):
+            self.proposal.load_state_dict(state["proposal"])
 
     def resume_line(self) -> str:
         """What a resumed run says it does: the checkpoint it loaded, and any forced change."""

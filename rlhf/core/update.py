@@ -5,7 +5,7 @@ once (advantages, returns; no gradients), the loss of a batch or a minibatch wit
 named tensor per term of its paper's equation, and what it reports after the update. The
 core runs the rest, the same for every plugin:
 
-    prepared = objective.prepare(batch)               # no gradients
+    prepared = objective.prepare(batch)               # no gradients (+ importance weights, for q != pi)
     for epoch in range(epochs):                       # `epochs` and `num_minibatches`: a plugin
         for mb, t in minibatches(batch, prepared):    #   whose config has them reuses a batch
             out = objective.loss(policy, mb, t, epoch)#   (PPO, GRPO); any other takes it once whole
@@ -88,6 +88,10 @@ def step(objective: Any, policy: Any, opt: torch.optim.Optimizer, params: list, 
     """One update of `objective` on `batch` (module doc); returns its metrics."""
     cfg = objective.cfg
     prepared = objective.prepare(batch)
+    correction = getattr(cfg, "correction", "none")
+    if correction != "none" and getattr(batch, "proposal_logprobs", None) is not None:  # drawn by q != pi
+        prepared["is_weight"] = numerics.importance_weights(batch.logprobs, batch.proposal_logprobs, batch.mask,
+                                                            correction, cfg.is_cap)
     reuses = isinstance(cfg, MinibatchConfig)
     policy.train()
     stats: dict[str, list[torch.Tensor]] = {}

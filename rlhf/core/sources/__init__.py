@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -36,6 +36,7 @@ class SourceContext:
     prompts: list[list[int]]  # the training prompts, tokenised
     data: DataConfig
     seed: int
+    proposal: Any = None  # what draws the rollouts (None: the policy itself)
 
 
 _SOURCES: dict[str, type] = {}
