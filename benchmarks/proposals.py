@@ -61,7 +61,7 @@ def runs() -> list[tuple[str, str, list[str]]]:
 
 
 def directory(out: Path, table: str, overrides: list[str]) -> Path:
-    return out / table / ",".join(o.split("=", 1)[1].replace("/", "_") for o in overrides[1:])
+    return out / table / "-".join(o.split("=", 1)[1].replace("/", "_").replace(",", "_") for o in overrides[1:])
 
 
 def run(out: Path) -> None:

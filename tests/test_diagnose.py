@@ -82,6 +82,10 @@ PLANTED = {
                                         "logps/chosen": lambda t: -30 + t, "logps/rejected": lambda t: -30 - t}),
     "biased KL estimate": dict(train={"train/kl": lambda t: -0.3}),
     "repeated PPO ratio skips": dict(train={"policy/skipped_minibatches": lambda t: 1 if int(t * 100) % 10 == 3 else 0}),
+    "exploration trap: better responses sampled, not learned": dict(
+        evals={"eval/reward": lambda t: 0.4 + 0.4 * min(t, 0.4), "eval/kl": lambda t: 1 + t},
+        train={"train/reward_max": lambda t: 2.5}),
+    "sampler-trainer mismatch": dict(train={"mismatch/kl": lambda t: 0.4, "mismatch/ess": lambda t: 0.1}),
     "reward saturated early": dict(evals={"eval/reward": lambda t: 0.95 if t >= 0.2 else 0.4,
                                           "eval/reward_std": lambda t: 0.01 if t >= 0.2 else 0.4}),
 }

@@ -62,6 +62,9 @@ NEGATIVE_KL_MEAN = 0.05  # ... averaging below -0.05 nats: a policy at the refer
 SKIPPED_STEPS = 3  # steps with a PPO minibatch skipped for its ratio: a trust region broken repeatedly
 SATURATED_BY = 0.3  # the reward at its final level within the first 30% of the run ...
 SPREAD_LEFT = 0.1  # ... and the reward's spread at a tenth of its start: every sample scores alike
+EXPLORE_GAP = 2.0  # step-0 spreads the batch's best sample stays above the held-out mean while the mean is flat
+MISMATCH_KL = 0.1  # nats per token of KL(q || pi): a proposal this far from pi makes importance weights heavy-tailed
+MISMATCH_ESS = 0.2  # the batch's effective sample size under the sequence weights, as a share of the batch
 MIN_EVALS = 3  # trends need a start, a middle and an end
 MIN_TRAIN_ROWS = 10  # training-step statistics need this many steps
 
@@ -488,7 +491,63 @@ def early_saturation(record: Record) -> Finding | None:
                                  Knob(None, "a harder task or a reward with more range")))
 
 
+def exploration_trap(record: Record) -> Finding | None:
+    """The held-out reward is flat over the second half while the batches keep containing
+    samples that score far higher: better responses exist, the policy draws them now and then,
+    and does not learn them (the reverse KL's pull to the nearest mode: a response pi gives ~0
+    probability gets ~0 gradient). Or pass@k far above pass@1 while pass@1 stays flat."""
+    if record.progress < 0.5 or len(record.series("eval/reward")) < MIN_EVALS:
+        return None
+    half = record.last_step / 2
+    mean = [x for s, x in record.series("eval/reward") if s >= half]
+    best = [x for s, x in record.series("train/reward_max") if s >= half]
+    unit = spread(record)
+    said = []
+    if len(mean) >= 2 and best and abs(mean[-1] - mean[0]) < MOVED * unit:
+        gap = (max(best) - mean[-1]) / unit
+        if gap >= EXPLORE_GAP:
+            said.append(f"eval/reward stayed at {fmt(mean[-1])} over steps {int(half)}-{record.last_step} while the batches "
+                        f"drew samples scoring up to {fmt(max(best))}, {gap:.1f} step-0 spreads higher")
+    pass1 = record.series("eval/pass@1")
+    passk = [(k, record.series(k)) for k in sorted({k for r in record.rows for k in r if k.startswith("eval/pass@")})
+             if k != "eval/pass@1"]
+    if len(pass1) >= 2 and passk and abs(pass1[-1][1] - pass1[len(pass1) // 2][1]) < FLAT_JUDGE:
+        k, s = passk[-1]
+        if s and s[-1][1] - pass1[-1][1] >= 0.25:
+            said.append(f"{k} {fmt(s[-1][1])} against eval/pass@1 {fmt(pass1[-1][1])}, flat over the second half")
+    if not said:
+        return None
+    return Finding("exploration trap: better responses sampled, not learned", "; ".join(said),
+                   record.advice(Knob("proposal", "an exploring proposal: proposal=explore proposal.temperature=2.0 (its "
+                                      "log q is exact; optimizer.correction=sequence keeps pi*)", "explore"),
+                                 Knob("optimizer", "optimizer=dm (maximum likelihood towards pi*: a rare good sample is "
+                                      "pulled up at once)", "dm"),
+                                 Knob("optimizer.k", "more samples per prompt (optimizer.k)"),
+                                 Knob("optimizer.group_size", "more samples per prompt (optimizer.group_size)")))
+
+
+def proposal_mismatch(record: Record) -> Finding | None:
+    """The proposal that drew the rollouts is far from pi: importance weights heavy-tailed, few
+    samples carrying the batch (an engine's rounding, a stale or hot proposal)."""
+    kl, ess = record.values("mismatch/kl"), record.values("mismatch/ess")
+    if len(kl) < MIN_TRAIN_ROWS:
+        return None
+    mkl, mess = statistics.median(kl), statistics.median(ess) if ess else 1.0
+    if mkl < MISMATCH_KL and mess > MISMATCH_ESS:
+        return None
+    correction = record.setting("optimizer.correction")
+    return Finding("sampler-trainer mismatch", f"median mismatch/kl {fmt(mkl)} nats per token (KL(q || pi) of the proposal "
+                   f"that drew the samples), median effective sample size {fmt(mess)} of the batch"
+                   + (f"; optimizer.correction={correction}" if correction is not None else ""),
+                   record.advice(Knob("optimizer.correction", "optimizer.correction=sequence_mis or token_tis (bounded "
+                                      "weights: a bias for less variance)", "sequence_mis"),
+                                 Knob("proposal.temperature", "a proposal closer to pi (proposal.temperature nearer the "
+                                      "sampler's)"),
+                                 Knob("proposal.k", "a fresher stale policy (proposal.k smaller)")))
+
+
 DETECTORS: tuple[Callable[[Record], Finding | None], ...] = (
+    exploration_trap, proposal_mismatch,
     nonfinite_evaluation, reward_hacking, past_gold_peak, kl_blowup, nothing_moves, clipped_gradients, entropy_collapse,
     biased_kl, early_saturation)
 
