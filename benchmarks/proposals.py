@@ -1,6 +1,7 @@
 """Proposals x corrections against the closed-form optimum: the hard toys, and a stale sampler.
 
     python benchmarks/proposals.py run   proposals/   # every run (about 25 min on 2 cores), then the tables
+    python benchmarks/proposals.py run   proposals/ --only stale   # one table's runs
     python benchmarks/proposals.py table proposals/   # the tables of runs already made
 
 Hard toys (`+experiment=hard_toys reward.seed=N`): for each prompt pi* at beta 0.5 puts 0.75 on
@@ -9,8 +10,9 @@ the best one also seed 1), 600 steps of 128 rollouts; a cell gives KL(pi || pi*)
 (the largest over toys and seeds), how many runs reach 0.05, and the median step at which the
 evaluations (every 25 steps) first show it.
 
-Stale sampler (`+experiment=toy_sequences optimizer.beta=0.5`, where every optimizer lands on
-pi*): REINFORCE sampling from the policy k = 4 updates old, with each correction, seeds 0-2.
+A proposal that is not the policy (`+experiment=toy_sequences optimizer.beta=0.5`, where every
+optimizer lands on pi*): REINFORCE sampling from the policy k = 4 updates old, or from the
+policy at temperature 2, with each correction, seeds 0-2.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ STALE = {
     "stale k=4, correction=sequence": ["proposal=stale", "proposal.k=4", "optimizer.correction=sequence"],
     "stale k=4, correction=token_tis": ["proposal=stale", "proposal.k=4", "optimizer.correction=token_tis"],
     "stale k=4, correction=sequence_mis": ["proposal=stale", "proposal.k=4", "optimizer.correction=sequence_mis"],
+    "stale k=4, constant lr, correction=none": ["proposal=stale", "proposal.k=4", "train.lr_schedule=constant"],
+    "stale k=4, constant lr, correction=sequence": ["proposal=stale", "proposal.k=4", "train.lr_schedule=constant",
+                                                    "optimizer.correction=sequence"],
+    "policy, constant lr": ["train.lr_schedule=constant"],
+    "explore T=2, correction=none": [*EXPLORE],
+    "explore T=2, correction=sequence": [*EXPLORE, "optimizer.correction=sequence"],
+    "explore T=2, correction=token_tis": [*EXPLORE, "optimizer.correction=token_tis"],
 }
 
 
@@ -64,10 +73,10 @@ def directory(out: Path, table: str, overrides: list[str]) -> Path:
     return out / table / "-".join(o.split("=", 1)[1].replace("/", "_").replace(",", "_") for o in overrides[1:])
 
 
-def run(out: Path) -> None:
+def run(out: Path, only: str | None) -> None:
     for table, name, overrides in runs():
         d = directory(out, table, overrides)
-        if (d / "summary.json").is_file():
+        if (d / "summary.json").is_file() or only not in (None, table):
             continue
         d.parent.mkdir(parents=True, exist_ok=True)
         with open(str(d) + ".log", "w") as log:
@@ -108,9 +117,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=("run", "table"))
     p.add_argument("out", type=Path)
+    p.add_argument("--only", choices=("hard", "stale"), help="run one table's runs")
     args = p.parse_args()
     if args.what == "run":
-        run(args.out)
+        run(args.out, args.only)
     table(args.out)
 
 

@@ -140,7 +140,7 @@ NEWCOMER = [  # what a newcomer typed (and Hydra's own advice for a typo), and w
     ({}, ["+train.stpes=5"], "no such setting: train.stpes (did you mean train.steps?)"),
     ({}, ["+optimizer.clip_cof=0.1", "train.steps=1"], "optimizer.clip_cof (did you mean optimizer.clip_coef?)"),
     ({}, ["train.stpes=5"], "train.stpes: did you mean train.steps?"),
-    ({}, ["optimizer=ppp"], "no optimizer plugin named 'ppp' (registered: a2c, dpo, grpo, ppo, reinforce, rloo, sft)"),
+    ({}, ["optimizer=ppp"], "no optimizer plugin named 'ppp' (registered: a2c, dm, dpo, grpo, ppo, reinforce, rloo, sft)"),
     ({}, ["reward=acting"], "name it in $RLHF_PLUGINS (RLHF_PLUGINS=my_module"),
     ({}, ["policy=nope"], "the options of policy: embedded, gpt2, gpt2-imdb"),
     ({"RLHF_PLUGINS": "my_plugn"}, [], "RLHF_PLUGINS names 'my_plugn', which is not importable"),
@@ -169,10 +169,10 @@ def test_a_newcomers_mistakes_are_refused_in_one_line_naming_the_fix(tmp_path):
 def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ["optimizer: a2c, dpo, grpo, ppo, reinforce, rloo, sft",
-                 "reward: learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
-                 "logger: jsonl, tensorboard, wandb",
-                 "experiment: arithmetic, dpo_paper, frontier, imdb_ppo, toy_bandit, toy_bandit_dpo",
+    for line in ["optimizer: a2c, dm, dpo, grpo, ppo, reinforce, rloo, sft",
+                 "reward: hard, learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
+                 "logger: jsonl, tensorboard, wandb", "proposal: explore, policy, stale",
+                 "experiment: arithmetic, dpo_paper, frontier, hard_toys, imdb_ppo, toy_bandit, toy_bandit_dpo",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 
@@ -184,4 +184,4 @@ def test_rlhf_plugins_lists_fields_defaults_and_help(tmp_path):
     assert "optimizer.clip_coef: float = 0.2  # policy ratio clipping epsilon" in r.stdout
     assert "logger.wandb.mode: str = 'auto'" in r.stdout
     bad = cli("rlhf-plugins", "nosuchgroup", cwd=tmp_path, timeout=120)
-    assert bad.returncode != 0 and "groups: logger, optimizer, reward, sampler" in bad.stderr
+    assert bad.returncode != 0 and "groups: logger, optimizer, proposal, reward, sampler" in bad.stderr

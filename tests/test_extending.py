@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from rlhf.contracts import registry
 from rlhf.core import numerics, sources
-from rlhf.core.optim import adam, gradient_step
 from rlhf.core.trainer import Trainer
+from rlhf.core.update import Loss, OptimConfig, token_mean
 
 
 def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them(monkeypatch):
@@ -32,14 +32,14 @@ def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them
         def __init__(self, cfg):
             self.cfg = cfg
 
-        def setup(self, policy, temperature):
-            return None
-
-        def update(self, batch):
+        def prepare(self, batch):
             return {}
 
+        def loss(self, policy, batch, prepared, epoch):
+            return None
+
     node = OmegaConf.create({"_target_": f"{HalfDone.__module__}.{HalfDone.__qualname__}"})
-    with pytest.raises(registry.PluginError, match=r"optimizer plugin 'half_done' .* lacks samples_per_prompt, beta, "
+    with pytest.raises(registry.PluginError, match=r"optimizer plugin 'half_done' .* lacks samples_per_prompt, beta, finish, "
                                                    r"state_dict, load_state_dict, which the PolicyOptimizer protocol declares"):
         registry.instantiate("optimizer", node)
 
@@ -86,10 +86,11 @@ class PromptText:
 
 @registry.register("optimizer", "prompt_sft")
 class PromptSFT:
-    """Maximum likelihood on the prompts' own tokens (after the first)."""
+    """Maximum likelihood on the prompts' own tokens (after the first): an objective the
+    core's update loop steps on, whatever the kind of batch."""
 
     @dataclass
-    class Config:
+    class Config(OptimConfig):
         lr: float = 1e-2  # Adam learning rate
 
     needs_value_head = False
@@ -100,18 +101,17 @@ class PromptSFT:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def setup(self, policy, temperature):
-        self.policy, self.params = policy, list(policy.trainable_parameters())
-        self.opt = adam(self.params, lr=self.cfg.lr)
-        return self.opt
+    def prepare(self, b: PromptBatch):
+        return {}
 
-    def update(self, b: PromptBatch):
-        self.policy.train()
-        logits, _ = self.policy.forward(b.input_ids, b.attention_mask, 1, with_values=False)  # predicts tokens 1..
+    def loss(self, policy, b: PromptBatch, prepared, epoch):
+        logits, _ = policy.forward(b.input_ids, b.attention_mask, 1, with_values=False)  # predicts tokens 1..
         logprobs = numerics.logprobs_of(logits, b.input_ids[:, 1:])
-        loss = -numerics.masked_mean(logprobs, b.attention_mask[:, 1:].float())
-        gradient_step(self.opt, self.params, loss, 1.0)
-        return {"loss/nll": loss.item()}
+        nll = -token_mean(logprobs, b.attention_mask[:, 1:].float())
+        return Loss(nll, {"loss/nll": nll.detach()})
+
+    def finish(self, b: PromptBatch, prepared):
+        return {}
 
     def state_dict(self):
         return {}

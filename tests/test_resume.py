@@ -188,7 +188,7 @@ PRESETS = {"dpo": ["+experiment=toy_bandit_dpo", "data.n_train=16"], "sft": ["+e
            "data.n_train=16", "optimizer=sft"]}  # the others: +experiment=toy_bandit optimizer=<name>
 # a value other than the default for fields that are not numbers or booleans (with what it needs)
 OTHER = {"kl_estimator": ["k3"], "advantage": ["nstep"], "baseline": ["batch"], "kl_penalty": ["loss", "kl_estimator=k3"],
-         "loss_aggregation": ["sum"], "loss_type": ["ipo"]}
+         "loss_aggregation": ["sum"], "loss_type": ["ipo"], "correction": ["sequence"], "is_cap": ["4.0"]}
 
 
 def _changed(field: str, value) -> list[str] | None:

@@ -171,7 +171,11 @@ def run(cfg: DictConfig, info: RunInfo, plugins, resume: list[Path] | None, stop
         print(f"\nstopped at once: {where}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except SystemExit as e:  # a plugin's sys.exit(): a failed job, not the end of the sweep
-        raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
+        try:
+            raise RuntimeError(f"the run called sys.exit({e.code!r})") from e
+        except RuntimeError as err:
+            failed(err, run_dir, single)
+            raise
     except Exception as e:
         failed(e, run_dir, single)
         raise

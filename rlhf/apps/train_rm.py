@@ -145,11 +145,15 @@ def _train_rm(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     single = hc.mode == RunMode.RUN
+    owner = None
     try:
         with hydra_setup.refusing(rundir.RunDirRefused) if single else contextlib.nullcontext():
+            owner = rundir.claim(run_dir, continuing=False)  # before a model loads and logs into the directory
             ready = setup(cfg)  # a setting, a pair file or a model that cannot be used: one line, nothing written
-            owner = rundir.claim(run_dir, continuing=False)
     except SystemExit:
+        if owner is not None:  # the directory was this run's alone: its log holds only the refused setup
+            owner.release()
+            (run_dir / f"{hc.job.name}.log").unlink(missing_ok=True)
         rundir.discard_if_empty(run_dir)
         raise
     try:
