@@ -13,6 +13,10 @@ evaluations (every 25 steps) first show it.
 A proposal that is not the policy (`+experiment=toy_sequences optimizer.beta=0.5`, where every
 optimizer lands on pi*): REINFORCE sampling from the policy k = 4 updates old, or from the
 policy at temperature 2, with each correction, seeds 0-2.
+
+vLLM drawing the rollouts (the same toy with one attention head of 32 dimensions, a size its
+CPU kernels run): a float32 engine, and a bfloat16 engine against the float32 trainer with
+each correction, seeds 0-2.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ STALE = {
 }
 
 
+VLLM = ["policy.path=toy:3x4:eos:heads1"]  # one head of 32 dimensions: a size vLLM's CPU attention runs
+ENGINE = {
+    "core loop (policy)": [],
+    "vLLM float32, correction=none": ["proposal=vllm"],
+    "vLLM bfloat16, correction=none": ["proposal=vllm", "proposal.dtype=bfloat16"],
+    "vLLM bfloat16, correction=sequence": ["proposal=vllm", "proposal.dtype=bfloat16", "optimizer.correction=sequence"],
+    "vLLM bfloat16, correction=token_tis": ["proposal=vllm", "proposal.dtype=bfloat16", "optimizer.correction=token_tis"],
+    "vLLM bfloat16, correction=sequence_mis": ["proposal=vllm", "proposal.dtype=bfloat16",
+                                               "optimizer.correction=sequence_mis"],
+}
+
+
 def runs() -> list[tuple[str, str, list[str]]]:
     """(table, row, the rlhf-train overrides) of every run."""
     out = []
@@ -66,11 +82,15 @@ def runs() -> list[tuple[str, str, list[str]]]:
         for seed in (0, 1, 2):
             out.append(("stale", name, ["+experiment=toy_sequences", "optimizer=reinforce", "optimizer.beta=0.5",
                                         f"seed={seed}", *overrides]))
+    for name, overrides in ENGINE.items():
+        for seed in (0, 1, 2):
+            out.append(("vllm", name, ["+experiment=toy_sequences", *VLLM, "optimizer=reinforce", "optimizer.beta=0.5",
+                                       f"seed={seed}", *overrides]))
     return out
 
 
 def directory(out: Path, table: str, overrides: list[str]) -> Path:
-    return out / table / "-".join(o.split("=", 1)[1].replace("/", "_").replace(",", "_") for o in overrides[1:])
+    return out / table / "-".join(o.split("=", 1)[1].replace("/", "_").replace(",", "_").replace(":", "_") for o in overrides[1:])
 
 
 def run(out: Path, only: str | None) -> None:
@@ -101,7 +121,8 @@ def table(out: Path) -> None:
         d = directory(out, t, overrides)
         cells.setdefault((t, name), []).append((final(d), reached(d)))
     for t, title in (("hard", "hard toys 0-4, beta 0.5, 600 steps of 128 rollouts"),
-                     ("stale", "toy_sequences, beta 0.5, REINFORCE, seeds 0-2")):
+                     ("stale", "toy_sequences, beta 0.5, REINFORCE, seeds 0-2"),
+                     ("vllm", "toy_sequences with one 32-dimension head, beta 0.5, REINFORCE, seeds 0-2")):
         print(f"\n{title}\n| configuration | runs | KL(pi || pi*) at the end, largest | median | reach 0.05 | "
               "median step reaching it |\n| --- | ---: | ---: | ---: | ---: | ---: |")
         for (tt, name), got in cells.items():
@@ -117,7 +138,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=("run", "table"))
     p.add_argument("out", type=Path)
-    p.add_argument("--only", choices=("hard", "stale"), help="run one table's runs")
+    p.add_argument("--only", choices=("hard", "stale", "vllm"), help="run one table's runs (vllm: needs vLLM)")
     args = p.parse_args()
     if args.what == "run":
         run(args.out, args.only)

@@ -128,14 +128,17 @@ class VLLM:
     @staticmethod
     def _save(policy, folder: str) -> None:
         """The policy's merged weights, config and tokenizer as a transformers checkpoint. An
-        adapter on a tied output layer untied it: the saved config says so."""
+        adapter on a tied output layer (the toy presets') unties it, as merging it does: the
+        saved config says so, and every sync then writes the output layer apart."""
         from safetensors.torch import save_file
 
         base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
         state = merged_weights(policy.model)
         tied = bool(getattr(base.config.get_text_config(), "tie_word_embeddings", False))
         head = next((k for k in state if k.endswith("lm_head.weight")), None)
-        untie = tied and head is not None and not torch.equal(state[head], base.get_input_embeddings().weight)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        untie = tied and isinstance(base.get_output_embeddings(), BaseTunerLayer)  # adapted: no longer the embeddings
         if tied and not untie and head is not None:
             del state[head]  # the shared matrix once, as transformers saves a tied model
         config = base.config.__class__.from_dict({**base.config.to_dict(), **({"tie_word_embeddings": False} if untie else {})})
