@@ -94,3 +94,24 @@ def test_a_model_the_cpu_backend_cannot_run_is_refused_in_one_line(tmp_path, emb
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1, r.stderr[-2000:]
     assert "attention heads have 16 dimensions, and vLLM's CPU attention runs 32, 64" in lines[0]
+
+
+def test_a_run_drawn_by_the_engine_resumes_with_the_same_rollouts(tmp_path, embedded_dir):
+    """Stopped after step 2 and resumed, the engine (built again from the restored weights, synced
+    before its first batch) draws exactly the rollouts of the run that went on."""
+    args = ["+experiment=toy_sequences", "policy.path=toy:3x4:eos:heads1", "optimizer=reinforce", "proposal=vllm",
+            "optimizer.correction=sequence", "train.steps=4", "train.lr_schedule=constant", "eval.every=2",
+            "checkpoint.every=2"]
+    r = cli("rlhf-train", *args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("rlhf-train", *args, "train.steps=2", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("rlhf-train", f"resume={tmp_path / 'b'}", "train.steps=4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def rows(run: str) -> list[dict]:
+        out = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k not in ("proposal/sync_s", "time/step_s")} for row in out
+                if "train/reward" in row]
+
+    assert len(rows("a")) == 4 and rows("b") == rows("a")
