@@ -115,6 +115,13 @@ def reached(d: Path, goal: float = 0.05) -> int | None:
     return next((r["step"] for r in rows if r.get("eval/kl_to_optimum", 1e9) <= goal), None)
 
 
+def mismatch(d: Path) -> float | None:
+    """The run's median mismatch/kl (KL(q || pi) per token of the sampler), None when on-policy."""
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").is_file() else []
+    got = [r["mismatch/kl"] for r in rows if "mismatch/kl" in r]
+    return statistics.median(got) if got else None
+
+
 def table(out: Path) -> None:
     cells: dict[tuple[str, str], list[tuple[float | None, int | None]]] = {}
     for t, name, overrides in runs():
@@ -124,14 +131,17 @@ def table(out: Path) -> None:
                      ("stale", "toy_sequences, beta 0.5, REINFORCE, seeds 0-2"),
                      ("vllm", "toy_sequences with one 32-dimension head, beta 0.5, REINFORCE, seeds 0-2")):
         print(f"\n{title}\n| configuration | runs | KL(pi || pi*) at the end, largest | median | reach 0.05 | "
-              "median step reaching it |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+              "median step reaching it | mismatch/kl, median |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for (tt, name), got in cells.items():
             if tt != t:
                 continue
             kls = [k for k, _ in got if k is not None]
             steps = [s for _, s in got if s is not None]
+            mis = [m for m in (mismatch(directory(out, t, o)) for tt2, n, o in runs() if tt2 == t and n == name)
+                   if m is not None]
             print(f"| {name} | {len(got)} | {max(kls):.3g} | {statistics.median(kls):.3g} | {len(steps)} of {len(got)} | "
-                  f"{statistics.median(steps) if steps else '-'} |" if kls else f"| {name} | {len(got)} | - | - | - | - |")
+                  f"{statistics.median(steps) if steps else '-'} | {f'{statistics.median(mis):.2g}' if mis else '-'} |"
+                  if kls else f"| {name} | {len(got)} | - | - | - | - | - |")
 
 
 def main() -> None:

@@ -112,6 +112,7 @@ class VLLM:
                              f"runs {', '.join(map(str, CPU_HEAD_SIZES))} only; use a model with such heads (the embedded "
                              "default has 32), or proposal=policy")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, its weights in reach
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the run's output, not the engine's (INFO shows it)
         self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         self._save(policy, self.folder.name)
         from vllm import LLM
