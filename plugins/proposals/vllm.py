@@ -71,6 +71,25 @@ def kept_process_state() -> Iterator[None]:
                 del os.environ[key]
 
 
+def scan_safely() -> None:
+    """vLLM 0.32's kernel registration scans every loaded module's attributes with
+    hasattr(value, "__dict__"), which survives AttributeError only: a proxy that raises anything
+    else there (werkzeug's LocalProxy: `flask.request` outside a request, in any module that
+    imported it) fails the engine's build. Its module gets a hasattr that says False instead."""
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:  # another vLLM: nothing to mend
+        return
+
+    def probe(value: Any, name: str) -> bool:
+        try:
+            return hasattr(value, name)
+        except Exception:
+            return False
+
+    dispatcher.hasattr = probe  # (a module global shadows the builtin for that module's code only)
+
+
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The policy's weights as a plain transformers checkpoint names them: LoRA adapters merged
     (W + the adapter's delta, computed aside: the trained model is not touched), the wrappers'
@@ -148,6 +167,8 @@ class VLLM:
         try:
             with kept_process_state():
                 from vllm import LLM  # (its import sets variables too: LD_LIBRARY_PATH, TORCHINDUCTOR_CACHE_DIR, ...)
+
+                scan_safely()
 
                 self.llm = LLM(model=self.folder.name, tokenizer=self.folder.name, dtype=self.cfg.dtype, seed=0,
                                logprobs_mode="processed_logprobs", enforce_eager=self.cfg.enforce_eager,
