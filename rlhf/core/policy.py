@@ -21,6 +21,7 @@ from rlhf.core.logprobs import Trunk, position_ids, response_logits
 from rlhf.core.trained import (
     TrainedParts,
     apply_chat_template,
+    base_model,
     from_pretrained,
     load_model,
     lora_targets,
@@ -139,7 +140,7 @@ class Policy:
     def enable_gradient_checkpointing(self) -> None:
         """Activations recomputed in backward instead of kept (the inputs require grad so that
         the recomputed segments see the adapters' gradients)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
 
@@ -269,7 +270,7 @@ class Policy:
     def chunked(self) -> bool:
         """Whether log-probs come through the chunked vocabulary projection (see token_logprobs)."""
         if self._chunked is None:
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            base = base_model(self.model)
             config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
             scaled = any(getattr(config, key, None) not in (None, 1, 1.0)
                          for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
@@ -362,7 +363,7 @@ class Policy:
         if self._keeps_logits is None:
             import inspect
 
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            base = base_model(self.model)
             self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         return self._keeps_logits
 
@@ -372,7 +373,7 @@ class Policy:
         transformers 5.2x (which deprecates `past_key_values`, removed in 5.40), else `past_key_values`."""
         import inspect
 
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def _response_logits_only(self, input_ids: torch.Tensor, query_len: int) -> dict:

@@ -32,11 +32,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from rlhf.core.trained import base_model
+
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The model's decoder blocks: modules of the classes its `_no_split_modules` names (the
     outermost, when one such class sits inside another)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     found, taken = [], []
     for name, module in base.named_modules():

@@ -159,6 +159,11 @@ def context_length(cfg: PolicyConfig) -> int | None:
     return None
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def merge(model: nn.Module) -> nn.Module:
     """The adapters merged into the weights. An adapter on a tied output layer (the toy
     presets') adapts the output side only, so that layer is untied first: merged into the
