@@ -42,7 +42,7 @@ def launch(name: str, *args: str, cwd: Path, env: dict | None = None) -> "Comman
     exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
     assert exe, f"{name} is not installed; run pip install -e '.[test]'"
     # a command is the first of its tree: the keys of the user's command line are its own
-    full_env = {**os.environ, "RLHF_COMMAND_LINE_KEYS": None, **(env or {})}
+    full_env = {**os.environ, "RLHF_COMMAND_LINE": None, **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     changed = {k for k in set(full_env) | set(os.environ) if full_env.get(k) != os.environ.get(k)}
     if any(k.startswith(STARTUP_ENV) and k != "PYTHONPATH" for k in changed) or (

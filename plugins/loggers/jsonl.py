@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.contracts.registry import register
+from rlhf.contracts.safety import writes_file
 from rlhf.core import rundir
 
 
@@ -17,7 +18,7 @@ from rlhf.core import rundir
 class JsonlLogger:
     @dataclass
     class Config:
-        path: Optional[str] = None  # null: <sweep dir>/metrics_all.jsonl (or <run dir>/... for one run)
+        path: Optional[str] = writes_file(None)  # null: <sweep dir>/metrics_all.jsonl (or <run dir>/... for one run)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

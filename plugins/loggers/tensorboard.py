@@ -9,13 +9,14 @@ from typing import Any, Mapping, Optional
 
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.contracts.registry import register
+from rlhf.contracts.safety import writes_file
 
 
 @register("logger", "tensorboard")
 class TensorBoardLogger:
     @dataclass
     class Config:
-        log_dir: Optional[str] = None  # null: <sweep dir>/tensorboard for a sweep, <run dir>/tensorboard for one run
+        log_dir: Optional[str] = writes_file(None)  # null: <sweep dir>/tensorboard for a sweep, <run dir>/tensorboard for one run
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

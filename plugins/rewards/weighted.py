@@ -41,7 +41,8 @@ class WeightedReward:
             raise PluginError("reward.weights: a weighted reward cannot hold itself")
         self.parts = []
         for name, weight in cfg.weights.items():
-            node = OmegaConf.create({"_target_": names[name].target, **dict(cfg.settings.get(name) or {})})
+            # (the part is its plugin, whatever its settings say)
+            node = OmegaConf.create({**dict(cfg.settings.get(name) or {}), "_target_": names[name].target})
             self.parts.append((name, float(weight), registry.instantiate("reward", node)))
 
     def score(self, queries: Sequence[str], responses: Sequence[str], **columns: Sequence[Any]) -> torch.Tensor:

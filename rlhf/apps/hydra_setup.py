@@ -30,67 +30,120 @@ from rlhf.contracts import registry, safety, schema
 ALLOWED = ("rlhf.apps.sweep.SweepCallback", "rlhf.apps.sweep.Prepare", "hydra_plugins.rlhf_launcher.")
 
 
-def prepare() -> None:
+def prepare(remember: bool = True) -> None:
+    """Discovery, schemas and checks; `remember`: this command line is the user's (a command
+    that rewrites its arguments first remembers the rewritten ones itself)."""
     warnings.formatwarning = _one_line
-    # our joblib.yaml takes the place of the joblib plugin's config of the same name, on purpose
-    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
+    # our joblib.yaml takes the place of the joblib plugin's config of the same name, on purpose (and
+    # a file's launcher config of a plugin's name is checked like any other: Hydra's warning adds nothing)
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/[\w/]+' is validated against ConfigStore schema")
     try:
         registry.discover()
     except registry.PluginError as e:
         raise refusal(e) from None
-    safety.remember_command_line(sys.argv[1:])
+    if remember:
+        safety.remember_command_line(sys.argv[1:])
     schema.store()
     _check_targets()
     _register_launcher()
 
 
 def _one_line(message, category, filename, lineno, line=None) -> str:
-    return f"{category.__name__}: {message}\n"
+    return f"{category.__name__}: {' '.join(str(message).split())}\n"
+
+
+class _Files:
+    """While Hydra composes: the `hydra:` sections that config files (`file://` sources) held,
+    and whether to leave them out (the baseline composition `safety.check_hydra` compares with)."""
+
+    held: list | None = None
+    strip = False
 
 
 def _check_targets() -> None:
     """Check every config the moment Hydra's loader has composed it, before Hydra uses any
-    of it (it configures its own logging inside composition): the run's and each job's."""
+    of it (it configures its own logging inside composition): the run's and each job's
+    (`load_sweep_config` composes through `load_configuration`). A `hydra` override that is not
+    the user's is refused before composition, a primary config file's search path before Hydra
+    opens it; what files set under `hydra:` is the difference from a second composition that
+    leaves their `hydra:` sections out, made only when a file held one."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
-    for name in ("load_configuration", "load_sweep_config"):
-        load = getattr(ConfigLoaderImpl, name)
-        if getattr(load, "checks_targets", False):
-            continue
+    load = ConfigLoaderImpl.load_configuration
+    if getattr(load, "checks_targets", False):
+        return
 
-        def checked(self, *args, _load=load, **kwargs):
-            from hydra.errors import ConfigCompositionException, MissingConfigException
+    def compose(self, *args, **kwargs):
+        from hydra.errors import ConfigCompositionException, MissingConfigException
 
-            try:
-                cfg = _load(self, *args, **kwargs)
-            except MissingConfigException as e:
-                raise refusal(missing_option(e)) from None
-            except ConfigCompositionException as e:
-                raise refusal(composition_error(e)) from None
-            try:
-                safety.check(cfg, ALLOWED)
-                schema.check_known_keys(cfg)
-            except (registry.PluginError, ValueError) as e:
-                raise refusal(e) from None
-            return cfg
+        try:
+            return load(self, *args, **kwargs)
+        except MissingConfigException as e:
+            raise refusal(missing_option(e)) from None
+        except ConfigCompositionException as e:
+            raise refusal(composition_error(e)) from None
 
-        checked.checks_targets = True
-        setattr(ConfigLoaderImpl, name, checked)
+    def checked(self, config_name, overrides, *args, **kwargs):
+        try:
+            safety.check_overrides(overrides)
+        except registry.PluginError as e:
+            raise refusal(e) from None
+        _Files.held = held = []
+        try:
+            cfg = compose(self, config_name, overrides, *args, **kwargs)
+            if held:
+                _Files.held, _Files.strip = None, True
+                baseline = compose(self, config_name, overrides, *args, **kwargs)
+        finally:
+            _Files.held, _Files.strip = None, False
+        try:
+            if held:
+                safety.check_hydra(cfg, baseline, held)
+            safety.check(cfg, ALLOWED, registered=[p.target for p in registry.plugins()])
+            schema.check_known_keys(cfg)
+        except (registry.PluginError, ValueError) as e:
+            raise refusal(e) from None
+        return cfg
+
+    checked.checks_targets = True
+    ConfigLoaderImpl.load_configuration = checked
+
+    single = ConfigLoaderImpl._load_single_config
+
+    def single_checked(self, default, repo):
+        import copy
+
+        from omegaconf import DictConfig, OmegaConf, flag_override
+
+        res = single(self, default, repo)
+        if str(res.path).startswith("file://") and isinstance(res.config, DictConfig) and "hydra" in res.config:
+            if _Files.held is not None:
+                where = f"{str(res.path).removeprefix('file://')}/{default.config_path}.yaml"
+                _Files.held.append((where, OmegaConf.to_container(res.config._get_node("hydra"), resolve=False)))
+            if _Files.strip:
+                res = copy.copy(res)
+                res.config = copy.deepcopy(res.config)
+                with flag_override(res.config, ["struct", "readonly"], False):
+                    res.config.pop("hydra")
+        return res
+
+    ConfigLoaderImpl._load_single_config = single_checked
+
     search = ConfigLoaderImpl._process_config_searchpath
-    if not getattr(search, "checks_targets", False):
-        def checked_search(self, config_name, parsed_overrides, repo, _search=search):
-            from omegaconf import OmegaConf
 
-            if config_name is not None and not any(o.get_key_element() == "hydra.searchpath" for o in parsed_overrides):
-                loaded = repo.load_config(config_path=config_name)  # (Hydra loads it next, from the same cache)
-                try:
-                    safety.check_searchpath(OmegaConf.select(loaded.config, "hydra.searchpath") if loaded else None)
-                except registry.PluginError as e:
-                    raise refusal(e) from None
-            return _search(self, config_name, parsed_overrides, repo)
+    def checked_search(self, config_name, parsed_overrides, repo, _search=search):
+        from omegaconf import OmegaConf
 
-        checked_search.checks_targets = True
-        ConfigLoaderImpl._process_config_searchpath = checked_search
+        if config_name is not None:
+            loaded = repo.load_config(config_path=config_name)  # (Hydra loads it next, from the same cache)
+            try:
+                if loaded is not None:
+                    safety.check_searchpath(OmegaConf.select(loaded.config, "hydra.searchpath"), str(loaded.path))
+            except registry.PluginError as e:
+                raise refusal(e) from None
+        return _search(self, config_name, parsed_overrides, repo)
+
+    ConfigLoaderImpl._process_config_searchpath = checked_search
 
 
 def command() -> str:

@@ -33,6 +33,9 @@ class SweepCallback(Callback):
 
 # the commands a sweep may run before its jobs: the project's own, each by its module
 COMMANDS = {"rlhf-make-pairs": "rlhf.apps.make_pairs", "rlhf-train-rm": "rlhf.apps.train_rm"}
+# `python -m` would put the current directory first on the module path (a file beside a preset
+# would shadow any module the command imports): the command's module is run without it
+RUN_COMMAND = "import runpy, sys; del sys.path[0]; runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
 OVERRIDE = re.compile(r"^(\+\+?|~)?[A-Za-z_][\w.@/-]*(=|$)")  # Hydra's key=value, +key=value, ~key
 
 
@@ -68,7 +71,7 @@ class Prepare(Callback):
             print(f"before the jobs: {command} {' '.join(overrides)}  (log: {log})", flush=True)
             t0 = time.time()
             with open(log, "w") as out:
-                code = subprocess.run([sys.executable, "-m", COMMANDS[command], *overrides], stdout=out,
+                code = subprocess.run([sys.executable, "-c", RUN_COMMAND, COMMANDS[command], *overrides], stdout=out,
                                       stderr=subprocess.STDOUT).returncode
             if code != 0:  # SystemExit: Hydra turns a callback's exceptions into warnings and goes on
                 tail = "".join(log.read_text().splitlines(keepends=True)[-5:])

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf.apps import hydra_setup, sweep
-from rlhf.contracts import schema
+from rlhf.contracts import safety, schema
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.core import checkpoint, distributed, rundir
 from rlhf.core.preemption import Interrupt, Interrupted, Preemption, Requeued, under_submitit
@@ -331,9 +331,10 @@ def data_parallel_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    hydra_setup.prepare()
-    sys.argv = resume_argv(sys.argv)
-    sys.argv = data_parallel_argv(sys.argv)
+    hydra_setup.prepare(remember=False)
+    argv = data_parallel_argv(resume_argv(sys.argv))
+    safety.remember_command_line(argv[1:])  # what resume and torchrun add is the user's command too
+    sys.argv = argv
     try:
         _train()
         distributed.barrier()  # ranks leave together: one tearing down gloo while another still talks aborts it

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from rlhf.contracts.checks import require
+from rlhf.contracts.safety import writes_file
 
 
 @dataclass
@@ -148,7 +149,7 @@ class RMRunConfig(Seeded):
 @dataclass
 class LabelSettings:
     pairs: int = 20  # pairs in this labelling session's file (answered ones count, skips included)
-    out: str = "preferences.jsonl"  # the JSONL file answers are appended to (relative to where you run)
+    out: str = writes_file("preferences.jsonl")  # the JSONL file answers are appended to (relative to where you run)
     mode: str = "web"  # web: a page on localhost; terminal: questions in this terminal
     host: str = "127.0.0.1"  # web: the address served (localhost only by default)
     port: int = 8765  # web: the port; 0 picks a free one (printed)
@@ -176,7 +177,7 @@ class LabelRunConfig(SamplingRunConfig):
 
 @dataclass
 class MakePairsSettings:
-    out: str = "pairs.jsonl"  # the preference JSONL written (relative to where you run); a rerun continues it
+    out: str = writes_file("pairs.jsonl")  # the preference JSONL written (relative to where you run); a rerun continues it
     samples: int = 2  # responses sampled per prompt (k); every two of them make a pair: k(k-1)/2 pairs a prompt
     margin: float = 0.0  # two responses whose scores differ by <= margin are a tie: written as label "tie", left out by readers
     batch_size: int = 64  # prompts sampled at once (each k times)
