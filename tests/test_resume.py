@@ -187,21 +187,26 @@ TOY = ["train.steps=2", "train.batch_size=8", "data.n_train=8", "data.n_eval=4",
 PRESETS = {"dpo": ["+experiment=toy_bandit_dpo", "data.n_train=16"], "sft": ["+experiment=toy_bandit_dpo",
            "data.n_train=16", "optimizer=sft"]}  # the others: +experiment=toy_bandit optimizer=<name>
 # a value other than the default for fields that are not numbers or booleans (with what it needs)
-OTHER = {"kl_estimator": ["k3"], "advantage": ["nstep"], "baseline": ["batch"], "kl_penalty": ["loss", "kl_estimator=k3"],
-         "loss_aggregation": ["sum"], "loss_type": ["ipo"], "correction": ["sequence"], "is_cap": ["4.0"]}
+OTHER = {"kl_estimator": ["k3"], "advantage": ["nstep"], "baseline": ["batch"],
+         "kl_penalty": ["loss", "optimizer.kl_estimator=k3"], "loss_aggregation": ["sum"], "loss_type": ["ipo"],
+         "correction": ["sequence", "proposal=explore"], "label_smoothing": None,  # (refused on bradley_terry pairs)
+         "is_cap": ["4.0", "optimizer.correction=token_tis", "proposal=explore"]}
+# what a field needs to be in force (rlhf refuses a setting that another leaves without effect)
+NEEDS = {"kl_target": ["optimizer.adaptive_kl=true"], "kl_horizon": ["optimizer.adaptive_kl=true"],
+         "n_steps": ["optimizer.advantage=nstep"], "clip_coef": ["optimizer.epochs=2"]}
 
 
 def _changed(field: str, value) -> list[str] | None:
     """Overrides that set optimizer.<field> to another valid value (None: not a setting to change here)."""
     if field in OTHER:
         other = OTHER[field]
-        return None if other is None else [f"optimizer.{field}={other[0]}", *[f"optimizer.{o}" for o in other[1:]]]
+        return None if other is None else [f"optimizer.{field}={other[0]}", *other[1:]]
     if isinstance(value, bool):
-        return [f"optimizer.{field}={str(not value).lower()}"]
+        return [f"optimizer.{field}={str(not value).lower()}", *NEEDS.get(field, [])]
     if isinstance(value, int):
-        return [f"optimizer.{field}={value + 1}"]
+        return [f"optimizer.{field}={value + 1}", *NEEDS.get(field, [])]
     if isinstance(value, float):
-        return [f"optimizer.{field}={value * 0.5 if value else 0.25}"]
+        return [f"optimizer.{field}={value * 0.5 if value else 0.25}", *NEEDS.get(field, [])]
     return None
 
 
@@ -276,4 +281,4 @@ def test_a_forced_change_is_what_the_resumed_steps_log_and_the_run_says_from_whi
     assert betas == {1: 0.05, 2: 0.05, 3: 0.9, 4: 0.9}
     # what can never change, not even forced
     r = cli("rlhf-train", f"resume={run}", "optimizer=a2c", "resume_force=true", cwd=tmp_path)
-    assert r.returncode != 0 and "optimizer._target_ say what its checkpoint holds" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "optimizer._target_ says what its checkpoint holds" in r.stderr, r.stderr[-2000:]

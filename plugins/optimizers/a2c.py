@@ -25,6 +25,10 @@ class A2C(KLObjective):
         vf_coef: float = 0.1  # weight of the value loss
         ent_coef: float = 0.0  # weight of the entropy bonus
 
+        def inert(self) -> dict[str, str]:
+            return {**super().inert(), **({"n_steps": "advantage=nstep"} if self.advantage == "gae"
+                                          else {"gae_lambda": "advantage=gae"})}
+
     needs_value_head = True
     consumes = "rollouts"
     samples_per_prompt = 1

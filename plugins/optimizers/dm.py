@@ -42,6 +42,10 @@ class DistributionMatching(KLObjective):
     class Config(KLConfig):
         k: int = 8  # samples per prompt (train.batch_size counts prompts): the weights are normalised among them
 
+        def inert(self) -> dict[str, str]:  # its weights divide by q already: exact for any proposal
+            return {**super().inert(), "correction": "another optimizer (dm weighs q's samples by pi*/q itself)",
+                    "is_cap": "another optimizer (dm weighs q's samples by pi*/q itself)"}
+
     needs_value_head = False
     consumes = "rollouts"
 

@@ -47,6 +47,9 @@ class GRPO(KLObjective):
         scale_rewards: bool = True  # divide by the group's std (Dr. GRPO, Liu et al. 2025, argues against)
         loss_aggregation: str = "response_mean"  # response_mean: each response's token mean (paper); sum: token sum (Dr. GRPO)
 
+        def inert(self) -> dict[str, str]:  # a batch stepped on once: the ratio is 1, nothing to clip
+            return {**super().inert(), **({} if self.reused() else {"clip_coef": "epochs or num_minibatches > 1"})}
+
     needs_value_head = False
     consumes = "rollouts"
     detectors = (trust_region,)  # its clipfrac

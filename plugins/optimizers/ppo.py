@@ -53,6 +53,11 @@ class PPO(KLObjective):
         vf_coef: float = 0.1  # weight of the value loss
         ratio_threshold: float = 10.0  # skip a minibatch whose mean ratio pi / pi_old exceeds this (counted)
 
+        def inert(self) -> dict[str, str]:  # a batch stepped on once: the ratio is 1, the values are the old ones
+            reuse = "epochs or num_minibatches > 1"
+            return {**super().inert(), **({} if self.reused() else dict.fromkeys(
+                ("clip_coef", "clip_coef_value", "ratio_threshold"), reuse))}
+
     needs_value_head = True
     consumes = "rollouts"
     samples_per_prompt = 1

@@ -21,6 +21,9 @@ class Reinforce(KLObjective):
         baseline: str = "ema"  # ema: moving average of past returns (unbiased); batch: this batch's mean; none
         baseline_decay: float = 0.9  # weight of the old value in the moving average
 
+        def inert(self) -> dict[str, str]:
+            return {**super().inert(), **({"baseline_decay": "baseline=ema"} if self.baseline != "ema" else {})}
+
     needs_value_head = False
     consumes = "rollouts"
     samples_per_prompt = 1

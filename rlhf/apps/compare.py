@@ -69,7 +69,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for root in paths:
         if not root.exists():
-            raise FileNotFoundError(f"rlhf-compare: no such directory {root}")
+            raise SystemExit(f"rlhf-compare: no such directory {root}")
         for summary in sorted(root.rglob(rundir.SUMMARY), key=lambda p: rundir.natural_key(p.parent)):
             d = summary.parent
             if not rundir.is_run(d) or rundir.is_reward_model(d):  # a reward model a sweep trained first
@@ -97,7 +97,17 @@ def differing_fields(runs: list[Run]) -> list[str]:
     """Fields every run has, with more than one value among them. (A field only some runs
     have belongs to a plugin the others did not pick: the optimizer column says that.)"""
     keys = sorted(k for k in set.intersection(*(set(r.config) for r in runs)) if not k.startswith(rundir.BOOKKEEPING))
-    return [k for k in keys if not k.endswith("_target_") and len({json.dumps(r.config[k], sort_keys=True) for r in runs}) > 1]
+    differ = [k for k in keys if len({json.dumps(r.config[k], sort_keys=True) for r in runs}) > 1]
+    # a plugin picked by name (proposal=explore) is its group's column, by name; the optimizer has its own
+    return [k.removesuffix("._target_") if k.endswith("._target_") else k for k in differ
+            if k != "optimizer._target_" and (not k.endswith("_target_") or k.endswith("._target_"))]
+
+
+def value_of(run: Run, field_name: str) -> Any:
+    """A field's value in a run, a group's by its plugin's registered name."""
+    if field_name not in run.config and f"{field_name}._target_" in run.config:
+        return run.plugin(field_name)
+    return run.config.get(field_name)
 
 
 def table(runs: list[Run], root: Path) -> tuple[list[str], list[list[str]]]:
@@ -107,7 +117,7 @@ def table(runs: list[Run], root: Path) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in runs:
         rel = str(r.path.relative_to(root)) if r.path.is_relative_to(root) else str(r.path)
-        values = [r.config.get(k) for k in fields] + [r.summary.get(k) for k in (*FIGURES, *judges)]
+        values = [value_of(r, k) for k in fields] + [r.summary.get(k) for k in (*FIGURES, *judges)]
         rows.append([rel, r.optimizer, *(fmt(v) for v in values)])
     return header, rows
 
@@ -121,7 +131,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _label(run: Run, fields: list[str]) -> str:
     """A legend label; `$` escaped, or matplotlib would read a config value as mathtext."""
-    text = ", ".join(f"{k.split('.')[-1]}={fmt(run.config.get(k))}" for k in fields) or run.path.name
+    text = ", ".join(f"{k.split('.')[-1]}={fmt(value_of(run, k))}" for k in fields) or run.path.name
     return text.replace("$", r"\$")
 
 
@@ -147,14 +157,19 @@ def methods(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
     absent = object()
     keys = sorted({k for r in runs for k in r.config
                    if not k.endswith("_target_") and k not in KNOBS and not k.startswith(rundir.BOOKKEEPING)})
-    fields = {k: varies(lambda r, k=k: r.config.get(k, "<absent>"), k) for k in keys}
+    # a plugin group picked by name (proposal=explore) tells methods apart too (optimizer and reward: below)
+    groups = sorted({k.removesuffix("._target_") for r in runs for k in r.config if k.endswith("._target_")
+                     and k.count(".") == 1 and k.split(".")[0] not in ("optimizer", "reward")})
+    fields = {g: varies(lambda r, g=g: r.plugin(g) if f"{g}._target_" in r.config else "<absent>") for g in groups}
+    fields.update({k: varies(lambda r, k=k: r.config.get(k, "<absent>"), k) for k in keys})
     fields = {k: v for k, v in fields.items() if v}
     knobs = [k for k in KNOBS if len({json.dumps(r.config.get(k), default=str) for r in runs if k in r.config}) > 1]
     rewards = varies(lambda r: r.plugin("reward"))
     out: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
-        rest = [f"{k.split('.')[-1]}={fmt(r.config.get(k))}" for k, where in fields.items()
-                if r.optimizer in where and r.config.get(k, absent) is not absent]
+        rest = [f"{k.split('.')[-1]}={fmt(value_of(r, k))}" for k, where in fields.items()
+                if r.optimizer in where and value_of(r, k) is not None and r.config.get(k, r.config.get(f"{k}._target_", absent))
+                is not absent]
         method = " ".join([r.optimizer, *([f"reward={r.plugin('reward')}"] if r.optimizer in rewards else []), *rest])
         knob = " ".join(f"{k.split('.')[-1]}={fmt(r.config[k])}" for k in knobs if k != "seed" and k in r.config)
         out.setdefault(method, {}).setdefault(f"{method} {knob}".strip(), []).append(r)

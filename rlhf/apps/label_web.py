@@ -19,6 +19,7 @@ could read the pairs and record answers. No static folder is served.
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -146,9 +147,15 @@ def make_app(session: Session, out: str, next_steps: str, agreement_line) -> Any
 
     @app.post("/api/answer")
     def post_answer():
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or body.get("choice") not in CHOICES or not isinstance(body.get("index"), int):
-            return jsonify({"error": f"expected {{\"index\": <int>, \"choice\": one of {list(CHOICES)}}}, got {body!r}"}), 400
+        try:  # (json's parser recurses: a deeply nested body is a bad request, not a server error)
+            body = json.loads(request.get_data(cache=False) or b"null")
+        except (ValueError, RecursionError):
+            body = None
+        index = body.get("index") if isinstance(body, dict) else None
+        bad_index = not isinstance(index, int) or isinstance(index, bool)
+        if not isinstance(body, dict) or body.get("choice") not in CHOICES or bad_index:
+            return jsonify({"error": f"expected {{\"index\": <int>, \"choice\": one of {list(CHOICES)}}}, "
+                                     f"got {repr(body)[:200]}"}), 400
         session.answer(body["index"], body["choice"])  # False: that pair was answered already; nothing written
         return jsonify(state())
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from rlhf.apps import hydra_setup, sweep
 from rlhf.contracts import safety, schema
+from rlhf.contracts.errors import OneLine, Refused
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.core import checkpoint, distributed, rundir
 from rlhf.core.preemption import Interrupt, Interrupted, Preemption, Requeued, under_submitit
@@ -176,6 +177,10 @@ def run(cfg: DictConfig, info: RunInfo, plugins, resume: list[Path] | None, stop
         except RuntimeError as err:
             failed(err, run_dir, single)
             raise
+    except Refused as e:  # a checkpoint that does not fit, none that loads: the run is left as it was
+        if single:
+            raise hydra_setup.refusal(e) from None
+        raise
     except Exception as e:
         failed(e, run_dir, single)
         raise
@@ -192,6 +197,20 @@ def failed(e: Exception, run_dir: Path, single: bool) -> None:
         if single:
             raise SystemExit(f"rlhf-train: {message}") from None
         raise RuntimeError(message) from e
+    if isinstance(e, OneLine):  # the message says it all (a NaN reward): one line, and error.txt
+        if distributed.is_main():
+            save_error(run_dir, f"{type(e).__name__}: {e}\n")
+        if single:
+            raise hydra_setup.refusal(e) from None
+        log.error("run failed: %s", e)
+        return
+    if single:  # the traceback once (a plugin's bug needs its frames), then where it is kept
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, end="", flush=True)
+        if distributed.is_main():
+            save_error(run_dir, text)
+        raise SystemExit(f"rlhf-train: the run failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                         f"(the traceback is above and in {run_dir / rundir.ERROR})") from None
     log.exception("run failed")
     if distributed.is_main():
         save_error(run_dir, traceback.format_exc())
@@ -277,11 +296,13 @@ def resume_argv(argv: list[str]) -> list[str]:
     ours = ("resume=", "resume_force=", "hydra.")
     before = [str(o) for o in OmegaConf.load(run_dir / rundir.OVERRIDES) if not str(o).startswith(ours)]
     new = [a for a in args if not a.startswith("resume=")]
+    flags, new = _split_flags(new)
     recorded = OmegaConf.load(run_dir / rundir.CONFIG)
+    config_dir, config_name = composed_from(run_dir, flags)
     try:
-        prospective = schema.compose([*before, *[a for a in new if not a.startswith("hydra.")]])
-    except Exception as e:
-        raise SystemExit(f"rlhf-train: resume={run_dir}: the overrides do not compose: {e}") from e
+        prospective = schema.compose([*before, *[a for a in new if not a.startswith("hydra.")]], config_name, config_dir)
+    except (Exception, SystemExit) as e:
+        raise SystemExit(f"rlhf-train: resume={run_dir}: the overrides do not compose: {' '.join(str(e).split())}") from None
     changes = rundir.resume_changes(OmegaConf.to_container(recorded), OmegaConf.to_container(prospective))
     shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:12])
     never = [k for k in changes if k.startswith(rundir.RESUME_NEVER)]
@@ -295,7 +316,8 @@ def resume_argv(argv: list[str]) -> list[str]:
         )
     if never:
         raise SystemExit(
-            f"rlhf-train: resume={run_dir} refused: {', '.join(never)} say what its checkpoint holds (another "
+            f"rlhf-train: resume={run_dir} refused: {', '.join(never)} {'say' if len(never) > 1 else 'says'} what its "
+            "checkpoint holds (another "
             f"optimizer's state, adapters for another model), so not even resume_force=true continues it with "
             f"{'them' if len(never) > 1 else 'it'} changed; start a new run from it: rlhf-train policy.path={run_dir} ..."
         )
@@ -303,7 +325,48 @@ def resume_argv(argv: list[str]) -> list[str]:
         log.warning("resuming with changed settings (resume_force=true): %s", ", ".join(changes))
     # the run's own overrides, then the new ones; its directory; one run even if a preset sweeps
     # quoted: a sweep job's directory is named by its overrides (optimizer.beta=0.1,seed=1)
-    return [argv[0], *before, *new, f"resume={_quoted(run_dir)}", f"hydra.run.dir={_quoted(run_dir)}", "hydra.mode=RUN"]
+    files = [*(["--config-dir", config_dir] if config_dir else []), *(["--config-name", config_name] if config_name != "config"
+                                                                       else [])]
+    return [argv[0], *files, *before, *new, f"resume={_quoted(run_dir)}", f"hydra.run.dir={_quoted(run_dir)}",
+            "hydra.mode=RUN"]
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(`--config-dir=D`-style flags, overrides) of a resume's arguments."""
+    short = {"-cd": "--config-dir", "-cn": "--config-name"}
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-") and "=" not in a and i + 1 < len(args):
+            flags.append(f"{short.get(a, a)}={args[i + 1]}")
+            i += 2
+            continue
+        (flags if a.startswith("-") else overrides).append(a)
+        i += 1
+    return flags, overrides
+
+
+def composed_from(run_dir: Path, flags: list[str]) -> tuple[str | None, str]:
+    """The `--config-dir` and `--config-name` a run was composed with (its .hydra/hydra.yaml), or
+    those given again now; one that is gone is refused in one line."""
+    from omegaconf import OmegaConf
+
+    given = {f.split("=", 1)[0]: f.split("=", 1)[1] for f in flags if "=" in f}
+    unknown = [f for f in flags if f.split("=", 1)[0] not in ("--config-dir", "--config-name")]
+    if unknown or len(given) != len(flags):
+        raise SystemExit(f"rlhf-train: resume= takes overrides and --config-dir=<dir>, --config-name=<name>; not {flags[0]}")
+    try:
+        hc = OmegaConf.load(run_dir / rundir.HYDRA / "hydra.yaml").hydra
+        dirs = [s.path for s in hc.runtime.config_sources if s.provider == "command-line" and s.schema == "file"]
+        name = str(hc.job.config_name)
+    except (OSError, AttributeError, ValueError):
+        dirs, name = [], "config"
+    config_dir = given.get("--config-dir") or (dirs[0] if dirs else None)
+    if config_dir and not Path(config_dir).is_dir():
+        raise SystemExit(f"rlhf-train: resume={run_dir}: the run was composed with --config-dir {config_dir}, which is not "
+                         "a directory any more; restore it, or give the one that holds its files: "
+                         f"rlhf-train resume={run_dir} --config-dir=<dir>")
+    return config_dir, given.get("--config-name", name)
 
 
 def _quoted(path: Path) -> str:

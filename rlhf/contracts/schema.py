@@ -294,15 +294,23 @@ def validate(cfg: Any) -> None:
     ])
 
 
-def compose(overrides: list[str], config_name: str = "config") -> Any:
+def compose(overrides: list[str], config_name: str = "config", config_dir: str | None = None) -> Any:
     """The config exactly as `rlhf-train` (or `rlhf-train-rm`, `rlhf-label`) composes it
-    from these overrides, through Hydra's compose API (plugins discovered first)."""
+    from these overrides (and `--config-dir config_dir`), through Hydra's compose API (plugins
+    discovered first)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
 
     from rlhf.contracts import registry
 
     registry.discover()
     store()
     with initialize_config_module(config_module="rlhf.conf", version_base="1.3"):
+        if config_dir is not None:  # where `--config-dir` puts it: after the project's, before the schemas
+            loader = GlobalHydra.instance().config_loader()
+            loader.get_search_path().prepend(provider="command-line", path=f"file://{os.path.abspath(config_dir)}",
+                                             anchor=SearchPathQuery(provider="schema"))
+            loader.repository.initialize_sources(loader.get_search_path())
         return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from rlhf.contracts.errors import Refused
 from rlhf.core import distributed
 from rlhf.core.rundir import CHECKPOINTS as DIR
 from rlhf.core.rundir import fsync_dir
@@ -40,7 +41,7 @@ STATE = "state.pt"
 SHARDS = "shards"
 
 
-class DamagedCheckpoint(ValueError):
+class DamagedCheckpoint(Refused, ValueError):
     """A checkpoint's files do not have the contents its manifest lists."""
 
 

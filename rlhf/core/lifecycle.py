@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from rlhf.contracts.errors import OneLine
 from rlhf.contracts.interfaces import SampleLogger
 from rlhf.core import checkpoint, diagnosis, distributed
 from rlhf.core.rundir import RunRecorder
@@ -34,7 +35,7 @@ Trainer = Any  # rlhf.core.trainer.Trainer, which imports this module: the parts
 GUARDED = ("loss/", "train/reward", "train/kl")  # metrics that stop the run when not finite
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(OneLine, FloatingPointError):
     """A loss, reward or KL became NaN or infinite; names the step and the quantity."""
 
 

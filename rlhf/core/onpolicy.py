@@ -33,6 +33,14 @@ class KLConfig(OptimConfig):
                                  "kl_estimator": (self.kl_estimator in ("k1", "k3"), "k1 or k3"),
                                  "kl_target": (self.kl_target > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"), **checks})
 
+    def inert(self) -> dict[str, str]:
+        out = super().inert()
+        if not self.adaptive_kl:
+            out.update(kl_target="adaptive_kl=true", kl_horizon="adaptive_kl=true")
+        if self.correction not in ("token_tis", "sequence_mis"):
+            out.update(is_cap="correction=token_tis or sequence_mis")
+        return out
+
 
 @dataclass
 class KLShapedConfig(KLConfig):

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from rlhf.contracts.errors import Refused
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
 from rlhf.core import distributed, numerics, sharding
 from rlhf.core.logprobs import Trunk, position_ids, response_logits
@@ -408,7 +409,7 @@ def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(Refused, ValueError):
     """A checkpoint's tensors do not have this policy's names, shapes or dtypes."""
 
 

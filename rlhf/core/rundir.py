@@ -65,7 +65,8 @@ RESUME_MAY_CHANGE = ("train.steps", "train.save_final", "eval.", "logger", "chec
                      "parallel", "resume", "resume_force")
 # ... except these, which say what the checkpoint holds: another optimizer's state, adapters for
 # another model. They are refused even with resume_force (a new run can start from this one).
-RESUME_NEVER = ("optimizer._target_", "policy.path", "policy.revision", "policy.reference")
+RESUME_NEVER = ("optimizer._target_", "policy.path", "policy.revision", "policy.reference", "policy.lora.enabled",
+                "policy.lora.r", "policy.lora.target_modules")
 
 
 # Settings that say how a run was kept, not what it did: never a knob that tells methods apart.

@@ -67,6 +67,7 @@ def preflight(cfg: DictConfig) -> Plugins:
     )
     if plugins.optimizer.consumes not in sources.kinds():
         raise ValueError(f"optimizer consumes {plugins.optimizer.consumes!r}; the core provides {sources.kinds()}")
+    check_in_force(cfg, plugins)
     if cfg.eval.kl_to_optimum:
         from rlhf.core.optimum import check_sampler
 
@@ -75,6 +76,28 @@ def preflight(cfg: DictConfig) -> Plugins:
     distributed.pick_device(cfg.device)
     check_context(cfg, plugins.sampler)
     return plugins
+
+
+def check_in_force(cfg: DictConfig, plugins: Plugins) -> None:
+    """Settings of one plugin that another plugin, as chosen, leaves without effect: refused (a
+    setting a run accepts is in force)."""
+    names = {p.target: p.name for p in registry.plugins("proposal")}
+    proposal = names.get(cfg.proposal.get("_target_"), "?")
+    opt = plugins.optimizer
+    idle = []
+    if opt.consumes != "rollouts" and proposal != "policy":
+        idle.append(f"proposal={proposal}: {cfg.optimizer._target_.rsplit('.', 1)[-1]} trains on preference pairs "
+                    "(online DPO samples them from the policy itself), never on a proposal's rollouts; drop proposal=")
+    correction = getattr(opt.cfg, "correction", "none")
+    if correction != "none" and proposal == "policy":
+        idle.append(f"optimizer.correction={correction} corrects the samples of a proposal q != pi; the policy draws "
+                    "these (q = pi, every weight 1): pick a proposal (proposal=explore, stale, vllm) or drop it")
+    if cfg.eval.kl_to_optimum and getattr(opt, "beta", None) == 0:
+        idle.append("eval.kl_to_optimum with optimizer.beta=0: pi* = pi_ref exp(r / beta) / Z is not defined at beta 0 "
+                    "(its limit puts all mass on the best responses, at infinite KL from any policy that samples); "
+                    "set optimizer.beta > 0 or eval.kl_to_optimum=false")
+    if idle:
+        raise ValueError("not in force: " + "; ".join(idle))
 
 
 def check_context(cfg: DictConfig, sampler: QuerySampler) -> None:
@@ -367,21 +390,23 @@ class Trainer:
         if resume is None and self.evaluates:
             self.first = self.last = self.evaluate(0)
         self.parts = parts = lifecycle.parts(self, start, state, preemption, progress_bar)
-        for part in parts:
-            part.begin()
-        for step in range(start + 1, self.cfg.train.steps + 1):
-            metrics = self.train_step()
+        try:
             for part in parts:
-                part.after_step(step, metrics)
-            if step % self.cfg.eval.every == 0 or step == self.cfg.train.steps:
-                if self.evaluates:
-                    self.last = self.evaluate(step)
+                part.begin()
+            for step in range(start + 1, self.cfg.train.steps + 1):
+                metrics = self.train_step()
                 for part in parts:
-                    part.after_eval(step, self.last)
+                    part.after_step(step, metrics)
+                if step % self.cfg.eval.every == 0 or step == self.cfg.train.steps:
+                    if self.evaluates:
+                        self.last = self.evaluate(step)
+                    for part in parts:
+                        part.after_eval(step, self.last)
+                for part in parts:
+                    part.end_of_step(step)
+        finally:  # (a run that fails ends its progress bar's line before it says why)
             for part in parts:
-                part.end_of_step(step)
-        for part in parts:
-            part.close()
+                part.close()
         return self.finish(start if resume is not None else None)
 
     @property

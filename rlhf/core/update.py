@@ -21,6 +21,7 @@ the responses; with one process each is the plain mean, to the bit.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +42,19 @@ class OptimConfig:
 
     def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
         """Raise one error naming every out-of-range field: these and the plugin's own
-        (each `field=(ok, requirement)`)."""
+        (each `field=(ok, requirement)`); then every field set away from its default that the
+        others leave without effect (`inert`): a setting a run accepts is in force."""
         checks = {"lr": (self.lr is None or self.lr > 0, "> 0"), "adam_eps": (self.adam_eps > 0, "> 0"), **checks}
         require(plugin, [(f"optimizer.{k}", getattr(self, k), ok, want) for k, (ok, want) in checks.items()])
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        idle = [f"optimizer.{k}={getattr(self, k)!r} acts only with {why}" for k, why in self.inert().items()
+                if k in defaults and getattr(self, k) != defaults[k]]
+        if idle:
+            raise ValueError(f"{plugin}: not in force: " + "; ".join(idle) + "; set what it needs, or leave it at its default")
+
+    def inert(self) -> dict[str, str]:
+        """The fields the other settings, as they are, leave without effect: {field: what it needs}."""
+        return {}
 
 
 @dataclass
@@ -56,6 +67,11 @@ class MinibatchConfig(OptimConfig):
     def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
         super().check(plugin, **{"epochs": (self.epochs >= 1, "at least 1"),
                                  "num_minibatches": (self.num_minibatches >= 1, "at least 1"), **checks})
+
+    def reused(self) -> bool:
+        """Whether a batch is stepped on more than once: only then is the policy that samples it an
+        old one (a ratio other than 1 to clip or guard)."""
+        return self.epochs * self.num_minibatches > 1
 
 
 @dataclass

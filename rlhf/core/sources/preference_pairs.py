@@ -30,6 +30,10 @@ class OfflinePairs:
     def from_context(cls, ctx: SourceContext) -> OfflinePairs:
         """The data's pairs (data.pairs), or Bradley-Terry-labelled pairs of whole responses for toy problems."""
         if ctx.data.pairs == "bradley_terry":
+            if getattr(ctx.optimizer.cfg, "label_smoothing", 0):  # (a soft label is the probability itself)
+                raise ValueError(f"not in force: optimizer.label_smoothing={ctx.optimizer.cfg.label_smoothing} with "
+                                 "data.pairs=bradley_terry, whose pairs carry their own preference probabilities; leave "
+                                 "it at 0 or train on labelled pairs")
             return bradley_terry_pairs(ctx.policy, ctx.reward, ctx.prompts, ctx.data.n_train, ctx.seed,
                                        ctx.sampler.generation_kwargs().get("max_new_tokens", 1))
         pairs, _ = load_pairs(ctx.data)
