@@ -72,6 +72,32 @@ def kept_process_state() -> Iterator[None]:
                 del os.environ[key]
 
 
+@contextlib.contextmanager
+def engine_output_kept() -> Iterator[Any]:
+    """Around the engine's import and build: what vLLM writes to the terminal (its C++ NUMA
+    notices, its "Loading safetensors checkpoint shards" bar, its import-time log lines and
+    deprecation warnings) goes into a file instead, whose tail a failed build shows. Unless the
+    user asked for vLLM's log (VLLM_LOGGING_LEVEL), its loggers say errors only."""
+    import logging
+    import sys
+    import warnings
+
+    if "VLLM_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 1), os.dup2(kept.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield kept
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
 def scan_safely() -> None:
     """vLLM 0.32's kernel registration scans every loaded module's attributes with
     hasattr(value, "__dict__"), which survives AttributeError only: a proxy that raises anything
@@ -167,7 +193,7 @@ class VLLM:
         self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         self._save(policy, self.folder.name)
         try:
-            with kept_process_state():
+            with kept_process_state(), engine_output_kept():
                 from vllm import LLM  # (its import sets variables too: LD_LIBRARY_PATH, TORCHINDUCTOR_CACHE_DIR, ...)
 
                 scan_safely()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import shutil
 
+from rlhf.apps import hydra_setup
 from rlhf.embedded.build import BuildSpec, cache_root, ensure_built
 
 
 def main(argv: list[str] | None = None) -> None:
+    hydra_setup.quiet_libraries()
     p = argparse.ArgumentParser(description="Build (or verify) the embedded default models.")
     p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     p.add_argument("--all", action="store_true",

@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from rlhf.apps import hydra_setup
 from rlhf.core import rundir
 
 
@@ -71,6 +72,7 @@ def _is_hub_name(name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hydra_setup.quiet_libraries()
     p = argparse.ArgumentParser(prog="rlhf-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run directory of rlhf-train (or its final/)")

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlhf.apps import hydra_setup
 from rlhf.core import rundir
 
 
@@ -78,6 +79,7 @@ class Generator:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hydra_setup.quiet_libraries()
     args = build_parser().parse_args(argv)
     for name, value, ok, want in (("-n", args.n, args.n >= 1, "at least 1"),
                                   ("--temperature", args.temperature, args.temperature is None or args.temperature > 0, "> 0"),

@@ -41,11 +41,26 @@ def prepare(remember: bool = True) -> None:
         registry.discover()
     except registry.PluginError as e:
         raise refusal(e) from None
+    quiet_libraries()
     if remember:
         safety.remember_command_line(sys.argv[1:])
     schema.store()
     _check_targets()
     _register_launcher()
+
+
+def quiet_libraries() -> None:
+    """The libraries' own progress bars (transformers' "Loading weights" and "Writing model
+    shards", the hub's downloads) stay off a command's output, which has its own; the libraries'
+    switch brings them back: HF_HUB_DISABLE_PROGRESS_BARS=0."""
+    import os
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "0":
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # (read by huggingface_hub and datasets when they load)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _one_line(message, category, filename, lineno, line=None) -> str:

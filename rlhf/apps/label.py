@@ -262,9 +262,7 @@ class Session:
 
 def build_session(cfg: DictConfig) -> Session:
     import torch
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars
     label = cfg.label
     require("label", [("label.mode", label.mode, label.mode in ("web", "terminal"), "web or terminal"),
                       ("label.pairs", label.pairs, label.pairs >= 1, "at least 1")])

@@ -144,9 +144,7 @@ def check_continues(file: PreferenceFile, meta: dict) -> None:
 def build(cfg: DictConfig) -> PairMaker:
     import torch
     from hydra.core.hydra_config import HydraConfig
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     s = cfg.pairs
     require("make_pairs", [("pairs.samples", s.samples, s.samples >= 2, "at least 2"),
                            ("pairs.margin", s.margin, s.margin >= 0, ">= 0"),

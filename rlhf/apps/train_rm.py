@@ -75,9 +75,7 @@ def setup(cfg: DictConfig) -> Setup:
 
 def train_reward_model(cfg: DictConfig, run_dir: Path, ready: Setup | None = None) -> dict[str, Any]:
     from tqdm import tqdm
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     t0 = time.time()
     ready = ready or setup(cfg)
     s, sampler, device, model, tokenizer = ready.settings, ready.sampler, ready.device, ready.model, ready.tokenizer
@@ -139,9 +137,7 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="train_rm", version_base="1.3")
 def _train_rm(cfg: DictConfig) -> float:
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     single = hc.mode == RunMode.RUN

@@ -42,18 +42,32 @@ def check_model(name: str, setting: str, revision: str | None = None) -> None:
     if local.exists():
         return
     if looks_like_a_path(name):
-        raise OSError(f"no such run or model directory: {local} ({setting}={name})")
+        raise OSError(f"no such run or model directory: {local} ({setting}={name}){_nearest(local)}")
     from huggingface_hub import try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
     if cached or (not _offline() and reachable()):
         return
+    if local.parent != Path(".") and local.parent.is_dir():  # "outputs/polcy": a folder of here, not a hub owner
+        raise OSError(f"no such run or model directory: {local} ({setting}={name}){_nearest(local)}")
     why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub cannot be reached from here"
     raise OSError(
         f"{setting}={name!r} is not a local folder nor in the Hugging Face cache, and {why}. On a machine with "
         f"network: `huggingface-cli download {name} --local-dir <folder>`, copy the folder here, and set "
         f"{setting}=<folder>"
     )
+
+
+def _nearest(path: Path) -> str:
+    """"; did you mean <sibling>?" for a mistyped last part of a path whose folder exists."""
+    import difflib
+
+    try:
+        siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        return ""
+    near = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+    return f"; did you mean {path.parent / near[0]}?" if near else ""
 
 
 def looks_like_a_path(name: str) -> bool:

@@ -117,9 +117,6 @@ class Trainer:
     """Builds a run from its config, then `fit()` trains, evaluates and logs it."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, run: RunInfo | None = None, plugins: Plugins | None = None):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own
         self.t0 = time.time()
         self.cfg, self.run_dir = cfg, run_dir
         self.run = run or RunInfo(run_dir=str(run_dir), name=run_dir.name, group_dir=str(run_dir))
