@@ -227,3 +227,43 @@ def test_every_override_a_finding_suggests_composes_for_that_optimizer(optimizer
     for key, value in suggested.items():
         text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
         compose(*base, f"{key}={text}")  # raises if the key does not exist or the value does not fit
+
+
+def _targets(**groups: str) -> dict:
+    from rlhf.contracts import registry
+
+    registry.discover()
+    names = {(p.group, p.name): p.target for p in registry.plugins()}
+    return {f"{group}._target_": names[(group, name)] for group, name in groups.items()}
+
+
+def test_the_documented_recipe_at_its_optimum_has_no_finding():
+    """dm on an exploring proposal (the hard toys' recipe) at its known optimum: the exploring
+    samples score above the held-out mean and are far from pi, their KL estimate runs negative;
+    none of that is a pathology of this run, and nothing it already does is advised."""
+    record = run_record(evals={"eval/reward": lambda t: 3.75, "eval/kl_to_optimum": lambda t: 0.003},
+                        train={"train/reward_max": lambda t: 4.8, "train/kl": lambda t: -0.1,
+                               "mismatch/kl": lambda t: 0.15, "mismatch/ess": lambda t: 0.1},
+                        config={**_targets(optimizer="dm", proposal="explore"), "optimizer.correction": "none",
+                                "proposal.temperature": 2.0})
+    assert names(record) == []
+
+
+def test_a_finding_never_advises_what_the_run_already_does():
+    explore = {**_targets(optimizer="dm", proposal="explore"), "proposal.temperature": 2.0, "optimizer.k": 8}
+    trapped = run_record(evals={"eval/reward": lambda t: 0.4 + 0.4 * min(t, 0.4), "eval/kl_to_optimum": lambda t: 0.9},
+                         train={"train/reward_max": lambda t: 2.5}, config=explore)
+    found = {f.name: f for f in diagnose(trapped)}
+    knobs = found["exploration trap: better responses sampled, not learned"].knobs
+    assert [k.key for k in knobs] == ["optimizer.k"], knobs  # not proposal=explore, not optimizer=dm: already so
+    # a proposal's mismatch: the bounded corrections are advised to a run without one, not to one that has it
+    mismatch = {"mismatch/kl": lambda t: 0.4, "mismatch/ess": lambda t: 0.1}
+    for correction, advised in (("none", True), ("sequence_mis", False)):
+        config = {**_targets(optimizer="reinforce", proposal="explore"), "optimizer.correction": correction,
+                  "proposal.temperature": 3.0}
+        f = {f.name: f for f in diagnose(run_record(train=mismatch, config=config))}["sampler-trainer mismatch"]
+        assert ("optimizer.correction" in [k.key for k in f.knobs]) == advised, f.knobs
+    # dm weighs by pi*/q itself: no correction to advise, no mismatch to name
+    assert "sampler-trainer mismatch" not in names(run_record(train=mismatch, config=explore))
+    # a proposal's negative KL estimate is over q's samples, not pi's: no biased-KL finding from it
+    assert "biased KL estimate" not in names(run_record(train={"train/kl": lambda t: -0.3}, config=explore))

@@ -313,3 +313,31 @@ def test_building_the_embedded_default_leaves_the_random_state_alone():
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
 
 
+
+
+def test_the_labelling_page_answers_a_bad_body_with_400_not_500():
+    from rlhf.apps.label_web import make_app
+
+    app = make_app(_Session(), "out.jsonl", "next", lambda a: "")
+    app.config["hosts"] = {"localhost"}
+    client = app.test_client()
+    headers = {"Host": "localhost", "Content-Type": "application/json"}
+    for body in (b"[" * 20000 + b"]" * 20000, b'{"index": true, "choice": "left"}', b"not json", b'{"index": 0}'):
+        assert client.post("/api/answer", data=body, headers=headers).status_code == 400, body[:40]
+    assert client.post("/api/answer", data=b'{"index": 0, "choice": "left"}', headers=headers).status_code == 200
+
+
+def test_commands_that_read_runs_name_a_missing_or_mistyped_one_in_one_line(tmp_path, embedded_dir):
+    (tmp_path / "outputs" / "policy").mkdir(parents=True)
+    r = cli("rlhf-compare", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.strip() == f"rlhf-compare: no such directory {tmp_path / 'nowhere'}", r.stderr
+    r = cli("rlhf-generate", "outputs/polcy", "hello", cwd=tmp_path)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no such run or model directory: outputs/polcy" in r.stderr and "did you mean outputs/policy?" in r.stderr
+    assert "huggingface-cli download" not in r.stderr
+
+
+def test_a_command_without_a_run_directory_leaves_no_log_where_you_run(tmp_path, embedded_dir):
+    r = cli("rlhf-make-pairs", "data.n_train=2", "pairs.out=p.jsonl", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.jsonl.lock"]

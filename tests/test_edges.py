@@ -152,10 +152,19 @@ def test_a_resume_that_fails_leaves_the_runs_record_and_names_the_setting(finish
     run = copy_of(finished, tmp_path)
     record = {name: (run / rundir.HYDRA / name).read_bytes() for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
     r = cli("rlhf-train", f"resume={run}", "resume_force=true", "policy.lora.r=16", cwd=tmp_path)
-    assert r.returncode != 0
-    assert "checkpoint tensors do not fit this policy" in r.stderr and "(8, " in r.stderr
-    assert "policy.lora.r=8 -> 16" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "policy.lora.r says what its checkpoint holds" in r.stderr, r.stderr[-2000:]
     assert {name: (run / rundir.HYDRA / name).read_bytes() for name in record} == record
+    assert not (run / rundir.ERROR).exists()
+    # every checkpoint damaged: one line, nothing of the run rewritten
+    damaged = copy_of(finished, tmp_path / "damaged")
+    for state in damaged.glob("checkpoints/*/state.pt"):
+        state.write_bytes(state.read_bytes()[:-1] + b"x")
+    r = cli("rlhf-train", f"resume={damaged}", cwd=tmp_path)
+    said = [x for x in r.stderr.strip().splitlines() if not x.startswith("UserWarning")]
+    assert r.returncode != 0 and said == [f"rlhf-train: no checkpoint of {damaged} could be loaded (see the warnings "
+                                          "above); start a new run"], r.stderr[-2000:]
+    assert not (damaged / rundir.ERROR).exists()
     r = cli("rlhf-train", f"resume={run}", "train.steps=6", cwd=tmp_path)  # the plain resume still works
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / rundir.SUMMARY).read_text())["resumed_from_step"] == 4
@@ -383,3 +392,22 @@ def test_compare_lists_an_interrupted_run_and_a_resume_is_no_knob(small_sweep, t
                                f"resume={sweep / '2'}` (from step_"), lines[1]
     header = lines[2].split()
     assert "resume" not in header and "resume_force" not in header and "seed" in header, header
+
+
+def test_a_run_composed_with_a_config_dir_resumes_and_a_gone_dir_is_named(tmp_path, embedded_dir):
+    conf = tmp_path / "presets" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("# @package _global_\ntrain:\n  steps: 4\ncheckpoint:\n  every: 2\n")
+    run = tmp_path / "run"
+    r = cli("rlhf-train", "--config-dir", str(tmp_path / "presets"), "+experiment=mine", f"hydra.run.dir={run}", *TINY,
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("rlhf-train", f"resume={run}", "train.steps=6", cwd=tmp_path)  # the run recorded its --config-dir
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / rundir.SUMMARY).read_text())["steps"] == 6
+    (tmp_path / "presets").rename(tmp_path / "moved")
+    r = cli("rlhf-train", f"resume={run}", "train.steps=8", cwd=tmp_path)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "composed with --config-dir" in r.stderr and "--config-dir=<dir>" in r.stderr
+    r = cli("rlhf-train", f"resume={run}", "train.steps=8", "--config-dir", str(tmp_path / "moved"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]

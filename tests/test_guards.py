@@ -31,7 +31,10 @@ def test_a_non_finite_reward_stops_the_run_at_its_step(value, tmp_path, embedded
     assert r.returncode != 0
     assert f"step 3: train/reward = {value}" in r.stderr, r.stderr[-2000:]
     assert f"the reward source returned {value} for 1 of 4 responses, first row 2" in r.stderr
+    said = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("rlhf-train:  ")]  # (the bar's lines)
+    assert len(said) == 1 and said[0].startswith("rlhf-train: step 3") and "Traceback" not in r.stderr, r.stderr[-2000:]
     run = next((tmp_path / "outputs").rglob("metrics.jsonl")).parent
+    assert f"NonFiniteError: step 3: train/reward = {value}" in (run / "error.txt").read_text()
     last = _rows(run)[-1]
     assert last["step"] == 3 and not math.isfinite(last["train/reward"])  # the NaN itself, logged
     assert [p.name for p in checkpoint.complete(run)] == ["step_000001", "step_000002"]  # keep=2, none for step 3
@@ -140,6 +143,16 @@ def test_a_job_that_raises_or_exits_does_not_stop_the_others(launcher, tmp_path,
     assert "the run called sys.exit(1)" in (tmp_path / "sw" / "2" / "error.txt").read_text()
     for job in ("0", "3"):
         assert json.loads((tmp_path / "sw" / job / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_plugin_that_raises_prints_its_traceback_once_and_says_where_it_is_kept(tmp_path, embedded_dir):
+    r = cli("rlhf-train", "reward=faulty", "reward.fail=raise", "reward.at_call=2", "train.steps=2", *SMALL,
+            cwd=tmp_path, env=FAULTS)
+    assert r.returncode != 0 and r.stderr.count("Traceback (most recent call last)") == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlhf-train: the run failed: ") and "failing on purpose" in last and "error.txt" in last, last
+    run = next((tmp_path / "outputs").rglob("error.txt")).parent
+    assert "failing on purpose" in (run / "error.txt").read_text()
 
 
 def test_wandb_online_without_a_key_fails_at_once(tmp_path, embedded_dir):

@@ -37,6 +37,8 @@ def prepare(remember: bool = True) -> None:
     # our joblib.yaml takes the place of the joblib plugin's config of the same name, on purpose (and
     # a file's launcher config of a plugin's name is checked like any other: Hydra's warning adds nothing)
     warnings.filterwarnings("ignore", message=r"\s*'hydra/[\w/]+' is validated against ConfigStore schema")
+    # peft's note when an adapter covers an embedding (the toys' tied output layer): saved as it should be
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`")
     try:
         registry.discover()
     except registry.PluginError as e:

@@ -18,6 +18,7 @@ has are suggested, so every override it prints composes for that optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ SPREAD_LEFT = 0.1  # ... and the reward's spread at a tenth of its start: every 
 EXPLORE_GAP = 2.0  # step-0 spreads the batch's best sample stays above the held-out mean while the mean is flat
 MISMATCH_KL = 0.1  # nats per token of KL(q || pi): a proposal this far from pi makes importance weights heavy-tailed
 MISMATCH_ESS = 0.2  # the batch's effective sample size under the sequence weights, as a share of the batch
+OPTIMUM_REACHED = 0.05  # eval/kl_to_optimum at or below this: the run is at its known optimum (the closed-form tables' bar)
 MIN_EVALS = 3  # trends need a start, a middle and an end
 MIN_TRAIN_ROWS = 10  # training-step statistics need this many steps
 
@@ -132,9 +134,40 @@ class Record:
         return self.setting(key, _ABSENT) is not _ABSENT
 
     def advice(self, *knobs: Knob) -> tuple[Knob, ...]:
-        """The knobs this run has, their text filled with its current value (`{now}`)."""
+        """The knobs this run has and has not already turned the way they advise (a knob whose
+        `value` is the run's setting, or its plugin's name for a group, is left out), their text
+        filled with the current value (`{now}`)."""
         return tuple(Knob(k.key, k.format(now=fmt_any(self.setting(k.key)) if k.key else ""), k.value) for k in knobs
-                     if k.key is None or self.has(k.key))
+                     if k.key is None or (self.has(k.key) and not self.already(k)))
+
+    def already(self, knob: Knob) -> bool:
+        """Whether the run already has the setting `knob` advises."""
+        if knob.key is None or knob.value is None:
+            return False
+        if "." not in knob.key:  # a group: the plugin it suggests
+            target = self.setting(f"{knob.key}._target_")
+            return target is not None and self.plugin_name(knob.key) == knob.value
+        return self.setting(knob.key, _ABSENT) == knob.value
+
+    def plugin_name(self, group: str) -> str | None:
+        target = self.setting(f"{group}._target_")
+        return next((p.name for p in registry.plugins(group) if p.target == target), None)
+
+    @property
+    def drawn_by_policy(self) -> bool:
+        """Whether the rollouts were the policy's own samples (no proposal recorded: they were)."""
+        cls = self.plugin("proposal")
+        return cls is None or bool(cls.is_policy)
+
+    @property
+    def takes_correction(self) -> bool:
+        """Whether the run's optimizer applies optimizer.correction (dm weighs by pi*/q itself)."""
+        cls = self.plugin("optimizer")
+        if cls is None:  # a record that does not say: it may
+            return True
+        if "correction" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            return False
+        return "correction" not in cls.Config().inert()
 
     def plugin(self, group: str) -> type | None:
         """The class of the run's plugin of `group` (from its `_target_`), if registered."""
@@ -454,7 +487,9 @@ def run_sampler(record: Record) -> Any:
 def biased_kl(record: Record) -> Finding | None:
     """Negative KL estimates, step after step, or a sampler that says its samples are not
     draws of pi at the sampling temperature (its `kl_bias_warnings`: top-k, top-p, ...)."""
-    best, worst = negative_streaks(record.values("train/kl"))
+    # rollouts drawn by a proposal q != pi: train/kl averages over q's samples, not pi's (the
+    # objective's weights account for q); only the held-out samples, pi's own, say the estimate is biased
+    best, worst = negative_streaks(record.values("train/kl")) if record.drawn_by_policy else ([], 0.0)
     kl = record.values("eval/kl")
     settings = kl_bias_causes(run_sampler(record))
     negative = worst <= -NEGATIVE_KL_MEAN or bool(kl and kl[-1] < -NEGATIVE_KL_MEAN)
@@ -468,8 +503,12 @@ def biased_kl(record: Record) -> Finding | None:
     if settings:
         said.append(f"{', '.join(settings)}: the responses are not samples of pi, so every log-ratio the KL estimate "
                     "and penalty average is taken where pi put more mass than it should: biased low")
+    top = record.setting("sampler.top_k", _ABSENT) in (0, None) and record.setting("sampler.top_p", _ABSENT) in (1.0, None)
     return Finding("biased KL estimate", "; ".join(said),
-                   record.advice(Knob("sampler.top_k", "sampler.top_k=0 and sampler.top_p=1.0 (sample from pi itself)", 0),
+                   record.advice(*([Knob(None, "the responses must be pi's own samples at sampler.temperature: with "
+                                         "top-k and top-p off, a custom sampler's generation settings are the suspects")]
+                                   if top else [Knob("sampler.top_k", "sampler.top_k=0 and sampler.top_p=1.0 (sample "
+                                                     "from pi itself)")]),
                                  Knob(None, "the KL penalty and metrics are biased while it lasts")))
 
 
@@ -497,6 +536,9 @@ def exploration_trap(record: Record) -> Finding | None:
     and does not learn them (the reverse KL's pull to the nearest mode: a response pi gives ~0
     probability gets ~0 gradient). Or pass@k far above pass@1 while pass@1 stays flat."""
     if record.progress < 0.5 or len(record.series("eval/reward")) < MIN_EVALS:
+        return None
+    optimum = record.values("eval/kl_to_optimum")
+    if optimum and optimum[-1] <= OPTIMUM_REACHED:  # at its known optimum: the best responses are not all of pi*
         return None
     half = record.last_step / 2
     mean = [x for s, x in record.series("eval/reward") if s >= half]
@@ -530,7 +572,7 @@ def proposal_mismatch(record: Record) -> Finding | None:
     """The proposal that drew the rollouts is far from pi: importance weights heavy-tailed, few
     samples carrying the batch (an engine's rounding, a stale or hot proposal)."""
     kl, ess = record.values("mismatch/kl"), record.values("mismatch/ess")
-    if len(kl) < MIN_TRAIN_ROWS:
+    if len(kl) < MIN_TRAIN_ROWS or not record.takes_correction:  # (dm weighs q's samples by pi*/q: nothing to correct)
         return None
     mkl, mess = statistics.median(kl), statistics.median(ess) if ess else 1.0
     if mkl < MISMATCH_KL and mess > MISMATCH_ESS:
@@ -539,8 +581,9 @@ def proposal_mismatch(record: Record) -> Finding | None:
     return Finding("sampler-trainer mismatch", f"median mismatch/kl {fmt(mkl)} nats per token (KL(q || pi) of the proposal "
                    f"that drew the samples), median effective sample size {fmt(mess)} of the batch"
                    + (f"; optimizer.correction={correction}" if correction is not None else ""),
-                   record.advice(Knob("optimizer.correction", "optimizer.correction=sequence_mis or token_tis (bounded "
-                                      "weights: a bias for less variance)", "sequence_mis"),
+                   record.advice(*([] if correction in ("sequence_mis", "token_tis") else [Knob(
+                                     "optimizer.correction", "optimizer.correction=sequence_mis or token_tis (bounded "
+                                     "weights: a bias for less variance)", "sequence_mis")]),
                                  Knob("proposal.temperature", "a proposal closer to pi (proposal.temperature nearer the "
                                       "sampler's)"),
                                  Knob("proposal.k", "a fresher stale policy (proposal.k smaller)")))
@@ -611,13 +654,14 @@ class NegativeKLWatch:
     NEGATIVE_KL_STEPS steps in a row (the rule of `biased_kl`, which needs an evaluation): the
     samples are then not draws of pi at the sampling temperature, and the KL penalty is biased."""
 
-    def __init__(self, sampler: Any):
+    def __init__(self, sampler: Any, drawn_by_policy: bool = True):
         self.sampler, self.streak, self.warned = sampler, 0, False
+        self.watching = drawn_by_policy  # a proposal's samples are not pi's: their KL estimate may be negative
 
     def update(self, kl: float | None) -> None:
         import warnings
 
-        if kl is None:
+        if kl is None or not self.watching:
             return
         self.streak = self.streak + 1 if kl < 0 else 0
         if self.streak >= NEGATIVE_KL_STEPS and not self.warned:

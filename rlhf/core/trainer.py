@@ -175,7 +175,7 @@ class Trainer:
         self.problem = ""  # why the last batch was not trained on, if it was not
         self.first: dict[str, float] | None = None  # the evaluations at step 0 and at the last evaluation
         self.last: dict[str, float] | None = None
-        self.kl_watch = diagnosis.NegativeKLWatch(self.sampler)
+        self.kl_watch = diagnosis.NegativeKLWatch(self.sampler, self.proposal.is_policy)
         self.next_batch = self.source.next
 
     def autocast(self) -> contextlib.AbstractContextManager:
