@@ -267,3 +267,12 @@ def test_a_finding_never_advises_what_the_run_already_does():
     assert "sampler-trainer mismatch" not in names(run_record(train=mismatch, config=explore))
     # a proposal's negative KL estimate is over q's samples, not pi's: no biased-KL finding from it
     assert "biased KL estimate" not in names(run_record(train={"train/kl": lambda t: -0.3}, config=explore))
+
+
+def test_at_its_known_optimum_a_run_has_no_finding_about_the_way_there():
+    """Every step clipped (PPO on the toy bandit clips them all, and lands on pi* to 1e-7): at
+    the optimum that is not 'steps too large'; the same record without the optimum is."""
+    clipped = {"optim/grad_norm": lambda t: 3.3}
+    assert "unstable: steps too large" in names(run_record(train=clipped))
+    at_optimum = run_record(evals={"eval/kl_to_optimum": lambda t: 1e-7}, train=clipped)
+    assert names(at_optimum) == []

@@ -575,9 +575,11 @@ def proposal_mismatch(record: Record) -> Finding | None:
     if len(kl) < MIN_TRAIN_ROWS or not record.takes_correction:  # (dm weighs q's samples by pi*/q: nothing to correct)
         return None
     mkl, mess = statistics.median(kl), statistics.median(ess) if ess else 1.0
-    if mkl < MISMATCH_KL and mess > MISMATCH_ESS:
-        return None
     correction = record.setting("optimizer.correction")
+    # uncorrected, a far proposal biases the update; corrected, only a few samples carrying the batch is a problem
+    far = mkl >= MISMATCH_KL and correction in (None, "none")
+    if not far and mess > MISMATCH_ESS:
+        return None
     return Finding("sampler-trainer mismatch", f"median mismatch/kl {fmt(mkl)} nats per token (KL(q || pi) of the proposal "
                    f"that drew the samples), median effective sample size {fmt(mess)} of the batch"
                    + (f"; optimizer.correction={correction}" if correction is not None else ""),
@@ -613,6 +615,13 @@ def plugin_hooks(record: Record, name: str) -> list[Callable]:
     return out
 
 
+# what still holds of a run at its known optimum (eval.kl_to_optimum <= OPTIMUM_REACHED): findings
+# about the objective itself; one about the way there (steps, clipping, the critic, exploration,
+# the proposal, the KL estimate, the entropy of a peaked pi*) is contradicted by the run's arrival
+ABOUT_THE_OBJECTIVE = ("non-finite evaluation score", "over-optimisation", "reward hacking", "over-regularisation",
+                       "reward saturated early")
+
+
 def diagnose(record: Record) -> list[Finding]:
     """Every finding on the record, the plugins' first; [] for a healthy run. One finding a
     pathology (the first that shows it)."""
@@ -621,6 +630,9 @@ def diagnose(record: Record) -> list[Finding]:
         f = detect(record)
         if f is not None and f.name not in found:
             found[f.name] = f
+    optimum = record.values("eval/kl_to_optimum")
+    if optimum and optimum[-1] <= OPTIMUM_REACHED:
+        found = {k: f for k, f in found.items() if k.startswith(ABOUT_THE_OBJECTIVE)}
     return list(found.values())
 
 
