@@ -84,10 +84,10 @@ def test_the_command_line_and_the_consent_switch_are_the_users_own(tmp_path):
 
 
 @pytest.mark.cli
-def test_a_prepared_command_composes_only_the_users_hydra_settings(tmp_path, monkeypatch):
-    """The child a Prepare callback starts: a hydra override that is not on the user's command
-    line is refused before Hydra composes with it, and a module beside the preset (the current
-    directory) is not on the child's module path."""
+def test_a_prepared_command_runs_without_the_current_directory_on_its_module_path(tmp_path, monkeypatch):
+    """The child a Prepare callback starts (its commands come from the project's presets or the
+    user's command line: a config file may set no callback) imports nothing from the directory
+    it runs in: a `torch.py` beside a downloaded preset is not the torch it imports."""
     from omegaconf import OmegaConf
 
     from rlhf.apps.sweep import Prepare
@@ -95,15 +95,11 @@ def test_a_prepared_command_composes_only_the_users_hydra_settings(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(safety.COMMAND_LINE, json.dumps(["optimizer.beta=0.1"]))
-    (tmp_path / "evil.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / 'pwned')!r}).touch()\n")
     (tmp_path / "torch.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / 'pwned')!r}).touch()\n")
     sweep_dir = tmp_path / "multirun" / "s"
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}, "overrides": {"task": []}}})
-    prepare = Prepare({"x": ["rlhf-make-pairs", "hydra.searchpath=[pkg://evil]"]})
-    with pytest.raises(SystemExit):
-        prepare.on_multirun_start(config)
-    log = (sweep_dir / "x.log").read_text()
-    assert "hydra.searchpath: 'hydra.searchpath=[pkg://evil]' comes from a config file" in log, log
+    Prepare({"x": ["rlhf-make-pairs", "data.n_train=2", "pairs.out={sweep_dir}/p.jsonl"]}).on_multirun_start(config)
+    assert (sweep_dir / "p.jsonl").is_file(), (sweep_dir / "x.log").read_text()
     assert not (tmp_path / "pwned").exists()
 
 

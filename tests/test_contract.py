@@ -23,10 +23,12 @@ def _reward_overrides(name, optimizer, reward_model_dir):
     if name == "learned_rm":
         return [f"reward.path={reward_model_dir}"]
     offline = optimizer in (["optimizer=dpo"], ["optimizer=sft"])  # fixed pairs: toy problems label them (Bradley-Terry)
+    toy = [*(["data.pairs=bradley_terry"] if offline else []),
+           *(["eval.kl_to_optimum=false"] if optimizer == ["optimizer=sft"] else [])]  # (no beta: no pi* to be near)
     if name == "table":  # the reward table belongs to the toy problem's prompts and tokens
-        return ["+experiment=toy_bandit", "sampler.max_new_tokens=1", *(["data.pairs=bradley_terry"] if offline else [])]
+        return ["+experiment=toy_bandit", "sampler.max_new_tokens=1", *toy]
     if name == "sequence":  # so does the sequence reward: the sequence toy's prompts, its cap of 3 tokens
-        return ["+experiment=toy_sequences", "sampler.max_new_tokens=3", *(["data.pairs=bradley_terry"] if offline else [])]
+        return ["+experiment=toy_sequences", "sampler.max_new_tokens=3", *toy]
     if name == "verifiable":  # answers to check: the arithmetic task's prompts carry them
         return ["+experiment=arithmetic"]
     if name == "weighted":

@@ -59,8 +59,12 @@ class Prepare(Callback):
                                  "a prepare command takes overrides only")
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
+        import json
+        import os
         import subprocess
         import time
+
+        from rlhf.contracts import safety
 
         root = Path(config.hydra.sweep.dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -70,9 +74,13 @@ class Prepare(Callback):
             log = root / f"{name}.log"
             print(f"before the jobs: {command} {' '.join(overrides)}  (log: {log})", flush=True)
             t0 = time.time()
+            # this callback's commands come from the project's presets or the user's command line (a config
+            # file may set no callback): the child takes them as the user's, and nothing else
+            line = [*safety.command_line().overrides, *overrides]
+            env = {**os.environ, safety.COMMAND_LINE: json.dumps(line)}
             with open(log, "w") as out:
                 code = subprocess.run([sys.executable, "-c", RUN_COMMAND, COMMANDS[command], *overrides], stdout=out,
-                                      stderr=subprocess.STDOUT).returncode
+                                      stderr=subprocess.STDOUT, env=env).returncode
             if code != 0:  # SystemExit: Hydra turns a callback's exceptions into warnings and goes on
                 tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
                 print(f"{command} failed (exit status {code}) before the sweep's jobs; no job started; its log: {log}\n"

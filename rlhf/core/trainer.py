@@ -95,7 +95,9 @@ def check_in_force(cfg: DictConfig, plugins: Plugins) -> None:
     if cfg.eval.kl_to_optimum and getattr(opt, "beta", None) == 0:
         idle.append("eval.kl_to_optimum with optimizer.beta=0: pi* = pi_ref exp(r / beta) / Z is not defined at beta 0 "
                     "(its limit puts all mass on the best responses, at infinite KL from any policy that samples); "
-                    "set optimizer.beta > 0 or eval.kl_to_optimum=false")
+                    "set optimizer.beta > 0 or eval.kl_to_optimum=false" if hasattr(opt.cfg, "beta") else
+                    f"eval.kl_to_optimum: {cfg.optimizer._target_.rsplit('.', 1)[-1]} has no KL coefficient, so no "
+                    "closed-form optimum pi* to be near; set eval.kl_to_optimum=false")
     if idle:
         raise ValueError("not in force: " + "; ".join(idle))
 
