@@ -78,7 +78,7 @@ def ours(path: str, *overrides: str):
     """Our Trainer for a config, as rlhf-train builds it (no evaluation, nothing saved)."""
     from conftest import compose
 
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.loop.trainer import Trainer
 
     cfg = compose(f"policy.path={path}", "train.save_final=false", *overrides)
     return Trainer(cfg, Path(tempfile.mkdtemp()))
@@ -264,7 +264,7 @@ def bare_reinforce_step(policy, reward, queries, opt, beta: float, sample: Calla
     """REINFORCE with a KL penalty and a batch-mean baseline, as a short script would write it:
     sample, score, reference log-probs with the adapters off, one forward with gradients,
     one backward, one Adam step."""
-    from rlhf.core.logprobs import position_ids
+    from rlhf.core.model.logprobs import position_ids
 
     tok, model = policy.tokenizer, policy.model
     ids, attn, q = sample(queries)  # (B, Q + T), left-padded queries
@@ -288,8 +288,8 @@ def bare_reinforce_step(policy, reward, queries, opt, beta: float, sample: Calla
 
 
 def bench_limit(path: str, rounds: int, steps: int) -> None:
-    from rlhf.core import rollout
-    from rlhf.core.optim import adam
+    from rlhf.core.loop.optim import adam
+    from rlhf.core.rollout import sampling
 
     mine = ours(path, "optimizer=reinforce", "optimizer.baseline=batch", "optimizer.max_grad_norm=0")
     bare = ours(path, "optimizer=reinforce")  # only for its policy, reward, sampler and prompts
@@ -299,14 +299,14 @@ def bench_limit(path: str, rounds: int, steps: int) -> None:
     gen = bare.sampler.generation_kwargs()
 
     def hf_generate(queries):
-        ids, qmask = rollout.pad_left(queries, tok.pad_token_id, policy.device)
+        ids, qmask = sampling.pad_left(queries, tok.pad_token_id, policy.device)
         with torch.no_grad():
             out = policy.model.generate(input_ids=ids, attention_mask=qmask, pad_token_id=tok.pad_token_id,
                                         eos_token_id=tok.eos_token_id, **gen)
         return out, torch.cat([qmask, torch.ones_like(out[:, ids.shape[1]:])], 1), ids.shape[1]
 
     def loop_generate(queries):
-        g = rollout.generate(policy, queries, gen)
+        g = sampling.generate(policy, queries, gen)
         return g.input_ids, g.attention_mask, g.query_len
 
     def bare_step(sample):

@@ -43,22 +43,22 @@ def queries(n: int, vocab: int) -> list[list[int]]:
 
 
 def loop_engine(policy, gen):
-    from rlhf.core import rollout
+    from rlhf.core.rollout import sampling
 
     def run(qs):
-        return int(rollout.generate(policy, qs, gen).mask.sum())
+        return int(sampling.generate(policy, qs, gen).mask.sum())
     return run
 
 
 def generate_engine(policy, gen):
-    from rlhf.core import rollout
+    from rlhf.core.rollout import sampling
 
     def run(qs):
-        ids, mask = rollout.pad_left(qs, policy.tokenizer.pad_token_id, policy.device)
+        ids, mask = sampling.pad_left(qs, policy.tokenizer.pad_token_id, policy.device)
         with torch.no_grad():
             out = policy.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=NEW,
                                         pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=policy.eos_ids or None)
-        return int(rollout.response_mask(out[:, ids.shape[1]:], policy.eos_ids).sum())
+        return int(sampling.response_mask(out[:, ids.shape[1]:], policy.eos_ids).sum())
     return run
 
 

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from rlhf.contracts import registry
 from rlhf.contracts.schema import compose
-from rlhf.core import numerics
-from rlhf.core.optimum import response_distribution
-from rlhf.core.policy import Policy
+from rlhf.core.evaluation.optimum import response_distribution
+from rlhf.core.model.policy import Policy
+from rlhf.core.toolkit import numerics
 
 
 def minimise(experiment: str, beta: float, steps: int, lr: float, forward: bool = False) -> list[tuple[int, float]]:

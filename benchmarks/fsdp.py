@@ -42,9 +42,10 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from rlhf.contracts.schema import LoraSettings
-    from rlhf.core import distributed, rollout, sharding
-    from rlhf.core.optim import adam, gradient_step
-    from rlhf.core.policy import Policy
+    from rlhf.core.loop.optim import adam, gradient_step
+    from rlhf.core.model.policy import Policy
+    from rlhf.core.parallel import distributed, sharding
+    from rlhf.core.rollout import sampling
     from rlhf.embedded.build import policy_path
 
     distributed.setup()
@@ -86,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def sample() -> float:  # sharded: the whole model gathered for the loop, then freed
         t = time.perf_counter()
-        rollout.generate(policy, queries, {"max_new_tokens": args.sample_tokens, "do_sample": True},
+        sampling.generate(policy, queries, {"max_new_tokens": args.sample_tokens, "do_sample": True},
                          rows=(start, args.batch))
         return time.perf_counter() - t
 

@@ -30,7 +30,7 @@ def measure(variant: str) -> float:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from rlhf.contracts.schema import LoraSettings
-    from rlhf.core.policy import Policy
+    from rlhf.core.model.policy import Policy
     from rlhf.embedded.build import policy_path
 
     tokenizer = AutoTokenizer.from_pretrained(policy_path())  # any tokenizer: ids < vocab size

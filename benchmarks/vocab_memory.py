@@ -50,13 +50,13 @@ def measure(variant: str, vocab: int) -> dict[str, float]:
     from rlhf.contracts.interfaces import Rollout
     from rlhf.contracts.registry import discover
     from rlhf.contracts.schema import PolicyConfig
-    from rlhf.core.policy import Policy
+    from rlhf.core.model.policy import Policy
     from rlhf.embedded.chat_models import build_chat_model
 
     discover()
     from rlhf_plugins.optimizers.ppo import PPO
 
-    from rlhf.core.update import Updater
+    from rlhf.core.loop.update import Updater
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -16,8 +16,9 @@ def main(name: str, out: str) -> None:
     from omegaconf import OmegaConf
 
     from rlhf.contracts import registry, schema
-    from rlhf.core import distributed, rollout
-    from rlhf.core.policy import Policy
+    from rlhf.core.model.policy import Policy
+    from rlhf.core.parallel import distributed
+    from rlhf.core.rollout import collect
 
     distributed.setup()
     torch.set_num_threads(1)
@@ -35,12 +36,12 @@ def main(name: str, out: str) -> None:
     prompts = [policy.tokenizer(x, add_special_tokens=False).input_ids for x in ("x0", "x1", "x2", "x0")]
     queries = [q for q in prompts for _ in range(k)]  # each prompt's k samples side by side
     torch.manual_seed(1)
-    batch = rollout.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)  # the same on every rank
+    batch = collect.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)  # the same on every rank
     lengths = batch.mask.sum(1).tolist()
     assert len(set(lengths)) > 1, lengths  # ragged: the reduction rule is what this tests
     if distributed.active():  # this rank's share of the global batch: whole prompt groups, in order
         start, stop = distributed.shard(len(prompts))
-        batch, _ = rollout.minibatch(batch, torch.arange(start * k, stop * k))
+        batch, _ = collect.minibatch(batch, torch.arange(start * k, stop * k))
         policy.enable_data_parallel()
     policy.train()
     prepared = objective.prepare(batch)

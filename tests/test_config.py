@@ -67,7 +67,7 @@ def config_error(overrides: list[str]) -> str | None:
     schema), `validate`, and building every plugin from its typed config."""
     from rlhf.contracts import registry
     from rlhf.contracts.schema import validate
-    from rlhf.core.trainer import judge
+    from rlhf.core.loop.trainer import judge
 
     try:
         cfg = compose(*overrides)

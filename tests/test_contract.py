@@ -11,8 +11,8 @@ import torch
 from conftest import compose
 
 from rlhf.contracts import registry
-from rlhf.core import rollout
-from rlhf.core.trainer import Trainer
+from rlhf.core.loop.trainer import Trainer
+from rlhf.core.rollout import collect
 
 registry.discover()
 OPTIMIZERS = [[f"optimizer={p.name}"] for p in registry.plugins("optimizer")] + [["optimizer=dpo", "optimizer.online=true"]]
@@ -58,8 +58,8 @@ def test_contract(optimizer, reward_name, tmp_path, reward_model_dir):
     trainable = {n: p.detach().clone() for n, p in t.policy.model.named_parameters() if p.requires_grad}
     head = [p.detach().clone() for p in t.policy.value_head.parameters()] if t.policy.value_head is not None else []
 
-    rollout.score(t.reward, [t.policy.tokenizer.decode(t.eval_queries[0])], ["fine ."], t.policy.device,
-                  rollout.columns_of(t.eval_queries[:1]))  # reward models load on first use
+    collect.score(t.reward, [t.policy.tokenizer.decode(t.eval_queries[0])], ["fine ."], t.policy.device,
+                  collect.columns_of(t.eval_queries[:1]))  # reward models load on first use
     reward_before = _reward_weights(t.reward)
     metrics = [t.train_step() for _ in range(4)]
     assert all(math.isfinite(v) for m in metrics for v in m.values()), metrics

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf.contracts.schema import DataConfig
-from rlhf.core.data import load_prompts
+from rlhf.core.rollout.data import load_prompts
 
 
 def test_embedded_prompts_are_fixed_and_disjoint_from_training():
@@ -55,7 +55,7 @@ def test_queries_and_responses_beyond_the_context_fail_at_the_start(tmp_path, em
 def _pairs_trainer(tmp_path, rows):
     from conftest import compose
 
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.loop.trainer import Trainer
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -76,7 +76,7 @@ def test_pairs_longer_than_the_context_or_without_a_prompt_name_the_file_row(tmp
 def test_a_reward_source_with_the_wrong_number_of_scores_is_named():
     import torch
 
-    from rlhf.core import rollout
+    from rlhf.core.rollout import collect
 
     class TwoScores:
         def score(self, queries, responses):
@@ -84,4 +84,4 @@ def test_a_reward_source_with_the_wrong_number_of_scores_is_named():
 
     with pytest.raises(ValueError, match=r"reward source TwoScores returned 2 scores for 3 responses; score\(\) must return "
                                          r"one float per response"):
-        rollout.score(TwoScores(), ["q"] * 3, ["r"] * 3, torch.device("cpu"))
+        collect.score(TwoScores(), ["q"] * 3, ["r"] * 3, torch.device("cpu"))

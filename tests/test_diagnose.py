@@ -10,8 +10,8 @@ import math
 import pytest
 from conftest import cli
 
-from rlhf.core import diagnosis
-from rlhf.core.diagnosis import Record, diagnose
+from rlhf.core.evaluation import diagnosis
+from rlhf.core.evaluation.diagnosis import Record, diagnose
 
 STEPS = 100
 TINY = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=6"]
@@ -203,7 +203,7 @@ def test_every_override_a_finding_suggests_composes_for_that_optimizer(optimizer
     from conftest import compose
     from omegaconf import OmegaConf
 
-    from rlhf.core.diagnosis import Knob
+    from rlhf.core.evaluation.diagnosis import Knob
 
     base = [f"optimizer={optimizer}", *(["data.pairs=embedded"] if optimizer in ("dpo", "sft") else [])]
     config = OmegaConf.to_container(compose(*base), resolve=True)

@@ -166,7 +166,7 @@ def test_ppo_ranks_stay_identical(tmp_path, embedded_dir):
 def test_rows_of_the_global_batch_and_an_uneven_batch_refused(monkeypatch):
     """Rank 1 of 2 keeps rows 4..7 of 8; a batch that does not split is refused, naming the fix
     (the Trainer calls this before any model loads)."""
-    from rlhf.core import distributed
+    from rlhf.core.parallel import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)

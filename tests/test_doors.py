@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import cli, wait_for
 
-from rlhf.core import rundir
+from rlhf.core.run import rundir
 
 TINY = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=4", "eval.every=100"]
 
@@ -137,7 +137,7 @@ def test_one_owner_per_preference_file_whatever_path_names_it(tmp_path):
     try:
         assert first.stdout.readline().strip() == "locked"
         from rlhf.apps.label import PreferenceFile
-        from rlhf.core.rundir import RunDirBusy
+        from rlhf.core.run.rundir import RunDirBusy
 
         for other in (tmp_path / "link.jsonl", tmp_path / "sub" / "hard.jsonl"):
             with pytest.raises(RunDirBusy, match="is in use by another process"):
@@ -221,7 +221,7 @@ def test_every_command_refuses_bad_input_in_one_line_leaving_no_run_behind(tmp_p
 
 def test_bad_prompt_files_are_named_with_the_line_and_the_fix(tmp_path):
     from rlhf.contracts.schema import DataConfig
-    from rlhf.core.data import load_prompts
+    from rlhf.core.rollout.data import load_prompts
 
     def err(name: str, data: bytes, **kw) -> str:
         path = tmp_path / name
@@ -240,7 +240,7 @@ def test_bad_prompt_files_are_named_with_the_line_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"data.prompts=.*d.txt is a directory"):
         load_prompts(DataConfig(prompts=str(tmp_path / "d.txt"), n_eval=1))
     with pytest.raises(ValueError, match=r"prompt 1 \(' '\) has no tokens after tokenisation"):
-        from rlhf.core.data import tokenize_prompts
+        from rlhf.core.rollout.data import tokenize_prompts
 
         class Tok:
             def __call__(self, texts, **kw):

@@ -11,9 +11,9 @@ from torch.testing import assert_close
 
 from rlhf.contracts import registry
 from rlhf.contracts.schema import DataConfig
-from rlhf.core.pairs import Pair, load_pairs
-from rlhf.core.sources.preference_pairs import OfflinePairs
-from rlhf.core.sources.sampled_pairs import OnlinePairs
+from rlhf.core.rollout.pairs import Pair, load_pairs
+from rlhf.core.rollout.sources.preference_pairs import OfflinePairs
+from rlhf.core.rollout.sources.sampled_pairs import OnlinePairs
 from rlhf.embedded.corpus import preference_pairs
 
 
@@ -112,7 +112,7 @@ def test_online_pairs_chosen_scores_at_least_rejected(embedded_dir):
 
 
 def test_offline_dpo_from_a_local_pair_file(tmp_path, embedded_dir):
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.loop.trainer import Trainer
 
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in preference_pairs(12, seed=5)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -12,7 +12,7 @@ from conftest import cli, compose
 
 from rlhf.apps.make_pairs import pair_records
 from rlhf.apps.sweep import grid_jobs
-from rlhf.core import frontier as fr
+from rlhf.core.evaluation import frontier as fr
 
 # ------------------------------------------------------------------ pairs from a policy
 
@@ -73,7 +73,7 @@ def test_make_pairs_writes_rlhf_labels_format_continues_exactly_and_refuses_othe
     assert _lines(out) == rows
     # DPO and the reward model read the file as they read rlhf-label's
     from rlhf.contracts.schema import DataConfig
-    from rlhf.core.pairs import load_pairs
+    from rlhf.core.rollout.pairs import load_pairs
 
     train, held_out = load_pairs(DataConfig(pairs=str(out), n_eval=4, n_train=1000))
     assert len(train) + len(held_out) == sum(r["label"] == "preferred" for r in rows)
@@ -91,10 +91,10 @@ def test_preferred_ft_is_the_mean_nll_of_the_chosen_tokens_and_lowers_it(embedde
     from omegaconf import OmegaConf
 
     from rlhf.contracts import registry
-    from rlhf.core.pairs import Pair
-    from rlhf.core.policy import Policy
-    from rlhf.core.sources.preference_pairs import OfflinePairs
-    from rlhf.core.update import Updater
+    from rlhf.core.loop.update import Updater
+    from rlhf.core.model.policy import Policy
+    from rlhf.core.rollout.pairs import Pair
+    from rlhf.core.rollout.sources.preference_pairs import OfflinePairs
     from rlhf.embedded.corpus import preference_pairs
 
     cfg = compose("optimizer=sft", "optimizer.lr=1e-2")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import cli, launch, wait_for
 
-from rlhf.core import checkpoint, rundir
+from rlhf.core.run import checkpoint, rundir
 
 TINY = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=4", "eval.every=100"]
 
@@ -320,7 +320,7 @@ def test_a_sweep_job_resumed_on_its_own_keeps_its_name_and_its_sweeps_log(tmp_pa
 
 def test_pairs_that_prefer_nothing_are_refused_and_repeats_are_said(tmp_path):
     from rlhf.contracts.schema import DataConfig
-    from rlhf.core.pairs import load_pairs
+    from rlhf.core.rollout.pairs import load_pairs
 
     rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
     path = tmp_path / "pairs.jsonl"
@@ -333,7 +333,7 @@ def test_pairs_that_prefer_nothing_are_refused_and_repeats_are_said(tmp_path):
 
 
 def test_uneven_minibatches_are_said_and_honour_the_count():
-    from rlhf.core.rollout import minibatch_indices
+    from rlhf.core.rollout.collect import minibatch_indices
 
     with pytest.warns(UserWarning, match="10 rows do not split evenly into 4 minibatches"):
         parts = minibatch_indices(10, 4, torch.device("cpu"))

@@ -12,9 +12,10 @@ from conftest import compose
 from omegaconf import OmegaConf
 
 from rlhf.contracts import registry
-from rlhf.core import numerics, sources
-from rlhf.core.trainer import Trainer
-from rlhf.core.update import Loss, OptimConfig, token_mean
+from rlhf.core.loop.trainer import Trainer
+from rlhf.core.loop.update import Loss, OptimConfig, token_mean
+from rlhf.core.rollout import sources
+from rlhf.core.toolkit import numerics
 
 
 def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them(monkeypatch):

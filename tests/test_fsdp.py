@@ -17,7 +17,7 @@ import torch
 from conftest import cli, final_tensors
 from test_distributed import SMALL, assert_metrics_close, max_diff, ranks, result, start_ranks
 
-from rlhf.core import checkpoint
+from rlhf.core.run import checkpoint
 
 FSDP = ["parallel=fsdp", *SMALL]
 
@@ -117,7 +117,7 @@ def test_sharded_ppo_with_bf16_weights_and_an_fp32_value_head(tmp_path, embedded
 def test_a_checkpoint_of_whole_tensors_is_refused_by_a_sharded_policy_naming_the_fix(embedded_dir):
     """What the trainer's restore calls with a checkpoint written by one process or DDP."""
     from rlhf.contracts.schema import PolicyConfig
-    from rlhf.core.policy import CheckpointMismatch, Policy
+    from rlhf.core.model.policy import CheckpointMismatch, Policy
 
     policy = Policy.load(PolicyConfig(path="embedded"), torch.device("cpu"))
     whole = {k: v.clone() for k, v in policy.trainable_state().items()}
@@ -137,7 +137,7 @@ def test_parallel_is_checked_before_any_model_loads(tmp_path):
 def test_the_blocks_are_the_models_own_unsplittable_layers(embedded_dir):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.core.sharding import blocks
+    from rlhf.core.parallel.sharding import blocks
     from rlhf.embedded.build import policy_path
 
     model = AutoModelForCausalLM.from_pretrained(policy_path())

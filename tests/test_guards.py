@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import ROOT, cli, compose
 
-from rlhf.core import checkpoint
-from rlhf.core.trainer import NonFiniteError, Trainer
+from rlhf.core.loop.trainer import NonFiniteError, Trainer
+from rlhf.core.run import checkpoint
 
 FAULTS = {"PYTHONPATH": str(ROOT / "tests"), "RLHF_PLUGINS": "fault_plugins"}
 SMALL = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=8"]
 
 
 def _rows(run: Path) -> list[dict]:
-    from rlhf.core import rundir
+    from rlhf.core.run import rundir
 
     return [rundir.from_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

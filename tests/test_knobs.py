@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.contracts import registry, schema
-from rlhf.core import rundir
-from rlhf.core.trainer import Trainer
+from rlhf.core.loop.trainer import Trainer
+from rlhf.core.run import rundir
 
 RUN = ["train.steps=3", "train.batch_size=8", "data.n_train=8", "data.n_eval=4", "eval.every=2", "checkpoint.every=0",
        "eval.kl_to_optimum=false", "threads=1", "train.lr_schedule=constant"]

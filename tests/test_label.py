@@ -226,7 +226,7 @@ def test_api_refuses_bad_answers_and_ignores_a_second_answer_to_the_same_pair(ap
 
 
 def test_tie_and_skip_rows_are_left_out_of_training_pairs(tmp_path):
-    from rlhf.core.pairs import load_pairs
+    from rlhf.core.rollout.pairs import load_pairs
 
     rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad", "label": lab, "index": i}
             for i, lab in enumerate(["preferred", "tie", "skip", "preferred", "preferred"])]
@@ -242,7 +242,7 @@ def test_a_run_directory_is_loaded_as_its_trained_policy(tmp_path, embedded_dir)
     from safetensors.torch import load_file
 
     from rlhf.contracts.schema import PolicyConfig
-    from rlhf.core.policy import Policy
+    from rlhf.core.model.policy import Policy
 
     r = cli("rlhf-train", "optimizer=reinforce", "train.steps=2", "train.batch_size=4", "data.n_eval=2",
             "sampler.max_new_tokens=6", "threads=1", cwd=tmp_path)

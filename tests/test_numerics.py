@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf.core import numerics
-from rlhf.core.rollout import pad_left, response_mask
+from rlhf.core.rollout.sampling import pad_left, response_mask
+from rlhf.core.toolkit import numerics
 
 
 def test_masked_mean_and_whiten():

@@ -9,9 +9,9 @@ from conftest import cli, compose
 from torch.testing import assert_close
 
 from rlhf.contracts import registry
-from rlhf.core import numerics
-from rlhf.core.optimum import distributions, kl_to_optimum
-from rlhf.core.trainer import Trainer
+from rlhf.core.evaluation.optimum import distributions, kl_to_optimum
+from rlhf.core.loop.trainer import Trainer
+from rlhf.core.toolkit import numerics
 
 
 def _toy(*overrides):

@@ -15,10 +15,10 @@ import torch
 
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.schema import LoraSettings
-from rlhf.core.data import MAX_PROMPT_TOKENS
-from rlhf.core.pairs import Pair
-from rlhf.core.policy import Policy
-from rlhf.core.sources.preference_pairs import OfflinePairs
+from rlhf.core.model.policy import Policy
+from rlhf.core.rollout.data import MAX_PROMPT_TOKENS
+from rlhf.core.rollout.pairs import Pair
+from rlhf.core.rollout.sources.preference_pairs import OfflinePairs
 from rlhf.embedded.corpus import preference_pairs
 
 trl = pytest.importorskip("trl", reason="TRL is in the test extra: pip install -e '.[test]'")

@@ -7,9 +7,10 @@ from omegaconf import OmegaConf
 
 from rlhf.contracts import registry
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
-from rlhf.core import numerics, rollout
-from rlhf.core.policy import Policy
-from rlhf.core.update import Updater
+from rlhf.core.loop.update import Updater
+from rlhf.core.model.policy import Policy
+from rlhf.core.rollout import collect, sampling
+from rlhf.core.toolkit import numerics
 
 CPU = torch.device("cpu")
 
@@ -32,7 +33,7 @@ def ppo_steps(policy: Policy, steps: int = 3, overrides: tuple[str, ...] = ()):
     queries = [policy.tokenizer("The movie was", add_special_tokens=False).input_ids] * 8
     history = []
     for _ in range(steps):
-        batch = rollout.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
+        batch = collect.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
         history.append(updater.step(batch))
     return reward, history
 
@@ -112,7 +113,7 @@ def test_rollout_masks_and_logprobs_match_generation(embedded_dir):
     tok = policy.tokenizer
     queries = [tok("The", add_special_tokens=False).input_ids, tok("What a dull", add_special_tokens=False).input_ids]
     torch.manual_seed(1)
-    r = rollout.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
+    r = collect.collect(policy, reward, queries, sampler.generation_kwargs(), sampler.temperature)
     assert r.input_ids.shape[0] == 2 and r.scores.shape == (2,)
     assert ((r.scores >= 0) & (r.scores <= 1)).all()  # probabilities
     # no token after the first EOS counts; the EOS itself does
@@ -146,7 +147,7 @@ def test_forward_logprobs_equal_generate_scores_with_left_padding(embedded_dir):
     policy = _load(True)
     tok = policy.tokenizer
     queries = [tok("The", add_special_tokens=False).input_ids, tok("Honestly, the plot was", add_special_tokens=False).input_ids]
-    ids, mask = rollout.pad_left(queries, tok.pad_token_id, CPU)
+    ids, mask = sampling.pad_left(queries, tok.pad_token_id, CPU)
     torch.manual_seed(3)
     out = policy.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                                 temperature=0.7, max_new_tokens=6, min_new_tokens=6, eos_token_id=None,
@@ -172,7 +173,7 @@ def test_sampling_loop_logprobs_and_values_equal_a_full_forward(embedded_dir):
     tok = policy.tokenizer
     queries = [tok("The", add_special_tokens=False).input_ids, tok("Honestly, the plot was", add_special_tokens=False).input_ids]
     torch.manual_seed(0)
-    g = rollout.generate(policy, queries * 4, dict(do_sample=True, temperature=0.7, max_new_tokens=10), 0.7, with_values=True)
+    g = sampling.generate(policy, queries * 4, dict(do_sample=True, temperature=0.7, max_new_tokens=10), 0.7, with_values=True)
     assert g.logprobs is not None and g.values is not None
     logp, values = logprobs(policy, g.input_ids, g.attention_mask, g.query_len, temperature=0.7)
     torch.testing.assert_close(g.logprobs, logp * g.mask, atol=1e-5, rtol=0)
@@ -192,7 +193,7 @@ def test_sampling_loop_draws_from_the_filtered_softmax(settings):
     x = policy.tokenizer("x1", add_special_tokens=False).input_ids
     n = 20_000
     torch.manual_seed(0)
-    g = rollout.generate(policy, [x] * n, dict(do_sample=True, max_new_tokens=1, **settings))
+    g = sampling.generate(policy, [x] * n, dict(do_sample=True, max_new_tokens=1, **settings))
     counts = torch.bincount(g.input_ids[:, -1], minlength=len(policy.tokenizer)).double()
     with torch.no_grad():
         logits = policy.model(input_ids=torch.tensor([x])).logits[:, -1]
@@ -212,10 +213,10 @@ def test_other_generation_settings_go_to_transformers_generate(embedded_dir):
     policy = _load(True)
     cfg = compose("sampler.repetition_penalty=1.3", "sampler.max_new_tokens=6")
     sampler = registry.instantiate("sampler", cfg.sampler)
-    assert not rollout.sampling_loop_handles(sampler.generation_kwargs())
+    assert not sampling.sampling_loop_handles(sampler.generation_kwargs())
     tok = policy.tokenizer
     queries = [tok("The movie was", add_special_tokens=False).input_ids] * 3
-    g = rollout.generate(policy, queries, sampler.generation_kwargs())
+    g = sampling.generate(policy, queries, sampler.generation_kwargs())
     assert g.logprobs is None
-    r = rollout.collect(policy, registry.instantiate("reward", cfg.reward), queries, sampler.generation_kwargs(), 1.0)
+    r = collect.collect(policy, registry.instantiate("reward", cfg.reward), queries, sampler.generation_kwargs(), 1.0)
     assert torch.allclose(r.logprobs, r.ref_logprobs, atol=1e-5) and (r.logprobs != 0).any()

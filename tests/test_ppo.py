@@ -51,7 +51,8 @@ def test_minibatch_drops_shared_padding_and_changes_no_loss(embedded_dir):
     from conftest import compose
 
     from rlhf.contracts import registry
-    from rlhf.core import numerics, rollout
+    from rlhf.core.rollout import collect
+    from rlhf.core.toolkit import numerics
 
     policy = _load(True)
     policy.attach_value_head()
@@ -63,10 +64,10 @@ def test_minibatch_drops_shared_padding_and_changes_no_loss(embedded_dir):
     texts = ["The", "What a dull and", "I loved it", "Honestly, the plot was", "A", "This film"]
     queries = [tok(t, add_special_tokens=False).input_ids for t in texts]
     torch.manual_seed(0)
-    r = rollout.collect(policy, registry.instantiate("reward", cfg.reward), queries, sampler.generation_kwargs(), 1.0)
+    r = collect.collect(policy, registry.instantiate("reward", cfg.reward), queries, sampler.generation_kwargs(), 1.0)
     adv = torch.randn(r.mask.shape) * r.mask
     idx = torch.tensor(sorted(random.Random(0).sample(range(len(texts)), 3)))
-    mb, t = rollout.minibatch(r, idx, advantages=adv)
+    mb, t = collect.minibatch(r, idx, advantages=adv)
     assert mb.input_ids.shape[1] < r.input_ids.shape[1] and mb.mask.sum() == r.mask[idx].sum()
     assert (mb.attention_mask[:, : mb.query_len].sum(0) > 0).all()  # no query column all padding
     assert (mb.mask.sum(0) > 0).all()  # no response column all padding

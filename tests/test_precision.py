@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import cli
 
-from rlhf.core.distributed import pick_precision
+from rlhf.core.parallel.distributed import pick_precision
 
 
 def test_auto_is_fp32_on_the_cpu_and_bf16_only_when_asked():

@@ -12,7 +12,8 @@ import torch
 from conftest import cli
 
 from rlhf.contracts.interfaces import Rollout
-from rlhf.core import numerics, rollout
+from rlhf.core.rollout import collect, sampling
+from rlhf.core.toolkit import numerics
 
 V = 3  # tokens; responses are every pair of them: 9, listed
 
@@ -58,12 +59,12 @@ def batch(policy: Tabular, logq: torch.Tensor) -> Rollout:
 def expected_gradient(policy: Tabular, b: Rollout, probs: torch.Tensor, kind: str, cap: float = 2.0) -> torch.Tensor:
     """sum_y probs(y) * the gradient of REINFORCE's loss on y alone (advantage r(y), the plugin's
     loss through the core's weights): the exact expectation of one sample's update."""
-    from rlhf.core.onpolicy import sequence_policy_gradient
+    from rlhf.core.toolkit.objectives import sequence_policy_gradient
 
     w = numerics.importance_weights(b.logprobs, b.proposal_logprobs, b.mask, kind, cap)
     total = torch.zeros(V + V * V, dtype=torch.float64)
     for i in range(len(RESPONSES)):
-        row, _ = rollout.minibatch(b, torch.tensor([i]))
+        row, _ = collect.minibatch(b, torch.tensor([i]))
         policy.zero_grad()
         sequence_policy_gradient(policy, row, row.scores, w[i : i + 1]).loss.backward()
         total += probs[i].double() * torch.cat([policy.a.grad.flatten(), policy.b.grad.flatten()]).double()
@@ -75,7 +76,7 @@ def proposal_logq(policy: Tabular, gen: dict) -> torch.Tensor:
     loop's own function: temperature, top-k, top-p, uniform mixing). (9, 2)"""
     with torch.no_grad():
         logits = policy.logits(RESPONSES)  # (9, 2, V)
-        return torch.stack([rollout.sampling_log_probs(logits[:, t], gen).gather(-1, RESPONSES[:, t : t + 1]).squeeze(-1)
+        return torch.stack([sampling.sampling_log_probs(logits[:, t], gen).gather(-1, RESPONSES[:, t : t + 1]).squeeze(-1)
                             for t in range(2)], 1)
 
 

@@ -16,9 +16,9 @@ import torch
 from conftest import BIN, cli
 
 from rlhf.contracts.schema import LoraSettings, PolicyConfig
-from rlhf.core import rollout
-from rlhf.core.data import Rendered, encode_prompt, render, response_ids, tokenize_prompts
-from rlhf.core.policy import Policy
+from rlhf.core.model.policy import Policy
+from rlhf.core.rollout import collect, sampling
+from rlhf.core.rollout.data import Rendered, encode_prompt, render, response_ids, tokenize_prompts
 
 CHAT_PROMPTS = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a in range(6) for b in range(4)]
 
@@ -90,14 +90,14 @@ def test_generation_stops_at_any_end_token(chat_models):
         base.lm_head.weight[second_end] = base.model.norm.weight.detach() * 0.5
     queries = tokenize_prompts(tok, CHAT_PROMPTS[:8])
     assert all(isinstance(q, Rendered) for q in queries)
-    g = rollout.generate(policy, queries, {"max_new_tokens": 30, "temperature": 1.0})
+    g = sampling.generate(policy, queries, {"max_new_tokens": 30, "temperature": 1.0})
     responses = g.input_ids[:, g.query_len:]
     ended = (responses == second_end).any(1)
     assert ended.sum() >= 4  # most rows stop at <|end_of_text|>, well before the cap
     for row, mask in zip(responses[ended], g.mask[ended]):
         stop = int((row == second_end).nonzero()[0])
         assert mask[: stop + 1].all() and not mask[stop + 1 :].any()
-    queries_text, texts = rollout.decode(policy, g.input_ids, g.attention_mask, g.query_len)
+    queries_text, texts = collect.decode(policy, g.input_ids, g.attention_mask, g.query_len)
     assert all("<|end_of_text|>" not in t for t in texts)
     assert all(q.startswith("<|begin_of_text|><|start_header_id|>user") for q in queries_text)  # rendered, kept
 
@@ -310,7 +310,7 @@ def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_
     """The vocabulary projection a chunk of positions at a time (checkpointed) gives the
     log-probs, values, entropy and gradients of the full (B, T, V) logits path. Chunks of 7
     rows here, so several chunks and a ragged last one are exercised."""
-    from rlhf.core import logprobs as policy_module
+    from rlhf.core.model import logprobs as policy_module
 
     policy = Policy.load(PolicyConfig(path=chat_models.get(family, family)), torch.device("cpu"))
     monkeypatch.setattr(policy_module, "LOGITS_PER_CHUNK", 7 * policy.vocab_size)
@@ -347,14 +347,14 @@ def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_
 def test_the_recorded_base_of_adapters_is_kept_when_it_is_a_hub_name_and_replaced_when_a_stale_path(tmp_path):
     """A run continued from a run on a hub model records that hub name: it is what the
     adapters sit on (replacing it by the recorded run would apply the first run twice)."""
-    from rlhf.core.trained import trained_parts
+    from rlhf.core.model.pretrained import trained_parts
 
     run = tmp_path / "run2"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(f"policy:\n  path: {tmp_path / 'run1'}\n")
     (run / "metrics.jsonl").write_text("")
     (run / "final").mkdir()
-    from rlhf.core import rundir
+    from rlhf.core.run import rundir
 
     assert rundir.is_run(run)
     for base, expected in (("gpt2", "gpt2"), ("/gone/cache/embedded-123/policy", str(tmp_path / "run1"))):
@@ -367,7 +367,7 @@ def test_a_batch_of_conversations_still_reaches_the_sampler():
 
     from rlhf_plugins.samplers.length import LengthSampler
 
-    from rlhf.core.data import sample_queries
+    from rlhf.core.rollout.data import sample_queries
 
     sampler = LengthSampler(LengthSampler.Config(min_response_tokens=3, max_new_tokens=40))
     caps = set()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, cli, final_tensors, launch
 
-from rlhf.core import checkpoint
+from rlhf.core.run import checkpoint
 
 FAULTS = {"PYTHONPATH": str(ROOT / "tests"), "RLHF_PLUGINS": "fault_plugins"}
 SMALL = ["train.batch_size=4", "data.n_eval=4", "sampler.max_new_tokens=8"]
@@ -228,8 +228,8 @@ def test_every_setting_a_forced_resume_changes_is_the_one_in_force(tmp_path, opt
     from omegaconf import OmegaConf
 
     from rlhf.contracts import schema
-    from rlhf.core import rundir
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.loop.trainer import Trainer
+    from rlhf.core.run import rundir
 
     base = [*PRESETS.get(optimizer, ["+experiment=toy_bandit", f"optimizer={optimizer}"]), *TOY]
     cfg = schema.compose(base)

@@ -14,10 +14,10 @@ from conftest import cli, compose
 
 from rlhf.contracts import registry
 from rlhf.contracts.schema import PolicyConfig
-from rlhf.core.optimum import MAX_RESPONSES, kl_to_optimum, response_count, response_distribution
-from rlhf.core.policy import Policy
-from rlhf.core.rollout import generate, response_mask
-from rlhf.core.trainer import Trainer
+from rlhf.core.evaluation.optimum import MAX_RESPONSES, kl_to_optimum, response_count, response_distribution
+from rlhf.core.loop.trainer import Trainer
+from rlhf.core.model.policy import Policy
+from rlhf.core.rollout.sampling import generate, response_mask
 
 
 @pytest.fixture(scope="module")

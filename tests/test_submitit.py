@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import BIN, cli, compose, final_tensors
 
-from rlhf.core import checkpoint
+from rlhf.core.run import checkpoint
 
 ARGS = ["optimizer=reinforce", "train.steps=40", "train.batch_size=8", "data.n_eval=4", "eval.every=20",
         "sampler.max_new_tokens=8", "checkpoint.every=2"]

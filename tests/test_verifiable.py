@@ -13,8 +13,8 @@ import torch
 from conftest import cli
 
 from rlhf.contracts import registry
-from rlhf.core.evaluation import pass_at_k_estimate
-from rlhf.core.rollout import score
+from rlhf.core.evaluation.held_out import pass_at_k_estimate
+from rlhf.core.rollout.collect import score
 
 CPU = torch.device("cpu")
 
@@ -91,7 +91,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
 
 def test_prompt_files_carry_their_other_fields_to_the_reward(tmp_path):
     from rlhf.contracts.schema import DataConfig
-    from rlhf.core.data import load_prompts
+    from rlhf.core.rollout.data import load_prompts
 
     rows = [{"prompt": [{"role": "user", "content": f"{i} + 1?"}], "answer": str(i + 1), "id": i} for i in range(5)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

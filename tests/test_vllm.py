@@ -35,7 +35,7 @@ def trained(request, tmp_path_factory, embedded_dir):
     random) and the environment (it exports a process group's variables)."""
     import os
 
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.loop.trainer import Trainer
 
     run = tmp_path_factory.mktemp("vllm")
     env = dict(os.environ)
@@ -75,7 +75,7 @@ def test_the_engines_log_q_is_the_trained_policys_after_every_sync(trained):
 def test_the_engines_log_q_is_exact_under_top_k_and_top_p(trained):
     """vLLM's processed log-probs against the trainer's own logits filtered as the sampler
     filters them (temperature, top-k, then top-p)."""
-    from rlhf.core import rollout
+    from rlhf.core.rollout import sampling
 
     t, _ = trained
     gen = {**t.sampler.generation_kwargs(), "temperature": 0.8, "top_k": 3, "top_p": 0.9}
@@ -84,7 +84,7 @@ def test_the_engines_log_q_is_exact_under_top_k_and_top_p(trained):
     with torch.no_grad():
         logits, _ = t.policy.forward(g.input_ids, g.attention_mask, g.query_len, with_values=False)
     width = logits.shape[-1]
-    want = rollout.sampling_log_probs(logits.reshape(-1, width).float(), gen).view(*logits.shape[:2], width)
+    want = sampling.sampling_log_probs(logits.reshape(-1, width).float(), gen).view(*logits.shape[:2], width)
     tokens = g.input_ids[:, g.query_len:]
     want = want.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     kept = g.mask.bool()  # (padding after an EOS may be a token the filters drop: -inf there is no sample's)

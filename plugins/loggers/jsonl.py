@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.contracts.registry import register
 from rlhf.contracts.safety import writes_file
-from rlhf.core import rundir
+from rlhf.core.run import rundir
 
 
 @register("logger", "jsonl")

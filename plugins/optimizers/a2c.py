@@ -10,9 +10,9 @@ from rlhf_plugins.optimizers.detectors import value_explains_nothing
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core import numerics
-from rlhf.core.onpolicy import KLObjective, KLShapedConfig
-from rlhf.core.update import Loss, token_mean
+from rlhf.core.loop.update import Loss, token_mean
+from rlhf.core.toolkit import numerics
+from rlhf.core.toolkit.objectives import KLObjective, KLShapedConfig
 
 
 @register("optimizer", "a2c")

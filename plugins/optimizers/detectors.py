@@ -1,6 +1,6 @@
 """The diagnoses of the metrics only optimizer plugins log (each plugin names its own in a
 `detectors` class attribute, and its evidence of tiny updates in `tiny_steps`; the core
-finds them through the registry, rlhf/core/diagnosis.py): PPO's trust region and ratio
+finds them through the registry, rlhf/core/evaluation/diagnosis.py): PPO's trust region and ratio
 skips, the critic's explained variance (PPO, A2C), DPO's likelihood displacement and
 saturated margin. Thresholds are the core's named constants, with their reasons there."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from rlhf.core.diagnosis import (
+from rlhf.core.evaluation.diagnosis import (
     APPROX_KL_EXTREME,
     APPROX_KL_HIGH,
     APPROX_KL_TINY,

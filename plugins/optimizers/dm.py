@@ -24,8 +24,8 @@ import torch
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core.onpolicy import KLConfig, KLObjective, sequence_policy_gradient
-from rlhf.core.update import Loss
+from rlhf.core.loop.update import Loss
+from rlhf.core.toolkit.objectives import KLConfig, KLObjective, sequence_policy_gradient
 
 
 def matching_advantages(log_target: torch.Tensor, log_ratio: torch.Tensor, k: int) -> torch.Tensor:

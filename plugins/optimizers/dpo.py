@@ -17,7 +17,7 @@ from rlhf_plugins.optimizers.detectors import chosen_still, dpo_displacement, dp
 
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
-from rlhf.core.update import Loss, OptimConfig, row_mean
+from rlhf.core.loop.update import Loss, OptimConfig, row_mean
 
 
 def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing) -> torch.Tensor:

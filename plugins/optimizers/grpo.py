@@ -23,9 +23,9 @@ from rlhf_plugins.optimizers.detectors import trust_region
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core import numerics
-from rlhf.core.onpolicy import KLConfig, KLObjective
-from rlhf.core.update import Loss, MinibatchConfig, row_mean
+from rlhf.core.loop.update import Loss, MinibatchConfig, row_mean
+from rlhf.core.toolkit import numerics
+from rlhf.core.toolkit.objectives import KLConfig, KLObjective
 
 
 def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:

@@ -13,9 +13,9 @@ from rlhf_plugins.optimizers.detectors import approx_kl_tiny, ratio_skips, trust
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core import numerics
-from rlhf.core.onpolicy import KLObjective, KLShapedConfig
-from rlhf.core.update import Loss, MinibatchConfig, token_mean
+from rlhf.core.loop.update import Loss, MinibatchConfig, token_mean
+from rlhf.core.toolkit import numerics
+from rlhf.core.toolkit.objectives import KLObjective, KLShapedConfig
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, clip_coef_value,

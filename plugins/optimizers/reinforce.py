@@ -9,9 +9,10 @@ import torch
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core import distributed, numerics
-from rlhf.core.onpolicy import KLConfig, KLObjective, sequence_policy_gradient
-from rlhf.core.update import Loss
+from rlhf.core.loop.update import Loss
+from rlhf.core.parallel import distributed
+from rlhf.core.toolkit import numerics
+from rlhf.core.toolkit.objectives import KLConfig, KLObjective, sequence_policy_gradient
 
 
 @register("optimizer", "reinforce")

@@ -9,8 +9,8 @@ import torch
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.contracts.registry import register
-from rlhf.core.onpolicy import KLConfig, KLObjective, sequence_policy_gradient
-from rlhf.core.update import Loss
+from rlhf.core.loop.update import Loss
+from rlhf.core.toolkit.objectives import KLConfig, KLObjective, sequence_policy_gradient
 
 
 def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from rlhf_plugins.optimizers.detectors import chosen_still
 
 from rlhf.contracts.interfaces import PairBatch
 from rlhf.contracts.registry import register
-from rlhf.core.update import Loss, OptimConfig, token_mean
+from rlhf.core.loop.update import Loss, OptimConfig, token_mean
 
 
 @register("optimizer", "sft")

@@ -11,7 +11,7 @@ from typing import Optional
 
 from rlhf.contracts.checks import require
 from rlhf.contracts.registry import register
-from rlhf.core import rollout
+from rlhf.core.rollout import sampling
 
 
 @register("proposal", "explore")
@@ -41,7 +41,7 @@ class Explore:
 
     def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
         gen = self.settings(gen_kwargs)
-        return rollout.generate(policy, queries, gen, gen["temperature"], False, rows, exact_q=True)
+        return sampling.generate(policy, queries, gen, gen["temperature"], False, rows, exact_q=True)
 
     def after_update(self, policy) -> None:
         pass

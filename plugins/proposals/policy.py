@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.contracts.registry import register
-from rlhf.core import rollout
+from rlhf.core.rollout import sampling
 
 
 @register("proposal", "policy")
@@ -22,7 +22,7 @@ class CurrentPolicy:
         self.cfg = cfg
 
     def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
-        return rollout.generate(policy, queries, gen_kwargs, temperature, with_values, rows)
+        return sampling.generate(policy, queries, gen_kwargs, temperature, with_values, rows)
 
     def after_update(self, policy) -> None:
         pass

@@ -15,7 +15,7 @@ import torch
 
 from rlhf.contracts.checks import require
 from rlhf.contracts.registry import register
-from rlhf.core import rollout
+from rlhf.core.rollout import sampling
 
 
 @register("proposal", "stale")
@@ -41,7 +41,7 @@ class Stale:
         current = {k: v.detach().clone() for k, v in policy.trainable_state().items()}
         policy.load_trainable_state(self.kept[0])
         try:
-            return rollout.generate(policy, queries, gen_kwargs, temperature, False, rows, exact_q=True)
+            return sampling.generate(policy, queries, gen_kwargs, temperature, False, rows, exact_q=True)
         finally:
             policy.load_trainable_state(current)
 

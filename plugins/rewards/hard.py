@@ -2,7 +2,7 @@
 one the reference almost never produces.
 
 For the toy policy `model` (the sequence toys' tiny GPT-2) every response up to the cap is
-enumerated with its reference probability, as rlhf.core.optimum does. Per prompt, seeded by
+enumerated with its reference probability, as rlhf.core.evaluation.optimum does. Per prompt, seeded by
 (seed, prompt): every response gets a small random reward (std `noise`); a likely response
 (pi_ref >= 0.02) gets `decoy` more, a local mode to climb first; and a response the reference
 gives between `best_above` and `best_below` (two tokens or more) gets the reward that makes
@@ -57,7 +57,7 @@ class HardToy:
         return self.table[prompt]
 
     def _build(self, prompt: str) -> dict[str, float]:
-        from rlhf.core.optimum import response_distribution
+        from rlhf.core.evaluation.optimum import response_distribution
 
         c, policy = self.cfg, self._reference()
         ids = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -81,7 +81,7 @@ class HardToy:
     def _reference(self):
         if self._policy is None:
             from rlhf.contracts.schema import LoraSettings, PolicyConfig
-            from rlhf.core.policy import Policy
+            from rlhf.core.model.policy import Policy
 
             self._policy = Policy.load(PolicyConfig(path=self.cfg.model, lora=LoraSettings(enabled=False)),
                                        torch.device("cpu"))

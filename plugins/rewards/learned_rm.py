@@ -29,9 +29,9 @@ class LearnedReward:
         self.model = None
 
     def _load(self) -> None:
-        from rlhf.core import rundir
-        from rlhf.core.distributed import pick_device
-        from rlhf.core.reward_model import load_reward_model
+        from rlhf.core.model.reward_model import load_reward_model
+        from rlhf.core.parallel.distributed import pick_device
+        from rlhf.core.run import rundir
 
         path = Path(self.cfg.path)
         if (path / rundir.REWARD_MODEL).is_dir():
@@ -50,7 +50,7 @@ class LearnedReward:
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        from rlhf.core.reward_model import rm_scores, text_of
+        from rlhf.core.model.reward_model import rm_scores, text_of
 
         if self.model is None:
             self._load()

@@ -37,7 +37,7 @@ class SentimentReward:
                 from rlhf.embedded.build import sentiment_path
 
                 path = sentiment_path()
-            from rlhf.core.distributed import pick_device
+            from rlhf.core.parallel.distributed import pick_device
 
             device = pick_device(self.cfg.device)
             self._pipe = pipeline(

@@ -18,7 +18,7 @@ from typing import Any
 
 from rlhf.apps.report import fmt, report
 from rlhf.contracts import registry
-from rlhf.core import checkpoint, rundir
+from rlhf.core.run import checkpoint, rundir
 
 FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
 
@@ -188,8 +188,8 @@ def seeded(groups: dict[str, dict[str, list[Run]]]) -> bool:
 
 
 def _setting(name: str, group: list[Run], metric: str):
-    """The seeds of one setting as rlhf.core.frontier takes them: each run's (step, KL, metric)."""
-    from rlhf.core.frontier import setting
+    """The seeds of one setting as rlhf.core.evaluation.frontier takes them: each run's (step, KL, metric)."""
+    from rlhf.core.evaluation.frontier import setting
 
     return setting(name, [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
                           for r in group if any(metric in e for e in r.evals)])
@@ -197,7 +197,7 @@ def _setting(name: str, group: list[Run], metric: str):
 
 def frontiers(groups: dict[str, dict[str, list[Run]]], metric: str, rng) -> list:
     """Each method's frontier over its settings' seed means, with its bootstrap band."""
-    from rlhf.core import frontier as fr
+    from rlhf.core.evaluation import frontier as fr
 
     settings = {m: [s for s in (_setting(name, group, metric) for name, group in by.items()) if s.seeds and s.steps]
                 for m, by in groups.items()}
@@ -210,7 +210,7 @@ def frontiers(groups: dict[str, dict[str, list[Run]]], metric: str, rng) -> list
 
 def seed_table(groups: dict[str, dict[str, list[Run]]], metric: str, rng) -> tuple[list[str], list[list[str]]]:
     """Per setting: its seeds, and the mean and 95% bootstrap interval of the final metric and KL."""
-    from rlhf.core.frontier import interval
+    from rlhf.core.evaluation.frontier import interval
 
     header = ["setting", "seeds", f"{metric} (end)", "95% interval", "eval/kl (end)", "95% interval"]
     rows = []
@@ -369,7 +369,7 @@ def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | 
 
 def seeds_text(groups: dict[str, dict[str, list[Run]]], found: list, metric: str, rng) -> tuple:
     """The per-setting table, the frontiers at round KLs and the statements."""
-    from rlhf.core.frontier import at_kls, statements
+    from rlhf.core.evaluation.frontier import at_kls, statements
 
     return (seed_table(groups, metric, rng), at_kls(found),
             statements(found) or ["only one method: nothing to compare"])

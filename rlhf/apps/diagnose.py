@@ -5,7 +5,7 @@
     rlhf-diagnose <dir> --json                 # the findings as JSON, a line per run
 
 Reads what training logged (metrics.jsonl, the config, the saved samples); the checks are
-those `rlhf-train` warns about live (rlhf/core/diagnosis.py). A healthy run gets "no findings".
+those `rlhf-train` warns about live (rlhf/core/evaluation/diagnosis.py). A healthy run gets "no findings".
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlhf.core import diagnosis, rundir
+from rlhf.core.evaluation import diagnosis
+from rlhf.core.run import rundir
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

@@ -17,15 +17,15 @@ import sys
 from pathlib import Path
 
 from rlhf.apps import hydra_setup
-from rlhf.core import rundir
+from rlhf.core.run import rundir
 
 
 def export(run: Path, out: Path, adapters: bool) -> Path:
     """Write the export of `run` (a run directory or its final/) into the new folder `out`."""
     import json
 
-    from rlhf.core import card
-    from rlhf.core.trained import load_model, portable_name, recorded_config, trained_parts
+    from rlhf.core.model.pretrained import load_model, portable_name, recorded_config, trained_parts
+    from rlhf.core.run import card
 
     run_dir = run if rundir.is_run(run) else run.parent if rundir.is_run(run.parent) else None
     parts = trained_parts(str(run))
@@ -66,7 +66,7 @@ def export(run: Path, out: Path, adapters: bool) -> Path:
 
 def _is_hub_name(name: str) -> bool:
     """A hub repository id (owner/name or name), not something only this machine has."""
-    from rlhf.core.trained import is_built_here
+    from rlhf.core.model.pretrained import is_built_here
 
     return not (is_built_here(name) or Path(name).expanduser().exists())
 

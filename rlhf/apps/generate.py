@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from rlhf.apps import hydra_setup
-from rlhf.core import rundir
+from rlhf.core.run import rundir
 
 
 def sampling_settings(path: Path, args: argparse.Namespace) -> dict:
@@ -58,24 +58,24 @@ class Generator:
     def __init__(self, policy_path: str, device: str, raw: bool):
         import torch
 
-        from rlhf.core.distributed import pick_device
-        from rlhf.core.policy import Policy
-        from rlhf.core.trained import recorded_config
+        from rlhf.core.model.policy import Policy
+        from rlhf.core.model.pretrained import recorded_config
+        from rlhf.core.parallel.distributed import pick_device
 
         torch.set_grad_enabled(False)  # the run's revision, dtype and trust_remote_code, as it trained
         self.policy = Policy.load_trained(recorded_config(policy_path), pick_device(device))
         self.chat = bool(getattr(self.policy.tokenizer, "chat_template", None)) and not raw
 
     def __call__(self, prompt: str, gen: dict, n: int) -> list[str]:
-        from rlhf.core import rollout
-        from rlhf.core.data import encode_prompt
+        from rlhf.core.rollout import collect, sampling
+        from rlhf.core.rollout.data import encode_prompt
 
         query = encode_prompt(self.policy.tokenizer, [{"role": "user", "content": prompt}] if self.chat else prompt,
                               max_tokens=10**6)
         if not query:
             raise ValueError("the prompt has no tokens; the first response token needs a context")
-        g = rollout.generate(self.policy, [list(query)] * n, gen)
-        return rollout.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)[1]
+        g = sampling.generate(self.policy, [list(query)] * n, gen)
+        return collect.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,11 +34,12 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import DataConfig
-from rlhf.core import rollout, rundir
-from rlhf.core.data import load_prompts, read_prompt_file, sample_queries, tokenize_prompts
-from rlhf.core.distributed import pick_device
-from rlhf.core.policy import Policy
-from rlhf.core.rundir import RunDirBusy, RunLock
+from rlhf.core.model.policy import Policy
+from rlhf.core.parallel.distributed import pick_device
+from rlhf.core.rollout import collect, sampling
+from rlhf.core.rollout.data import load_prompts, read_prompt_file, sample_queries, tokenize_prompts
+from rlhf.core.run import rundir
+from rlhf.core.run.rundir import RunDirBusy, RunLock
 
 CHOICES = ("left", "right", "tie", "skip")
 LABELS = {"left": "preferred", "right": "preferred", "tie": "tie", "skip": "skip"}
@@ -193,8 +194,8 @@ class PairSource:
         query = sample_queries(self.sampler, [prompt], random.Random(f"{self.seed}:{index}"))[0]
         for attempt in range(self.TRIES):
             torch.manual_seed(hash((self.seed, index, attempt)) % 2**62)
-            g = rollout.generate(self.policy, [query, query], self.sampler.generation_kwargs(), self.sampler.temperature)
-            (q, _), responses = rollout.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
+            g = sampling.generate(self.policy, [query, query], self.sampler.generation_kwargs(), self.sampler.temperature)
+            (q, _), responses = collect.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
             a, b = (r.strip() for r in responses)
             if a and b and a != b:
                 return Pair(index, q, a, b)

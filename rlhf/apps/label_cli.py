@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from rlhf.apps import hydra_setup
 from rlhf.apps.label import PreferenceFileError, Session, agreement_line, build_session, next_steps
-from rlhf.core.rundir import RunDirBusy
+from rlhf.core.run.rundir import RunDirBusy
 
 TERMINAL_KEYS = {"1": "left", "l": "left", "left": "left", "2": "right", "r": "right", "right": "right",
                  "t": "tie", "tie": "tie", "s": "skip", "skip": "skip"}

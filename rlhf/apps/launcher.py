@@ -119,7 +119,7 @@ def _run(launcher: Any, idx: int, overrides: list[str], shared: Path, work: Path
     error = JobDied(f"job {idx} ({' '.join(overrides)}): {how}")
     job_dir = _job_dir(launcher, idx, overrides)
     if job_dir is not None:  # the sweep's report reads it (and counts the job, record or not)
-        from rlhf.core import rundir
+        from rlhf.core.run import rundir
 
         try:  # only into a directory no live process owns
             owner = rundir.RunLock(job_dir / rundir.LOCK, f"run directory {job_dir}").acquire()

@@ -37,11 +37,11 @@ from rlhf.apps import hydra_setup
 from rlhf.apps.label import PreferenceFile, PreferenceFileError, label_prompts
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
-from rlhf.core import rollout
-from rlhf.core.data import sample_queries, tokenize_prompts
-from rlhf.core.distributed import pick_device
-from rlhf.core.policy import Policy
-from rlhf.core.rundir import RunDirBusy
+from rlhf.core.model.policy import Policy
+from rlhf.core.parallel.distributed import pick_device
+from rlhf.core.rollout import collect, sampling
+from rlhf.core.rollout.data import sample_queries, tokenize_prompts
+from rlhf.core.run.rundir import RunDirBusy
 
 # the settings a file's pairs were made with: continuing it with others would mix two designs
 SAME = ("policy", "who", "reward_config", "sampler", "data", "seed", "samples", "margin", "batch_size")
@@ -85,9 +85,9 @@ class PairMaker:
         queries = sample_queries(self.sampler, [self.prompts[i] for i in numbers], rng)
         torch.manual_seed(hash((self.seed, first)) % 2**62)
         rows = [q for q in queries for _ in range(self.samples)]  # k samples of each query, side by side
-        g = rollout.generate(self.policy, rows, self.sampler.generation_kwargs(), self.sampler.temperature)
-        texts_q, texts_r = rollout.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
-        scores = rollout.score(self.reward, texts_q, texts_r, self.policy.device, rollout.columns_of(rows)).tolist()
+        g = sampling.generate(self.policy, rows, self.sampler.generation_kwargs(), self.sampler.temperature)
+        texts_q, texts_r = collect.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
+        scores = collect.score(self.reward, texts_q, texts_r, self.policy.device, collect.columns_of(rows)).tolist()
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         records = []
         for j, i in enumerate(numbers):

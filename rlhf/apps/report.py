@@ -9,7 +9,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from rlhf.core import rundir
+from rlhf.core.run import rundir
 
 
 def fmt(v: Any) -> str:
@@ -61,7 +61,7 @@ def _name(run, root: Path) -> str:
 
 def diagnosis_section(runs: list, root: Path) -> str:
     """Each run's findings (rlhf-diagnose's), or "no findings"."""
-    from rlhf.core import diagnosis
+    from rlhf.core.evaluation import diagnosis
 
     blocks = []
     for run in runs:
@@ -94,7 +94,7 @@ def samples_section(runs: list, root: Path, n: int = 4) -> str:
 
 def optimum_section(runs: list, root: Path) -> str:
     """Runs with eval.kl_to_optimum: pi_ref, the trained pi and pi* side by side, one block each."""
-    from rlhf.core.optimum import format_table
+    from rlhf.core.evaluation.optimum import format_table
 
     blocks = []
     for run in runs:

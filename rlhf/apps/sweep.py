@@ -17,7 +17,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from rlhf.core import rundir
+from rlhf.core.run import rundir
 
 _sweep: dict[str, Any] = {}
 

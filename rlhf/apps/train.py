@@ -19,8 +19,9 @@ from rlhf.apps import hydra_setup, sweep
 from rlhf.contracts import safety, schema
 from rlhf.contracts.errors import OneLine, Refused
 from rlhf.contracts.interfaces import RunInfo
-from rlhf.core import checkpoint, distributed, rundir
-from rlhf.core.preemption import Interrupt, Interrupted, Preemption, Requeued, under_submitit
+from rlhf.core.parallel import distributed
+from rlhf.core.run import checkpoint, rundir
+from rlhf.core.run.preemption import Interrupt, Interrupted, Preemption, Requeued, under_submitit
 
 log = logging.getLogger("rlhf")
 
@@ -66,7 +67,7 @@ def parallel_jobs() -> int:
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> float:
-    from rlhf.core.trainer import preflight
+    from rlhf.core.loop.trainer import preflight
 
     distributed.setup()  # torchrun's ranks joined before Hydra; a submitit job of several tasks joins here
     info = run_info()
@@ -142,7 +143,7 @@ def run(cfg: DictConfig, info: RunInfo, plugins, resume: list[Path] | None, stop
         same_job: bool) -> dict:
     """Build the trainer and fit; a run that fails says so in one line where it can (a refused
     input, a full disk), and writes its traceback to error.txt otherwise."""
-    from rlhf.core.trainer import Trainer
+    from rlhf.core.loop.trainer import Trainer
 
     run_dir, hc = Path(info.run_dir), HydraConfig.get()
     trainer = None
@@ -226,7 +227,7 @@ def report(s: dict, run_dir: Path) -> None:
             print(f"{key:<17} {s[f'{key}_start']:.3f} -> {s[f'{key}_end']:.3f}")
     print(f"run directory     {s['run_dir']}  ({s['wall_s']:.0f} s)")
     if (run_dir / rundir.OPTIMUM).is_file():  # eval.kl_to_optimum: the trained policy beside pi_ref and pi*
-        from rlhf.core.optimum import format_table
+        from rlhf.core.evaluation.optimum import format_table
 
         print(format_table(rundir.from_json((run_dir / rundir.OPTIMUM).read_text())))
 

@@ -29,14 +29,15 @@ from rlhf.apps import hydra_setup
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
 from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
-from rlhf.core import checkpoint, rollout, rundir
-from rlhf.core.data import Shuffled, load_prompts, sample_queries, tokenize_prompts
-from rlhf.core.distributed import pick_device
-from rlhf.core.optim import gradient_step
-from rlhf.core.pairs import load_pairs
-from rlhf.core.policy import Policy
-from rlhf.core.reward_model import load_reward_model, pairwise_accuracy, rm_scores, text_of
-from rlhf.core.rundir import RunRecorder
+from rlhf.core.loop.optim import gradient_step
+from rlhf.core.model.policy import Policy
+from rlhf.core.model.reward_model import load_reward_model, pairwise_accuracy, rm_scores, text_of
+from rlhf.core.parallel.distributed import pick_device
+from rlhf.core.rollout import collect, sampling
+from rlhf.core.rollout.data import Shuffled, load_prompts, sample_queries, tokenize_prompts
+from rlhf.core.rollout.pairs import load_pairs
+from rlhf.core.run import checkpoint, rundir
+from rlhf.core.run.rundir import RunRecorder
 
 
 @dataclass
@@ -127,8 +128,8 @@ def _normalization(cfg, model, tokenizer, sampler, device, out: Path, n: int) ->
     queries = sample_queries(sampler, ids, random.Random(cfg.seed))
     texts = []
     for i in range(0, len(queries), 64):
-        g = rollout.generate(policy, queries[i : i + 64], sampler.generation_kwargs())
-        texts += [text_of(a, b) for a, b in zip(*rollout.decode(policy, g.input_ids, g.attention_mask, g.query_len))]
+        g = sampling.generate(policy, queries[i : i + 64], sampler.generation_kwargs())
+        texts += [text_of(a, b) for a, b in zip(*collect.decode(policy, g.input_ids, g.attention_mask, g.query_len))]
     scores = rm_scores(model, tokenizer, texts)
     stats = {"mean": scores.mean().item(), "std": scores.std().item(), "samples": len(texts)}
     (out / rundir.NORMALIZATION).write_text(rundir.to_json(stats, indent=2) + "\n")

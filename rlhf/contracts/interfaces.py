@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Rollout:
-    """One batch of on-policy experience, collected by the core (`rlhf.core.rollout`).
+    """One batch of on-policy experience, collected by the core (`rlhf.core.rollout.sampling`).
 
     B = batch, T = response length (padded). Query tokens are left-padded in `input_ids`,
     responses right-padded; `mask` is 1 on real response tokens, EOS included.
@@ -42,7 +42,7 @@ class Rollout:
 
 @dataclass
 class PairBatch:
-    """B preference pairs, collected by the core (`rlhf.core.sources`).
+    """B preference pairs, collected by the core (`rlhf.core.rollout.sources`).
 
     Rows [0, B) hold the chosen responses and rows [B, 2B) the rejected ones, row i and
     row i + B after the same query. Every response token lies at or after column Q:
@@ -64,7 +64,7 @@ class PairBatch:
 
 @runtime_checkable
 class TrainablePolicy(Protocol):
-    """What an optimizer plugin sees of the policy: its log-probs (`rlhf.core.policy.Policy`)."""
+    """What an optimizer plugin sees of the policy: its log-probs (`rlhf.core.model.policy.Policy`)."""
 
     temperature: float  # the sampling temperature: log pi of a rollout's tokens is taken at it
 
@@ -75,10 +75,10 @@ class TrainablePolicy(Protocol):
 
 @runtime_checkable
 class PolicyOptimizer(Protocol):
-    """An objective: the core collects the batches and runs the update loop (`rlhf.core.update`)."""
+    """An objective: the core collects the batches and runs the update loop (`rlhf.core.loop.update`)."""
 
     needs_value_head: bool  # the core attaches a value head to the policy if True
-    # what the core feeds it: the name of a batch source (`rlhf.core.sources`): "rollouts"
+    # what the core feeds it: the name of a batch source (`rlhf.core.rollout.sources`): "rollouts"
     # (Rollout), "preference_pairs" (PairBatch from the data's pairs) or "sampled_pairs"
     # (PairBatch of two policy samples per prompt, labelled by the reward source)
     consumes: str
@@ -88,7 +88,7 @@ class PolicyOptimizer(Protocol):
     # the KL coefficient of the objective E[r] - beta KL(pi || pi_ref) this optimizer
     # solves, as configured: eval.kl_to_optimum compares the policy with its optimum
     beta: float
-    # its config: an rlhf.core.update.OptimConfig (lr, adam_eps, max_grad_norm), a
+    # its config: an rlhf.core.loop.update.OptimConfig (lr, adam_eps, max_grad_norm), a
     # MinibatchConfig when it reuses a batch (epochs, num_minibatches), and its own fields
     cfg: Any
 
@@ -97,7 +97,7 @@ class PolicyOptimizer(Protocol):
         returns): (B, T) and (B,) tensors are cut into the minibatches with the batch."""
 
     def loss(self, policy: TrainablePolicy, batch: Rollout | PairBatch, prepared: dict[str, Any], epoch: int) -> Any:
-        """The loss of a batch or minibatch: an rlhf.core.update.Loss (the scalar, reduced with
+        """The loss of a batch or minibatch: an rlhf.core.loop.update.Loss (the scalar, reduced with
         token_mean or row_mean; named statistics; whether to skip it)."""
 
     def finish(self, batch: Rollout | PairBatch, prepared: dict[str, Any]) -> Mapping[str, float]:
@@ -149,7 +149,7 @@ class Proposal(Protocol):
 
     def sample(self, policy: Any, queries: Sequence[list[int]], gen_kwargs: dict[str, Any], temperature: float,
                with_values: bool, rows: tuple[int, int] | None) -> Any:
-        """An rlhf.core.rollout.Generation of the queries; unless is_policy, with `sampled_logprobs`
+        """An rlhf.core.rollout.sampling.Generation of the queries; unless is_policy, with `sampled_logprobs`
         (log q of each drawn token, under exactly the distribution that drew it)."""
 
     def after_update(self, policy: Any) -> Mapping[str, float] | None:
@@ -192,7 +192,7 @@ class BatchSource(Protocol):
 
     A source owns everything the loop must know about its batches: how to make the next
     one, the metrics that describe a batch before any update, and whether a batch is fit
-    to train on. Sources live in `rlhf.core.sources`, one class per file.
+    to train on. Sources live in `rlhf.core.rollout.sources`, one class per file.
     """
 
     def next(self, batch_size: int) -> Any:

@@ -3,7 +3,7 @@ of one-token prompts x0..x{K-1}, response tokens y0..y{V-1} and, for sequence pr
 EOS token `</s>`.
 
 The vocabulary is small, so every response up to a short cap can be enumerated and the
-optimum of the KL-regularised objective computed exactly (`rlhf/core/optimum.py`). Built
+optimum of the KL-regularised objective computed exactly (`rlhf/core/evaluation/optimum.py`). Built
 into the cache like the embedded default; deterministic from its seed.
 
 `policy.path` names one: `toy` (2 prompts, 6 response tokens, no EOS: every response runs
