@@ -31,7 +31,6 @@ def main(name: str, out: str) -> None:
     if objective.needs_value_head:
         policy.attach_value_head()
         torch.nn.init.normal_(policy.value_head.weight, std=0.1)  # a critic that predicts something
-    policy.temperature = sampler.temperature
     k = objective.samples_per_prompt
     prompts = [policy.tokenizer(x, add_special_tokens=False).input_ids for x in ("x0", "x1", "x2", "x0")]
     queries = [q for q in prompts for _ in range(k)]  # each prompt's k samples side by side

@@ -12,22 +12,22 @@ from conftest import compose
 from omegaconf import OmegaConf
 
 from rlhf.contracts import registry
+from rlhf.contracts.update import Loss, OptimConfig
 from rlhf.core.loop.trainer import Trainer
-from rlhf.core.loop.update import Loss, OptimConfig, token_mean
 from rlhf.core.rollout import sources
 from rlhf.core.toolkit import numerics
+from rlhf.core.toolkit.reductions import token_mean
 
 
 def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry.discover()))  # gone again after this test
 
     @registry.register("optimizer", "half_done")
-    class HalfDone:  # has what isinstance-by-name used to probe least: no beta, no state
+    class HalfDone:  # what it may leave out (beta, state, a value head) it gets; `finish` it may not
         @dataclass
         class Config:
             lr: float = 1e-3  # learning rate
 
-        needs_value_head = False
         consumes = "rollouts"
 
         def __init__(self, cfg):
@@ -40,9 +40,12 @@ def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them
             return None
 
     node = OmegaConf.create({"_target_": f"{HalfDone.__module__}.{HalfDone.__qualname__}"})
-    with pytest.raises(registry.PluginError, match=r"optimizer plugin 'half_done' .* lacks samples_per_prompt, beta, finish, "
-                                                   r"state_dict, load_state_dict, which the PolicyOptimizer protocol declares"):
+    with pytest.raises(registry.PluginError, match=r"optimizer plugin 'half_done' .* lacks finish, which the "
+                                                   r"PolicyOptimizer protocol declares"):
         registry.instantiate("optimizer", node)
+    # the optional members it left out are declared, with their defaults (rlhf.contracts.interfaces.OPTIONAL)
+    assert HalfDone.beta is None and HalfDone.needs_value_head is False and HalfDone.samples_per_prompt == 1
+    assert HalfDone.takes_importance_weights is True and HalfDone.detectors == () and HalfDone(None).state_dict() == {}
 
 
 @dataclass

@@ -3,7 +3,8 @@
     rlhf.contracts   interfaces, registry, schemas, checks: imports nothing else of rlhf
     rlhf.core        the library (with rlhf.embedded): contracts only, never a command or a plugin
     rlhf.apps        the commands: library and contracts, never a concrete plugin
-    rlhf_plugins     the plugins: library and contracts, never a command
+    rlhf_plugins     the plugins: contracts and the core's public toolkit (rlhf.core.toolkit), never a
+                     command nor any other part of the core
 
 Every import counts: one inside a function (a lazy import is still a dependency) and one
 under `if TYPE_CHECKING:` (an annotation is a dependency of the reader) alike.
@@ -70,14 +71,17 @@ def layer(module: str) -> str:
         return "contracts"
     if module.startswith("rlhf.apps"):
         return "apps"
+    if module.startswith("rlhf.core.toolkit"):
+        return "toolkit"
     return "library"  # rlhf.core, rlhf.embedded and the top package
 
 
 ALLOWED = {
     "contracts": {"contracts"},
-    "library": {"contracts", "library"},
-    "apps": {"contracts", "library", "apps"},
-    "plugins": {"contracts", "library", "plugins"},
+    "library": {"contracts", "library", "toolkit"},
+    "toolkit": {"contracts", "library", "toolkit"},
+    "apps": {"contracts", "library", "toolkit", "apps"},
+    "plugins": {"contracts", "toolkit", "plugins"},
 }
 
 

@@ -28,7 +28,6 @@ def ppo_steps(policy: Policy, steps: int = 3, overrides: tuple[str, ...] = ()):
     reward = registry.instantiate("reward", cfg.reward)
     sampler = registry.instantiate("sampler", cfg.sampler)
     policy.attach_value_head()
-    policy.temperature = sampler.temperature
     updater = Updater(ppo, policy)
     queries = [policy.tokenizer("The movie was", add_special_tokens=False).input_ids] * 8
     history = []
@@ -136,10 +135,9 @@ def test_sampler_rejects_bad_settings(bad):
 
 def test_sampler_names_settings_that_bias_the_kl():
     info = next(p for p in registry.plugins("sampler") if p.name == "length")
-    assert info.cls(info.cls.Config()).kl_bias_warnings() == []
-    warnings = info.cls(info.cls.Config(top_k=5, top_p=0.9, min_new_tokens=2, num_beams=2)).kl_bias_warnings()
-    assert [w.split("=")[0] for w in warnings] == ["sampler.top_k", "sampler.top_p", "sampler.min_new_tokens",
-                                                   "sampler.num_beams"]
+    assert info.cls(info.cls.Config()).kl_bias() == []
+    biased = info.cls(info.cls.Config(top_k=5, top_p=0.9, min_new_tokens=2, num_beams=2)).kl_bias()
+    assert biased == ["sampler.top_k=5", "sampler.top_p=0.9", "sampler.min_new_tokens=2", "sampler.num_beams=2"]
 
 
 def test_forward_logprobs_equal_generate_scores_with_left_padding(embedded_dir):

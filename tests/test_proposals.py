@@ -4,6 +4,7 @@ sample size by hand, exact log q under truncation and mixing, and the proposals 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -66,7 +67,8 @@ def expected_gradient(policy: Tabular, b: Rollout, probs: torch.Tensor, kind: st
     for i in range(len(RESPONSES)):
         row, _ = collect.minibatch(b, torch.tensor([i]))
         policy.zero_grad()
-        sequence_policy_gradient(policy, row, row.scores, w[i : i + 1]).loss.backward()
+        row = dataclasses.replace(row, is_weight=w[i : i + 1])  # as the core sets a rollout's weights
+        sequence_policy_gradient(policy, row, row.scores).loss.backward()
         total += probs[i].double() * torch.cat([policy.a.grad.flatten(), policy.b.grad.flatten()]).double()
     return total
 

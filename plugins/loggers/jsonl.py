@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 from rlhf.contracts.interfaces import RunInfo
 from rlhf.contracts.registry import register
 from rlhf.contracts.safety import writes_file
-from rlhf.core.run import rundir
+from rlhf.core.toolkit import runs
 
 
 @register("logger", "jsonl")
@@ -31,8 +31,8 @@ class JsonlLogger:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        os.write(self.fd, (rundir.to_json({"run": self.name, "step": step, **metrics}) + "\n").encode())
+        os.write(self.fd, (runs.to_json({"run": self.name, "step": step, **metrics}) + "\n").encode())
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        os.write(self.fd, (rundir.to_json({"run": self.name, "summary": dict(summary)}) + "\n").encode())
+        os.write(self.fd, (runs.to_json({"run": self.name, "summary": dict(summary)}) + "\n").encode())
         os.close(self.fd)

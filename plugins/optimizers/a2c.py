@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 from rlhf_plugins.optimizers.detectors import value_explains_nothing
 
-from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, Rollout
+from rlhf.contracts.metrics import ENTROPY, EXPLAINED_VAR, LOSS_POLICY, LOSS_VALUE, VALUE_MEAN
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss, token_mean
+from rlhf.contracts.update import Loss
 from rlhf.core.toolkit import numerics
 from rlhf.core.toolkit.objectives import KLObjective, KLShapedConfig
+from rlhf.core.toolkit.reductions import token_mean
 
 
 @register("optimizer", "a2c")
@@ -30,8 +32,7 @@ class A2C(KLObjective):
                                           else {"gae_lambda": "advantage=gae"})}
 
     needs_value_head = True
-    consumes = "rollouts"
-    samples_per_prompt = 1
+    consumes = ROLLOUTS
     detectors = (value_explains_nothing,)  # over the metrics only it logs
 
     def __init__(self, cfg: Config):
@@ -46,16 +47,16 @@ class A2C(KLObjective):
 
     def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
         c, mask = self.cfg, r.mask
-        logprobs, vpred, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, policy.temperature,
+        logprobs, vpred, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, r.temperature,
                                                          with_entropy=True)  # (B, T) each
         entropy = token_mean(entropy, mask)
         pg = t["advantages"] * logprobs
-        pg_loss = -token_mean(pg if "is_weight" not in t else pg * t["is_weight"], mask)  # (weighted: samples of q != pi)
+        pg_loss = -token_mean(pg if r.is_weight is None else pg * r.is_weight, mask)  # (weighted: samples of q != pi)
         vf_loss = 0.5 * token_mean((vpred - t["returns"]) ** 2, mask)
         loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
-        return Loss(loss, {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy})
+        return Loss(loss, {LOSS_POLICY: pg_loss, LOSS_VALUE: vf_loss, ENTROPY: entropy})
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"val/explained_var": numerics.explained_variance(r.values, t["returns"], r.mask).item(),
-                "val/mean": numerics.masked_mean(r.values, r.mask).item(),
+        return {EXPLAINED_VAR: numerics.explained_variance(r.values, t["returns"], r.mask).item(),
+                VALUE_MEAN: numerics.masked_mean(r.values, r.mask).item(),
                 **self.shaping.after_update(t["kl"], r)}

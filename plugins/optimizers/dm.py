@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, Rollout
+from rlhf.contracts.metrics import RETURN
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss
+from rlhf.contracts.update import Loss
 from rlhf.core.toolkit.objectives import KLConfig, KLObjective, sequence_policy_gradient
 
 
@@ -42,12 +43,9 @@ class DistributionMatching(KLObjective):
     class Config(KLConfig):
         k: int = 8  # samples per prompt (train.batch_size counts prompts): the weights are normalised among them
 
-        def inert(self) -> dict[str, str]:  # its weights divide by q already: exact for any proposal
-            return {**super().inert(), "correction": "another optimizer (dm weighs q's samples by pi*/q itself)",
-                    "is_cap": "another optimizer (dm weighs q's samples by pi*/q itself)"}
 
-    needs_value_head = False
-    consumes = "rollouts"
+    consumes = ROLLOUTS
+    takes_importance_weights = False  # its weights divide by log q already: exact for any proposal
 
     def __init__(self, cfg: Config):
         cfg.check("dm", k=(cfg.k >= 2, "at least 2"), beta=(cfg.beta > 0, "> 0 (the weights divide by it)"))
@@ -65,4 +63,4 @@ class DistributionMatching(KLObjective):
         return sequence_policy_gradient(policy, r, t["advantages"])
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"objective/return": t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}
+        return {RETURN: t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}

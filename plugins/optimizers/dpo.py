@@ -15,9 +15,19 @@ import torch
 import torch.nn.functional as F
 from rlhf_plugins.optimizers.detectors import chosen_still, dpo_displacement, dpo_saturated
 
-from rlhf.contracts.interfaces import PairBatch
+from rlhf.contracts.interfaces import PREFERENCE_PAIRS, SAMPLED_PAIRS, PairBatch
+from rlhf.contracts.metrics import (
+    LOGPS_CHOSEN,
+    LOGPS_REJECTED,
+    LOSS_DPO,
+    REWARDS_ACCURACY,
+    REWARDS_CHOSEN,
+    REWARDS_MARGIN,
+    REWARDS_REJECTED,
+)
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss, OptimConfig, row_mean
+from rlhf.contracts.update import Loss, OptimConfig
+from rlhf.core.toolkit.reductions import row_mean
 
 
 def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing) -> torch.Tensor:
@@ -46,8 +56,6 @@ class DPO:
         loss_type: str = "sigmoid"  # sigmoid (DPO) or ipo
         online: bool = False  # sample two responses per prompt and let the reward source label them
 
-    needs_value_head = False
-    samples_per_prompt = 1
     detectors = (dpo_displacement, dpo_saturated)  # over the metrics only it logs
     tiny_steps = staticmethod(chosen_still)  # its evidence of tiny updates
 
@@ -61,7 +69,7 @@ class DPO:
             cfg.lr = 1e-3 if cfg.online else 2e-4
         self.cfg = cfg
         self.beta = cfg.beta  # the objective's KL coefficient, as configured (eval.kl_to_optimum)
-        self.consumes = "sampled_pairs" if cfg.online else "preference_pairs"
+        self.consumes = SAMPLED_PAIRS if cfg.online else PREFERENCE_PAIRS
 
     def state_dict(self) -> dict:
         return {}  # the torch optimizer holds all of DPO's state
@@ -92,13 +100,13 @@ class DPO:
             chosen_rewards = c.beta * (lp["chosen"] - lp["ref_chosen"])
             rejected_rewards = c.beta * (lp["rejected"] - lp["ref_rejected"])
             stats = {
-                "loss/dpo": loss,
-                "rewards/chosen": chosen_rewards.mean(),
-                "rewards/rejected": rejected_rewards.mean(),
-                "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-                "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-                "logps/chosen": lp["chosen"].mean(),
-                "logps/rejected": lp["rejected"].mean(),
+                LOSS_DPO: loss,
+                REWARDS_CHOSEN: chosen_rewards.mean(),
+                REWARDS_REJECTED: rejected_rewards.mean(),
+                REWARDS_MARGIN: (chosen_rewards - rejected_rewards).mean(),
+                REWARDS_ACCURACY: (chosen_rewards > rejected_rewards).float().mean(),
+                LOGPS_CHOSEN: lp["chosen"].mean(),
+                LOGPS_REJECTED: lp["rejected"].mean(),
             }
         return Loss(loss, stats)
 

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 from rlhf_plugins.optimizers.detectors import trust_region
 
-from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, Rollout
+from rlhf.contracts.metrics import CLIPFRAC, LOSS_POLICY, RETURN
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss, MinibatchConfig, row_mean
+from rlhf.contracts.update import Loss, MinibatchConfig
 from rlhf.core.toolkit import numerics
 from rlhf.core.toolkit.objectives import KLConfig, KLObjective
+from rlhf.core.toolkit.reductions import row_mean
 
 
 def group_advantages(returns: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
@@ -50,8 +52,7 @@ class GRPO(KLObjective):
         def inert(self) -> dict[str, str]:  # a batch stepped on once: the ratio is 1, nothing to clip
             return {**super().inert(), **({} if self.reused() else {"clip_coef": "epochs or num_minibatches > 1"})}
 
-    needs_value_head = False
-    consumes = "rollouts"
+    consumes = ROLLOUTS
     detectors = (trust_region,)  # its clipfrac
 
     def __init__(self, cfg: Config):
@@ -74,7 +75,7 @@ class GRPO(KLObjective):
 
     def loss(self, policy, mb: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
         c, m = self.cfg, mb.mask  # (b, T_mb)
-        logprobs, _, _ = policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len, policy.temperature,
+        logprobs, _, _ = policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len, mb.temperature,
                                                with_values=False)
         ratio = torch.exp((logprobs - mb.logprobs) * m)
         adv = t["advantages"][:, None]  # (b, 1): one advantage for every token of a response
@@ -83,15 +84,15 @@ class GRPO(KLObjective):
         per_token = torch.max(pg_loss1, pg_loss2)
         if c.kl_penalty == "loss":  # the paper's k3 = pi_ref / pi - 1 - log(pi_ref / pi)
             per_token = per_token + c.beta * numerics.kl_per_token(logprobs, mb.ref_logprobs, c.kl_estimator)
-        if "is_weight" in t:  # samples of a proposal q != pi, weighted to pi
-            per_token = per_token * t["is_weight"]
+        if mb.is_weight is not None:  # samples of a proposal q != pi, weighted to pi
+            per_token = per_token * mb.is_weight
         if c.loss_aggregation == "response_mean":  # mean over each response, then over responses
             loss = row_mean(numerics.masked_mean(per_token, m, dim=1))
         else:  # sum over each response's tokens: a long response counts as much per token as a short one
             loss = row_mean((per_token * m).sum(1))
         with torch.no_grad():
-            stats = {"loss/policy": loss, "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m)}
+            stats = {LOSS_POLICY: loss, CLIPFRAC: numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m)}
         return Loss(loss, stats)
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"objective/return": t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}
+        return {RETURN: t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}

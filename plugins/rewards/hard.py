@@ -57,7 +57,7 @@ class HardToy:
         return self.table[prompt]
 
     def _build(self, prompt: str) -> dict[str, float]:
-        from rlhf.core.evaluation.optimum import response_distribution
+        from rlhf.core.toolkit.optimum import response_distribution
 
         c, policy = self.cfg, self._reference()
         ids = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -81,7 +81,7 @@ class HardToy:
     def _reference(self):
         if self._policy is None:
             from rlhf.contracts.schema import LoraSettings, PolicyConfig
-            from rlhf.core.model.policy import Policy
+            from rlhf.core.toolkit.models import Policy
 
             self._policy = Policy.load(PolicyConfig(path=self.cfg.model, lora=LoraSettings(enabled=False)),
                                        torch.device("cpu"))

@@ -29,13 +29,12 @@ class LearnedReward:
         self.model = None
 
     def _load(self) -> None:
-        from rlhf.core.model.reward_model import load_reward_model
-        from rlhf.core.parallel.distributed import pick_device
-        from rlhf.core.run import rundir
+        from rlhf.core.toolkit import runs
+        from rlhf.core.toolkit.models import load_reward_model, pick_device
 
         path = Path(self.cfg.path)
-        if (path / rundir.REWARD_MODEL).is_dir():
-            path = path / rundir.REWARD_MODEL
+        if (path / runs.REWARD_MODEL).is_dir():
+            path = path / runs.REWARD_MODEL
         if not path.exists():
             raise FileNotFoundError(f"reward.path: no reward model at {self.cfg.path}")
         self.model, self.tokenizer = load_reward_model(str(path), pick_device(self.cfg.device), self.cfg.trust_remote_code)
@@ -43,14 +42,14 @@ class LearnedReward:
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward.path={path}: a reward model has one output, this one has {self.model.config.num_labels}")
         self.mean, self.std = 0.0, 1.0
-        stats = path / rundir.NORMALIZATION
+        stats = path / runs.NORMALIZATION
         if self.cfg.normalize and stats.is_file():
             s = json.loads(stats.read_text())
             self.mean, self.std = s["mean"], max(s["std"], 1e-6)
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        from rlhf.core.model.reward_model import rm_scores, text_of
+        from rlhf.core.toolkit.models import rm_scores, text_of
 
         if self.model is None:
             self._load()

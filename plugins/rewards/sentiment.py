@@ -34,10 +34,10 @@ class SentimentReward:
 
             path = self.cfg.model
             if path == "embedded":
-                from rlhf.embedded.build import sentiment_path
+                from rlhf.core.toolkit.models import sentiment_path
 
                 path = sentiment_path()
-            from rlhf.core.parallel.distributed import pick_device
+            from rlhf.core.toolkit.models import pick_device
 
             device = pick_device(self.cfg.device)
             self._pipe = pipeline(

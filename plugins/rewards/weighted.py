@@ -46,7 +46,7 @@ class WeightedReward:
             self.parts.append((name, float(weight), registry.instantiate("reward", node)))
 
     def score(self, queries: Sequence[str], responses: Sequence[str], **columns: Sequence[Any]) -> torch.Tensor:
-        from rlhf.core.rollout.collect import score
+        from rlhf.core.toolkit.sampling import score
 
         total = torch.zeros(len(responses))
         for _, weight, part in self.parts:

@@ -68,18 +68,19 @@ class LengthSampler:
             min_new_tokens=c.min_new_tokens, max_new_tokens=self.response_cap,
         )
 
-    def kl_bias_warnings(self) -> list[str]:
+    @property
+    def longest_query(self) -> int:
+        return self.cfg.max_query_tokens - 1  # (a query's length is drawn from [min, max))
+
+    def kl_bias(self) -> list[str]:
         c = self.cfg
-        biased = {
-            "sampler.top_k": c.top_k > 0, "sampler.top_p": c.top_p < 1,
-            "sampler.min_new_tokens": c.min_new_tokens > 0, "sampler.num_beams": c.num_beams > 1,
-            "sampler.repetition_penalty": c.repetition_penalty != 1.0, "sampler.do_sample": not c.do_sample,
-        }
-        return [
-            f"{name}={getattr(c, name.split('.')[1])} makes responses differ from samples of "
-            "pi(.|x) at the sampling temperature, so the KL penalty and KL metrics are biased "
-            "(and can go negative)"
-            for name, on in biased.items() if on
-        ] + ([f"sampler.min_response_tokens={c.min_response_tokens}: responses cut at a drawn length are prefixes of "
-              "samples of pi, not samples that end there; the reward scores a cut text as if whole, so the objective "
-              "is not E[r] - beta KL over whole responses"] if c.min_response_tokens else [])
+        biased = {"top_k": c.top_k > 0, "top_p": c.top_p < 1, "min_new_tokens": c.min_new_tokens > 0,
+                  "num_beams": c.num_beams > 1, "repetition_penalty": c.repetition_penalty != 1.0,
+                  "do_sample": not c.do_sample}
+        return [f"sampler.{name}={getattr(c, name)}" for name, on in biased.items() if on]
+
+    def notices(self) -> list[str]:
+        c = self.cfg
+        return [f"sampler.min_response_tokens={c.min_response_tokens}: responses cut at a drawn length are prefixes of "
+                "samples of pi, not samples that end there; the reward scores a cut text as if whole, so the objective "
+                "is not E[r] - beta KL over whole responses"] if c.min_response_tokens else []

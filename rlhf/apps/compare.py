@@ -18,6 +18,7 @@ from typing import Any
 
 from rlhf.apps.report import fmt, report
 from rlhf.contracts import registry
+from rlhf.contracts.metrics import ENTROPY, EVAL_DISTINCT_2, EVAL_FLUENCY, EVAL_JUDGE, EVAL_KL, EVAL_REWARD
 from rlhf.core.run import checkpoint, rundir
 
 FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
@@ -89,7 +90,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
                     print(f"rlhf-compare: {problem}", file=sys.stderr)
             else:
                 print(f"rlhf-compare: {d} has no {rundir.METRICS}: in the table, not in the plots", file=sys.stderr)
-            runs.append(Run(d, config, figures, [r for r in rows if "eval/reward" in r and "eval/kl" in r], rows))
+            runs.append(Run(d, config, figures, [r for r in rows if EVAL_REWARD in r and EVAL_KL in r], rows))
     return runs
 
 
@@ -191,7 +192,7 @@ def _setting(name: str, group: list[Run], metric: str):
     """The seeds of one setting as rlhf.core.evaluation.frontier takes them: each run's (step, KL, metric)."""
     from rlhf.core.evaluation.frontier import setting
 
-    return setting(name, [[(e["step"], e["eval/kl"], e[metric]) for e in r.evals if metric in e]
+    return setting(name, [[(e["step"], e[EVAL_KL], e[metric]) for e in r.evals if metric in e]
                           for r in group if any(metric in e for e in r.evals)])
 
 
@@ -220,7 +221,7 @@ def seed_table(groups: dict[str, dict[str, list[Run]]], metric: str, rng) -> tup
             if not last:
                 continue
             m, lo, hi = interval([e[metric] for e in last], rng)
-            k, klo, khi = interval([e["eval/kl"] for e in last], rng)
+            k, klo, khi = interval([e[EVAL_KL] for e in last], rng)
             rows.append([name, str(len(last)), f"{m:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{k:.2f}", f"[{klo:.2f}, {khi:.2f}]"])
     return header, rows
 
@@ -236,10 +237,10 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _metric_label(metric: str) -> str:
-    return "held-out reward" if metric == "eval/reward" else f"held-out {metric.removeprefix('eval/')}"
+    return "held-out reward" if metric == EVAL_REWARD else f"held-out {metric.removeprefix('eval/')}"
 
 
-def plots(runs: list[Run], out: Path, metric: str = "eval/reward", found: list | None = None,
+def plots(runs: list[Run], out: Path, metric: str = EVAL_REWARD, found: list | None = None,
           groups: dict[str, dict[str, list[Run]]] | None = None) -> dict[str, Path]:
     """The figures. `groups`: the runs by method and setting (`methods`); `found`: the methods'
     frontiers over seeds (`frontiers`), when some setting has seeds."""
@@ -282,7 +283,7 @@ def plots(runs: list[Run], out: Path, metric: str = "eval/reward", found: list |
     else:
         by_method: dict[str, list[tuple[float, float]]] = {}
         for m, by in groups.items():
-            by_method[m] = [(e["eval/kl"], e[metric]) for g in by.values() for r in g for e in r.evals if metric in e]
+            by_method[m] = [(e[EVAL_KL], e[metric]) for g in by.values() for r in g for e in r.evals if metric in e]
         for i, (name, points) in enumerate(sorted((k, v) for k, v in by_method.items() if v)):
             color = f"C{i}"
             ax.scatter(*zip(*points), s=14, alpha=0.5, color=color)
@@ -303,13 +304,13 @@ def plots(runs: list[Run], out: Path, metric: str = "eval/reward", found: list |
     return files
 
 
-CURVES = (("eval/kl", "KL to the reference (nats)"), ("eval/fluency", "fluency: log-lik per token under the reference"),
-          ("policy/entropy", "policy entropy (nats per token)"), ("eval/distinct_2", "distinct-2"))
+CURVES = ((EVAL_KL, "KL to the reference (nats)"), (EVAL_FLUENCY, "fluency: log-lik per token under the reference"),
+          (ENTROPY, "policy entropy (nats per token)"), (EVAL_DISTINCT_2, "distinct-2"))
 
 
 def curves(runs: list[Run], out: Path, fields: list[str], several: bool, plt) -> dict[str, Path]:
     """KL, fluency, entropy, distinct-2 and every judge over steps, a panel each, beside the reward curve."""
-    judges = sorted({k for r in runs for row in r.evals for k in row if k.startswith("eval/judge/")})
+    judges = sorted({k for r in runs for row in r.evals for k in row if k.startswith(EVAL_JUDGE)})
     panels = [(k, t) for k, t in (*CURVES, *((j, f"judge {j.removeprefix('eval/judge/')}") for j in judges))
               if any(k in row for r in runs for row in r.rows)]
     if not panels:
@@ -340,18 +341,18 @@ def curves(runs: list[Run], out: Path, fields: list[str], several: bool, plt) ->
 def gold_vs_proxy(runs: list[Run], out: Path, fields: list[str], plt) -> Path | None:
     """The optimized (proxy) reward and the first judge (the gold reward) against sqrt(KL), as
     Gao et al. 2022 plot over-optimisation; a star where the gold peaks."""
-    with_gold = [(r, next(k for k in r.evals[0] if k.startswith("eval/judge/"))) for r in runs
-                 if r.evals and any(k.startswith("eval/judge/") for k in r.evals[0])]
+    with_gold = [(r, next(k for k in r.evals[0] if k.startswith(EVAL_JUDGE))) for r in runs
+                 if r.evals and any(k.startswith(EVAL_JUDGE) for k in r.evals[0])]
     # a judge that is the run's own reward (the same scores) says nothing about over-optimisation
-    with_gold = [(r, k) for r, k in with_gold if any(abs(e.get(k, 0.0) - e["eval/reward"]) > 1e-9 for e in r.evals)]
+    with_gold = [(r, k) for r, k in with_gold if any(abs(e.get(k, 0.0) - e[EVAL_REWARD]) > 1e-9 for e in r.evals)]
     if not with_gold:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (r, key) in enumerate(with_gold):
-        x = [max(e["eval/kl"], 0.0) ** 0.5 for e in r.evals]
+        x = [max(e[EVAL_KL], 0.0) ** 0.5 for e in r.evals]
         gold = [e.get(key, float("nan")) for e in r.evals]
         label = _label(r, fields)
-        ax.plot(x, [e["eval/reward"] for e in r.evals], color=f"C{i}", marker="o", ms=3, label=f"proxy (reward): {label}")
+        ax.plot(x, [e[EVAL_REWARD] for e in r.evals], color=f"C{i}", marker="o", ms=3, label=f"proxy (reward): {label}")
         ax.plot(x, gold, color=f"C{i}", ls="--", marker="s", ms=3, label=f"gold ({key.removeprefix('eval/judge/')}): {label}")
         peak = max(range(len(gold)), key=lambda j: gold[j])
         ax.plot([x[peak]], [gold[peak]], color=f"C{i}", marker="*", ms=14, ls="none")
@@ -375,7 +376,7 @@ def seeds_text(groups: dict[str, dict[str, list[Run]]], found: list, metric: str
             statements(found) or ["only one method: nothing to compare"])
 
 
-def compare(paths: list[Path], out: Path | None = None, metric: str = "eval/reward") -> Path:
+def compare(paths: list[Path], out: Path | None = None, metric: str = EVAL_REWARD) -> Path:
     """Print the table, write the plots and the report; return the report's path. `metric` is
     the frontier's reward axis (eval/reward, or a judge's eval/judge/<name>, the gold reward)."""
     import numpy as np
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", type=Path, help="a sweep directory, or several run directories")
     p.add_argument("--out", type=Path, help="where to write the plots and report.html (default: the sweep directory)")
-    p.add_argument("--metric", default="eval/reward",
+    p.add_argument("--metric", default=EVAL_REWARD,
                    help="the frontier's reward axis: eval/reward (default) or a judge, e.g. eval/judge/sentiment")
     args = p.parse_args(argv)
     compare(args.dirs, args.out, args.metric)

@@ -17,13 +17,14 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from rlhf.contracts.metrics import EVAL_REWARD
 from rlhf.core.run import rundir
 
 _sweep: dict[str, Any] = {}
 
 
 class SweepCallback(Callback):
-    def __init__(self, compare: bool = False, metric: str = "eval/reward"):
+    def __init__(self, compare: bool = False, metric: str = EVAL_REWARD):
         self.compare = compare  # run rlhf-compare on the sweep directory at the end
         self.metric = metric  # the frontier's reward axis in that comparison (a judge: eval/judge/<name>)
 
@@ -171,7 +172,7 @@ def report() -> int:
     if _sweep.pop("compare", False) and done:
         from rlhf.apps.compare import compare
 
-        compare([root], metric=_sweep.pop("metric", "eval/reward"))
+        compare([root], metric=_sweep.pop("metric", EVAL_REWARD))
     return len(failed)
 
 

@@ -249,9 +249,11 @@ def share_cores(threads: int) -> None:
 
     sharing = parallel_jobs() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     granted = HydraConfig.get().launcher.get("cpus_per_task") if under_submitit() else None
-    if threads == 0 and granted:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif granted:
         torch.set_num_threads(int(granted))
-    elif threads == 0 and sharing > 1:  # do not oversubscribe the cores
+    elif sharing > 1:  # do not oversubscribe the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
 
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf.apps import hydra_setup
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
+from rlhf.contracts.metrics import EVAL_PAIRWISE_ACCURACY, TRAIN_ACCURACY
 from rlhf.contracts.schema import LoraSettings, PolicyConfig, RMSettings
 from rlhf.core.loop.optim import gradient_step
 from rlhf.core.model.policy import Policy
@@ -88,7 +89,7 @@ def train_reward_model(cfg: DictConfig, run_dir: Path, ready: Setup | None = Non
     log = recorder.log
 
     accuracy = pairwise_accuracy(model, tokenizer, held_out)
-    log({"eval/pairwise_accuracy": accuracy}, 0)
+    log({EVAL_PAIRWISE_ACCURACY: accuracy}, 0)
     bar = tqdm(range(1, s.steps + 1), desc="rlhf-train-rm", mininterval=1, dynamic_ncols=True)
     for step in bar:
         model.train()
@@ -97,11 +98,11 @@ def train_reward_model(cfg: DictConfig, run_dir: Path, ready: Setup | None = Non
         r_rejected = rm_scores(model, tokenizer, [text_of(p.prompt, p.rejected, tokenizer) for p in batch], s.batch_size)
         loss = -F.logsigmoid(r_chosen - r_rejected).mean()  # Bradley-Terry
         gradient_step(opt, list(model.parameters()), loss, 1.0)
-        log({"loss/bt": loss.item(), "train/accuracy": (r_chosen > r_rejected).float().mean().item()}, step)
+        log({"loss/bt": loss.item(), TRAIN_ACCURACY: (r_chosen > r_rejected).float().mean().item()}, step)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % s.eval_every == 0 or step == s.steps:
             accuracy = pairwise_accuracy(model, tokenizer, held_out)
-            log({"eval/pairwise_accuracy": accuracy}, step)
+            log({EVAL_PAIRWISE_ACCURACY: accuracy}, step)
     bar.close()
 
     out = run_dir / rundir.REWARD_MODEL

@@ -1,6 +1,10 @@
-"""The four things a plugin can be, the batches the core hands them, and the batch
+"""What a plugin can be (an optimizer, a reward source, a sampler, a proposal, a logger), the
+batches the core hands them, what a proposal returns, the policy they may call, and the batch
 sources that make those batches. The core talks to plugins only through these, and checks
-every plugin it builds against its group's Protocol (`PROTOCOLS`) before using it."""
+every plugin it builds against its group's Protocol (`PROTOCOLS`) before using it.
+
+A member a plugin may leave out is declared in OPTIONAL with the value it then has;
+registration gives a plugin class the ones it lacks, so the core never asks `hasattr`."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_chec
 
 if TYPE_CHECKING:
     import torch
+
+    from rlhf.contracts.update import OptimConfig
 
 
 @dataclass
@@ -33,6 +39,10 @@ class Rollout:
     # (B, T) log q(y_t | x, y_<t) under the proposal that drew the responses (its temperature, truncation,
     # mixing, its own older weights or kernels); None when q is the current policy (then it is `logprobs`)
     proposal_logprobs: torch.Tensor | None = None
+    temperature: float = 1.0  # the sampling temperature: `logprobs` and a plugin's own log pi are taken at it
+    # (B, T) importance weights pi / q of the tokens (optimizer.correction), set by the core for an optimizer
+    # that takes them (PolicyOptimizer.takes_importance_weights) when q != pi; None: every weight 1
+    is_weight: torch.Tensor | None = None
 
     @property
     def sampled_logprobs(self) -> torch.Tensor:
@@ -62,35 +72,77 @@ class PairBatch:
     preference: torch.Tensor | None = None  # (B,) P(chosen preferred), for soft Bradley-Terry labels
 
 
+@dataclass
+class Generation:
+    """Sampled responses after left-padded queries, as the core's sampling loop or a proposal
+    returns them; log-probs and values when the sampler produced them on the way."""
+
+    input_ids: torch.Tensor  # (B, Q + T)
+    attention_mask: torch.Tensor  # (B, Q + T): queries' padding and everything after each first EOS are 0
+    query_len: int  # Q
+    mask: torch.Tensor  # (B, T) long, 1 on response tokens up to and including the first EOS
+    logprobs: torch.Tensor | None = None  # (B, T) log pi(y_t | x, y_<t) at the given temperature
+    values: torch.Tensor | None = None  # (B, T) value head on the state before each token
+    # (B, T) log q(y_t | x, y_<t): the distribution that drew each token (its temperature, top-k, top-p and
+    # uniform mixing included); a proposal that is not the policy must give it, else None
+    sampled_logprobs: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a run samples, fixed once from its sampler: the generation settings and the
+    temperature log pi of the samples is taken at."""
+
+    temperature: float
+    kwargs: Mapping[str, Any]  # temperature, top_k, top_p, max_new_tokens, ... (transformers' generate names)
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+
 @runtime_checkable
 class TrainablePolicy(Protocol):
-    """What an optimizer plugin sees of the policy: its log-probs (`rlhf.core.model.policy.Policy`)."""
+    """What a plugin may call of the policy (`rlhf.core.model.policy.Policy`): its log-probs,
+    its trained weights, and what an engine of its own needs to mirror it."""
 
-    temperature: float  # the sampling temperature: log pi of a rollout's tokens is taken at it
+    model: Any  # the transformers model (under peft's wrapper when LoRA is on)
+    tokenizer: Any
+    device: torch.device
+    eos_ids: Sequence[int]  # the tokens a response ends on (EOS, or the chat template's end of turn)
+    context_length: int | None  # positions the model attends over, if its config says
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int,
                        temperature: float = 1.0, with_values: bool = True, with_entropy: bool = False) -> tuple:
         """(log pi(y_t | x, y_<t) (B, T), the value head's V(s_t) (B, T) or None, the entropy (B, T) or None)."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (adapters, value head), by name."""
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the trained tensors to `state` (a trainable_state())."""
+
+
+# the batches an optimizer may consume (PolicyOptimizer.consumes), each made by a batch source
+ROLLOUTS = "rollouts"  # Rollout
+PREFERENCE_PAIRS = "preference_pairs"  # PairBatch from the data's pairs
+SAMPLED_PAIRS = "sampled_pairs"  # PairBatch of two policy samples per prompt, labelled by the reward source
 
 
 @runtime_checkable
 class PolicyOptimizer(Protocol):
     """An objective: the core collects the batches and runs the update loop (`rlhf.core.loop.update`)."""
 
-    needs_value_head: bool  # the core attaches a value head to the policy if True
-    # what the core feeds it: the name of a batch source (`rlhf.core.rollout.sources`): "rollouts"
-    # (Rollout), "preference_pairs" (PairBatch from the data's pairs) or "sampled_pairs"
-    # (PairBatch of two policy samples per prompt, labelled by the reward source)
+    # what the core feeds it: ROLLOUTS, PREFERENCE_PAIRS or SAMPLED_PAIRS
     consumes: str
-    # rollouts: each prompt is sampled k times, side by side (RLOO, GRPO); train.batch_size
-    # then counts prompts. 1 for everything else.
-    samples_per_prompt: int
-    # the KL coefficient of the objective E[r] - beta KL(pi || pi_ref) this optimizer
-    # solves, as configured: eval.kl_to_optimum compares the policy with its optimum
-    beta: float
-    # its config: an rlhf.core.loop.update.OptimConfig (lr, adam_eps, max_grad_norm), a
-    # MinibatchConfig when it reuses a batch (epochs, num_minibatches), and its own fields
-    cfg: Any
+    # its config: an rlhf.contracts.update.OptimConfig (lr, adam_eps, max_grad_norm; `update()` tells the
+    # core how to step: a MinibatchConfig's epochs and minibatches, the correction), and its own fields
+    cfg: OptimConfig
+    # optional (OPTIONAL): needs_value_head (False), samples_per_prompt (1: rollouts sample each prompt
+    # k times side by side, RLOO, GRPO, and train.batch_size counts prompts), beta (None: the KL
+    # coefficient of the objective E[r] - beta KL(pi || pi_ref) it solves, which eval.kl_to_optimum
+    # compares with; None for an objective without one), takes_importance_weights (True: its loss
+    # applies Rollout.is_weight; False refuses optimizer.correction), detectors (()) and tiny_steps
+    # (None): its diagnoses over the metrics only it logs (rlhf.core.evaluation.diagnosis)
 
     def prepare(self, batch: Rollout | PairBatch) -> dict[str, Any]:
         """What the loss needs from the whole batch, once, without gradients (advantages,
@@ -134,8 +186,12 @@ class QuerySampler(Protocol):
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `model.generate` (temperature, top_k, ...)."""
 
-    def kl_bias_warnings(self) -> list[str]:
-        """Settings that make samples differ from pi(.|x) / temperature, one line each."""
+    def kl_bias(self) -> list[str]:
+        """Its settings that make the responses differ from samples of pi(.|x) at the temperature,
+        as `key=value` ("sampler.top_k=2"): the KL penalty and KL metrics are then biased."""
+
+    # optional (OPTIONAL): longest_query (None: the longest query it cuts, in tokens, which with the
+    # response cap must fit the model's context), notices (a method: other one-line warnings at the start)
 
 
 @runtime_checkable
@@ -147,14 +203,18 @@ class Proposal(Protocol):
 
     is_policy: bool  # q is the current policy at the sampler's settings: log q = log pi, nothing to correct
 
-    def sample(self, policy: Any, queries: Sequence[list[int]], gen_kwargs: dict[str, Any], temperature: float,
-               with_values: bool, rows: tuple[int, int] | None) -> Any:
-        """An rlhf.core.rollout.sampling.Generation of the queries; unless is_policy, with `sampled_logprobs`
-        (log q of each drawn token, under exactly the distribution that drew it)."""
+    def sample(self, policy: TrainablePolicy, queries: Sequence[list[int]], sampling: Sampling, with_values: bool,
+               rows: tuple[int, int] | None) -> Generation:
+        """A Generation of the queries; unless is_policy, with `sampled_logprobs` (log q of each
+        drawn token, under exactly the distribution that drew it). `rows`: these queries' place
+        among every rank's (per-row random streams)."""
 
-    def after_update(self, policy: Any) -> Mapping[str, float] | None:
+    def after_update(self, policy: TrainablePolicy) -> Mapping[str, float] | None:
         """Called after every update of the policy (a copy of older weights kept, an engine's weights
         synced); metrics it returns (the sync's seconds) join the step's."""
+
+    # optional (OPTIONAL): start(policy, sampling), before the first step (an engine of its own is built
+    # and refuses what it cannot do, in one line); state_dict() and load_state_dict(state) for a resume
 
 
 @dataclass
@@ -213,4 +273,26 @@ class BatchSource(Protocol):
 # The Protocol every plugin of a group must satisfy; checked when the core builds one.
 PROTOCOLS: dict[str, type] = {
     "optimizer": PolicyOptimizer, "reward": RewardSource, "sampler": QuerySampler, "logger": Logger, "proposal": Proposal,
+}
+
+
+def _no_state(self: Any) -> dict:
+    return {}
+
+
+def _nothing(self: Any, *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _no_notices(self: Any) -> list[str]:
+    return []
+
+
+# The members a plugin of a group may leave out, and the value it then has: registration
+# (`rlhf.contracts.registry.register`) gives the class each one it does not define.
+OPTIONAL: dict[str, dict[str, Any]] = {
+    "optimizer": {"needs_value_head": False, "samples_per_prompt": 1, "beta": None, "takes_importance_weights": True,
+                  "detectors": (), "tiny_steps": None, "state_dict": _no_state, "load_state_dict": _nothing},
+    "sampler": {"longest_query": None, "notices": _no_notices},
+    "proposal": {"start": _nothing, "state_dict": _no_state, "load_state_dict": _nothing},
 }

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from hydra.core.config_store import ConfigStore
 
-from rlhf.contracts.interfaces import PROTOCOLS
+from rlhf.contracts.interfaces import OPTIONAL, PROTOCOLS
 
 BUILTIN_PACKAGE = "rlhf_plugins"
 ENTRY_POINT_GROUP = "rlhf.plugins"
@@ -82,6 +82,9 @@ def register(group: str, name: str) -> Callable[[type], type]:
             bases=(base,),
         )
         package = f"{group}.{name}" if group in LIST_GROUPS else group
+        for member, default in OPTIONAL.get(group, {}).items():  # what it leaves out, declared once
+            if not hasattr(cls, member):
+                setattr(cls, member, default)
         ConfigStore.instance().store(group=group, name=name, node=node, package=package)
         _REGISTRY[key] = PluginInfo(group, name, cls, node, _current_source)
         return cls

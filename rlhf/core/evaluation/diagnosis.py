@@ -18,7 +18,6 @@ has are suggested, so every override it prints composes for that optimizer.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -26,6 +25,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf.contracts import registry
+from rlhf.contracts.metrics import (
+    BETA,
+    ENTROPY,
+    EVAL_DISTINCT_2,
+    EVAL_FLUENCY,
+    EVAL_JUDGE,
+    EVAL_JUDGE_STD,
+    EVAL_KL,
+    EVAL_KL_TO_OPTIMUM,
+    EVAL_PASS_AT,
+    EVAL_REPETITION,
+    EVAL_RESPONSE_LEN,
+    EVAL_REWARD,
+    EVAL_REWARD_STD,
+    GRAD_NORM,
+    MISMATCH_ESS,
+    MISMATCH_KL,
+    TRAIN_KL,
+    TRAIN_REWARD_MAX,
+)
 from rlhf.core.run import rundir
 
 # --- how much is "moved": the reward's spread over the held-out samples at step 0 is the unit
@@ -45,27 +64,17 @@ KL_GROWTH = 2.0  # KL at least doubling over the second half of the run ...
 KL_GROWTH_MIN = 5.0  # ... by at least this many nats, while the reward does not move
 KL_STILL = 0.5  # nats per response: the policy has barely left the reference
 BETA_LARGE = 1.0  # a KL coefficient at which a reward in [0, 1] can buy little KL (0.1 reward = 0.1 nats)
-APPROX_KL_TINY = 1e-5  # per-update KL between successive policies: below this the steps are too small
-LOGP_STILL = 0.1  # nats: DPO's log pi(chosen) moving less than this over the run has not been trained
-CLIPFRAC_HIGH = 0.3  # a third of the tokens outside the trust region, step after step: steps too large
-APPROX_KL_HIGH = 0.1  # per-update KL: PPO's trust region is ~0.01-0.02
-APPROX_KL_EXTREME = 1.0  # one update moving the policy a whole nat per token: 50-100x the trust region
-LARGE_SHARE = 0.25  # ... on a quarter of the steps (early ones included: a collapse can follow them)
 CLIPPED_SHARE = 0.9  # gradient norm above max_grad_norm on 90% of the steps: every step was clipped ...
 CLIPPED_FACTOR = 3.0  # ... by a factor of 3 at the median (healthy runs sit at 1-2x a cap of 1 and learn)
 ENTROPY_FLOOR = 0.05  # nats per token: the policy samples (nearly) one token everywhere
 ENTROPY_FALL = 0.1  # ... or has kept a tenth of its starting entropy
-EXPLAINED_VAR_SHARE = 0.8  # explained variance <= 0 on 80% of the second half's steps
-DISPLACEMENT = 2.0  # nats: chosen and rejected log-probs both falling this far from their start
-SATURATED_LOSS = 0.05  # DPO loss (log 2 = 0.69 at the start) this low with accuracy 1 over the second half
 NEGATIVE_KL_STEPS = 5  # consecutive negative train/kl estimates (the live start-up warning's rule) ...
 NEGATIVE_KL_MEAN = 0.05  # ... averaging below -0.05 nats: a policy at the reference gives +-0.02 by chance
-SKIPPED_STEPS = 3  # steps with a PPO minibatch skipped for its ratio: a trust region broken repeatedly
 SATURATED_BY = 0.3  # the reward at its final level within the first 30% of the run ...
 SPREAD_LEFT = 0.1  # ... and the reward's spread at a tenth of its start: every sample scores alike
 EXPLORE_GAP = 2.0  # step-0 spreads the batch's best sample stays above the held-out mean while the mean is flat
-MISMATCH_KL = 0.1  # nats per token of KL(q || pi): a proposal this far from pi makes importance weights heavy-tailed
-MISMATCH_ESS = 0.2  # the batch's effective sample size under the sequence weights, as a share of the batch
+MISMATCH_FAR = 0.1  # nats per token of KL(q || pi): a proposal this far from pi makes importance weights heavy-tailed
+MISMATCH_FEW = 0.2  # the batch's effective sample size under the sequence weights, as a share of the batch
 OPTIMUM_REACHED = 0.05  # eval/kl_to_optimum at or below this: the run is at its known optimum (the closed-form tables' bar)
 MIN_EVALS = 3  # trends need a start, a middle and an end
 MIN_TRAIN_ROWS = 10  # training-step statistics need this many steps
@@ -163,11 +172,7 @@ class Record:
     def takes_correction(self) -> bool:
         """Whether the run's optimizer applies optimizer.correction (dm weighs by pi*/q itself)."""
         cls = self.plugin("optimizer")
-        if cls is None:  # a record that does not say: it may
-            return True
-        if "correction" not in {f.name for f in dataclasses.fields(cls.Config)}:
-            return False
-        return "correction" not in cls.Config().inert()
+        return cls is None or bool(cls.takes_importance_weights)  # (a record that does not say: it may)
 
     def plugin(self, group: str) -> type | None:
         """The class of the run's plugin of `group` (from its `_target_`), if registered."""
@@ -215,14 +220,14 @@ def start_end(record: Record, key: str) -> tuple[tuple[int, float], tuple[int, f
 
 
 def spread(record: Record) -> float:
-    std, r = record.values("eval/reward_std"), record.values("eval/reward")
+    std, r = record.values(EVAL_REWARD_STD), record.values(EVAL_REWARD)
     floor = SPREAD_FLOOR * max(1.0, abs(r[0]) if r else 1.0)  # a reward every sample scores alike at step 0
     return max(std[0], floor) if std else 1.0
 
 
 def reward_gain(record: Record) -> float | None:
     """The held-out reward's change from the first evaluation to the last, in step-0 spreads."""
-    ends = start_end(record, "eval/reward")
+    ends = start_end(record, EVAL_REWARD)
     return None if ends is None else (ends[1][1] - ends[0][1]) / spread(record)
 
 
@@ -257,7 +262,7 @@ def top_sample(record: Record) -> str | None:
 
 
 def current_beta(record: Record) -> float | None:
-    b = record.values("objective/beta")
+    b = record.values(BETA)
     if b:
         return b[-1]
     beta = record.setting("optimizer.beta")
@@ -301,24 +306,24 @@ def reward_hacking(record: Record) -> Finding | None:
     flat or falls, the text stops being language (fluency under the reference collapses,
     responses loop or copy one another), or responses run to the length cap or to nothing."""
     gain = reward_gain(record)
-    if gain is None or gain < MOVED or len(record.series("eval/reward")) < MIN_EVALS:
+    if gain is None or gain < MOVED or len(record.series(EVAL_REWARD)) < MIN_EVALS:
         return None
-    (s0, r0), (s1, r1) = start_end(record, "eval/reward")
+    (s0, r0), (s1, r1) = start_end(record, EVAL_REWARD)
     signs = []
-    for key in sorted({k for r in record.rows for k in r if k.startswith("eval/judge/")}):
+    for key in sorted({k for r in record.rows for k in r if k.startswith(EVAL_JUDGE)}):
         ends = start_end(record, key)
         if ends and ends[1][1] - ends[0][1] < FLAT_JUDGE:
             signs.append(f"judge {key.removeprefix('eval/judge/')} {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
-    ends = start_end(record, "eval/fluency")
+    ends = start_end(record, EVAL_FLUENCY)
     if ends and ends[0][1] - ends[1][1] >= FLUENCY_DROP:
         signs.append(f"fluency (log-likelihood per token under the reference) {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
-    ends, length = start_end(record, "eval/distinct_2"), record.values("eval/response_len")
+    ends, length = start_end(record, EVAL_DISTINCT_2), record.values(EVAL_RESPONSE_LEN)
     if ends and ends[0][1] > 0.2 and ends[1][1] <= DISTINCT_COLLAPSE * ends[0][1] and length and length[-1] >= 3:
         signs.append(f"distinct-2 {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
-    ends = start_end(record, "eval/repetition")
+    ends = start_end(record, EVAL_REPETITION)
     if ends and ends[1][1] - ends[0][1] >= REPETITION_RISE:
         signs.append(f"repeated bigrams within a response {fmt(ends[0][1])} -> {fmt(ends[1][1])}")
-    ends = start_end(record, "eval/response_len")
+    ends = start_end(record, EVAL_RESPONSE_LEN)
     cap = record.setting("sampler.max_new_tokens")
     if ends and isinstance(cap, int) and ends[1][1] >= LENGTH_CAP * cap and ends[0][1] < 0.8 * cap:
         signs.append(f"response length {fmt(ends[0][1])} -> {fmt(ends[1][1])} tokens (the cap is {cap})")
@@ -341,20 +346,20 @@ def past_gold_peak(record: Record) -> Finding | None:
     """Over-optimisation (Gao et al. 2022): the optimized (proxy) reward goes on rising while a
     judge (the gold reward) has peaked and fallen back: the run went past the KL where the
     proxy stopped standing for the gold."""
-    proxy = dict(record.series("eval/reward"))
-    for key in sorted({k for r in record.rows for k in r if k.startswith("eval/judge/")}):
+    proxy = dict(record.series(EVAL_REWARD))
+    for key in sorted({k for r in record.rows for k in r if k.startswith(EVAL_JUDGE)}):
         gold = record.series(key)
         if len(gold) < MIN_EVALS + 1:
             continue
         (s_peak, g_peak), (s_end, g_end) = max(gold, key=lambda p: p[1]), gold[-1]
-        spread = dict(record.series(key.replace("eval/judge/", "eval/judge_std/")))
+        spread = dict(record.series(key.replace(EVAL_JUDGE, EVAL_JUDGE_STD)))
         n = record.setting("data.n_eval") or 64
         noise = GOLD_NOISE * spread.get(s_peak, 0.0) / math.sqrt(n) if isinstance(n, int) and n > 0 else 0.0
         if s_peak == s_end or g_peak - g_end < max(GOLD_DROP, noise) or g_peak - gold[0][1] < FLAT_JUDGE:
             continue
         if s_peak not in proxy or s_end not in proxy or proxy[s_end] < proxy[s_peak]:
             continue  # the proxy fell too: a collapse, not over-optimisation
-        kl = dict(record.series("eval/kl"))
+        kl = dict(record.series(EVAL_KL))
         at = f" (sqrt KL {math.sqrt(max(kl[s_peak], 0)):.2f})" if s_peak in kl else ""
         return Finding("over-optimisation: past the gold reward's peak",
                        f"{key.removeprefix('eval/judge/')} peaked at {fmt(g_peak)} at step {s_peak}{at} and fell to "
@@ -369,7 +374,7 @@ def past_gold_peak(record: Record) -> Finding | None:
 def kl_blowup(record: Record) -> Finding | None:
     """The policy runs away from the reference: a KL past any judge's competence, or KL
     growing over the second half of the run while the reward does not."""
-    kl = record.series("eval/kl")
+    kl = record.series(EVAL_KL)
     if len(kl) < MIN_EVALS:
         return None
     beta = current_beta(record)
@@ -377,13 +382,13 @@ def kl_blowup(record: Record) -> Finding | None:
                           Knob("optimizer.lr", "lower optimizer.lr"),
                           Knob("optimizer.kl_target", "optimizer.adaptive_kl=true optimizer.kl_target=<nats> (adaptive beta)"))
     peak = max(kl, key=lambda p: p[1])
-    length = dict(record.series("eval/response_len")).get(peak[0], 0.0)
+    length = dict(record.series(EVAL_RESPONSE_LEN)).get(peak[0], 0.0)
     limit = max(KL_BLOWUP, KL_BLOWUP_PER_TOKEN * length)
     if peak[1] >= limit:
         return Finding("KL blow-up", f"eval/kl {fmt(kl[0][1])} -> {fmt(peak[1])} nats at step {peak[0]} (over "
                        f"{limit:.3g}; {fmt(kl[-1][1])} at step {kl[-1][0]})", knobs, top_sample(record))
     mid = [p for p in kl if p[0] >= kl[-1][0] / 2]
-    rewards = [p for p in record.series("eval/reward") if p[0] >= kl[-1][0] / 2]
+    rewards = [p for p in record.series(EVAL_REWARD) if p[0] >= kl[-1][0] / 2]
     if len(mid) >= 2 and len(rewards) >= 2:
         grew = mid[-1][1] - mid[0][1]
         gained = (rewards[-1][1] - rewards[0][1]) / spread(record)
@@ -398,9 +403,9 @@ def nothing_moves(record: Record) -> Finding | None:
     penalty holds the policy at the reference (over-regularisation), or the steps are too
     small to go anywhere (stagnation: the optimizer plugin's `tiny_steps` must show it, from
     the metrics only it logs; a hard task also leaves reward and KL flat)."""
-    if record.progress < 0.5 or len(record.series("eval/reward")) < MIN_EVALS:
+    if record.progress < 0.5 or len(record.series(EVAL_REWARD)) < MIN_EVALS:
         return None
-    gain, kl = reward_gain(record), record.values("eval/kl")
+    gain, kl = reward_gain(record), record.values(EVAL_KL)
     if gain is None or abs(gain) >= MOVED or not kl or abs(kl[-1]) >= KL_STILL:
         return None
     beta = current_beta(record)
@@ -420,7 +425,7 @@ def nothing_moves(record: Record) -> Finding | None:
 
 def clipped_gradients(record: Record) -> Finding | None:
     """Nearly every gradient is clipped, by a large factor: the steps are too large."""
-    norms, cap = record.values("optim/grad_norm"), record.setting("optimizer.max_grad_norm")
+    norms, cap = record.values(GRAD_NORM), record.setting("optimizer.max_grad_norm")
     if len(norms) >= MIN_TRAIN_ROWS and isinstance(cap, (int, float)) and cap > 0:
         share = sum(n > cap for n in norms) / len(norms)
         if share >= CLIPPED_SHARE and statistics.median(norms) >= CLIPPED_FACTOR * cap:
@@ -437,7 +442,7 @@ STEP_KNOBS = (Knob("optimizer.lr", "lower optimizer.lr (now {now})"), Knob("opti
 
 def entropy_collapse(record: Record) -> Finding | None:
     """The policy samples (nearly) one token everywhere: no exploration left."""
-    ends = span(record, "policy/entropy")
+    ends = span(record, ENTROPY)
     if ends is None:
         return None
     start, end = ends
@@ -464,7 +469,7 @@ def kl_bias_causes(sampler: Any) -> list[str]:
     temperature, as `key=value` ("sampler.top_k=2"); [] for none or no sampler."""
     if sampler is None:
         return []
-    return [m.split(" makes ")[0] for m in sampler.kl_bias_warnings() if " makes " in m]
+    return list(sampler.kl_bias())
 
 
 def run_sampler(record: Record) -> Any:
@@ -486,11 +491,11 @@ def run_sampler(record: Record) -> Any:
 
 def biased_kl(record: Record) -> Finding | None:
     """Negative KL estimates, step after step, or a sampler that says its samples are not
-    draws of pi at the sampling temperature (its `kl_bias_warnings`: top-k, top-p, ...)."""
+    draws of pi at the sampling temperature (its `kl_bias`: top-k, top-p, ...)."""
     # rollouts drawn by a proposal q != pi: train/kl averages over q's samples, not pi's (the
     # objective's weights account for q); only the held-out samples, pi's own, say the estimate is biased
-    best, worst = negative_streaks(record.values("train/kl")) if record.drawn_by_policy else ([], 0.0)
-    kl = record.values("eval/kl")
+    best, worst = negative_streaks(record.values(TRAIN_KL)) if record.drawn_by_policy else ([], 0.0)
+    kl = record.values(EVAL_KL)
     settings = kl_bias_causes(run_sampler(record))
     negative = worst <= -NEGATIVE_KL_MEAN or bool(kl and kl[-1] < -NEGATIVE_KL_MEAN)
     if not negative and not settings:
@@ -515,7 +520,7 @@ def biased_kl(record: Record) -> Finding | None:
 def early_saturation(record: Record) -> Finding | None:
     """The reward reached its final level early and every sample now scores alike: nothing
     left to learn from this reward."""
-    r, std = record.series("eval/reward"), record.series("eval/reward_std")
+    r, std = record.series(EVAL_REWARD), record.series(EVAL_REWARD_STD)
     if len(r) < MIN_EVALS + 1 or len(std) < MIN_EVALS + 1 or record.progress < 0.9:
         return None
     total = r[-1][1] - r[0][1]
@@ -535,14 +540,14 @@ def exploration_trap(record: Record) -> Finding | None:
     samples that score far higher: better responses exist, the policy draws them now and then,
     and does not learn them (the reverse KL's pull to the nearest mode: a response pi gives ~0
     probability gets ~0 gradient). Or pass@k far above pass@1 while pass@1 stays flat."""
-    if record.progress < 0.5 or len(record.series("eval/reward")) < MIN_EVALS:
+    if record.progress < 0.5 or len(record.series(EVAL_REWARD)) < MIN_EVALS:
         return None
-    optimum = record.values("eval/kl_to_optimum")
+    optimum = record.values(EVAL_KL_TO_OPTIMUM)
     if optimum and optimum[-1] <= OPTIMUM_REACHED:  # at its known optimum: the best responses are not all of pi*
         return None
     half = record.last_step / 2
-    mean = [x for s, x in record.series("eval/reward") if s >= half]
-    best = [x for s, x in record.series("train/reward_max") if s >= half]
+    mean = [x for s, x in record.series(EVAL_REWARD) if s >= half]
+    best = [x for s, x in record.series(TRAIN_REWARD_MAX) if s >= half]
     unit = spread(record)
     said = []
     if len(mean) >= 2 and best and abs(mean[-1] - mean[0]) < MOVED * unit:
@@ -551,7 +556,7 @@ def exploration_trap(record: Record) -> Finding | None:
             said.append(f"eval/reward stayed at {fmt(mean[-1])} over steps {int(half)}-{record.last_step} while the batches "
                         f"drew samples scoring up to {fmt(max(best))}, {gap:.1f} step-0 spreads higher")
     pass1 = record.series("eval/pass@1")
-    passk = [(k, record.series(k)) for k in sorted({k for r in record.rows for k in r if k.startswith("eval/pass@")})
+    passk = [(k, record.series(k)) for k in sorted({k for r in record.rows for k in r if k.startswith(EVAL_PASS_AT)})
              if k != "eval/pass@1"]
     if len(pass1) >= 2 and passk and abs(pass1[-1][1] - pass1[len(pass1) // 2][1]) < FLAT_JUDGE:
         k, s = passk[-1]
@@ -571,14 +576,14 @@ def exploration_trap(record: Record) -> Finding | None:
 def proposal_mismatch(record: Record) -> Finding | None:
     """The proposal that drew the rollouts is far from pi: importance weights heavy-tailed, few
     samples carrying the batch (an engine's rounding, a stale or hot proposal)."""
-    kl, ess = record.values("mismatch/kl"), record.values("mismatch/ess")
+    kl, ess = record.values(MISMATCH_KL), record.values(MISMATCH_ESS)
     if len(kl) < MIN_TRAIN_ROWS or not record.takes_correction:  # (dm weighs q's samples by pi*/q: nothing to correct)
         return None
     mkl, mess = statistics.median(kl), statistics.median(ess) if ess else 1.0
     correction = record.setting("optimizer.correction")
     # uncorrected, a far proposal biases the update; corrected, only a few samples carrying the batch is a problem
-    far = mkl >= MISMATCH_KL and correction in (None, "none")
-    if not far and mess > MISMATCH_ESS:
+    far = mkl >= MISMATCH_FAR and correction in (None, "none")
+    if not far and mess > MISMATCH_FEW:
         return None
     return Finding("sampler-trainer mismatch", f"median mismatch/kl {fmt(mkl)} nats per token (KL(q || pi) of the proposal "
                    f"that drew the samples), median effective sample size {fmt(mess)} of the batch"
@@ -630,7 +635,7 @@ def diagnose(record: Record) -> list[Finding]:
         f = detect(record)
         if f is not None and f.name not in found:
             found[f.name] = f
-    optimum = record.values("eval/kl_to_optimum")
+    optimum = record.values(EVAL_KL_TO_OPTIMUM)
     if optimum and optimum[-1] <= OPTIMUM_REACHED:
         found = {k: f for k, f in found.items() if k.startswith(ABOUT_THE_OBJECTIVE)}
     return list(found.values())

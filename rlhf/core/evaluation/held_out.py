@@ -8,6 +8,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rlhf.contracts.interfaces import RewardSource
+from rlhf.contracts.metrics import (
+    EVAL_ACCURACY,
+    EVAL_DISTINCT_2,
+    EVAL_FLUENCY,
+    EVAL_KL,
+    EVAL_REPETITION,
+    EVAL_RESPONSE_LEN,
+    EVAL_REWARD,
+    EVAL_REWARD_STD,
+)
 from rlhf.core.model.policy import Policy
 from rlhf.core.rollout import collect, sampling
 from rlhf.core.run import rundir
@@ -57,13 +67,13 @@ def evaluate(
                 for i, (q, r, s, k) in enumerate(zip(batch.queries, batch.responses, batch.scores, kl))
             ]
     metrics = {
-        "eval/reward": torch.cat(scores).mean().item(),
-        "eval/reward_std": torch.cat(scores).std().item(),
-        "eval/kl": torch.cat(kls).mean().item(),
-        "eval/response_len": torch.cat(lengths).mean().item(),
-        "eval/distinct_2": numerics.distinct_n([r["response"] for r in rows], 2),
-        "eval/fluency": torch.cat(ref_ll).mean().item(),
-        "eval/repetition": sum(numerics.repetition(r["response"]) for r in rows) / max(1, len(rows)),
+        EVAL_REWARD: torch.cat(scores).mean().item(),
+        EVAL_REWARD_STD: torch.cat(scores).std().item(),
+        EVAL_KL: torch.cat(kls).mean().item(),
+        EVAL_RESPONSE_LEN: torch.cat(lengths).mean().item(),
+        EVAL_DISTINCT_2: numerics.distinct_n([r["response"] for r in rows], 2),
+        EVAL_FLUENCY: torch.cat(ref_ll).mean().item(),
+        EVAL_REPETITION: sum(numerics.repetition(r["response"]) for r in rows) / max(1, len(rows)),
         **{f"eval/judge/{name}": torch.cat(values).mean().item() for name, values in judged.items()},
         **{f"eval/judge_std/{name}": torch.cat(values).std().item() for name, values in judged.items()},
     }
@@ -97,7 +107,7 @@ def pass_at_k(policy: Policy, judge: RewardSource, queries: Sequence[list[int]],
             passed += (collect.score(judge, texts_q, texts_r, policy.device, collect.columns_of(chunk)) >= threshold).tolist()
     counts = [sum(passed[j * n : (j + 1) * n]) for j in range(len(queries))]
     out = {f"eval/pass@{k}": sum(pass_at_k_estimate(n, c, k) for c in counts) / len(counts) for k in ks}
-    out["eval/accuracy"] = sum(counts) / (n * len(counts))
+    out[EVAL_ACCURACY] = sum(counts) / (n * len(counts))
     return out
 
 

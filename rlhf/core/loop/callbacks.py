@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from rlhf.contracts.errors import OneLine
 from rlhf.contracts.interfaces import SampleLogger
+from rlhf.contracts.metrics import LOSS, TRAIN_KL, TRAIN_REWARD
 from rlhf.core.evaluation import diagnosis
 from rlhf.core.parallel import distributed
 from rlhf.core.run import checkpoint
@@ -34,7 +35,7 @@ from rlhf.core.run.rundir import RunRecorder
 
 Trainer = Any  # rlhf.core.loop.trainer.Trainer, which imports this module: the parts read its run's state
 
-GUARDED = ("loss/", "train/reward", "train/kl")  # metrics that stop the run when not finite
+GUARDED = (LOSS, TRAIN_REWARD, TRAIN_KL)  # metrics that stop the run when not finite
 
 
 class NonFiniteError(OneLine, FloatingPointError):
@@ -117,7 +118,7 @@ class LiveWarnings(Part):
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
         self.live.log(metrics, step)
-        self.t.kl_watch.update(metrics.get("train/kl"))
+        self.t.kl_watch.update(metrics.get(TRAIN_KL))
 
     def after_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.live.log(metrics, step)
@@ -141,7 +142,7 @@ class Progress(Part):
                         disable=not bar)
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
-        shown = [k for k in metrics if k in ("train/reward", "train/kl")] + [k for k in metrics if k.startswith("loss/")][:1]
+        shown = [k for k in metrics if k in (TRAIN_REWARD, TRAIN_KL)] + [k for k in metrics if k.startswith(LOSS)][:1]
         self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in shown}, refresh=False)
         self.bar.update()
 

@@ -21,7 +21,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.contracts import registry
-from rlhf.contracts.interfaces import Logger, PolicyOptimizer, Proposal, QuerySampler, RewardSource, RunInfo
+from rlhf.contracts.interfaces import (
+    PREFERENCE_PAIRS,
+    ROLLOUTS,
+    Logger,
+    PolicyOptimizer,
+    Proposal,
+    QuerySampler,
+    RewardSource,
+    RunInfo,
+    Sampling,
+)
+from rlhf.contracts.metrics import (
+    EVAL_ACCURACY,
+    EVAL_DISTINCT_2,
+    EVAL_FLUENCY,
+    EVAL_KL,
+    EVAL_KL_TO_OPTIMUM,
+    EVAL_PASS_AT,
+    EVAL_RESPONSE_LEN,
+    EVAL_REWARD,
+)
 from rlhf.contracts.schema import validate
 from rlhf.core.evaluation import diagnosis
 from rlhf.core.evaluation.held_out import evaluate, pass_at_k, save_samples
@@ -89,19 +109,24 @@ def check_in_force(cfg: DictConfig, plugins: Plugins) -> None:
     proposal = names.get(cfg.proposal.get("_target_"), "?")
     opt = plugins.optimizer
     idle = []
-    if opt.consumes != "rollouts" and proposal != "policy":
+    if opt.consumes != ROLLOUTS and proposal != "policy":
         idle.append(f"proposal={proposal}: {cfg.optimizer._target_.rsplit('.', 1)[-1]} trains on preference pairs "
                     "(online DPO samples them from the policy itself), never on a proposal's rollouts; drop proposal=")
-    correction = getattr(opt.cfg, "correction", "none")
-    if correction != "none" and proposal == "policy":
+    correction = opt.cfg.update().correction
+    name = cfg.optimizer._target_.rsplit(".", 1)[-1]
+    if correction != "none" and not opt.takes_importance_weights:
+        idle.append(f"optimizer.correction={correction}: {name} takes no importance weights (its objective accounts for "
+                    "the proposal itself); leave it none")
+    elif correction != "none" and proposal == "policy":
         idle.append(f"optimizer.correction={correction} corrects the samples of a proposal q != pi; the policy draws "
                     "these (q = pi, every weight 1): pick a proposal (proposal=explore, stale, vllm) or drop it")
-    if cfg.eval.kl_to_optimum and getattr(opt, "beta", None) == 0:
+    if cfg.eval.kl_to_optimum and opt.beta is None:
+        idle.append(f"eval.kl_to_optimum: {name} has no KL coefficient, so no closed-form optimum pi* to be near; set "
+                    "eval.kl_to_optimum=false")
+    elif cfg.eval.kl_to_optimum and opt.beta == 0:
         idle.append("eval.kl_to_optimum with optimizer.beta=0: pi* = pi_ref exp(r / beta) / Z is not defined at beta 0 "
                     "(its limit puts all mass on the best responses, at infinite KL from any policy that samples); "
-                    "set optimizer.beta > 0 or eval.kl_to_optimum=false" if hasattr(opt.cfg, "beta") else
-                    f"eval.kl_to_optimum: {cfg.optimizer._target_.rsplit('.', 1)[-1]} has no KL coefficient, so no "
-                    "closed-form optimum pi* to be near; set eval.kl_to_optimum=false")
+                    "set optimizer.beta > 0 or eval.kl_to_optimum=false")
     if idle:
         raise ValueError("not in force: " + "; ".join(idle))
 
@@ -113,7 +138,7 @@ def check_context(cfg: DictConfig, sampler: QuerySampler) -> None:
 
     limit = context_length(OmegaConf.to_object(cfg.policy))
     new = sampler.generation_kwargs().get("max_new_tokens", 20)
-    query = max(1, getattr(getattr(sampler, "cfg", None), "max_query_tokens", 2) - 1)
+    query = max(1, sampler.longest_query or 1)
     if limit is not None and query + new > limit:
         raise ValueError(f"a query of up to {query} tokens plus sampler.max_new_tokens={new} is more than the model's "
                          f"context of {limit} positions; lower sampler.max_new_tokens (or sampler.max_query_tokens)")
@@ -131,13 +156,14 @@ class Trainer:
         p = plugins if plugins is not None else preflight(cfg)
         self.optimizer, self.reward, self.sampler, self.loggers, self.judges, self.proposal = (
             p.optimizer, p.reward, p.sampler, p.loggers, p.judges, p.proposal)
-        if self.optimizer.consumes != "preference_pairs":
-            for message in self.sampler.kl_bias_warnings():
+        self.sampling = Sampling(self.sampler.temperature, self.sampler.generation_kwargs())  # how the run samples, fixed
+        if self.optimizer.consumes != PREFERENCE_PAIRS:
+            for message in [*(f"{s} makes responses differ from samples of pi(.|x) at the sampling temperature, so the "
+                                "KL penalty and KL metrics are biased (and can go negative)" for s in self.sampler.kl_bias()),
+                            *self.sampler.notices()]:
                 warnings.warn(message, stacklevel=1)
 
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        checkpoint.seed_all(cfg.seed)
+        checkpoint.seed_all(cfg.seed)  # the run's random streams (its threads are the command's: rlhf.apps.train)
         device = distributed.pick_device(cfg.device)
         sharded = distributed.active() and cfg.parallel == "fsdp"  # loaded on the CPU: only shards reach the device
         self.policy = Policy.load(OmegaConf.to_object(cfg.policy), torch.device("cpu") if sharded else device)
@@ -145,7 +171,7 @@ class Trainer:
         if cfg.eval.kl_to_optimum:  # before any step: how many responses there are to enumerate
             from rlhf.core.evaluation.optimum import check_enumerable
 
-            check_enumerable(self.policy.vocab_size, self.sampler.generation_kwargs(),
+            check_enumerable(self.policy.vocab_size, self.sampling.generation_kwargs(),
                              has_eos=self.policy.tokenizer.eos_token_id is not None)
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
@@ -157,7 +183,6 @@ class Trainer:
         elif cfg.parallel == "fsdp":
             warnings.warn("parallel=fsdp: this is one process, so there is nothing to shard over; it trains as one "
                           "process. Start several with torchrun --nproc_per_node=N -m rlhf.apps.train ...", stacklevel=1)
-        self.policy.temperature = self.sampler.temperature  # log pi of the samples is taken at it
         self.updater = update.Updater(self.optimizer, self.policy)
         self.torch_optimizer = self.updater.opt
         self.scheduler = None
@@ -168,16 +193,16 @@ class Trainer:
         train_texts, eval_texts = load_prompts(cfg.data)
         tokenizer = self.policy.tokenizer
         self.train_prompts, eval_prompts = tokenize_prompts(tokenizer, train_texts), tokenize_prompts(tokenizer, eval_texts)
-        cap = self.sampler.generation_kwargs().get("max_new_tokens", 20)
+        cap = self.sampling.generation_kwargs().get("max_new_tokens", 20)
         for name, prompts in (("training", self.train_prompts), ("held-out", eval_prompts)):
             check_whole_prompts(prompts, self.policy.context_length, cap, f"data.prompts ({name})")
         self.eval_prompts = eval_prompts
         self.eval_queries = sample_queries(self.sampler, eval_prompts, random.Random(cfg.eval.seed))
         self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
-            self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal))
-        if hasattr(self.proposal, "start"):  # an engine of its own (vLLM): built now, its refusals before any step
-            self.proposal.start(self.policy, self.sampler.generation_kwargs())
+            self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal,
+            self.sampling))
+        self.proposal.start(self.policy, self.sampling)  # an engine of its own (vLLM): built now, refusing before any step
         self.problem = ""  # why the last batch was not trained on, if it was not
         self.first: dict[str, float] | None = None  # the evaluations at step 0 and at the last evaluation
         self.last: dict[str, float] | None = None
@@ -214,8 +239,8 @@ class Trainer:
         # drawn again from the fixed seed: the same queries (and response cap, if the sampler draws one) each time
         self.eval_queries = sample_queries(self.sampler, self.eval_prompts, random.Random(self.cfg.eval.seed))
         metrics, rows = evaluate(
-            self.policy, self.reward, self.eval_queries, self.sampler.generation_kwargs(),
-            self.sampler.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
+            self.policy, self.reward, self.eval_queries, self.sampling.generation_kwargs(),
+            self.sampling.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
         )
         if distributed.is_main():  # (sharded, every rank evaluates: each pass is collective)
             save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
@@ -223,15 +248,15 @@ class Trainer:
         e = self.cfg.eval
         if e.pass_at_k:
             judge = self.judges[e.pass_judge] if e.pass_judge else self.reward
-            metrics.update(pass_at_k(self.policy, judge, self.eval_queries, self.sampler.generation_kwargs(), e.seed + 1,
+            metrics.update(pass_at_k(self.policy, judge, self.eval_queries, self.sampling.generation_kwargs(), e.seed + 1,
                                      max(self.cfg.train.batch_size, e.pass_samples), e.pass_samples, e.pass_at_k,
                                      e.pass_threshold))
         if self.cfg.eval.kl_to_optimum:
             from rlhf.core.evaluation.optimum import mean_kl, optimum
 
             self.optimum = optimum(self.policy, self.reward, self.eval_queries, self.optimizer.beta,
-                                   self.sampler.generation_kwargs(), self.sampler.temperature)
-            metrics["eval/kl_to_optimum"] = mean_kl(self.optimum)
+                                   self.sampling.generation_kwargs(), self.sampling.temperature)
+            metrics[EVAL_KL_TO_OPTIMUM] = mean_kl(self.optimum)
         return metrics
 
     # ---------------------------------------------------------------- checkpoints
@@ -249,7 +274,7 @@ class Trainer:
             "first_eval": first,
             "last_eval": last,
             "negative_kl_steps": self.kl_watch.streak,
-            "proposal": self.proposal.state_dict() if hasattr(self.proposal, "state_dict") else {},
+            "proposal": self.proposal.state_dict(),
         }
 
     def restore(self, candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
@@ -335,7 +360,7 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
         self.source.load_state_dict(saved_source)
         self.kl_watch.streak = state["negative_kl_steps"]
-        if hasattr(self.proposal, "load_state_dict") and state.get("proposal"):
+        if state.get("proposal"):
             self.proposal.load_state_dict(state["proposal"])
 
     def resume_line(self) -> str:
@@ -436,16 +461,16 @@ class Trainer:
         judges = {f"judge_{name}_{when}": m[f"eval/judge/{name}"]
                   for name in self.judges for when, m in (("start", first), ("end", last))}
         summary = {
-            "reward_start": first["eval/reward"],
-            "reward_end": last["eval/reward"],
-            "kl_start": first["eval/kl"],
-            "kl_end": last["eval/kl"],
-            "response_len_end": last["eval/response_len"],
-            "distinct_2_end": last["eval/distinct_2"],
-            **{f"fluency_{when}": m["eval/fluency"] for when, m in (("start", first), ("end", last)) if "eval/fluency" in m},
+            "reward_start": first[EVAL_REWARD],
+            "reward_end": last[EVAL_REWARD],
+            "kl_start": first[EVAL_KL],
+            "kl_end": last[EVAL_KL],
+            "response_len_end": last[EVAL_RESPONSE_LEN],
+            "distinct_2_end": last[EVAL_DISTINCT_2],
+            **{f"fluency_{when}": m[EVAL_FLUENCY] for when, m in (("start", first), ("end", last)) if EVAL_FLUENCY in m},
             **judges,
-            **({"kl_to_optimum": last["eval/kl_to_optimum"]} if cfg.eval.kl_to_optimum else {}),
-            **{f"{k.removeprefix('eval/')}_{when}": m[k] for k in last if k.startswith(("eval/pass@", "eval/accuracy"))
+            **({"kl_to_optimum": last[EVAL_KL_TO_OPTIMUM]} if cfg.eval.kl_to_optimum else {}),
+            **{f"{k.removeprefix('eval/')}_{when}": m[k] for k in last if k.startswith((EVAL_PASS_AT, EVAL_ACCURACY))
                for when, m in (("start", first), ("end", last))},
             "steps": cfg.train.steps,
             **({"resumed_from_step": start} if start is not None else {}),

@@ -42,7 +42,6 @@ class Policy:
         self.lora = lora
         self.device = device
         self.value_head: nn.Linear | None = None
-        self.temperature = 1.0  # the run's sampling temperature (the trainer sets it): log pi of samples is taken at it
         self._ref_model: nn.Module | None = None
         self._keeps_logits: bool | None = None  # does the model's forward take logits_to_keep
         self._chunked: bool | None = None  # log-probs through the chunked vocabulary projection

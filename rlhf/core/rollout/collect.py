@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf.contracts.interfaces import RewardSource, Rollout
+from rlhf.contracts.interfaces import RewardSource, Rollout, Sampling
 from rlhf.core.model.policy import Policy
 from rlhf.core.rollout.data import RenderedText, special_ids
 from rlhf.core.rollout.sampling import generate
@@ -78,7 +78,7 @@ def collect(
     if proposal is None or proposal.is_policy:
         g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
     else:
-        g = proposal.sample(policy, queries, gen_kwargs, temperature, with_values, rows)
+        g = proposal.sample(policy, queries, Sampling(temperature, gen_kwargs), with_values, rows)
     input_ids, attention_mask, q = g.input_ids, g.attention_mask, g.query_len
     logprobs, values = g.logprobs, g.values
     # Under bf16 autocast the cached sampling pass and a full forward round differently (by
@@ -100,7 +100,7 @@ def collect(
         logprobs=logprobs * maskf, ref_logprobs=ref_logprobs * maskf,
         values=None if values is None else values * maskf, scores=scores,
         queries=query_text, responses=response_text, columns=columns,
-        proposal_logprobs=g.sampled_logprobs * maskf if off_policy else None,
+        proposal_logprobs=g.sampled_logprobs * maskf if off_policy else None, temperature=temperature,
     )
 
 
@@ -140,6 +140,7 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_row: torch.Tensor) -> tuple[R
         mask=mask[:, :T], logprobs=r.logprobs[idx, :T], ref_logprobs=r.ref_logprobs[idx, :T],
         values=None if r.values is None else r.values[idx, :T], scores=r.scores[idx],
         proposal_logprobs=None if r.proposal_logprobs is None else r.proposal_logprobs[idx, :T],
+        is_weight=None if r.is_weight is None else r.is_weight[idx, :T],
         queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
         columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
     )

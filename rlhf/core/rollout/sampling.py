@@ -5,11 +5,11 @@ of every drawn token under temperature, top-k, top-p and uniform mixing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from rlhf.contracts.interfaces import Generation
 from rlhf.core.model.logprobs import position_ids
 from rlhf.core.model.policy import Policy
 
@@ -33,22 +33,6 @@ def response_mask(responses: torch.Tensor, eos_ids: int | Sequence[int] | None) 
     is_eos = torch.isin(responses, torch.tensor(ends, device=responses.device)).long()
     before_or_at_first_eos = (is_eos.cumsum(1) - is_eos) == 0
     return before_or_at_first_eos.long()
-
-
-@dataclass
-class Generation:
-    """Sampled responses after left-padded queries; log-probs and values when the sampling
-    loop produced them on the way (None after transformers' `generate`)."""
-
-    input_ids: torch.Tensor  # (B, Q + T)
-    attention_mask: torch.Tensor  # (B, Q + T): queries' padding and everything after each first EOS are 0
-    query_len: int  # Q
-    mask: torch.Tensor  # (B, T) long, 1 on response tokens up to and including the first EOS
-    logprobs: torch.Tensor | None = None  # (B, T) log pi(y_t | x, y_<t) at the given temperature
-    values: torch.Tensor | None = None  # (B, T) value head on the state before each token
-    # (B, T) log q(y_t | x, y_<t): the distribution that drew each token (its temperature, top-k, top-p and
-    # uniform mixing included); with `exact_q`, else None
-    sampled_logprobs: torch.Tensor | None = None
 
 
 # generation settings the core's sampling loop implements; any other setting (beams, a

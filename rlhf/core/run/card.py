@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rlhf.contracts.metrics import EVAL_KL, EVAL_REWARD
 from rlhf.core.run import rundir
 
 CURVE = "reward_kl.png"
@@ -18,8 +19,8 @@ def write(run_dir: Path, out: Path, kind: str, base: str | None = None) -> None:
     """README.md (and the curve) for the run's policy as saved in `out`: kind "adapters"
     (peft adapters on `base`) or "model" (a standalone transformers model)."""
     rows, _ = rundir.read_rows(run_dir / rundir.METRICS) if (run_dir / rundir.METRICS).is_file() else ([], [])
-    curve = [(r["step"], r["eval/reward"], r["eval/kl"]) for r in rows
-             if "eval/reward" in r and "eval/kl" in r and "step" in r]
+    curve = [(r["step"], r[EVAL_REWARD], r[EVAL_KL]) for r in rows
+             if EVAL_REWARD in r and EVAL_KL in r and "step" in r]
     has_curve = _plot(curve, out / CURVE)
     (out / "README.md").write_text(card(run_dir, kind, base, curve, has_curve))
 

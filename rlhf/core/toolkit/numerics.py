@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.contracts.metrics import MISMATCH_ESS, MISMATCH_KL, MISMATCH_OUTSIDE
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x where mask is 1, over everything or along `dim`."""
@@ -164,8 +166,6 @@ def n_step_advantages(
 
 # ---------------------------------------------------------------- importance weights: samples of q, expectations under pi
 
-CORRECTIONS = ("none", "token_tis", "sequence_mis", "sequence")
-
 
 def importance_weights(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
     """Per-token weights that turn an average over samples of q into one over pi. (B, T) each -> (B, T)
@@ -203,5 +203,5 @@ def mismatch(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict
     outside = ((r < 0.5) | (r > 2.0)).float()
     seq = log_r.double().sum(1)
     w = (seq - seq.max()).exp()  # the weights up to a common factor, which the ESS does not see
-    return {"mismatch/kl": masked_mean((r - 1) - log_r, mask).item(), "mismatch/outside": masked_mean(outside, mask).item(),
-            "mismatch/ess": effective_sample_size(w).item()}
+    return {MISMATCH_KL: masked_mean((r - 1) - log_r, mask).item(), MISMATCH_OUTSIDE: masked_mean(outside, mask).item(),
+            MISMATCH_ESS: effective_sample_size(w).item()}

@@ -4,14 +4,17 @@ optional adaptive KL controller. The config fields are shared by inheritance."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from rlhf.contracts.interfaces import Rollout
-from rlhf.core.loop.update import Loss, OptimConfig, row_mean
+from rlhf.contracts.metrics import BETA, ENTROPY, KL_PENALTY, LOSS_POLICY
+from rlhf.contracts.update import CORRECTIONS, Loss, OptimConfig, UpdateSettings
 from rlhf.core.parallel import distributed
 from rlhf.core.toolkit import numerics
+from rlhf.core.toolkit.reductions import row_mean
 
 
 @dataclass
@@ -29,10 +32,13 @@ class KLConfig(OptimConfig):
 
     def check(self, plugin: str, **checks: tuple[bool, str]) -> None:
         super().check(plugin, **{"beta": (self.beta >= 0, ">= 0"),
-                                 "correction": (self.correction in numerics.CORRECTIONS, ", ".join(numerics.CORRECTIONS)),
+                                 "correction": (self.correction in CORRECTIONS, ", ".join(CORRECTIONS)),
                                  "is_cap": (self.is_cap > 1, "> 1"),
                                  "kl_estimator": (self.kl_estimator in ("k1", "k3"), "k1 or k3"),
                                  "kl_target": (self.kl_target > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"), **checks})
+
+    def update(self) -> UpdateSettings:
+        return dataclasses.replace(super().update(), correction=self.correction, is_cap=self.is_cap)
 
     def inert(self) -> dict[str, str]:
         out = super().inert()
@@ -122,17 +128,18 @@ class KLShapedAdvantages:
         seq_kl = numerics.batch_mean((kl * r.mask).sum(1), reduce=distributed.all_sum).item()
         if self.cfg.adaptive_kl:
             self.kl_ctl.update(seq_kl, r.input_ids.shape[0] * distributed.world())
-        return {"objective/beta": beta, "objective/kl_penalty": -beta * seq_kl}
+        return {BETA: beta, KL_PENALTY: -beta * seq_kl}
 
 
-def sequence_policy_gradient(policy, r: Rollout, advantages: torch.Tensor, weight: torch.Tensor | None = None) -> Loss:
+def sequence_policy_gradient(policy, r: Rollout, advantages: torch.Tensor) -> Loss:
     """REINFORCE's loss, -mean_i A_i log pi(y_i|x_i) with log pi summed over the response's
-    tokens, and the policy's entropy; each token's term weighted by `weight` (importance
-    weights, for samples of a proposal q != pi). advantages: (B,), weight: (B, T) or None"""
-    logprobs, _, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, policy.temperature,
+    tokens, and the policy's entropy; each token's term weighted by the rollout's importance
+    weights (samples of a proposal q != pi, `r.is_weight`). advantages: (B,)"""
+    weight = r.is_weight  # (B, T) or None
+    logprobs, _, entropy = policy.token_logprobs(r.input_ids, r.attention_mask, r.query_len, r.temperature,
                                                  with_values=False, with_entropy=True)  # (B, T) each
     seq_logprobs = (logprobs * (r.mask if weight is None else r.mask * weight)).sum(1)  # (B,)
     pg_loss = -row_mean(advantages * seq_logprobs)
     with torch.no_grad():
         entropy = numerics.masked_mean(entropy.detach(), r.mask)
-    return Loss(pg_loss, {"loss/policy": pg_loss.detach(), "policy/entropy": entropy})
+    return Loss(pg_loss, {LOSS_POLICY: pg_loss.detach(), ENTROPY: entropy})

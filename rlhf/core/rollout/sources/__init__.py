@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from rlhf.contracts.interfaces import Sampling
+
 if TYPE_CHECKING:
     from rlhf.contracts.interfaces import BatchSource, PolicyOptimizer, QuerySampler, RewardSource
     from rlhf.contracts.schema import DataConfig
@@ -37,6 +39,10 @@ class SourceContext:
     data: DataConfig
     seed: int
     proposal: Any = None  # what draws the rollouts (None: the policy itself)
+    sampling: Sampling | None = None  # how the run samples (None: as the sampler says)
+
+    def how(self) -> Sampling:
+        return self.sampling or Sampling(self.sampler.temperature, self.sampler.generation_kwargs())
 
 
 _SOURCES: dict[str, type] = {}

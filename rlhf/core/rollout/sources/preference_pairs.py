@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from rlhf.contracts.interfaces import PairBatch, RewardSource
+from rlhf.contracts.interfaces import PREFERENCE_PAIRS, PairBatch, RewardSource
 from rlhf.core.model.policy import Policy
 from rlhf.core.parallel import distributed
 from rlhf.core.rollout.data import MAX_PROMPT_TOKENS, Shuffled, encode_prompt, response_ids
@@ -15,7 +15,7 @@ from rlhf.core.rollout.pairs import Pair, load_pairs, pair_batch, reference_logp
 from rlhf.core.rollout.sources import SourceContext, source
 
 
-@source("preference_pairs")
+@source(PREFERENCE_PAIRS)
 class OfflinePairs:
     """Shuffled passes over a fixed pair set; each pair's reference log-probs computed once."""
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from rlhf.contracts.interfaces import QuerySampler, RewardSource, Rollout
+from rlhf.contracts.interfaces import ROLLOUTS, QuerySampler, RewardSource, Rollout, Sampling
+from rlhf.contracts.metrics import TRAIN_KL, TRAIN_RESPONSE_LEN, TRAIN_REWARD, TRAIN_REWARD_MAX
 from rlhf.core.model.policy import Policy
 from rlhf.core.parallel import distributed
 from rlhf.core.rollout import collect
@@ -16,36 +17,38 @@ from rlhf.core.rollout.sources import SourceContext, nonfinite_scores, source
 from rlhf.core.toolkit import numerics
 
 
-@source("rollouts")
+@source(ROLLOUTS)
 class Rollouts:
     """Queries cut from shuffled prompts, k samples each (side by side), collected."""
 
     def __init__(self, policy: Policy, reward: RewardSource, sampler: QuerySampler, prompts: list[list[int]],
-                 k: int, seed: int, proposal: Any = None):
+                 k: int, seed: int, proposal: Any = None, sampling: Sampling | None = None):
         self.policy, self.reward, self.sampler, self.prompts, self.k = policy, reward, sampler, prompts, k
+        self.sampling = sampling or Sampling(sampler.temperature, sampler.generation_kwargs())
         self.proposal = proposal  # what draws the responses (None: the policy)
         self.rng, self.order = random.Random(seed), Shuffled(len(prompts), random.Random(seed + 1))
 
     @classmethod
     def from_context(cls, ctx: SourceContext) -> Rollouts:
         # RLOO and GRPO compare k samples of a prompt
-        return cls(ctx.policy, ctx.reward, ctx.sampler, ctx.prompts, ctx.optimizer.samples_per_prompt, ctx.seed, ctx.proposal)
+        return cls(ctx.policy, ctx.reward, ctx.sampler, ctx.prompts, ctx.optimizer.samples_per_prompt, ctx.seed, ctx.proposal,
+                   ctx.how())
 
     def next(self, batch_size: int) -> Rollout:
         # the whole batch's queries, the same on every rank; this rank samples its share of them
         queries = sample_queries(self.sampler, [self.prompts[i] for i in self.order.take(batch_size)], self.rng)
         start, stop = distributed.shard(len(queries))
         mine = [q for q in queries[start:stop] for _ in range(self.k)]  # each prompt's k samples side by side
-        return collect.collect(self.policy, self.reward, mine, self.sampler.generation_kwargs(), self.sampler.temperature,
+        return collect.collect(self.policy, self.reward, mine, self.sampling.generation_kwargs(), self.sampling.temperature,
                                rows=(start * self.k, len(queries) * self.k), proposal=self.proposal)
 
     def head_metrics(self, batch: Rollout) -> dict[str, float]:
         seq_kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
         metrics = {
-            "train/reward": batch.scores.mean().item(),
-            "train/reward_max": batch.scores.max().item(),  # what the best sample found (the exploration finding)
-            "train/kl": seq_kl.mean().item(),
-            "train/response_len": batch.mask.sum(1).mean().item(),
+            TRAIN_REWARD: batch.scores.mean().item(),
+            TRAIN_REWARD_MAX: batch.scores.max().item(),  # what the best sample found (the exploration finding)
+            TRAIN_KL: seq_kl.mean().item(),
+            TRAIN_RESPONSE_LEN: batch.mask.sum(1).mean().item(),
         }
         if batch.proposal_logprobs is not None:  # drawn by another distribution q: how far it is from pi
             metrics.update(numerics.mismatch(batch.logprobs, batch.proposal_logprobs, batch.mask))

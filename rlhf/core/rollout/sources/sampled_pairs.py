@@ -7,7 +7,8 @@ import random
 
 import torch
 
-from rlhf.contracts.interfaces import PairBatch, RewardSource
+from rlhf.contracts.interfaces import SAMPLED_PAIRS, PairBatch, RewardSource
+from rlhf.contracts.metrics import TRAIN_REWARD
 from rlhf.core.model.policy import Policy
 from rlhf.core.parallel import distributed
 from rlhf.core.rollout import collect, sampling
@@ -16,7 +17,7 @@ from rlhf.core.rollout.pairs import reference_logps
 from rlhf.core.rollout.sources import SourceContext, nonfinite_scores, source
 
 
-@source("sampled_pairs")
+@source(SAMPLED_PAIRS)
 class OnlinePairs:
     """Two samples per prompt from the current policy; the reward source picks the chosen one."""
 
@@ -30,7 +31,7 @@ class OnlinePairs:
         return cls(ctx.policy, ctx.reward, ctx.prompts, ctx.sampler, ctx.seed)
 
     def head_metrics(self, batch: PairBatch) -> dict[str, float]:
-        return {"train/reward": batch.scores.mean().item()}  # what the reward source thought of them
+        return {TRAIN_REWARD: batch.scores.mean().item()}  # what the reward source thought of them
 
     def problem(self, batch: PairBatch) -> str:
         return nonfinite_scores(batch.scores, batch.chosen + batch.rejected)
