@@ -43,6 +43,13 @@ class Rollout:
     # (B, T) importance weights pi / q of the tokens (optimizer.correction), set by the core for an optimizer
     # that takes them (PolicyOptimizer.takes_importance_weights) when q != pi; None: every weight 1
     is_weight: torch.Tensor | None = None
+    # (B, T) log pi_old - log pi_ref of each token, 0 on padding: the rollout's KL to the reference, computed
+    # once (every estimator, metric and penalty starts from it: rlhf.core.toolkit.numerics.kl_estimate)
+    log_ratio: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.log_ratio is None:
+            self.log_ratio = self.logprobs - self.ref_logprobs
 
     @property
     def sampled_logprobs(self) -> torch.Tensor:

@@ -140,7 +140,7 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_row: torch.Tensor) -> tuple[R
         mask=mask[:, :T], logprobs=r.logprobs[idx, :T], ref_logprobs=r.ref_logprobs[idx, :T],
         values=None if r.values is None else r.values[idx, :T], scores=r.scores[idx],
         proposal_logprobs=None if r.proposal_logprobs is None else r.proposal_logprobs[idx, :T],
-        is_weight=None if r.is_weight is None else r.is_weight[idx, :T],
+        is_weight=None if r.is_weight is None else r.is_weight[idx, :T], log_ratio=r.log_ratio[idx, :T],
         queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
         columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
     )

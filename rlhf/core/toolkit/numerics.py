@@ -59,7 +59,11 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     k1 = log pi - log pi_ref: unbiased, high variance, can be negative.
     k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, always >= 0, lower variance.
     """
-    log_ratio = logprobs - ref_logprobs
+    return kl_estimate(logprobs - ref_logprobs, estimator)
+
+
+def kl_estimate(log_ratio: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """kl_per_token from the log ratio log pi - log pi_ref (a rollout's `log_ratio`)."""
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":

@@ -101,7 +101,7 @@ class KLShapedAdvantages:
         c = self.cfg
         if r.values is None:
             raise ValueError("advantages need values: the optimizer must set needs_value_head = True")
-        kl = numerics.kl_per_token(r.logprobs, r.ref_logprobs, c.kl_estimator)
+        kl = numerics.kl_estimate(r.log_ratio, c.kl_estimator)
         rewards = numerics.kl_penalized_rewards(r.scores, kl, r.mask, self.beta)
         if n_step is None:
             advantages, returns = numerics.gae(rewards, r.values, r.mask, c.gamma, c.gae_lambda)
@@ -114,7 +114,7 @@ class KLShapedAdvantages:
     @torch.no_grad()
     def kl(self, r: Rollout) -> torch.Tensor:
         """Per-token KL estimate of the sampled tokens (kl_estimator), 0 on padding. (B, T)"""
-        return numerics.kl_per_token(r.logprobs, r.ref_logprobs, self.cfg.kl_estimator) * r.mask
+        return numerics.kl_estimate(r.log_ratio, self.cfg.kl_estimator) * r.mask
 
     @torch.no_grad()
     def sequence_returns(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

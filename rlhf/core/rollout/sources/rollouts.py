@@ -43,7 +43,7 @@ class Rollouts:
                                rows=(start * self.k, len(queries) * self.k), proposal=self.proposal)
 
     def head_metrics(self, batch: Rollout) -> dict[str, float]:
-        seq_kl = numerics.kl_per_token(batch.logprobs, batch.ref_logprobs, "k1").sum(1)
+        seq_kl = batch.log_ratio.sum(1)  # (the k1 estimate)
         metrics = {
             TRAIN_REWARD: batch.scores.mean().item(),
             TRAIN_REWARD_MAX: batch.scores.max().item(),  # what the best sample found (the exploration finding)
@@ -58,7 +58,7 @@ class Rollouts:
         scores = nonfinite_scores(batch.scores, batch.responses)
         if scores:
             return scores
-        kl = (batch.logprobs - batch.ref_logprobs) * batch.mask
+        kl = batch.log_ratio * batch.mask
         if not torch.isfinite(kl).all():
             i = int((~torch.isfinite(kl).all(1)).nonzero()[0])
             return f"log pi - log pi_ref is not finite in row {i}: the policy or the reference gives a token probability 0 or NaN"
