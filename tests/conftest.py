@@ -184,3 +184,44 @@ def reward_model_dir(tmp_path_factory, embedded_dir) -> Path:
                   "data.n_train=200", config_name="train_rm")
     train_reward_model(cfg, run)
     return run
+
+
+# ---------------------------------------------------------------------------- the tiers
+# Every test is one tier, marked at collection from what it does (pyproject.toml's markers):
+#   browser  drives Debian's chromium (a page is rendered)
+#   cli      starts a command as a process of its own (cli, launch, a subprocess of the
+#            project's commands), itself or through a fixture
+#   slow     marked by hand: a training run of many steps, a wheel build
+#   unit     the rest: in-process, seconds; `pytest -m unit` runs them in about a minute
+# Quick check while working: `pytest -m unit`; the whole suite: `pytest`.
+CLI_CALLS = ("cli(", "launch(", "start(", "subprocess.run([sys.executable", "subprocess.Popen([sys.executable",
+             "on_multirun_start(", "torch.multiprocessing")
+
+
+def _source(obj) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("browser") or item.get_closest_marker("cli") or item.get_closest_marker("unit"):
+            continue
+        fixtures = item._fixtureinfo.name2fixturedefs if hasattr(item, "_fixtureinfo") else {}
+        own = _source(getattr(item, "function", None))
+        sources = [own, *(_source(d[-1].func) for name, d in fixtures.items() if name not in ("embedded_dir",))]
+        # and the module's own helpers the test calls (one level down: a helper that starts processes)
+        module = getattr(item, "module", None)
+        sources += [_source(f) for name, f in vars(module).items() if callable(f) and getattr(f, "__module__", "") ==
+                    module.__name__ and not name.startswith("test_") and f"{name}(" in own] if module else []
+        text = "\n".join(sources)
+        if "CHROMIUM" in text or "sync_playwright" in text:
+            item.add_marker(pytest.mark.browser)
+        elif any(call in text for call in CLI_CALLS):
+            item.add_marker(pytest.mark.cli)
+        elif not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.unit)

@@ -233,8 +233,7 @@ def test_a_zero_byte_summary_is_a_failed_job_and_compare_reports_the_rest(small_
     (sweep / "0" / rundir.SUMMARY).write_text("")  # what a kill in the middle of a plain write leaves
     from rlhf.apps import sweep as sweep_app
 
-    sweep_app._sweep.update(dir=sweep)
-    assert sweep_app.report() == 1
+    assert sweep_app.report(sweep) == 1
     r = cli("rlhf-compare", str(sweep), cwd=tmp_path)
     assert r.returncode == 0 and "1 runs" in r.stdout and f"{sweep / '0'} left out" in r.stderr
 

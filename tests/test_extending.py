@@ -19,8 +19,13 @@ from rlhf.core.toolkit import numerics
 from rlhf.core.toolkit.reductions import token_mean
 
 
-def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.discover()))  # gone again after this test
+@pytest.fixture
+def scratch_registry():
+    with registry.isolated():  # the plugins a test registers are gone after it
+        yield
+
+
+def test_an_optimizer_missing_protocol_members_is_refused_when_built_naming_them(scratch_registry):
 
     @registry.register("optimizer", "half_done")
     class HalfDone:  # what it may leave out (beta, state, a value head) it gets; `finish` it may not

@@ -1,6 +1,7 @@
 """Nothing let in: NaN and Inf stop a run at their step, PPO's ratio guard, the negative-KL
 warning, failing jobs of a sweep, and wandb without a key or a network."""
 
+import dataclasses
 import json
 import math
 import time
@@ -95,6 +96,7 @@ def test_a_non_finite_kl_stops_the_run_before_the_update(tmp_path, embedded_dir)
         calls.append(1)
         if len(calls) == 3:
             batch.ref_logprobs[1, 0] = -float("inf")  # the reference gives a sampled token probability 0
+            batch = dataclasses.replace(batch, log_ratio=None)  # (its log ratio taken again, as collection takes it)
         return batch
 
     t.next_batch = broken
@@ -125,7 +127,7 @@ def test_a_sustained_negative_kl_warns_and_names_the_sampling_settings(tmp_path,
     def biased(n):  # log pi below log pi_ref on the sampled tokens, as truncated sampling gives
         batch = source(n)
         batch.logprobs = (batch.ref_logprobs - 0.05) * batch.mask
-        return batch
+        return dataclasses.replace(batch, log_ratio=None)  # (its log ratio taken again, as collection takes it)
 
     t.next_batch = biased
     with pytest.warns(UserWarning,

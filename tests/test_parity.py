@@ -76,8 +76,8 @@ def test_dpo_loss_and_gradient_match_trl(models, beta, tmp_path):
     trl_loss, trl_grads, batch = _trl_loss_and_grads(policy_model, ref_model, tok, pairs, beta, tmp_path)
 
     # ours, through the core's own path from text: tokenise, batch, cache reference log-probs
-    policy = Policy.from_model(copy.deepcopy(policy_model), tok, LoraSettings(enabled=False), torch.device("cpu"))
-    policy._ref_model = copy.deepcopy(ref_model).eval().requires_grad_(False)
+    policy = Policy.from_model(copy.deepcopy(policy_model), tok, LoraSettings(enabled=False), torch.device("cpu"),
+                               ref_model=copy.deepcopy(ref_model).eval().requires_grad_(False))
     source = OfflinePairs.from_text(policy, pairs, MAX_PROMPT_TOKENS, seed=0)
     b: PairBatch = source.next(len(pairs))
     B = len(pairs)

@@ -74,17 +74,17 @@ def test_reference_is_the_base_with_adapters_off(embedded_dir):
     adapted, _ = policy.forward(ids, mask, 2)
     assert not torch.allclose(adapted, ref, atol=1e-3)
     # one copy of the base weights: no tensor is duplicated for the reference
-    assert policy._ref_model is None
+    assert policy.reference_model is None
 
 
 def test_full_finetuning_keeps_a_frozen_reference_copy(embedded_dir):
     policy = _load(False)
-    ref_before = {n: p.clone() for n, p in policy._ref_model.named_parameters()}
+    ref_before = {n: p.clone() for n, p in policy.reference_model.named_parameters()}
     trained_before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     ppo_steps(policy, steps=2)
-    assert all(torch.equal(p, ref_before[n]) for n, p in policy._ref_model.named_parameters())
+    assert all(torch.equal(p, ref_before[n]) for n, p in policy.reference_model.named_parameters())
     assert any(not torch.equal(p, trained_before[n]) for n, p in policy.model.named_parameters())
-    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(policy.model.parameters(), policy._ref_model.parameters()))
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(policy.model.parameters(), policy.reference_model.parameters()))
 
 
 def test_value_head_reads_the_shared_trunk(embedded_dir):

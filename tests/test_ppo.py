@@ -39,7 +39,7 @@ def test_adaptive_kl_and_k3_estimator(embedded_dir):
 def test_reward_model_stays_frozen(embedded_dir):
     torch.manual_seed(0)
     reward, _ = ppo_steps(_load(True), steps=2)
-    model = reward._pipeline().model
+    model = reward.pipeline().model
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 

@@ -325,7 +325,7 @@ def test_chunked_log_probs_equal_the_full_logits_path_with_their_gradients(chat_
     mask[0, :3] = 0  # a left-padded row
     results = []
     for chunked in (True, False):
-        policy._chunked = chunked
+        policy.chunked = chunked
         policy.model.zero_grad()
         policy.value_head.zero_grad()
         logprobs, values, entropy = policy.token_logprobs(ids, mask, 5, temperature=0.7, with_entropy=True)

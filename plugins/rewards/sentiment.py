@@ -28,7 +28,7 @@ class SentimentReward:
         self.cfg = cfg
         self._pipe = None
 
-    def _pipeline(self):
+    def pipeline(self):
         if self._pipe is None:
             from transformers import pipeline
 
@@ -56,7 +56,7 @@ class SentimentReward:
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        pipe = self._pipeline()
+        pipe = self.pipeline()
         texts = [q + " " + r if self.cfg.score_query else r for q, r in zip(queries, responses)]
         fn = "softmax" if self.cfg.output == "prob" else "none"
         outputs = pipe(texts, batch_size=self.cfg.batch_size, truncation=True, function_to_apply=fn)

@@ -149,11 +149,12 @@ def grid_jobs(grids: dict, common: list, product, has=lambda grid, key: True) ->
     return jobs, left_out
 
 
-def report() -> int:
-    """Print the sweep's outcome (if a sweep ran in this process); return how many runs failed."""
-    if "dir" not in _sweep:
+def report(root: Path | None = None) -> int:
+    """Print the outcome of the sweep in `root` (default: the one that ran in this process, if
+    any); return how many runs failed."""
+    if root is None and "dir" not in _sweep:
         return 0
-    root: Path = _sweep.pop("dir")
+    root = Path(root) if root is not None else _sweep.pop("dir")
     if not root.is_dir():  # the sweep ended before any job started
         return 0
     # a job's directory has its record, or (a job killed before it wrote one) the launcher's error.txt

@@ -12,6 +12,7 @@ Discovery order: every module under `rlhf_plugins`, then every entry point in th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -19,7 +20,7 @@ import os
 import pkgutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hydra.core.config_store import ConfigStore
 
@@ -90,6 +91,17 @@ def register(group: str, name: str) -> Callable[[type], type]:
         return cls
 
     return wrap
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Plugins registered inside are gone after it (a test's throwaway plugins)."""
+    saved = dict(discover())
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def _import_with_source(module: str, source: str) -> None:

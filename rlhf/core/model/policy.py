@@ -280,6 +280,18 @@ class Policy:
                 getattr(base, "base_model_prefix", "")) and hasattr(base, base.base_model_prefix)
         return self._chunked
 
+    @chunked.setter
+    def chunked(self, on: bool) -> None:
+        """Force the path (the chunked projection against the whole-vocabulary one: tests and
+        benchmarks compare them)."""
+        self._chunked = bool(on)
+
+    @property
+    def reference_model(self) -> nn.Module | None:
+        """The frozen reference's own copy (LoRA off, or a reference other than the base); None
+        when the reference is the policy's base with its adapters switched off."""
+        return self._ref_model
+
     def _local_trunk(self) -> Trunk:
         if self._local is None or self._local.value_head is not self.value_head:
             self._local = Trunk(self.model, self.value_head)
