@@ -157,3 +157,12 @@ def test_a_run_drawn_by_the_engine_resumes_with_the_same_rollouts(tmp_path, embe
                 if "train/reward" in row]
 
     assert len(rows("a")) == 4 and rows("b") == rows("a")
+
+
+def test_nothing_of_the_engines_mending_is_left_in_vllm(trained):
+    """The safe attribute probe vLLM's kernel scan needs is in place only while the engine runs."""
+    from vllm.triton_utils import dispatcher
+
+    t, _ = trained
+    t.proposal.sample(t.policy, [[0, 1, 2]], Sampling(1.0, t.sampler.generation_kwargs()), False, None)
+    assert "hasattr" not in vars(dispatcher)

@@ -101,14 +101,17 @@ def engine_output_kept() -> Iterator[Any]:
             os.close(saved[0]), os.close(saved[1])
 
 
-def scan_safely() -> None:
-    """vLLM 0.32's kernel registration scans every loaded module's attributes with
-    hasattr(value, "__dict__"), which survives AttributeError only: a proxy that raises anything
-    else there (werkzeug's LocalProxy: `flask.request` outside a request, in any module that
-    imported it) fails the engine's build. Its module gets a hasattr that says False instead."""
+@contextlib.contextmanager
+def scanning_safely() -> Iterator[None]:
+    """Around every call into the engine: vLLM 0.32's kernel registration scans every loaded
+    module's attributes with hasattr(value, "__dict__"), which survives AttributeError only: a
+    proxy that raises anything else there (werkzeug's LocalProxy: `flask.request` outside a
+    request, in any module that imported it) fails the engine. While the engine runs, its module
+    gets a hasattr that says False instead; after, its own again (nothing left patched)."""
     try:
         from vllm.triton_utils import dispatcher
     except ImportError:  # another vLLM: nothing to mend
+        yield
         return
 
     def probe(value: Any, name: str) -> bool:
@@ -118,6 +121,10 @@ def scan_safely() -> None:
             return False
 
     dispatcher.hasattr = probe  # (a module global shadows the builtin for that module's code only)
+    try:
+        yield
+    finally:
+        del dispatcher.hasattr
 
 
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -200,12 +207,11 @@ class VLLM:
             with kept_process_state(), engine_output_kept():
                 from vllm import LLM  # (its import sets variables too: LD_LIBRARY_PATH, TORCHINDUCTOR_CACHE_DIR, ...)
 
-                scan_safely()
-
-                self.llm = LLM(model=self.folder.name, tokenizer=self.folder.name, dtype=self.cfg.dtype, seed=0,
-                               logprobs_mode="processed_logprobs", enforce_eager=self.cfg.enforce_eager,
-                               max_model_len=policy.context_length, kv_cache_memory_bytes=self.cfg.kv_cache_mb << 20,
-                               **({"gpu_memory_utilization": 0.3} if policy.device.type == "cuda" else {}))
+                with scanning_safely():
+                    self.llm = LLM(model=self.folder.name, tokenizer=self.folder.name, dtype=self.cfg.dtype, seed=0,
+                                   logprobs_mode="processed_logprobs", enforce_eager=self.cfg.enforce_eager,
+                                   max_model_len=policy.context_length, kv_cache_memory_bytes=self.cfg.kv_cache_mb << 20,
+                                   **({"gpu_memory_utilization": 0.3} if policy.device.type == "cuda" else {}))
         except (ValueError, RuntimeError, NotImplementedError) as e:  # vLLM's own refusals: memory, architecture, kernels
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ValueError(f"proposal=vllm: vLLM could not build an engine for this model: {first} "
@@ -255,7 +261,8 @@ class VLLM:
                                  top_p=float(gen_kwargs.get("top_p", 1.0)), max_tokens=int(gen_kwargs.get("max_new_tokens", 20)),
                                  stop_token_ids=list(policy.eos_ids), logprobs=0, seed=seed + offset + i, detokenize=False)
                   for i in range(len(queries))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(q)) for q in queries], params, use_tqdm=False)
+        with scanning_safely():
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(q)) for q in queries], params, use_tqdm=False)
         responses, logq = [], []
         for o in outs:
             c = o.outputs[0]
@@ -286,6 +293,7 @@ class VLLM:
         if self.llm is None:
             return {}
         t0 = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged_weights(policy.model).items())})
-        self.llm.reset_prefix_cache()
+        with scanning_safely():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged_weights(policy.model).items())})
+            self.llm.reset_prefix_cache()
         return {PROPOSAL_SYNC_S: time.perf_counter() - t0}
