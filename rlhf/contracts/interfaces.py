@@ -46,6 +46,11 @@ class Rollout:
     # (B, T) log pi_old - log pi_ref of each token, 0 on padding: the rollout's KL to the reference, computed
     # once (every estimator, metric and penalty starts from it: rlhf.core.toolkit.numerics.kl_estimate)
     log_ratio: torch.Tensor = None  # type: ignore[assignment]
+    # episodes (env=...): the rewards where they fell, (B, T), each turn's on its last policy token (and the
+    # reward source's on the episode's last one); None for single-turn rollouts, whose score is on the last token.
+    # `scores` is then each episode's total, `mask` 1 on the policy's tokens only (the environment's are context)
+    token_scores: torch.Tensor | None = None
+    episode_stats: dict[str, float] = field(default_factory=dict)  # episodes: turns, truncated, tool errors, ...
 
     def __post_init__(self) -> None:
         if self.log_ratio is None:
@@ -277,9 +282,31 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+@runtime_checkable
+class Environment(Protocol):
+    """What a run's episodes are played in (the `env` group): a policy turn, the environment's
+    (or a tool's) answer, another turn, rewards per turn or at the end. The plugin makes the
+    environments; each is Gymnasium's `Env` for text:
+
+        reset(seed=None, options=None) -> (observation, info)
+        step(action) -> (observation, reward, terminated, truncated, info)
+
+    The first observation is the query (text, or a list of chat messages); `options["prompt"]`
+    is the data's prompt for the episode, which the environment may take as its task. An
+    action is the text of the policy's turn; an observation the text the environment answers
+    with, appended to the episode as tokens once (`rlhf.core.rollout.episodes`)."""
+
+    def make(self) -> Any:
+        """A fresh environment (one an episode)."""
+
+    # optional (OPTIONAL): max_turns (the most policy turns an episode has; one cut there is truncated),
+    # role (the chat role the answers take with a chat template: "user", or "tool" for a tool's results)
+
+
 # The Protocol every plugin of a group must satisfy; checked when the core builds one.
 PROTOCOLS: dict[str, type] = {
     "optimizer": PolicyOptimizer, "reward": RewardSource, "sampler": QuerySampler, "logger": Logger, "proposal": Proposal,
+    "env": Environment,
 }
 
 
@@ -302,4 +329,5 @@ OPTIONAL: dict[str, dict[str, Any]] = {
                   "detectors": (), "tiny_steps": None, "state_dict": _no_state, "load_state_dict": _nothing},
     "sampler": {"longest_query": None, "notices": _no_notices},
     "proposal": {"start": _nothing, "state_dict": _no_state, "load_state_dict": _nothing},
+    "env": {"max_turns": 4, "role": "user"},
 }

@@ -18,6 +18,7 @@ EVAL_DISTINCT_2 = "eval/distinct_2"
 EVAL_FLUENCY = "eval/fluency"
 EVAL_REPETITION = "eval/repetition"
 EVAL_KL_TO_OPTIMUM = "eval/kl_to_optimum"
+EVAL_KL_TO_TILT = "eval/kl_to_tilt"
 EVAL_ACCURACY = "eval/accuracy"
 EVAL_PASS_AT = "eval/pass@"  # + k
 EVAL_JUDGE = "eval/judge/"  # + the judge's name
@@ -36,6 +37,12 @@ MISMATCH_OUTSIDE = "mismatch/outside"
 MISMATCH_ESS = "mismatch/ess"
 PROPOSAL_SYNC_S = "proposal/sync_s"
 STEP_S = "time/step_s"
+# --- episodes (env=...): each batch's and each evaluation's (the core)
+EPISODE_TURNS = "episode/turns"
+EPISODE_TRUNCATED = "episode/truncated"
+EPISODE_TOOL_ERRORS = "episode/tool_errors"
+EPISODE_TURN_REWARD = "episode/turn_reward"
+EPISODE_RETOKENIZE_DRIFT = "episode/retokenize_drift"
 # --- an optimizer plugin's terms (the plugins that log them, read by their own detectors and the core's)
 LOSS = "loss/"  # + the term: loss/policy, loss/value, loss/dpo, loss/sft, loss/bt
 LOSS_POLICY = "loss/policy"
@@ -73,6 +80,8 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     EVAL_REPETITION: ("core", "mean share of a response's word bigrams that repeat an earlier one of it"),
     EVAL_KL_TO_OPTIMUM: ("core", "eval.kl_to_optimum=true: the exact KL(pi || pi*) to the closed-form optimum, "
                                  "mean over prompts; 0 is the best a method can do"),
+    EVAL_KL_TO_TILT: ("core", "episodes with eval.kl_to_optimum: KL(pi || the whole-episode tilt pi_ref(tau) "
+                              "exp(R / beta) / Z), the optimistic policy an objective on whole-episode weights reaches"),
     EVAL_ACCURACY: ("core", "eval.pass_at_k: the share of the samples the judge calls correct"),
     EVAL_PASS_AT: ("core", "eval.pass_at_k: pass@k, unbiased estimate from eval.pass_samples samples a prompt"),
     EVAL_JUDGE: ("core", "mean score of an extra judge (eval.judges) on the evaluation samples"),
@@ -92,6 +101,12 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     MISMATCH_ESS: ("core", "the batch's effective sample size under the sequence weights, as a share (1: on-policy)"),
     PROPOSAL_SYNC_S: ("core", "proposal=vllm: seconds to push the updated weights into the engine"),
     STEP_S: ("core", "seconds the step took"),
+    EPISODE_TURNS: ("core", "episodes: mean policy turns an episode took"),
+    EPISODE_TRUNCATED: ("core", "episodes: share cut by the turn limit (env.max_turns) or the context, not ended"),
+    EPISODE_TOOL_ERRORS: ("core", "episodes: mean answers per episode the environment flagged as an error (info['error'])"),
+    EPISODE_TURN_REWARD: ("core", "episodes: mean reward of a turn (the environment's)"),
+    EPISODE_RETOKENIZE_DRIFT: ("core", "episodes: share whose ids re-rendering the text would change: what training on "
+                                       "re-tokenised text (not the sampled ids) would have trained on instead"),
     LOSS: ("plugin", "the plugin's loss terms: loss/policy, loss/value (PPO, A2C), loss/dpo, loss/sft, loss/bt"),
     ENTROPY: ("plugin", "mean per-token entropy of the policy at the sampling temperature"),
     APPROX_KL: ("plugin", "PPO, GRPO: mean of (r - 1) - log r: how far an update moved the policy from the sampler"),

@@ -122,6 +122,7 @@ class RunConfig(Seeded):
     sampler: Any = MISSING
     proposal: Any = MISSING
     logger: Any = field(default_factory=dict)
+    env: Any = None  # episodes: the environment the policy's turns are played in (null: one prompt, one response)
 
 
 @dataclass

@@ -34,6 +34,7 @@ def evaluate(
     seed: int,
     batch_size: int,
     judges: Mapping[str, RewardSource] | None = None,
+    env: Any = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics on the fixed held-out queries, sampled with a fixed seed so steps compare.
 
@@ -42,17 +43,30 @@ def evaluate(
     `eval/fluency` is the fluency judge: the responses' mean log-likelihood per token under
     the reference (at the sampling temperature), which word salad drives down however a
     reward or a sentiment judge scores it; `eval/repetition` the mean share of each
-    response's word bigrams that repeat an earlier one of the same response.
+    response's word bigrams that repeat an earlier one of the same response. With an
+    environment (`env`), each query's prompt is an episode's, played to its end: the reward
+    is the episode's return, the KL and the length are over the policy's tokens, the
+    episode's statistics (`episode/...`) come as `eval/episode/...`.
     `eval/judge/<name>` is the mean score of each extra judge on the same samples: a reward
     that rises while an independent judge does not is a sign of reward hacking.
     """
     judges = judges or {}
     scores, kls, lengths, rows, ref_ll = [], [], [], [], []
     judged: dict[str, list[torch.Tensor]] = {name: [] for name in judges}
+    episodes: dict[str, list[float]] = {}
     with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(queries), batch_size):
-            batch = collect.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature, with_values=False)
+            if env is None:
+                batch = collect.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature,
+                                        with_values=False)
+            else:
+                from rlhf.contracts.interfaces import Sampling
+                from rlhf.core.rollout.episodes import play
+
+                batch = play(policy, reward, env, queries[i : i + batch_size], Sampling(temperature, gen_kwargs), False)
+                for k, v in batch.episode_stats.items():
+                    episodes.setdefault(f"eval/{k}", []).append(v)
             kl = batch.log_ratio.sum(1)  # (the k1 estimate)
             scores.append(batch.scores)
             kls.append(kl)
@@ -76,6 +90,7 @@ def evaluate(
         EVAL_REPETITION: sum(numerics.repetition(r["response"]) for r in rows) / max(1, len(rows)),
         **{f"eval/judge/{name}": torch.cat(values).mean().item() for name, values in judged.items()},
         **{f"eval/judge_std/{name}": torch.cat(values).std().item() for name, values in judged.items()},
+        **{k: sum(v) / len(v) for k, v in episodes.items()},
     }
     return metrics, rows
 

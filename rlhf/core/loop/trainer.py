@@ -24,6 +24,7 @@ from rlhf.contracts import registry
 from rlhf.contracts.interfaces import (
     PREFERENCE_PAIRS,
     ROLLOUTS,
+    Environment,
     Logger,
     PolicyOptimizer,
     Proposal,
@@ -38,6 +39,7 @@ from rlhf.contracts.metrics import (
     EVAL_FLUENCY,
     EVAL_KL,
     EVAL_KL_TO_OPTIMUM,
+    EVAL_KL_TO_TILT,
     EVAL_PASS_AT,
     EVAL_RESPONSE_LEN,
     EVAL_REWARD,
@@ -74,6 +76,7 @@ class Plugins:
     loggers: list[Logger]
     judges: dict[str, RewardSource]
     proposal: Proposal
+    env: Environment | None = None  # episodes: the environment the policy's turns are played in
 
 
 def preflight(cfg: DictConfig) -> Plugins:
@@ -88,6 +91,7 @@ def preflight(cfg: DictConfig) -> Plugins:
         loggers=[registry.instantiate("logger", n) for n in (cfg.logger or {}).values()],
         judges={name: judge(name) for name in cfg.eval.judges},
         proposal=registry.instantiate("proposal", cfg.proposal),
+        env=registry.instantiate("env", cfg.env) if cfg.get("env") is not None else None,
     )
     if plugins.optimizer.consumes not in sources.kinds():
         raise ValueError(f"optimizer consumes {plugins.optimizer.consumes!r}; the core provides {sources.kinds()}")
@@ -127,6 +131,13 @@ def check_in_force(cfg: DictConfig, plugins: Plugins) -> None:
         idle.append("eval.kl_to_optimum with optimizer.beta=0: pi* = pi_ref exp(r / beta) / Z is not defined at beta 0 "
                     "(its limit puts all mass on the best responses, at infinite KL from any policy that samples); "
                     "set optimizer.beta > 0 or eval.kl_to_optimum=false")
+    if plugins.env is not None and opt.consumes != ROLLOUTS:
+        idle.append(f"env: {name} trains on preference pairs, never on episodes; pick an optimizer of rollouts "
+                    "(ppo, a2c, reinforce, rloo, grpo, dm) or drop env=")
+    if plugins.env is not None and cfg.eval.kl_to_optimum and not hasattr(plugins.env, "outcomes"):
+        idle.append("eval.kl_to_optimum with this env: the exact optimum over episodes needs an environment that says "
+                    "its answers' probabilities and rewards (`outcomes(history, action)`, as env=dice does); set "
+                    "eval.kl_to_optimum=false")
     if idle:
         raise ValueError("not in force: " + "; ".join(idle))
 
@@ -154,8 +165,8 @@ class Trainer:
         # plugins first (unless the command's preflight built them): cheap, so their config errors come
         # before any model loads
         p = plugins if plugins is not None else preflight(cfg)
-        self.optimizer, self.reward, self.sampler, self.loggers, self.judges, self.proposal = (
-            p.optimizer, p.reward, p.sampler, p.loggers, p.judges, p.proposal)
+        self.optimizer, self.reward, self.sampler, self.loggers, self.judges, self.proposal, self.env = (
+            p.optimizer, p.reward, p.sampler, p.loggers, p.judges, p.proposal, p.env)
         self.sampling = Sampling(self.sampler.temperature, self.sampler.generation_kwargs())  # how the run samples, fixed
         if self.optimizer.consumes != PREFERENCE_PAIRS:
             for message in [*(f"{s} makes responses differ from samples of pi(.|x) at the sampling temperature, so the "
@@ -201,7 +212,7 @@ class Trainer:
         self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal,
-            self.sampling))
+            self.sampling, self.env))
         self.proposal.start(self.policy, self.sampling)  # an engine of its own (vLLM): built now, refusing before any step
         self.problem = ""  # why the last batch was not trained on, if it was not
         self.first: dict[str, float] | None = None  # the evaluations at step 0 and at the last evaluation
@@ -237,10 +248,11 @@ class Trainer:
 
     def _evaluate(self, step: int) -> dict[str, float]:
         # drawn again from the fixed seed: the same queries (and response cap, if the sampler draws one) each time
-        self.eval_queries = sample_queries(self.sampler, self.eval_prompts, random.Random(self.cfg.eval.seed))
+        self.eval_queries = (self.eval_prompts if self.env is not None  # (an episode takes its prompt whole)
+                             else sample_queries(self.sampler, self.eval_prompts, random.Random(self.cfg.eval.seed)))
         metrics, rows = evaluate(
             self.policy, self.reward, self.eval_queries, self.sampling.generation_kwargs(),
-            self.sampling.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges,
+            self.sampling.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges, self.env,
         )
         if distributed.is_main():  # (sharded, every rank evaluates: each pass is collective)
             save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
@@ -251,7 +263,14 @@ class Trainer:
             metrics.update(pass_at_k(self.policy, judge, self.eval_queries, self.sampling.generation_kwargs(), e.seed + 1,
                                      max(self.cfg.train.batch_size, e.pass_samples), e.pass_samples, e.pass_at_k,
                                      e.pass_threshold))
-        if self.cfg.eval.kl_to_optimum:
+        if self.cfg.eval.kl_to_optimum and self.env is not None:  # over whole episodes: the soft-Bellman optimum
+            from rlhf.core.evaluation import episode_optimum
+
+            roots = episode_optimum.episode_optimum(self.policy, self.env, self.eval_queries, self.optimizer.beta,
+                                                    self.sampling.generation_kwargs(), self.sampling.temperature)
+            metrics[EVAL_KL_TO_OPTIMUM] = episode_optimum.mean_kl(roots)
+            metrics[EVAL_KL_TO_TILT] = episode_optimum.mean_kl(roots, tilt=True)
+        elif self.cfg.eval.kl_to_optimum:
             from rlhf.core.evaluation.optimum import mean_kl, optimum
 
             self.optimum = optimum(self.policy, self.reward, self.eval_queries, self.optimizer.beta,

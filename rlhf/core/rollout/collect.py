@@ -141,6 +141,7 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_row: torch.Tensor) -> tuple[R
         values=None if r.values is None else r.values[idx, :T], scores=r.scores[idx],
         proposal_logprobs=None if r.proposal_logprobs is None else r.proposal_logprobs[idx, :T],
         is_weight=None if r.is_weight is None else r.is_weight[idx, :T], log_ratio=r.log_ratio[idx, :T],
+        token_scores=None if r.token_scores is None else r.token_scores[idx, :T],
         queries=[r.queries[i] for i in rows], responses=[r.responses[i] for i in rows],
         columns={k: [v[i] for i in rows] for k, v in r.columns.items()},
     )

@@ -72,16 +72,46 @@ def kl_estimate(log_ratio: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
 
 
 def kl_penalized_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, token_scores: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-token rewards r_t = -beta * kl_t, plus the score on the last response token.
+    """Per-token rewards r_t = -beta * kl_t, plus the score on the last response token; an
+    episode's rewards where they fell instead (`token_scores`, each turn's on its last token).
 
-    scores: (B,), kl: (B, T), mask: (B, T) -> (B, T)
+    scores: (B,), kl: (B, T), mask: (B, T), token_scores: (B, T) or None -> (B, T)
     """
     rewards = -beta * kl * mask
+    if token_scores is not None:
+        return rewards + token_scores
     last = (mask.sum(1).long() - 1).clamp(min=0)  # index of the last real response token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
+
+
+def has_gaps(mask: torch.Tensor) -> bool:
+    """Whether any row's 1s are not one run from its start (an episode: the environment's tokens
+    between the policy's turns)."""
+    return bool((mask[:, 1:] > mask[:, :-1]).any()) if mask.shape[1] > 1 else False
+
+
+def packed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (B, T), packed mask (B, T)): gathering with `index` moves each row's masked
+    positions to its front, in order; the packed mask is 1 on them."""
+    T = mask.shape[1]
+    key = (mask <= 0).long() * T + torch.arange(T, device=mask.device)  # masked positions first, in order
+    index = key.argsort(1)
+    return index, mask.gather(1, index)
+
+
+def over_policy_tokens(fn, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *args):
+    """`fn` (gae, n_step_advantages) over each row's masked tokens alone, as if they were
+    consecutive: an episode's advantages run across its turns over the policy's tokens, the
+    environment's tokens between them are no steps (their advantages and returns are 0)."""
+    if not has_gaps(mask):
+        return fn(rewards, values, mask, *args)
+    index, pmask = packed(mask)
+    a, r = fn(rewards.gather(1, index), values.gather(1, index), pmask, *args)
+    out_a, out_r = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    return out_a.scatter(1, index, a * pmask), out_r.scatter(1, index, r * pmask)
 
 
 def gae(

@@ -102,11 +102,12 @@ class KLShapedAdvantages:
         if r.values is None:
             raise ValueError("advantages need values: the optimizer must set needs_value_head = True")
         kl = numerics.kl_estimate(r.log_ratio, c.kl_estimator)
-        rewards = numerics.kl_penalized_rewards(r.scores, kl, r.mask, self.beta)
+        rewards = numerics.kl_penalized_rewards(r.scores, kl, r.mask, self.beta, r.token_scores)
         if n_step is None:
-            advantages, returns = numerics.gae(rewards, r.values, r.mask, c.gamma, c.gae_lambda)
+            advantages, returns = numerics.over_policy_tokens(numerics.gae, rewards, r.values, r.mask, c.gamma, c.gae_lambda)
         else:
-            advantages, returns = numerics.n_step_advantages(rewards, r.values, r.mask, c.gamma, n_step)
+            advantages, returns = numerics.over_policy_tokens(numerics.n_step_advantages, rewards, r.values, r.mask,
+                                                              c.gamma, n_step)
         if c.whiten_advantages:
             advantages = numerics.masked_whiten(advantages, r.mask, reduce=distributed.all_sum)  # whole-batch statistics
         return kl, advantages, returns

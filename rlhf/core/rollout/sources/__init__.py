@@ -40,6 +40,7 @@ class SourceContext:
     seed: int
     proposal: Any = None  # what draws the rollouts (None: the policy itself)
     sampling: Sampling | None = None  # how the run samples (None: as the sampler says)
+    env: Any = None  # episodes: the environment plugin (None: one prompt, one response)
 
     def how(self) -> Sampling:
         return self.sampling or Sampling(self.sampler.temperature, self.sampler.generation_kwargs())

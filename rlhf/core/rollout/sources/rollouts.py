@@ -11,7 +11,7 @@ from rlhf.contracts.interfaces import ROLLOUTS, QuerySampler, RewardSource, Roll
 from rlhf.contracts.metrics import TRAIN_KL, TRAIN_RESPONSE_LEN, TRAIN_REWARD, TRAIN_REWARD_MAX
 from rlhf.core.model.policy import Policy
 from rlhf.core.parallel import distributed
-from rlhf.core.rollout import collect
+from rlhf.core.rollout import collect, episodes
 from rlhf.core.rollout.data import Shuffled, sample_queries
 from rlhf.core.rollout.sources import SourceContext, nonfinite_scores, source
 from rlhf.core.toolkit import numerics
@@ -22,9 +22,10 @@ class Rollouts:
     """Queries cut from shuffled prompts, k samples each (side by side), collected."""
 
     def __init__(self, policy: Policy, reward: RewardSource, sampler: QuerySampler, prompts: list[list[int]],
-                 k: int, seed: int, proposal: Any = None, sampling: Sampling | None = None):
+                 k: int, seed: int, proposal: Any = None, sampling: Sampling | None = None, env: Any = None):
         self.policy, self.reward, self.sampler, self.prompts, self.k = policy, reward, sampler, prompts, k
         self.sampling = sampling or Sampling(sampler.temperature, sampler.generation_kwargs())
+        self.env = env  # episodes: played in it (rlhf.core.rollout.episodes)
         self.proposal = proposal  # what draws the responses (None: the policy)
         self.rng, self.order = random.Random(seed), Shuffled(len(prompts), random.Random(seed + 1))
 
@@ -32,13 +33,18 @@ class Rollouts:
     def from_context(cls, ctx: SourceContext) -> Rollouts:
         # RLOO and GRPO compare k samples of a prompt
         return cls(ctx.policy, ctx.reward, ctx.sampler, ctx.prompts, ctx.optimizer.samples_per_prompt, ctx.seed, ctx.proposal,
-                   ctx.how())
+                   ctx.how(), ctx.env)
 
     def next(self, batch_size: int) -> Rollout:
         # the whole batch's queries, the same on every rank; this rank samples its share of them
-        queries = sample_queries(self.sampler, [self.prompts[i] for i in self.order.take(batch_size)], self.rng)
+        prompts = [self.prompts[i] for i in self.order.take(batch_size)]
+        # (an episode takes its prompt whole: the environment's task; a single turn the sampler's cut of it)
+        queries = prompts if self.env is not None else sample_queries(self.sampler, prompts, self.rng)
         start, stop = distributed.shard(len(queries))
         mine = [q for q in queries[start:stop] for _ in range(self.k)]  # each prompt's k samples side by side
+        if self.env is not None:  # an episode for each: turns of the policy and the environment's answers
+            return episodes.play(self.policy, self.reward, self.env, mine, self.sampling,
+                                 rows=(start * self.k, len(queries) * self.k), proposal=self.proposal)
         return collect.collect(self.policy, self.reward, mine, self.sampling.generation_kwargs(), self.sampling.temperature,
                                rows=(start * self.k, len(queries) * self.k), proposal=self.proposal)
 
@@ -52,6 +58,7 @@ class Rollouts:
         }
         if batch.proposal_logprobs is not None:  # drawn by another distribution q: how far it is from pi
             metrics.update(numerics.mismatch(batch.logprobs, batch.proposal_logprobs, batch.mask))
+        metrics.update(batch.episode_stats)
         return metrics
 
     def problem(self, batch: Rollout) -> str:
