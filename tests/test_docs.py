@@ -69,3 +69,18 @@ def test_every_rlhf_train_line_the_docs_show_composes(page, line):
 def test_every_command_answers_help(command, tmp_path):
     r = cli(command, "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and len(r.stdout) > 100, r.stderr[-2000:]
+
+
+def test_the_custom_environment_of_the_episodes_page_trains(tmp_path):
+    """The 30-line environment docs/concepts/episodes.md shows, as a user copies it: a module on
+    RLHF_PLUGINS, and the command the page gives (shorter)."""
+    page = (ROOT / "docs" / "concepts" / "episodes.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "my_envs.py" in b)
+    (tmp_path / "my_envs.py").write_text(code)
+    line = next(x for b in BASH.findall(page) for x in b.splitlines() if "env=praise" in x)
+    args = shlex.split(line)[2:]  # (after RLHF_PLUGINS=... rlhf-train)
+    r = cli("rlhf-train", *args, "train.steps=2", "train.batch_size=4", "data.n_eval=4", "eval.every=2",
+            cwd=tmp_path, env={"RLHF_PLUGINS": "my_envs", "PYTHONPATH": None})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [__import__("json").loads(x) for x in next(tmp_path.rglob("metrics.jsonl")).read_text().splitlines()]
+    assert rows[-1]["eval/episode/turns"] == 2 and "episode/turn_reward" in rows[1]

@@ -32,9 +32,12 @@ class Dice:
         turns: int = 2  # policy turns an episode has
         answers: int = 2  # words the environment answers with (x0, x1, ...)
         seed: int = 0  # draws every table: the answers' probabilities and the rewards
-        reward_scale: float = 1.0  # standard deviation of a reward
+        reward_scale: float = 0.5  # standard deviation of a reward
         spread: float = 2.0  # standard deviation of an answer's logit: how much the move sways the dice
         per_turn: bool = False  # a reward after every turn (else only at the end)
+        # the gamble: + luck to the final reward if the first answer is x0, - luck if not; a move whose
+        # answer is a coin toss is then worth more to the whole-episode tilt than to the optimum
+        luck: float = 1.5
 
     def __init__(self, cfg: Config):
         require("env", [("env.turns", cfg.turns, cfg.turns >= 1, "at least 1"),
@@ -55,7 +58,10 @@ class Dice:
         turn = (len(history) + 1) // 2  # the prompt, then (move, answer) pairs: a move is at an even length
         if not self.cfg.per_turn and turn < self.cfg.turns:
             return 0.0
-        return self.cfg.reward_scale * self._gauss("r", history)
+        luck = 0.0
+        if turn == self.cfg.turns and len(history) >= 3:  # the first answer's luck, at the end
+            luck = self.cfg.luck if history[2] == "x0" else -self.cfg.luck
+        return self.cfg.reward_scale * self._gauss("r", history) + luck
 
     def answer_probs(self, history: tuple[str, ...]) -> list[float]:
         """P(answer | history) after the move that ends `history`."""

@@ -1,0 +1,76 @@
+"""Which optimizers reach the soft-Bellman optimum over episodes, and which converge elsewhere.
+
+    python benchmarks/episodes.py [out_dir] [--jobs 2] [--seeds 0,1] [--steps 1500]
+
+Every optimizer that takes episodes on `+experiment=episode_toy` (the dice environment: a move,
+a random answer that depends on it, a second move, a reward at the end; beta 0.5), to the
+preset's end (its settings: beta 0.5, lr 3e-3, 128 episodes a step, 1500 steps): the last evaluation's exact KL(pi || pi*) to the soft-Bellman optimum and
+KL(pi || tilt) to the whole-episode tilt pi_ref(tau) exp(R / beta) / Z, the optimistic policy
+that assumes it chooses the dice. A method reaches pi* when its KL is at most 0.05; one that
+lands on the tilt instead has solved the wrong objective. Also the episodes per second of
+training (the runs' wall time, one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# the same 128 episodes a step for every optimizer (a grouped one: prompts x its k)
+OPTIMIZERS = {"reinforce": [], "rloo": ["optimizer.k=4", "train.batch_size=32"],
+              "grpo": ["optimizer.group_size=4", "train.batch_size=32"], "ppo": [], "a2c": [],
+              "dm": ["optimizer.k=8", "train.batch_size=16"]}
+REACHED = 0.05
+
+
+def run(out: Path, name: str, extra: list[str], seed: int, steps: int) -> dict:
+    d = out / f"{name}-seed{seed}"
+    if not (d / "summary.json").is_file():
+        t0 = time.time()
+        r = subprocess.run(["rlhf-train", "+experiment=episode_toy", f"optimizer={name}", *extra, f"seed={seed}",
+                            f"train.steps={steps}", "threads=1", f"hydra.run.dir={d}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{name} seed {seed} failed:\n{r.stderr[-3000:]}")
+        (d / "bench.json").write_text(json.dumps({"wall_s": time.time() - t0}))
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    last = [x for x in rows if "eval/kl_to_optimum" in x][-1]
+    summary = json.loads((d / "summary.json").read_text())
+    return {"kl": last["eval/kl_to_optimum"], "tilt": last["eval/kl_to_tilt"], "wall": summary["wall_s"],
+            "steps": summary["steps"], "reward": last["eval/reward"], "run": str(d)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", nargs="?", default="episode_runs")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=1500)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cases = [(n, e, s) for n, e in OPTIMIZERS.items() for s in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda c: run(out, c[0], c[1], c[2], args.steps), cases))
+    print("| optimizer | KL(pi \\|\\| pi*) median (largest) | KL(pi \\|\\| tilt) median | reaches pi* (<= 0.05) | "
+          "lands on | held-out return |")
+    print("| --- | ---: | ---: | --- | --- | ---: |")
+    for name in OPTIMIZERS:
+        rs = [r for (n, _, _), r in zip(cases, results) if n == name]
+        kl, tilt = [r["kl"] for r in rs], [r["tilt"] for r in rs]
+        where = ("pi*" if statistics.median(kl) <= REACHED else
+                 "the tilt" if statistics.median(tilt) <= REACHED else "neither")
+        print(f"| {name} | {statistics.median(kl):.4f} ({max(kl):.4f}) | {statistics.median(tilt):.4f} | "
+              f"{sum(k <= REACHED for k in kl)} of {len(kl)} | {where} | {statistics.median(r['reward'] for r in rs):.3f} |")
+    eps = sum(r["steps"] * 128 for r in results) / sum(r["wall"] for r in results)
+    print(f"\nwall of the runs: {sum(r['wall'] for r in results):.0f} s; {len(results)} runs of {args.steps} steps; "
+          f"{eps:.0f} episodes a second of training (evaluations included, one thread a run)")
+
+
+if __name__ == "__main__":
+    main()
