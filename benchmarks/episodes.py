@@ -4,7 +4,8 @@
 
 Every optimizer that takes episodes on `+experiment=episode_toy` (the dice environment: a move,
 a random answer that depends on it, a second move, a reward at the end; beta 0.5), to the
-preset's end (its settings: beta 0.5, lr 3e-3, 128 episodes a step, 1500 steps): the last evaluation's exact KL(pi || pi*) to the soft-Bellman optimum and
+preset's end (its settings: beta 0.5, lr 3e-3, 128 episodes a step, 1500 steps): the last
+evaluation's exact KL(pi || pi*) to the soft-Bellman optimum and
 KL(pi || tilt) to the whole-episode tilt pi_ref(tau) exp(R / beta) / Z, the optimistic policy
 that assumes it chooses the dice. A method reaches pi* when its KL is at most 0.05; one that
 lands on the tilt instead has solved the wrong objective. Also the episodes per second of

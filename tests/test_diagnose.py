@@ -276,3 +276,17 @@ def test_at_its_known_optimum_a_run_has_no_finding_about_the_way_there():
     assert "unstable: steps too large" in names(run_record(train=clipped))
     at_optimum = run_record(evals={"eval/kl_to_optimum": lambda t: 1e-7}, train=clipped)
     assert names(at_optimum) == []
+
+
+def test_the_episodes_findings_hold_on_their_evidence():
+    """Episodes cut by the turn limit, a tool that keeps failing, a per-turn reward that stays
+    flat while the policy moves: each named on a record that shows it, none on one that does not."""
+    cut = run_record(train={"episode/truncated": lambda t: 0.8, "episode/turns": lambda t: 4.0})
+    assert "episodes cut by the turn limit" in names(cut)
+    failing = run_record(train={"episode/tool_errors": lambda t: 1.2})
+    assert "tool errors" in names(failing)
+    flat = run_record(evals={"eval/episode/turn_reward": lambda t: 0.3, "eval/kl": lambda t: 4 * t})
+    assert "per-turn reward flat" in names(flat)
+    healthy = run_record(train={"episode/truncated": lambda t: 0.1, "episode/tool_errors": lambda t: 0.05},
+                         evals={"eval/episode/turn_reward": lambda t: 0.3 + 0.5 * t})
+    assert not {"episodes cut by the turn limit", "tool errors", "per-turn reward flat"} & set(names(healthy))

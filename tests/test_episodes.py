@@ -7,6 +7,7 @@ whole-episode tilt; the single-turn path is untouched."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,26 @@ def test_the_single_turn_path_has_no_episode_fields(tmp_path):
     t = Trainer(compose("+experiment=toy_bandit", "train.steps=1", "train.batch_size=8", "data.n_eval=4"), tmp_path)
     r = t.next_batch(8)
     assert t.env is None and r.token_scores is None and r.episode_stats == {}
+
+
+def test_rlhf_generate_plays_an_episode_with_you_as_the_environment(tmp_path, embedded_dir):
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("rlhf-generate")
+    r = subprocess.run([str(exe), "embedded", "The movie was", "--episode", "--max-new-tokens", "6"], input="And then\n\n\n",
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    turns = [x for x in r.stdout.splitlines() if x.startswith("policy: ")]
+    assert len(turns) == 2 and r.stderr.count("env> ") == 2, (r.stdout, r.stderr)
+
+
+def test_a_minibatch_of_episodes_keeps_every_policy_token(toy):
+    """(The minibatch's trimming once cut an episode at its count of policy tokens, dropping the
+    last turn: PPO and GRPO trained on half an episode.)"""
+    from rlhf.core.rollout import collect
+
+    r = toy.next_batch(16)
+    idx = torch.arange(0, 16, 2)
+    mb, _ = collect.minibatch(r, idx)
+    assert torch.equal(mb.mask, r.mask[idx]) and torch.equal(mb.token_scores, r.token_scores[idx])

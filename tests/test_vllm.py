@@ -166,3 +166,15 @@ def test_nothing_of_the_engines_mending_is_left_in_vllm(trained):
     t, _ = trained
     t.proposal.sample(t.policy, [[0, 1, 2]], Sampling(1.0, t.sampler.generation_kwargs()), False, None)
     assert "hasattr" not in vars(dispatcher)
+
+
+def test_the_engine_plays_episodes_turn_by_turn(tmp_path, embedded_dir):
+    """proposal=vllm draws each turn of an episode (the environment's answers between): log q of
+    the policy's tokens only, the engine's float32 log q the trainer's log pi."""
+    r = cli("rlhf-train", "+experiment=episode_toy", "policy.path=toy:3x4:eos:heads1", "proposal=vllm",
+            "optimizer.correction=sequence", "train.steps=3", "train.batch_size=16", "eval.every=3", "data.n_eval=3",
+            f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in rows if "mismatch/kl" in x]
+    assert len(steps) == 3 and all(x["episode/turns"] == 2 and abs(x["mismatch/kl"]) < 1e-4 for x in steps), steps

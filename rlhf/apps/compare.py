@@ -22,6 +22,7 @@ from rlhf.contracts.metrics import ENTROPY, EVAL_DISTINCT_2, EVAL_FLUENCY, EVAL_
 from rlhf.core.run import checkpoint, rundir
 
 FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
+EPISODE_FIGURES = ("turns_end", "truncated_end", "tool_errors_end")  # runs of episodes: shown when a run has them
 
 
 @dataclass
@@ -114,11 +115,12 @@ def value_of(run: Run, field_name: str) -> Any:
 def table(runs: list[Run], root: Path) -> tuple[list[str], list[list[str]]]:
     fields = differing_fields(runs)
     judges = sorted({k for r in runs for k in r.summary if k.startswith("judge_") and k.endswith("_end")})
-    header = ["run", "optimizer", *fields, *FIGURES, *judges]
+    episodes = [k for k in (*EPISODE_FIGURES, "kl_to_optimum", "kl_to_tilt") if any(k in r.summary for r in runs)]
+    header = ["run", "optimizer", *fields, *FIGURES, *episodes, *judges]
     rows = []
     for r in runs:
         rel = str(r.path.relative_to(root)) if r.path.is_relative_to(root) else str(r.path)
-        values = [value_of(r, k) for k in fields] + [r.summary.get(k) for k in (*FIGURES, *judges)]
+        values = [value_of(r, k) for k in fields] + [r.summary.get(k) for k in (*FIGURES, *episodes, *judges)]
         rows.append([rel, r.optimizer, *(fmt(v) for v in values)])
     return header, rows
 

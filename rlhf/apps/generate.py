@@ -3,10 +3,14 @@
     rlhf-generate outputs/2026-11-30/14-00-00-123 "The movie was"      # one prompt, one response
     rlhf-generate <run> "What is 7 + 5?" -n 4 --temperature 0.7       # four samples
     rlhf-generate <run>                                                # interactive: a prompt a line
+    rlhf-generate <run> --episode                                      # an episode: you are the environment
 
 The sampling settings default to the run's own (`.hydra/config.yaml`'s sampler). A model
 with a chat template gets the prompt as a user message, rendered with the template and its
-generation prompt (`--raw` gives the text as it is).
+generation prompt (`--raw` gives the text as it is). With `--episode`, you play the
+environment of an episode: after the first prompt, each line you type is the environment's
+answer to the policy's last turn, appended as tokens (the chat template's markers for a new
+message), and the policy takes the next turn; an empty line ends the episode.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     p.add_argument("--greedy", action="store_true", help="the most likely token each step")
     p.add_argument("--raw", action="store_true", help="the prompt as text, even if the model has a chat template")
+    p.add_argument("--episode", action="store_true",
+                   help="interactive episode: you answer the policy's turns as its environment (an empty line ends it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     return p
@@ -77,6 +83,24 @@ class Generator:
         g = sampling.generate(self.policy, [list(query)] * n, gen)
         return collect.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)[1]
 
+    def episode(self, prompt: str, gen: dict, read, write) -> list[int]:
+        """An episode with the user as the environment: the policy's turns, `read()`'s answers
+        appended as tokens (token in, token out: nothing is rendered again), until an empty answer."""
+        from rlhf.core.rollout import sampling
+        from rlhf.core.rollout.episodes import first_query, observation_ids
+
+        tok = self.policy.tokenizer
+        ids = first_query(tok, prompt) if self.chat else tok(prompt, add_special_tokens=False)["input_ids"]
+        while True:
+            g = sampling.generate(self.policy, [ids], gen)
+            turn = g.input_ids[0, g.query_len:][g.mask[0].bool()].tolist()
+            ids = ids + turn
+            write(tok.decode(turn, skip_special_tokens=True))
+            answer = read()
+            if not answer.strip():
+                return ids
+            ids = ids + (observation_ids(tok, answer) if self.chat else tok(answer, add_special_tokens=False)["input_ids"])
+
 
 def main(argv: list[str] | None = None) -> int:
     hydra_setup.quiet_libraries()
@@ -97,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"rlhf-generate: {e}", file=sys.stderr)
         return 1
+    if args.episode:
+        return play_episodes(generator, gen, args.prompt)
     prompts = [args.prompt] if args.prompt is not None else None
     interactive = prompts is None
     if interactive:
@@ -126,6 +152,31 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for i, text in enumerate(responses):
             print(f"[{i + 1}] {text}" if args.n > 1 else text, flush=True)
+
+
+def play_episodes(generator: Generator, gen: dict, prompt: str | None) -> int:
+    """Episodes with the user as the environment, one after another (an empty prompt ends)."""
+    def read() -> str:
+        print("env> ", end="", file=sys.stderr, flush=True)
+        try:
+            return sys.stdin.readline().rstrip("\n")
+        except KeyboardInterrupt:
+            return ""
+
+    print("rlhf-generate: an episode: type the environment's answer to each turn; an empty line ends the episode",
+          file=sys.stderr)
+    while True:
+        if prompt is None:
+            print("prompt> ", end="", file=sys.stderr, flush=True)
+            prompt = sys.stdin.readline().rstrip("\n")
+            if not prompt.strip():
+                print(file=sys.stderr)
+                return 0
+        try:
+            generator.episode(prompt, gen, read, lambda text: print(f"policy: {text}", flush=True))
+        except ValueError as e:  # (a context the episode outgrew)
+            print(f"rlhf-generate: {e}", file=sys.stderr)
+        prompt = None
 
 
 if __name__ == "__main__":

@@ -489,6 +489,9 @@ class Trainer:
             **{f"fluency_{when}": m[EVAL_FLUENCY] for when, m in (("start", first), ("end", last)) if EVAL_FLUENCY in m},
             **judges,
             **({"kl_to_optimum": last[EVAL_KL_TO_OPTIMUM]} if cfg.eval.kl_to_optimum else {}),
+            **({"kl_to_tilt": last[EVAL_KL_TO_TILT]} if EVAL_KL_TO_TILT in last else {}),
+            # episodes: how they ended (turns, cut by the limit, tool errors)
+            **{f"{k.removeprefix('eval/episode/')}_end": v for k, v in last.items() if k.startswith("eval/episode/")},
             **{f"{k.removeprefix('eval/')}_{when}": m[k] for k in last if k.startswith((EVAL_PASS_AT, EVAL_ACCURACY))
                for when, m in (("start", first), ("end", last))},
             "steps": cfg.train.steps,

@@ -132,7 +132,9 @@ def minibatch(r: Rollout, idx: torch.Tensor, **per_row: torch.Tensor) -> tuple[R
     of short responses costs what short responses cost."""
     attn, mask = r.attention_mask[idx], r.mask[idx]
     q_start = int((attn[:, : r.query_len].sum(0) > 0).long().argmax())  # first query column someone uses
-    T = max(1, int(mask.sum(1).max()))
+    # the last column any of these rows uses (an episode's mask has the environment's tokens between turns)
+    used = (mask > 0).any(0).nonzero()
+    T = max(1, int(used[-1]) + 1) if len(used) else 1
     cols = slice(q_start, r.query_len + T)
     rows = idx.tolist()
     sub = replace(

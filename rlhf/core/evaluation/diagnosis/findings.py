@@ -13,6 +13,9 @@ from typing import Any, Callable
 from rlhf.contracts import registry
 from rlhf.contracts.metrics import (
     ENTROPY,
+    EPISODE_TOOL_ERRORS,
+    EPISODE_TRUNCATED,
+    EPISODE_TURN_REWARD,
     EVAL_DISTINCT_2,
     EVAL_FLUENCY,
     EVAL_JUDGE,
@@ -73,6 +76,8 @@ SPREAD_LEFT = 0.1  # ... and the reward's spread at a tenth of its start: every 
 EXPLORE_GAP = 2.0  # step-0 spreads the batch's best sample stays above the held-out mean while the mean is flat
 MISMATCH_FAR = 0.1  # nats per token of KL(q || pi): a proposal this far from pi makes importance weights heavy-tailed
 MISMATCH_FEW = 0.2  # the batch's effective sample size under the sequence weights, as a share of the batch
+TRUNCATED_SHARE = 0.5  # episodes cut by the turn limit: half of them, over the second half of the run
+TOOL_ERRORS = 0.5  # failed calls a episode, over the second half: one episode in two has one
 OPTIMUM_REACHED = 0.05  # eval/kl_to_optimum at or below this: the run is at its known optimum (the closed-form tables' bar)
 
 
@@ -394,7 +399,52 @@ def proposal_mismatch(record: Record) -> Finding | None:
                                  Knob("proposal.k", "a fresher stale policy (proposal.k smaller)")))
 
 
+def episodes_cut(record: Record) -> Finding | None:
+    """Episodes cut by the turn limit (or the context) instead of ended by the environment, over
+    the second half: their last rewards never came."""
+    cut = record.series(EPISODE_TRUNCATED)
+    half = [x for s, x in cut if s >= record.last_step / 2]
+    if len(half) < MIN_TRAIN_ROWS // 2 or statistics.median(half) < TRUNCATED_SHARE:
+        return None
+    return Finding("episodes cut by the turn limit", f"{EPISODE_TRUNCATED} {fmt(statistics.median(half))} (median over "
+                   f"steps {int(record.last_step / 2)}-{record.last_step}): most episodes end at env.max_turns or at the "
+                   "model's context, before the environment ends them, so their last rewards never come",
+                   record.advice(Knob("env.max_turns", "raise env.max_turns (now {now})"),
+                                 Knob("env.turns", "raise env.turns (now {now})"),
+                                 Knob("sampler.max_new_tokens", "a shorter turn (sampler.max_new_tokens, now {now})")))
+
+
+def tool_errors(record: Record) -> Finding | None:
+    """The environment (a tool) answers the policy's turns with errors, and does not stop doing so."""
+    errors = record.series(EPISODE_TOOL_ERRORS)
+    half = [x for s, x in errors if s >= record.last_step / 2]
+    if len(half) < MIN_TRAIN_ROWS // 2 or statistics.median(half) < TOOL_ERRORS:
+        return None
+    first = [x for s, x in errors if s < record.last_step / 2]
+    trend = f", from {fmt(statistics.median(first))} over the first half" if first else ""
+    return Finding("tool errors", f"{EPISODE_TOOL_ERRORS} {fmt(statistics.median(half))} a episode over the second "
+                   f"half{trend}: the policy's calls fail (their format, their arguments)",
+                   record.advice(Knob(None, "a reward that charges a failed call (the environment's, per turn)"),
+                                 Knob("policy.path", "a policy taught the call format first (SFT on calls)")))
+
+
+def turn_reward_flat(record: Record) -> Finding | None:
+    """The reward of a turn does not move over the run while the policy does (its KL grows)."""
+    turns = record.series(f"eval/{EPISODE_TURN_REWARD}")
+    kl = record.series(EVAL_KL)
+    if len(turns) < MIN_EVALS or record.progress < 0.5 or not kl:
+        return None
+    if abs(turns[-1][1] - turns[0][1]) >= MOVED * spread(record) or kl[-1][1] < KL_STILL:
+        return None
+    return Finding("per-turn reward flat", f"eval/{EPISODE_TURN_REWARD} {fmt(turns[0][1])} -> {fmt(turns[-1][1])} "
+                   f"while eval/kl rose to {fmt(kl[-1][1])} nats: the policy changes, its turns earn no more",
+                   record.advice(Knob("optimizer.lr", "lower optimizer.lr (now {now})"),
+                                 Knob("optimizer.beta", "raise optimizer.beta (now {now})"),
+                                 Knob(None, "check that the environment's rewards reach the turns they are for")))
+
+
 DETECTORS: tuple[Callable[[Record], Finding | None], ...] = (
+    episodes_cut, tool_errors, turn_reward_flat,
     exploration_trap, proposal_mismatch,
     nonfinite_evaluation, reward_hacking, past_gold_peak, kl_blowup, nothing_moves, clipped_gradients, entropy_collapse,
     biased_kl, early_saturation)
