@@ -23,9 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # the same 128 episodes a step for every optimizer (a grouped one: prompts x its k)
-OPTIMIZERS = {"reinforce": [], "rloo": ["optimizer.k=4", "train.batch_size=32"],
-              "grpo": ["optimizer.group_size=4", "train.batch_size=32"], "ppo": [], "a2c": [],
-              "dm": ["optimizer.k=8", "train.batch_size=16"]}
+OPTIMIZERS = {"reinforce": ["optimizer=reinforce"], "rloo": ["optimizer=rloo", "optimizer.k=4", "train.batch_size=32"],
+              "grpo": ["optimizer=grpo", "optimizer.group_size=4", "train.batch_size=32"],
+              "grpo-unscaled": ["optimizer=grpo", "optimizer.group_size=4", "train.batch_size=32",
+                                "optimizer.scale_rewards=false"],
+              "ppo": ["optimizer=ppo"], "a2c": ["optimizer=a2c"],
+              "dm": ["optimizer=dm", "optimizer.k=8", "train.batch_size=16"]}
 REACHED = 0.05
 
 
@@ -33,7 +36,7 @@ def run(out: Path, name: str, extra: list[str], seed: int, steps: int) -> dict:
     d = out / f"{name}-seed{seed}"
     if not (d / "summary.json").is_file():
         t0 = time.time()
-        r = subprocess.run(["rlhf-train", "+experiment=episode_toy", f"optimizer={name}", *extra, f"seed={seed}",
+        r = subprocess.run(["rlhf-train", "+experiment=episode_toy", *extra, f"seed={seed}",
                             f"train.steps={steps}", "threads=1", f"hydra.run.dir={d}"], capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{name} seed {seed} failed:\n{r.stderr[-3000:]}")
