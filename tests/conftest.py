@@ -225,3 +225,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cli)
         elif not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.unit)
+
+
+def deterministic_rows(path: Path | str) -> list[dict]:
+    """A run's metrics.jsonl rows without what wall-clock time decides (time/..., the engine's
+    sync seconds): what two runs that compute the same must share, to the bit."""
+    import json
+
+    text = Path(path).read_text() if not str(path).startswith("{") else str(path)
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "proposal/sync_s"}
+            for line in text.splitlines()]

@@ -5,7 +5,6 @@ promises that nothing is lost are in test_edges.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import cli, wait_for
+from conftest import cli, deterministic_rows, wait_for
 
 from rlhf.core.run import rundir
 
@@ -294,7 +293,7 @@ def test_the_run_that_builds_its_model_trains_as_every_later_run(tmp_path):
     for name in ("first", "second"):
         run = tmp_path / name
         assert cli("rlhf-train", *args, f"hydra.run.dir={run}", cwd=tmp_path, env=env).returncode == 0
-        rows.append([{k: v for k, v in json.loads(x).items()} for x in (run / rundir.METRICS).read_text().splitlines()])
+        rows.append(deterministic_rows(run / rundir.METRICS))
     assert rows[0] == rows[1]
 
 

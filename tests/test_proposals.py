@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, deterministic_rows
 
 from rlhf.contracts.interfaces import Rollout
 from rlhf.core.rollout import collect, sampling
@@ -176,7 +175,7 @@ def test_a_run_drawn_by_another_proposal_logs_its_mismatch_and_resumes_exactly(p
     args = [*TOY, "optimizer=reinforce", "optimizer.correction=sequence", "checkpoint.every=2", *proposal]
     r = cli("rlhf-train", *args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows = deterministic_rows(tmp_path / "a" / "metrics.jsonl")
     train = [row for row in rows if "train/reward" in row]
     assert all({"mismatch/kl", "mismatch/outside", "mismatch/ess"} <= set(row) for row in train)
     assert train[-1]["mismatch/kl"] > 0 and 0 < train[-1]["mismatch/ess"] <= 1
@@ -185,5 +184,5 @@ def test_a_run_drawn_by_another_proposal_logs_its_mismatch_and_resumes_exactly(p
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("rlhf-train", f"resume={tmp_path / 'b'}", "train.steps=4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    resumed = deterministic_rows(tmp_path / "b" / "metrics.jsonl")
     assert [row for row in resumed if "train/reward" in row] == train

@@ -5,7 +5,8 @@
     rlhf-diagnose <dir> --json                 # the findings as JSON, a line per run
 
 Reads what training logged (metrics.jsonl, the config, the saved samples); the checks are
-those `rlhf-train` warns about live (rlhf/core/evaluation/diagnosis.py). A healthy run gets "no findings".
+those `rlhf-train` warns about live (rlhf/core/evaluation/diagnosis/). A healthy run gets "no findings".
+Then what bounds the run: the phases of its steps (time/<phase>_s) by their share of the time.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # one run's odd record does not stop the others' diagnoses
             print(f"rlhf-diagnose: {run}: the checks failed ({type(e).__name__}: {e})", file=sys.stderr)
             continue
+        bound = diagnosis.time_bound(record)
         if args.json:
             print(rundir.to_json({"run": str(run), "findings": [f.as_dict() for f in findings],
-                              **({} if record.rows else {"error": f"no {rundir.METRICS}"})}))
+                                  **({"time": {"bound_by": bound[0], "shares": bound[1]}} if bound else {}),
+                                  **({} if record.rows else {"error": f"no {rundir.METRICS}"})}))
             continue
         print(f"{run}:")
         if not record.rows:
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  no findings ({record.last_step} of {record.total_steps} steps)")
         for f in findings:
             print("  " + f.text().replace("\n", "\n  "))
+        if bound:  # what bounds the run: where its time went
+            print(f"  time: bound by {bound[0]} ({', '.join(f'{k} {v:.0%}' for k, v in bound[1].items() if v >= 0.005)})")
     sys.stdout.flush()
 
 

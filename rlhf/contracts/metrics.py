@@ -37,6 +37,7 @@ MISMATCH_OUTSIDE = "mismatch/outside"
 MISMATCH_ESS = "mismatch/ess"
 PROPOSAL_SYNC_S = "proposal/sync_s"
 STEP_S = "time/step_s"
+TIME = "time/"  # + a phase + _s: sampling, environment, behaviour, reference, scoring, update, sync, evaluation, checkpoint
 # --- episodes (env=...): each batch's and each evaluation's (the core)
 EPISODE_TURNS = "episode/turns"
 EPISODE_TRUNCATED = "episode/truncated"
@@ -101,6 +102,9 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     MISMATCH_ESS: ("core", "the batch's effective sample size under the sequence weights, as a share (1: on-policy)"),
     PROPOSAL_SYNC_S: ("core", "proposal=vllm: seconds to push the updated weights into the engine"),
     STEP_S: ("core", "seconds the step took"),
+    TIME: ("core", "seconds a phase of the step took (time/sampling_s, environment, behaviour, reference, scoring, "
+                   "update, sync; an evaluation's row time/evaluation_s; a checkpoint's in the next step's row): "
+                   "summary.json totals them with their shares (time_<phase>_s, time_<phase>_share)"),
     EPISODE_TURNS: ("core", "episodes: mean policy turns an episode took"),
     EPISODE_TRUNCATED: ("core", "episodes: share cut by the turn limit (env.max_turns) or the context, not ended"),
     EPISODE_TOOL_ERRORS: ("core", "episodes: mean answers per episode the environment flagged as an error (info['error'])"),

@@ -29,6 +29,7 @@ from rlhf.contracts.errors import OneLine
 from rlhf.contracts.interfaces import SampleLogger
 from rlhf.contracts.metrics import LOSS, TRAIN_KL, TRAIN_REWARD
 from rlhf.core.evaluation import diagnosis
+from rlhf.core.loop.phases import CLOCK, phase
 from rlhf.core.parallel import distributed
 from rlhf.core.run import checkpoint
 from rlhf.core.run.rundir import RunRecorder
@@ -163,7 +164,11 @@ class ProposalSync(Part):
         self.t = t
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
-        metrics.update(self.t.proposal.after_update(self.t.policy) or {})  # before Recording logs the step
+        if self.t.proposal.is_policy:  # (nothing to tell)
+            return
+        with phase("sync"):
+            synced = self.t.proposal.after_update(self.t.policy) or {}
+        metrics.update(synced, **{"time/sync_s": CLOCK.take().get("time/sync_s", 0.0)})  # before Recording logs the step
 
 
 class Checkpointer(Part):
@@ -183,7 +188,8 @@ class Checkpointer(Part):
         preempted = p is not None and distributed.any_rank(p.requested, self.t.policy.device)
         every = cfg.checkpoint.every
         if preempted or (every > 0 and step % every == 0) or step == cfg.train.steps:
-            self.t.checkpoint(step, self.recording.recorder if self.recording is not None else None)
+            with phase("checkpoint"):  # (its seconds show in the next step's row)
+                self.t.checkpoint(step, self.recording.recorder if self.recording is not None else None)
         if preempted and step < cfg.train.steps:  # at the last step the run just ends
             for part in self.parts:
                 part.close()

@@ -43,12 +43,14 @@ from rlhf.contracts.metrics import (
     EVAL_PASS_AT,
     EVAL_RESPONSE_LEN,
     EVAL_REWARD,
+    STEP_S,
 )
 from rlhf.contracts.schema import validate
 from rlhf.core.evaluation import diagnosis
 from rlhf.core.evaluation.held_out import evaluate, pass_at_k, save_samples
 from rlhf.core.loop import callbacks, update
 from rlhf.core.loop.callbacks import NonFiniteError
+from rlhf.core.loop.phases import CLOCK, phase
 from rlhf.core.model.policy import CheckpointMismatch, Policy
 from rlhf.core.model.pretrained import save_policy
 from rlhf.core.parallel import distributed, sharding
@@ -160,6 +162,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, run: RunInfo | None = None, plugins: Plugins | None = None):
         self.t0 = time.time()
+        CLOCK.reset()  # this run's phases
         self.cfg, self.run_dir = cfg, run_dir
         self.run = run or RunInfo(run_dir=str(run_dir), name=run_dir.name, group_dir=str(run_dir))
         # plugins first (unless the command's preflight built them): cheap, so their config errors come
@@ -226,9 +229,12 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One batch and one update. A batch with a non-finite score or KL is not trained on:
-        its metrics come back (with the NaN) and `fit` stops the run."""
+        its metrics come back (with the NaN) and `fit` stops the run. With the seconds of each
+        phase of the step (rlhf.core.loop.phases) and of the whole."""
+        t0 = time.perf_counter()
         with self.autocast():
-            return self._train_step()
+            metrics = self._train_step()
+        return {**metrics, **CLOCK.take(), STEP_S: time.perf_counter() - t0}
 
     def _train_step(self) -> dict[str, float]:
         batch = self.next_batch(self.cfg.train.batch_size)
@@ -243,8 +249,9 @@ class Trainer:
         return distributed.mean_metrics(stats, device)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        with self.autocast():
-            return self._evaluate(step)
+        with self.autocast(), phase("evaluation"):
+            metrics = self._evaluate(step)
+        return {**metrics, "time/evaluation_s": CLOCK.take().get("time/evaluation_s", 0.0)}
 
     def _evaluate(self, step: int) -> dict[str, float]:
         # drawn again from the fixed seed: the same queries (and response cap, if the sampler draws one) each time
@@ -503,6 +510,7 @@ class Trainer:
             "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),
+            **CLOCK.summary(time.time() - self.t0),  # where the time went, by phase
             "run_dir": str(self.run_dir),
         }
         next(p.recorder for p in self.parts if isinstance(p, callbacks.Recording)).summary(summary)

@@ -27,6 +27,7 @@ import torch
 from rlhf.contracts import metrics
 from rlhf.contracts.interfaces import PolicyOptimizer
 from rlhf.core.loop.optim import adam, gradient_step
+from rlhf.core.loop.phases import phase
 from rlhf.core.parallel import distributed
 from rlhf.core.rollout import collect
 from rlhf.core.toolkit import numerics
@@ -34,6 +35,11 @@ from rlhf.core.toolkit import numerics
 
 def step(objective: PolicyOptimizer, policy: Any, opt: torch.optim.Optimizer, params: list, batch: Any) -> dict[str, float]:
     """One update of `objective` on `batch` (module doc); returns its metrics."""
+    with phase("update"):
+        return _step(objective, policy, opt, params, batch)
+
+
+def _step(objective: PolicyOptimizer, policy: Any, opt: torch.optim.Optimizer, params: list, batch: Any) -> dict[str, float]:
     s = objective.cfg.update()
     if (objective.takes_importance_weights and s.correction != "none"
             and getattr(batch, "proposal_logprobs", None) is not None):  # a rollout drawn by q != pi

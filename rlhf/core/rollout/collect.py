@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.contracts.interfaces import RewardSource, Rollout, Sampling
+from rlhf.core.loop.phases import phase
 from rlhf.core.model.policy import Policy
 from rlhf.core.rollout.data import RenderedText, special_ids
 from rlhf.core.rollout.sampling import generate
@@ -75,10 +76,11 @@ def collect(
 ) -> Rollout:
     """Sample (from `proposal`, default the policy itself), then log pi of the current policy,
     log pi_ref, the decoded texts and the reward source's scores."""
-    if proposal is None or proposal.is_policy:
-        g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
-    else:
-        g = proposal.sample(policy, queries, Sampling(temperature, gen_kwargs), with_values, rows)
+    with phase("sampling"):
+        if proposal is None or proposal.is_policy:
+            g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
+        else:
+            g = proposal.sample(policy, queries, Sampling(temperature, gen_kwargs), with_values, rows)
     input_ids, attention_mask, q = g.input_ids, g.attention_mask, g.query_len
     logprobs, values = g.logprobs, g.values
     # Under bf16 autocast the cached sampling pass and a full forward round differently (by
@@ -89,11 +91,14 @@ def collect(
     off_policy = proposal is not None and not proposal.is_policy
     if (low_precision or off_policy or logprobs is None
             or (with_values and policy.value_head is not None and values is None)):
-        logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, q, temperature, with_values=with_values)
-    ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, q, temperature)
-    query_text, response_text = decode(policy, input_ids, attention_mask, q)
-    columns = columns_of(queries)
-    scores = score(reward, query_text, response_text, policy.device, columns)
+        with phase("behaviour"):
+            logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, q, temperature, with_values=with_values)
+    with phase("reference"):
+        ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, q, temperature)
+    with phase("scoring"):
+        query_text, response_text = decode(policy, input_ids, attention_mask, q)
+        columns = columns_of(queries)
+        scores = score(reward, query_text, response_text, policy.device, columns)
     maskf = g.mask.float()
     return Rollout(
         input_ids=input_ids, attention_mask=attention_mask, query_len=q, mask=maskf,

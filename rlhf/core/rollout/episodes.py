@@ -33,6 +33,7 @@ from rlhf.contracts.metrics import (
     EPISODE_TURN_REWARD,
     EPISODE_TURNS,
 )
+from rlhf.core.loop.phases import phase
 from rlhf.core.model.policy import Policy
 from rlhf.core.rollout.collect import columns_of, score
 from rlhf.core.rollout.data import render
@@ -97,12 +98,13 @@ def play(policy: Policy, reward: RewardSource, env: Environment, prompts: Sequen
     offset = (rows or (0, len(prompts)))[0]
     seed = int(torch.randint(2**31 - 1, (1,)))  # the episodes' environments are seeded from torch's stream
     episodes = []
-    for i, p in enumerate(prompts):
-        e = env.make()
-        fields = dict(getattr(p, "fields", {}) or {})
-        obs, _ = e.reset(seed=seed + offset + i, options={"prompt": tok.decode(list(p), skip_special_tokens=True),
-                                                          **fields})
-        episodes.append(Episode(e, first_query(tok, obs)))
+    with phase("environment"):
+        for i, p in enumerate(prompts):
+            e = env.make()
+            fields = dict(getattr(p, "fields", {}) or {})
+            obs, _ = e.reset(seed=seed + offset + i, options={"prompt": tok.decode(list(p), skip_special_tokens=True),
+                                                              **fields})
+            episodes.append(Episode(e, first_query(tok, obs)))
     off_policy = proposal is not None and not proposal.is_policy
     cap, limit = sampling.kwargs.get("max_new_tokens", 20), policy.context_length
     for turn in range(env.max_turns):
@@ -115,8 +117,9 @@ def play(policy: Policy, reward: RewardSource, env: Environment, prompts: Sequen
             break
         contexts = [e.query + e.body for e in live]
         part = rows if turn == 0 and len(live) == len(episodes) else None
-        g = (proposal.sample(policy, contexts, sampling, False, part) if off_policy
-             else generate(policy, contexts, sampling.generation_kwargs(), sampling.temperature, False, part))
+        with phase("sampling"):
+            g = (proposal.sample(policy, contexts, sampling, False, part) if off_policy
+                 else generate(policy, contexts, sampling.generation_kwargs(), sampling.temperature, False, part))
         for j, e in enumerate(live):
             keep = g.mask[j].bool()
             ids = g.input_ids[j, g.query_len:][keep].tolist()
@@ -125,7 +128,8 @@ def play(policy: Policy, reward: RewardSource, env: Environment, prompts: Sequen
             e.policy += [1] * len(ids)
             e.log_q += g.sampled_logprobs[j][keep].tolist() if off_policy else [0.0] * len(ids)
             e.turns += 1
-            obs, r, terminated, truncated, info = e.env.step(tok.decode(ids, skip_special_tokens=True))
+            with phase("environment"):
+                obs, r, terminated, truncated, info = e.env.step(tok.decode(ids, skip_special_tokens=True))
             e.rewards.append((len(e.body) - 1, float(r)))
             e.tool_errors += int(bool((info or {}).get("error")))
             if terminated or truncated or turn + 1 == env.max_turns:
@@ -159,11 +163,14 @@ def _rollout(policy: Policy, reward: RewardSource, episodes: list[Episode], prom
         for pos, r in e.rewards:
             token_scores[i, pos] += r
     input_ids, attention_mask = torch.cat([q_ids, body], 1), torch.cat([q_mask, attn], 1)
-    logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, Q, temperature, with_values=with_values)
-    ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, Q, temperature)
-    queries = [tok.decode(e.query, skip_special_tokens=True) for e in episodes]
-    texts = [tok.decode(e.body, skip_special_tokens=True) for e in episodes]
-    final = score(reward, queries, texts, device, columns_of(prompts))  # the reward source on the whole transcript
+    with phase("behaviour"):  # (one pass over whole episodes: the turns' own passes saw only their prefixes)
+        logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, Q, temperature, with_values=with_values)
+    with phase("reference"):
+        ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, Q, temperature)
+    with phase("scoring"):
+        queries = [tok.decode(e.query, skip_special_tokens=True) for e in episodes]
+        texts = [tok.decode(e.body, skip_special_tokens=True) for e in episodes]
+        final = score(reward, queries, texts, device, columns_of(prompts))  # the reward source on the whole transcript
     for i, e in enumerate(episodes):
         last = max(k for k, m in enumerate(e.policy) if m)  # (every episode has a turn: at least one token)
         token_scores[i, last] += final[i]

@@ -31,5 +31,6 @@ from rlhf.core.evaluation.diagnosis.record import (  # noqa: F401
     load,
     median_tail,
     span,
+    time_bound,
     top_sample,
 )

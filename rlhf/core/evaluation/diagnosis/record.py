@@ -224,3 +224,19 @@ def fmt_any(x: Any) -> str:
 _ABSENT = object()
 
 
+def time_bound(record: Record) -> tuple[str, dict[str, float]] | None:
+    """(the phase that takes the largest share of the steps' time, each phase's share of it),
+    from the `time/<phase>_s` rows the run logged (evaluations and checkpoints included); None
+    when the run logged none."""
+    totals: dict[str, float] = {}
+    for row in record.rows:
+        for k, v in row.items():
+            if k.startswith("time/") and k != "time/step_s" and isinstance(v, (int, float)) and math.isfinite(v):
+                name = k.removeprefix("time/").removesuffix("_s")
+                totals[name] = totals.get(name, 0.0) + float(v)
+    whole = sum(totals.values())
+    if whole <= 0:
+        return None
+    shares = dict(sorted(((k, v / whole) for k, v in totals.items()), key=lambda kv: -kv[1]))
+    return next(iter(shares)), shares
+
