@@ -170,9 +170,10 @@ def test_help_lists_groups_and_options(tmp_path):
     r = cli("rlhf-train", "--help", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     for line in ["optimizer: a2c, dm, dpo, grpo, ppo, reinforce, rloo, sft",
-                 "reward: hard, learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
+                 "reward: env, hard, learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
                  "logger: jsonl, tensorboard, wandb", "proposal: explore, policy, stale",
-                 "experiment: arithmetic, dpo_paper, frontier, hard_toys, imdb_ppo, toy_bandit, toy_bandit_dpo",
+                 "experiment: arithmetic, dpo_paper, episode_toy, frontier, hard_toys, imdb_ppo, quiz, toy_bandit,",
+                 "env: dice, gym, quiz",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 
@@ -184,4 +185,4 @@ def test_rlhf_plugins_lists_fields_defaults_and_help(tmp_path):
     assert "optimizer.clip_coef: float = 0.2  # policy ratio clipping epsilon" in r.stdout
     assert "logger.wandb.mode: str = 'auto'" in r.stdout
     bad = cli("rlhf-plugins", "nosuchgroup", cwd=tmp_path, timeout=120)
-    assert bad.returncode != 0 and "groups: logger, optimizer, proposal, reward, sampler" in bad.stderr
+    assert bad.returncode != 0 and "groups: env, logger, optimizer, proposal, reward, sampler" in bad.stderr

@@ -477,7 +477,8 @@ class Trainer:
         divergence = None if self.policy.sharded else distributed.max_param_difference(self.policy.trainable_state())
         eval_spread = None
         if self.policy.sharded:
-            eval_spread = max(abs(m[k] - last[k]) for m in distributed.gather_objects(last) for k in last)
+            eval_spread = max(abs(m[k] - last[k]) for m in distributed.gather_objects(last) for k in last
+                              if not k.startswith("time/"))  # (each rank's own seconds)
         whole = self.policy.full_state() if cfg.train.save_final else None  # sharded: gathered by every rank
         if not main:
             return {"steps": cfg.train.steps, "rank": distributed.rank()}
