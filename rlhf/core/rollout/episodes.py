@@ -69,7 +69,12 @@ def observation_ids(tokenizer, observation: Any, role: str = "user") -> list[int
     if not whole.startswith(head):
         raise ValueError("the chat template does not write a new message after the ones before it (it rewrites the "
                          "conversation's start); episodes need one that appends: give policy.chat_template=<file>")
-    return tokenizer(whole[len(head):], add_special_tokens=False)["input_ids"]
+    # the policy's turn ends at its end-of-turn token: what the template writes after that token (a newline
+    # before the next header) is the answer's, so that the episode reads as the template writes it
+    end = tokenizer.eos_token or ""
+    cut = head.find(end, head.rfind("a")) if end else -1
+    start = cut + len(end) if cut >= 0 else len(head)
+    return tokenizer(whole[start:], add_special_tokens=False)["input_ids"]
 
 
 @dataclass
