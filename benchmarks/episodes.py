@@ -1,6 +1,7 @@
 """Which optimizers reach the soft-Bellman optimum over episodes, and which converge elsewhere.
 
     python benchmarks/episodes.py [out_dir] [--jobs 2] [--seeds 0,1] [--steps 1500]
+    python benchmarks/episodes.py [out_dir] --calculator [--seeds 0,1,2]
 
 Every optimizer that takes episodes on `+experiment=episode_toy` (the dice environment: a move,
 a random answer that depends on it, a second move, a reward at the end; beta 0.5), to the
@@ -10,6 +11,11 @@ KL(pi || tilt) to the whole-episode tilt pi_ref(tau) exp(R / beta) / Z, the opti
 that assumes it chooses the dice. A method reaches pi* when its KL is at most 0.05; one that
 lands on the tilt instead has solved the wrong objective. Also the episodes per second of
 training (the runs' wall time, one torch thread each).
+
+With --calculator: the tool the model really uses (`+experiment=calculator`: products of two
+numbers below 100, held out from training), the preset with the calculator and the same preset
+with `env.enabled=false` (the same model and RL without the tool), each seed: the held-out
+accuracy before and after RL, the tool-call rate and tool errors at the end, episodes a second.
 """
 
 from __future__ import annotations
@@ -48,16 +54,49 @@ def run(out: Path, name: str, extra: list[str], seed: int, steps: int) -> dict:
             "steps": summary["steps"], "reward": last["eval/reward"], "run": str(d)}
 
 
+def calculator(out: Path, seeds: list[int], jobs: int) -> None:
+    arms = {"with the calculator": [], "without (env.enabled=false)": ["env.enabled=false"]}
+    cases = [(arm, extra, s) for arm, extra in arms.items() for s in seeds]
+
+    def one(case):
+        arm, extra, seed = case
+        d = out / f"calculator-{'off' if extra else 'on'}-seed{seed}"
+        if not (d / "summary.json").is_file():
+            r = subprocess.run(["rlhf-train", "+experiment=calculator", *extra, f"seed={seed}", "threads=1",
+                                f"hydra.run.dir={d}"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"calculator {arm} seed {seed} failed:\n{r.stderr[-3000:]}")
+        summary = json.loads((d / "summary.json").read_text())
+        batch = 16 * 4  # the preset's prompts a step x GRPO's group
+        return {**summary, "eps": summary["steps"] * batch / summary["wall_s"]}
+
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(one, cases))
+    print("| arm | held-out accuracy before RL | after RL (median, each seed) | tool calls an episode (end) | "
+          "tool errors an episode (end) | episodes/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for arm in arms:
+        rs = [r for (a, _, _), r in zip(cases, results) if a == arm]
+        ends = ", ".join(f"{r['reward_end']:.3f}" for r in rs)
+        print(f"| {arm} | {statistics.median(r['reward_start'] for r in rs):.3f} | "
+              f"{statistics.median(r['reward_end'] for r in rs):.3f} ({ends}) | "
+              f"{statistics.median(r['tool_calls_end'] for r in rs):.3f} | "
+              f"{statistics.median(r['tool_errors_end'] for r in rs):.3f} | {statistics.median(r['eps'] for r in rs):.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", nargs="?", default="episode_runs")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--calculator", action="store_true", help="the calculator's table instead of the optimizers'")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.calculator:
+        return calculator(out, seeds, args.jobs)
     cases = [(n, e, s) for n, e in OPTIMIZERS.items() for s in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda c: run(out, c[0], c[1], c[2], args.steps), cases))

@@ -172,8 +172,8 @@ def test_help_lists_groups_and_options(tmp_path):
     for line in ["optimizer: a2c, dm, dpo, grpo, ppo, reinforce, rloo, sft",
                  "reward: env, hard, learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
                  "logger: jsonl, tensorboard, wandb", "proposal: explore, policy, stale",
-                 "experiment: arithmetic, dpo_paper, episode_toy, frontier, hard_toys, imdb_ppo, quiz, toy_bandit,",
-                 "env: dice, gym, quiz",
+                 "experiment: arithmetic, calculator, dpo_paper, episode_toy, frontier, hard_toys, imdb_ppo, quiz,",
+                 "env: calculator, dice, gym, quiz",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
         assert line in r.stdout
 

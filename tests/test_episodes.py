@@ -7,6 +7,7 @@ whole-episode tilt; the single-turn path is untouched."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import compose
 
 from rlhf.contracts.interfaces import Sampling
 from rlhf.core.loop.trainer import Trainer
-from rlhf.core.rollout import episodes
+from rlhf.core.rollout import data, episodes
 from rlhf.core.toolkit import numerics
 
 TOY = ["+experiment=episode_toy", "train.steps=1", "train.batch_size=16", "data.n_eval=3", "eval.every=100"]
@@ -91,7 +92,7 @@ def test_the_trained_ids_are_the_sampled_ids_with_a_template_that_rewrites_histo
     r = episodes.play(policy, _Zero(), Echo(), [[1, 2]] * 3, Sampling(1.0, gen), with_values=False)
     trained = [[int(t) for t, m in zip(r.input_ids[i, r.query_len:], r.mask[i]) if m] for i in range(3)]
     assert trained == [sum((turn[i] for turn in drawn if i < len(turn)), []) for i in range(3)]
-    answer = episodes.observation_ids(tok, "result: 42", "tool")
+    answer = data.observation_ids(tok, "result: 42", "tool")
     body = r.input_ids[0, r.query_len:].tolist()
     assert body[len(drawn[0][0]) : len(drawn[0][0]) + len(answer)] == answer  # the tool's message, as the template writes it
     assert r.episode_stats["episode/turns"] == 3 and r.episode_stats["episode/truncated"] == 1  # cut by the turn limit
@@ -210,3 +211,47 @@ def test_a_minibatch_of_episodes_keeps_every_policy_token(toy):
     idx = torch.arange(0, 16, 2)
     mb, _ = collect.minibatch(r, idx)
     assert torch.equal(mb.mask, r.mask[idx]) and torch.equal(mb.token_scores, r.token_scores[idx])
+
+
+def test_the_calculator_computes_integer_arithmetic_and_nothing_else():
+    from rlhf_plugins.envs.calculator import CalculatorError, evaluate
+
+    assert evaluate("37*45") == 1665 and evaluate(" -(3 + 4) * 2 ") == -14 and evaluate("+5-7") == -2
+    for bad in ["__import__('os').system('true')", "2**99", "7/2", "x+1", "1e3", "True+1", "(1).real", "9" * 13,
+                "999999*9999999", "", "1+" * 40 + "1", "[1][0]", "1;2"]:
+        with pytest.raises(CalculatorError):
+            evaluate(bad)
+
+
+CALCULATOR = ["+experiment=calculator", "train.batch_size=8", "data.n_eval=48", "eval.samples=4"]
+
+
+def test_a_call_is_answered_by_the_tool_as_context_and_counted(tmp_path):
+    """The embedded tool user's episodes: a call, the calculator's message (the template's `tool`
+    turn, mask 0), the answer; calls and errors counted; without the tool a call is an error."""
+    t = Trainer(compose(*CALCULATOR, "train.steps=1"), tmp_path / "on")
+    tok = t.policy.tokenizer
+    r = t.next_batch(8)
+    called = [i for i, text in enumerate(r.responses) if "<calc>" in text]
+    assert called and r.episode_stats["episode/tool_calls"] == len(called) / len(r.responses)
+    for i in called:
+        body, policy, real = r.input_ids[i, r.query_len:], r.mask[i] == 1, r.attention_mask[i, r.query_len:] == 1
+        tool = tok.decode(body[real & ~policy])
+        a, b = map(int, re.search(r"What is (\d+) \* (\d+)\?", r.queries[i]).groups())
+        assert tool.startswith("\n<|im_start|>tool\n") and f"\n{a * b}<|im_end|>" in tool, tool  # masked out
+        assert "<calc>" in tok.decode(body[policy]) and "tool" not in tok.decode(body[policy])
+    assert r.episode_stats["episode/tool_errors"] == 0
+    off = Trainer(compose(*CALCULATOR, "train.steps=1", "env.enabled=false"), tmp_path / "off")
+    r = off.next_batch(8)
+    assert r.episode_stats["episode/tool_errors"] == r.episode_stats["episode/tool_calls"] > 0
+
+
+def test_rl_with_the_calculator_beats_the_same_model_without_it(tmp_path):
+    """The issue's claim at a small scale: 30 GRPO steps with the calculator raise held-out
+    accuracy on products well above the same model and RL without the tool, by calling it."""
+    with_tool = Trainer(compose(*CALCULATOR, "train.steps=30", "eval.every=30"), tmp_path / "on").fit()
+    without = Trainer(compose(*CALCULATOR, "train.steps=30", "eval.every=30", "env.enabled=false"),
+                      tmp_path / "off").fit()
+    assert with_tool["reward_end"] > with_tool["reward_start"] + 0.2, with_tool
+    assert with_tool["reward_end"] > without["reward_end"] + 0.4, (with_tool, without)
+    assert with_tool["tool_calls_end"] > 0.8 and with_tool["tool_errors_end"] < 0.05, with_tool

@@ -14,16 +14,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Build (or verify) the embedded default models.")
     p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     p.add_argument("--all", action="store_true",
-                   help="also the arithmetic task's model (policy.path=arithmetic) and the toy problem's (policy.path=toy)")
+                   help="also the arithmetic task's models (policy.path=arithmetic, policy.path=calculator) and the toy "
+                        "problem's (policy.path=toy)")
     args = p.parse_args(argv)
     spec = BuildSpec()
     if args.force:
         shutil.rmtree(cache_root() / f"embedded-{spec.key()}", ignore_errors=True)
     print(ensure_built(spec))
     if args.all:
-        from rlhf.embedded import arithmetic, toy
+        from rlhf.embedded import arithmetic, calculator, toy
 
         print(arithmetic.policy_path())
+        print(calculator.policy_path())
         print(toy.toy_policy_path())
 
 

@@ -22,7 +22,8 @@ from rlhf.contracts.metrics import ENTROPY, EVAL_DISTINCT_2, EVAL_FLUENCY, EVAL_
 from rlhf.core.run import checkpoint, rundir
 
 FIGURES = ("reward_end", "kl_end", "response_len_end", "distinct_2_end")
-EPISODE_FIGURES = ("turns_end", "truncated_end", "tool_errors_end")  # runs of episodes: shown when a run has them
+# runs of episodes: shown when a run has them
+EPISODE_FIGURES = ("turns_end", "truncated_end", "tool_calls_end", "tool_errors_end")
 
 
 @dataclass

@@ -41,6 +41,7 @@ TIME = "time/"  # + a phase + _s: sampling, environment, behaviour, reference, s
 # --- episodes (env=...): each batch's and each evaluation's (the core)
 EPISODE_TURNS = "episode/turns"
 EPISODE_TRUNCATED = "episode/truncated"
+EPISODE_TOOL_CALLS = "episode/tool_calls"
 EPISODE_TOOL_ERRORS = "episode/tool_errors"
 EPISODE_TURN_REWARD = "episode/turn_reward"
 EPISODE_RETOKENIZE_DRIFT = "episode/retokenize_drift"
@@ -107,6 +108,8 @@ CATALOGUE: dict[str, tuple[str, str]] = {
                    "summary.json totals them with their shares (time_<phase>_s, time_<phase>_share)"),
     EPISODE_TURNS: ("core", "episodes: mean policy turns an episode took"),
     EPISODE_TRUNCATED: ("core", "episodes: share cut by the turn limit (env.max_turns) or the context, not ended"),
+    EPISODE_TOOL_CALLS: ("core", "episodes: mean tool calls per episode (turns the environment marked info['tool_call']): "
+                                 "the tool-call rate"),
     EPISODE_TOOL_ERRORS: ("core", "episodes: mean answers per episode the environment flagged as an error (info['error'])"),
     EPISODE_TURN_REWARD: ("core", "episodes: mean reward of a turn (the environment's)"),
     EPISODE_RETOKENIZE_DRIFT: ("core", "episodes: share whose ids re-rendering the text would change: what training on "

@@ -51,7 +51,7 @@ class PolicyConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = "embedded"  # "embedded", a local .txt/.jsonl/.json file, or a hub dataset name
+    prompts: str = "embedded"  # "embedded", "arithmetic" (sums), "products", a .txt/.jsonl/.json file, or a hub dataset
     prompt_list: list[str] = field(default_factory=list)  # inline prompts for training and evaluation (overrides prompts)
     text_field: str = "text"  # column holding the text, or a list of chat messages (jsonl/json files and hub datasets)
     as_chat: bool = False  # text prompts as a user message, rendered with the chat template (instruct models)

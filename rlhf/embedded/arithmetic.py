@@ -56,16 +56,22 @@ def problems(split: str) -> list[tuple[int, int]]:
     return [(a, b) for a in range(100) for b in range(100) if held(a, b) == (split == "eval")]
 
 
-def question(a: int, b: int) -> list[dict]:
-    return [{"role": "user", "content": f"What is {a} + {b}?"}]
+def question(a: int, b: int, op: str = "+") -> list[dict]:
+    return [{"role": "user", "content": f"What is {a} {op} {b}?"}]
 
 
-def prompts(n: int, split: str) -> tuple[list[list[dict]], list[dict]]:
-    """n conversations of `split`, shuffled with a fixed seed, and each one's fields ({"answer": ...})."""
+def result(a: int, b: int, op: str = "+") -> int:
+    return a * b if op == "*" else a + b
+
+
+def prompts(n: int, split: str, op: str = "+") -> tuple[list[list[dict]], list[dict]]:
+    """n conversations of `split`, shuffled with a fixed seed, and each one's fields ({"answer": ...}):
+    sums (`op` "+", data.prompts=arithmetic) or products ("*", data.prompts=products: the
+    calculator's task, which the model does not compute well on its own)."""
     pool = problems(split)
     random.Random(f"arithmetic-{split}").shuffle(pool)
     chosen = [pool[i % len(pool)] for i in range(n)]
-    return [question(a, b) for a, b in chosen], [{"answer": str(a + b)} for a, b in chosen]
+    return [question(a, b, op) for a, b in chosen], [{"answer": str(result(a, b, op))} for a, b in chosen]
 
 
 def policy_path(spec: ArithmeticSpec = ArithmeticSpec()) -> str:

@@ -27,6 +27,10 @@ def resolve_path(path: str) -> str:
         from rlhf.embedded import arithmetic
 
         return arithmetic.policy_path()
+    if path == "calculator":
+        from rlhf.embedded import calculator
+
+        return calculator.policy_path()
     from rlhf.embedded import toy
 
     if toy.is_toy(path):
@@ -104,10 +108,10 @@ def recorded_config(path: str) -> PolicyConfig:
 
 
 def is_built_here(name: str) -> bool:
-    """A policy.path the project builds itself: "embedded", "arithmetic", "toy...". """
+    """A policy.path the project builds itself: "embedded", "arithmetic", "calculator", "toy...". """
     from rlhf.embedded import toy
 
-    return name in ("embedded", "arithmetic") or toy.is_toy(name)
+    return name in ("embedded", "arithmetic", "calculator") or toy.is_toy(name)
 
 
 def portable_name(trunk: str) -> str:

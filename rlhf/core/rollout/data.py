@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from rlhf.contracts.schema import DataConfig
 
@@ -50,10 +50,11 @@ def load_prompts(cfg: DataConfig) -> tuple[Prompts, Prompts]:
 
 
 def _load_prompts(cfg: DataConfig) -> tuple[Prompts, Prompts]:
-    if cfg.prompts == "arithmetic" and not cfg.prompt_list:
+    if cfg.prompts in ("arithmetic", "products") and not cfg.prompt_list:
         from rlhf.embedded.arithmetic import prompts
 
-        return Prompts(*prompts(cfg.n_train, "train")), Prompts(*prompts(cfg.n_eval, "eval"))
+        op = "+" if cfg.prompts == "arithmetic" else "*"
+        return Prompts(*prompts(cfg.n_train, "train", op)), Prompts(*prompts(cfg.n_eval, "eval", op))
     if cfg.prompt_list:  # the same few prompts for both, as in the toy problem
         def cycle(n):
             return Prompts([cfg.prompt_list[i % len(cfg.prompt_list)] for i in range(n)])
@@ -333,3 +334,41 @@ class Shuffled:
         """The saved position; over data of another size (a forced resume), a new pass from here."""
         self.rng.setstate(state["rng"])
         self.order = list(state["order"]) if state.get("n", self.n) == self.n else []
+
+
+# episodes' tokens (rlhf.core.rollout.episodes): the first observation, and each answer after a policy turn
+def is_chat(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def first_query(tokenizer, observation: Any) -> list[int]:
+    """The episode's first observation as its query: a conversation (or, with a chat template, a
+    text as the user's message) rendered with the generation prompt; plain text as it is."""
+    if isinstance(observation, list):
+        return tokenizer(render(tokenizer, observation), add_special_tokens=False)["input_ids"]
+    if is_chat(tokenizer):
+        return tokenizer(render(tokenizer, [{"role": "user", "content": str(observation)}]),
+                         add_special_tokens=False)["input_ids"]
+    return tokenizer(str(observation), add_special_tokens=False)["input_ids"]
+
+
+def observation_ids(tokenizer, observation: Any, role: str = "user") -> list[int]:
+    """The environment's answer, tokenised once, as it follows the policy's turn: with a chat
+    template, the tokens the template writes for a new message of `role` (and the next
+    assistant turn's prompt) after an assistant's message; plain text as it is."""
+    text = observation if isinstance(observation, str) else str(observation)
+    if not is_chat(tokenizer):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    before = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    head = tokenizer.apply_chat_template(before, tokenize=False)
+    whole = tokenizer.apply_chat_template([*before, {"role": role, "content": text}], add_generation_prompt=True,
+                                          tokenize=False)
+    if not whole.startswith(head):
+        raise ValueError("the chat template does not write a new message after the ones before it (it rewrites the "
+                         "conversation's start); episodes need one that appends: give policy.chat_template=<file>")
+    # the policy's turn ends at its end-of-turn token: what the template writes after that token (a newline
+    # before the next header) is the answer's, so that the episode reads as the template writes it
+    end = tokenizer.eos_token or ""
+    cut = head.find(end, head.rfind("a")) if end else -1
+    start = cut + len(end) if cut >= 0 else len(head)
+    return tokenizer(whole[start:], add_special_tokens=False)["input_ids"]

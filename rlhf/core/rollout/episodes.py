@@ -28,6 +28,7 @@ import torch
 from rlhf.contracts.interfaces import Environment, RewardSource, Rollout, Sampling
 from rlhf.contracts.metrics import (
     EPISODE_RETOKENIZE_DRIFT,
+    EPISODE_TOOL_CALLS,
     EPISODE_TOOL_ERRORS,
     EPISODE_TRUNCATED,
     EPISODE_TURN_REWARD,
@@ -36,45 +37,8 @@ from rlhf.contracts.metrics import (
 from rlhf.core.loop.phases import phase
 from rlhf.core.model.policy import Policy
 from rlhf.core.rollout.collect import columns_of, score
-from rlhf.core.rollout.data import render
+from rlhf.core.rollout.data import first_query, observation_ids
 from rlhf.core.rollout.sampling import generate, pad_left
-
-
-def is_chat(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def first_query(tokenizer, observation: Any) -> list[int]:
-    """The episode's first observation as its query: a conversation (or, with a chat template, a
-    text as the user's message) rendered with the generation prompt; plain text as it is."""
-    if isinstance(observation, list):
-        return tokenizer(render(tokenizer, observation), add_special_tokens=False)["input_ids"]
-    if is_chat(tokenizer):
-        return tokenizer(render(tokenizer, [{"role": "user", "content": str(observation)}]),
-                         add_special_tokens=False)["input_ids"]
-    return tokenizer(str(observation), add_special_tokens=False)["input_ids"]
-
-
-def observation_ids(tokenizer, observation: Any, role: str = "user") -> list[int]:
-    """The environment's answer, tokenised once, as it follows the policy's turn: with a chat
-    template, the tokens the template writes for a new message of `role` (and the next
-    assistant turn's prompt) after an assistant's message; plain text as it is."""
-    text = observation if isinstance(observation, str) else str(observation)
-    if not is_chat(tokenizer):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    before = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    head = tokenizer.apply_chat_template(before, tokenize=False)
-    whole = tokenizer.apply_chat_template([*before, {"role": role, "content": text}], add_generation_prompt=True,
-                                          tokenize=False)
-    if not whole.startswith(head):
-        raise ValueError("the chat template does not write a new message after the ones before it (it rewrites the "
-                         "conversation's start); episodes need one that appends: give policy.chat_template=<file>")
-    # the policy's turn ends at its end-of-turn token: what the template writes after that token (a newline
-    # before the next header) is the answer's, so that the episode reads as the template writes it
-    end = tokenizer.eos_token or ""
-    cut = head.find(end, head.rfind("a")) if end else -1
-    start = cut + len(end) if cut >= 0 else len(head)
-    return tokenizer(whole[start:], add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -90,6 +54,7 @@ class Episode:
     turns: int = 0
     done: bool = False
     truncated: bool = False
+    tool_calls: int = 0
     tool_errors: int = 0
     sampled: list[list[int]] = field(default_factory=list)  # each turn's ids as the sampler drew them
 
@@ -136,6 +101,7 @@ def play(policy: Policy, reward: RewardSource, env: Environment, prompts: Sequen
             with phase("environment"):
                 obs, r, terminated, truncated, info = e.env.step(tok.decode(ids, skip_special_tokens=True))
             e.rewards.append((len(e.body) - 1, float(r)))
+            e.tool_calls += int(bool((info or {}).get("tool_call")))
             e.tool_errors += int(bool((info or {}).get("error")))
             if terminated or truncated or turn + 1 == env.max_turns:
                 e.done = True
@@ -186,6 +152,7 @@ def _rollout(policy: Policy, reward: RewardSource, episodes: list[Episode], prom
                 for e in episodes)
     n = len(episodes)
     stats = {EPISODE_TURNS: sum(e.turns for e in episodes) / n, EPISODE_TRUNCATED: sum(e.truncated for e in episodes) / n,
+             EPISODE_TOOL_CALLS: sum(e.tool_calls for e in episodes) / n,
              EPISODE_TOOL_ERRORS: sum(e.tool_errors for e in episodes) / n, EPISODE_RETOKENIZE_DRIFT: drift / n,
              EPISODE_TURN_REWARD: sum(r for e in episodes for _, r in e.rewards) / max(1, sum(e.turns for e in episodes))}
     return Rollout(
