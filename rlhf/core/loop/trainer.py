@@ -189,7 +189,7 @@ class Trainer:
                              has_eos=self.policy.tokenizer.eos_token_id is not None)
         if self.optimizer.needs_value_head:
             self.policy.attach_value_head()
-        self.autocast_dtype = distributed.pick_precision(cfg.precision, device)
+        self.autocast_dtype = distributed.pick_precision(cfg.precision, device, self.policy.parameter_count())
         if sharded:  # weights gathered in bf16 where autocast computes in it
             self.policy.enable_sharding(device, self.autocast_dtype if device.type == "cuda" else None)
         elif distributed.active():
@@ -213,6 +213,9 @@ class Trainer:
         self.eval_prompts = eval_prompts
         self.eval_queries = sample_queries(self.sampler, eval_prompts, random.Random(cfg.eval.seed))
         self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
+        self.proposal_chosen = ""  # proposal=auto: the proposal it chose
+        if getattr(self.proposal, "chooses", False):
+            self.proposal, self.proposal_chosen = self.proposal.choose(self.policy, self.sampling)
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal,
             self.sampling, self.env))
@@ -509,6 +512,7 @@ class Trainer:
             **({"max_eval_diff_across_ranks": eval_spread} if eval_spread is not None else {}),
             "device": str(self.policy.device),
             "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
+            **({"proposal": self.proposal_chosen} if self.proposal_chosen else {}),
             "torch_threads": torch.get_num_threads(),
             "wall_s": round(time.time() - self.t0, 2),
             **CLOCK.summary(time.time() - self.t0),  # where the time went, by phase

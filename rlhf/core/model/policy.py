@@ -153,6 +153,10 @@ class Policy:
 
     # ---------------------------------------------------------------- parameters
 
+    def parameter_count(self) -> int:
+        """The model's own weights (adapters and the value head left out): its size."""
+        return sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from (p for p in self.model.parameters() if p.requires_grad)
         if self.value_head is not None:

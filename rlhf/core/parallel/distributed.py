@@ -74,12 +74,34 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. auto: bf16 on a GPU that supports it.
-    Weights, gradients and the optimizer state stay fp32 (autocast computes matmuls in bf16
-    and keeps softmax, log-softmax and reductions in fp32); bf16 needs no loss scaling."""
-    if name == "fp32" or (name == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+AUTO_BF16_PARAMS = 50_000_000  # precision=auto on a CPU: bf16 from this many parameters (docs, "Speed")
+
+
+def bf16_units(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively: a GPU that supports it; a CPU with
+    avx512_bf16 or AMX (as oneDNN reports it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_precision(name: str, device: torch.device, params: int = 0) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. auto: bf16 on a GPU that supports it, and on
+    a CPU with bf16 units for a policy of at least AUTO_BF16_PARAMS parameters (where the step
+    table measured it faster; smaller ones, the toys whose closed-form tables are exact in fp32
+    included, stay fp32). Weights, gradients and the optimizer state stay fp32 (autocast
+    computes matmuls in bf16 and keeps softmax, log-softmax and reductions in fp32); bf16
+    needs no loss scaling."""
+    if name == "fp32":
         return None
+    if name == "auto":
+        wins = device.type == "cuda" or (device.type == "cpu" and params >= AUTO_BF16_PARAMS)
+        return torch.bfloat16 if wins and bf16_units(device) else None
     return torch.bfloat16
 
 

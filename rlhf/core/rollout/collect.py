@@ -89,10 +89,16 @@ def collect(
     # another proposal, log pi is the current policy's, from a pass of its own.
     low_precision = torch.is_autocast_enabled(policy.device.type)
     off_policy = proposal is not None and not proposal.is_policy
-    if (low_precision or off_policy or logprobs is None
-            or (with_values and policy.value_head is not None and values is None)):
+    needs_values = with_values and policy.value_head is not None
+    # bypass: an engine whose log q is the policy's (measured on its first batch) stands for the pass
+    bypass = off_policy and not needs_values and getattr(proposal, "stands_for_policy", lambda: False)()
+    if bypass:
+        logprobs = g.sampled_logprobs
+    elif low_precision or off_policy or logprobs is None or (needs_values and values is None):
         with phase("behaviour"):
             logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, q, temperature, with_values=with_values)
+        if off_policy and hasattr(proposal, "observe_gap") and not low_precision:
+            proposal.observe_gap(float(((g.sampled_logprobs - logprobs) * g.mask).abs().max()))
     with phase("reference"):
         ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, q, temperature)
     with phase("scoring"):

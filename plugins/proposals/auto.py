@@ -1,0 +1,66 @@
+"""proposal=auto: the rollout engine the step table says wins the step for this policy.
+
+Chosen once the policy is loaded (`choose`), from its size and what this machine has: vLLM
+where it is installed and can run the model, for a policy of at least `min_params` parameters
+(below that the engine's fixed costs outweigh its faster sampling: docs, "Speed"); its dtype
+bfloat16 where the device computes in it (a GPU with bf16, a CPU with bf16 units: avx512_bf16
+or AMX), float32 elsewhere; the policy's own loop otherwise. The choice and why is said in one
+line at the start and recorded in summary.json (`proposal`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+
+from rlhf.contracts.interfaces import Sampling
+from rlhf.contracts.registry import register
+from rlhf.core.toolkit.models import bf16_units
+
+
+@register("proposal", "auto")
+class Auto:
+    """Picks vLLM (bfloat16 where the device has bf16 units) or the policy's own loop."""
+
+    @dataclass
+    class Config:
+        min_params: int = 50_000_000  # the smallest policy the engine is chosen for (the step table's crossover)
+        kv_cache_mb: int = 256  # the engine's KV cache, when it is chosen
+
+    is_policy = True  # until `choose` replaces this proposal by the one chosen
+    chooses = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def choose(self, policy, sampling: Sampling):
+        """The proposal for this policy, and a line that says which and why."""
+        from rlhf_plugins.proposals.policy import CurrentPolicy
+
+        n = policy.parameter_count()
+        why = ""
+        if n < self.cfg.min_params:
+            why = f"{n / 1e6:.1f}M parameters, under proposal.min_params={self.cfg.min_params / 1e6:g}M"
+        elif importlib.util.find_spec("vllm") is None:
+            why = "vLLM is not installed"
+        if not why:
+            from rlhf_plugins.proposals.vllm import VLLM
+
+            dtype = "bfloat16" if bf16_units(policy.device) else "float32"
+            engine = VLLM(VLLM.Config(dtype=dtype, kv_cache_mb=self.cfg.kv_cache_mb))
+            try:
+                engine.start(policy, sampling)
+            except ValueError as e:  # what the engine cannot run here: the policy's loop instead
+                why = str(e).splitlines()[0]
+            else:
+                print(f"proposal=auto: vLLM in {dtype} ({n / 1e6:.0f}M parameters)", file=sys.stderr)
+                return engine, f"vllm-{dtype}"
+        print(f"proposal=auto: the policy's own sampling loop ({why})", file=sys.stderr)
+        return CurrentPolicy(CurrentPolicy.Config()), "policy"
+
+    def sample(self, policy, queries, s: Sampling, with_values, rows):  # (never: replaced by the one chosen)
+        raise RuntimeError("proposal=auto samples through the proposal it chose (Trainer calls choose first)")
+
+    def after_update(self, policy) -> None:
+        pass
