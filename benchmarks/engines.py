@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import model_path, ours, timed  # noqa: E402  (the same models and Trainer set-up as bench.py)
+from bench import B as PROMPTS  # noqa: E402  (the same models, Trainer set-up and TRL set-up as bench.py)
+from bench import model_path, ours, prompt_texts, timed, trl_online  # noqa: E402
 
 B, NEW = 64, 64
 
@@ -144,6 +145,18 @@ def step_model(name: str, out: Path) -> str:
     return str(path)
 
 
+def one_step(t) -> dict:
+    """A training step as `rlhf-train` runs it: the batch and the update, then the engine's sync
+    (which the run does after the step: its seconds added as time/sync_s)."""
+    row = t.train_step()
+    if not t.proposal.is_policy:
+        t0 = time.perf_counter()
+        t.proposal.after_update(t.policy)
+        row["time/sync_s"] = time.perf_counter() - t0
+        row["time/step_s"] += row["time/sync_s"]
+    return row
+
+
 def step_table(models: list[str], optimizers: list[str], configs: list[str], rounds: int, out: Path) -> dict:
     """{model: {optimizer: {config: median step seconds, "<config>/phases": {phase: median s}}}}:
     every configuration of a (model, optimizer) built side by side in one process, then
@@ -158,14 +171,14 @@ def step_table(models: list[str], optimizers: list[str], configs: list[str], rou
                 try:
                     trainers[c] = ours(path, *OPTIMIZERS[opt], *CONFIGS[c], "eval.every=100000", "threads=" +
                                        str(torch.get_num_threads()))
-                    trainers[c].train_step()
+                    one_step(trainers[c])
                 except ValueError as e:  # a configuration this machine cannot run (an engine's refusal)
                     print(f"{name} {opt} {c}: {str(e).splitlines()[0]}", file=sys.stderr)
                     trainers.pop(c, None)
             times: dict[str, list[dict]] = {c: [] for c in trainers}
             for _ in range(rounds):
                 for c, t in trainers.items():
-                    times[c].append(t.train_step())
+                    times[c].append(one_step(t))
             row: dict = {}
             for c, rows in times.items():
                 row[c] = round(statistics.median(r["time/step_s"] for r in rows), 4)
@@ -177,6 +190,30 @@ def step_table(models: list[str], optimizers: list[str], configs: list[str], rou
             del trainers
             gc.collect()
     return table
+
+
+def trl_colocated(name: str, out: Path, rounds: int) -> dict:
+    """TRL's GRPOTrainer with its own colocated vLLM (use_vllm=True, vllm_mode="colocate") on the
+    same model, prompts, reward and schedule as our GRPO step (32 prompts x 4, one step a
+    generation, LoRA, float32): its step seconds, median over `rounds` steps after a warm-up;
+    or, where it does not run here, the exception and the TRL line that raised it."""
+    import traceback
+
+    path = step_model(name, out)
+    mine = ours(path, "optimizer=grpo")
+    prompts = prompt_texts(mine, 512)
+    schedule = dict(per_device_train_batch_size=PROMPTS * 4, steps_per_generation=1, num_iterations=1, num_generations=4,
+                    use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
+    try:
+        trainer, clock = trl_online("grpo", path, prompts, mine.reward, rounds + 1,
+                                    mine.torch_optimizer.param_groups[0]["lr"], **schedule)
+        trainer.train()
+    except Exception as e:  # noqa: BLE001  (what stops it is the finding)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/trl/" in f.filename]
+        where = f" at {frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames \
+            else ""
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"}
+    return {"trl-grpo-vllm-colocate": round(statistics.median(clock.steps()[1:]), 4)}
 
 
 def print_row(model: str, opt: str, row: dict) -> None:
@@ -203,6 +240,7 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of one step of every configuration")
     p.add_argument("--json", action="store_true", help="end with the step table as one JSON object")
+    p.add_argument("--trl", action="store_true", help="and TRL's GRPOTrainer with its colocated vLLM, on each model")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
         for name in filter(None, args.sampling.split(",")):
@@ -212,6 +250,12 @@ def main() -> None:
         print("| model | optimizer | " + " | ".join(CONFIGS) + " |\n| --- | --- |" + " ---: |" * len(CONFIGS))
         table = step_table([m for m in args.models.split(",") if m], args.optimizers.split(","), args.configs.split(","),
                            args.rounds, Path(out))
+        if args.trl:
+            for name in filter(None, args.models.split(",")):
+                got = trl_colocated(name, Path(out), args.rounds)
+                table.setdefault(name, {}).setdefault("grpo", {}).update(got)
+                said = f"does not run: {got['error']}" if "error" in got else f"{got['trl-grpo-vllm-colocate']:.3f} s a step"
+                print(f"TRL GRPOTrainer, vllm_mode=colocate, {name}: {said}")
     if args.json:
         print(json.dumps(table))
 

@@ -199,6 +199,12 @@ class VLLM:
 
     is_policy = False
 
+    @property
+    def samples_policy(self) -> bool:
+        """Whether its samples are the policy's (float32: log q = log pi to kernel rounding), so that
+        the evaluation draws through it too; bfloat16's are q's, and the core's loop evaluates pi."""
+        return self.cfg.dtype == "float32"
+
     def __init__(self, cfg: Config):
         require("proposal", [
             ("proposal.dtype", cfg.dtype, cfg.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),

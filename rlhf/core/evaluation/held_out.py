@@ -35,6 +35,7 @@ def evaluate(
     batch_size: int,
     judges: Mapping[str, RewardSource] | None = None,
     env: Any = None,
+    proposal: Any = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics on the fixed held-out queries, sampled with a fixed seed so steps compare.
 
@@ -46,7 +47,8 @@ def evaluate(
     response's word bigrams that repeat an earlier one of the same response. With an
     environment (`env`), each query's prompt is an episode's, played to its end: the reward
     is the episode's return, the KL and the length are over the policy's tokens, the
-    episode's statistics (`episode/...`) come as `eval/episode/...`.
+    episode's statistics (`episode/...`) come as `eval/episode/...`. A `proposal` (an engine
+    whose samples are the policy's: vLLM in float32) draws the samples instead of the core's loop.
     `eval/judge/<name>` is the mean score of each extra judge on the same samples: a reward
     that rises while an independent judge does not is a sign of reward hacking.
     """
@@ -59,12 +61,13 @@ def evaluate(
         for i in range(0, len(queries), batch_size):
             if env is None:
                 batch = collect.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature,
-                                        with_values=False)
+                                        with_values=False, proposal=proposal)
             else:
                 from rlhf.contracts.interfaces import Sampling
                 from rlhf.core.rollout.episodes import play
 
-                batch = play(policy, reward, env, queries[i : i + batch_size], Sampling(temperature, gen_kwargs), False)
+                batch = play(policy, reward, env, queries[i : i + batch_size], Sampling(temperature, gen_kwargs), False,
+                             proposal=proposal)
                 for k, v in batch.episode_stats.items():
                     episodes.setdefault(f"eval/{k}", []).append(v)
             kl = batch.log_ratio.sum(1)  # (the k1 estimate)

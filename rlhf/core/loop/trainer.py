@@ -263,6 +263,8 @@ class Trainer:
         metrics, rows = evaluate(
             self.policy, self.reward, self.eval_queries, self.sampling.generation_kwargs(),
             self.sampling.temperature, self.cfg.eval.seed, self.cfg.train.batch_size, self.judges, self.env,
+            # an engine whose samples are the policy's (float32) draws the evaluation's too
+            proposal=self.proposal if getattr(self.proposal, "samples_policy", False) else None,
         )
         if distributed.is_main():  # (sharded, every rank evaluates: each pass is collective)
             save_samples(self.run_dir, step, rows, self.cfg.eval.samples)
