@@ -119,6 +119,7 @@ CONFIGS = {  # the float32 core loop as the presets run it, then each faster pat
     "core": ["proposal=policy", "precision=fp32"],
     "core-bf16": ["proposal=policy", "precision=bf16"],
     "vllm-float32": ["proposal=vllm", "proposal.dtype=float32", "precision=fp32"],
+    "vllm-float32-bypass": ["proposal=vllm", "proposal.dtype=float32", "proposal.bypass=true", "precision=fp32"],
     "vllm-bfloat16": ["proposal=vllm", "proposal.dtype=bfloat16", "precision=fp32"],
     "vllm-bfloat16+core-bf16": ["proposal=vllm", "proposal.dtype=bfloat16", "precision=bf16"],
 }
@@ -187,7 +188,9 @@ def step_table(models: list[str], optimizers: list[str], configs: list[str], rou
                                       for r in rows), 4) for k in phases}
             table.setdefault(name, {})[opt] = row
             print_row(name, opt, row)
-            del trainers
+            for t in trainers.values():  # the engines let go now, before the next optimizer's are built
+                getattr(t.proposal, "close", lambda: None)()
+            del trainers, t
             gc.collect()
     return table
 

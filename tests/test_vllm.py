@@ -241,3 +241,21 @@ def test_proposal_auto_picks_the_engine_by_size(tmp_path, embedded_dir, capfd):
     assert isinstance(big.proposal, VLLM) and big.proposal.cfg.dtype == dtype and big.proposal.llm is not None
     assert big.proposal_chosen == f"vllm-{dtype}" and big.fit()["proposal"] == f"vllm-{dtype}"
 
+
+
+def test_an_engine_let_go_leaves_the_other_engines_of_the_process_running(tmp_path, embedded_dir):
+    """vLLM's in-process engine, when collected, tears down the process-wide state every engine
+    shares (found by the step table: an engine collected while others ran broke them with
+    "pipeline model parallel group is not initialized"). Letting one go (what collecting the
+    proposal does) leaves the others running; the last one tears the state down, and the next
+    engine (a sweep's next job in the same process) builds and samples."""
+    from rlhf.core.loop.trainer import Trainer
+
+    first = Trainer(compose("proposal=vllm", *STEPS), tmp_path / "a")
+    second = Trainer(compose("proposal=vllm", "proposal.dtype=bfloat16", *STEPS), tmp_path / "b")
+    first.next_batch(4), second.next_batch(4)
+    first.proposal.close()
+    assert first.proposal.llm is None and second.next_batch(4).mask.sum() > 0
+    second.proposal.close()  # the last: vLLM's own teardown
+    third = Trainer(compose("proposal=vllm", *STEPS), tmp_path / "c")
+    assert third.next_batch(4).mask.sum() > 0

@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -186,6 +187,9 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+_ENGINES: "weakref.WeakSet[VLLM]" = weakref.WeakSet()  # proposals of this process whose engine is built
+
+
 @register("proposal", "vllm")
 class VLLM:
     @dataclass
@@ -275,6 +279,34 @@ class VLLM:
             raise ValueError(f"proposal=vllm: vLLM could not build an engine for this model: {first} "
                              "(proposal.kv_cache_mb sets its KV cache)") from e
         self.sync_first = True  # a resumed run's weights are restored after the build: synced before the first batch
+        _ENGINES.add(self)
+
+    def close(self) -> None:
+        """The engine let go. vLLM's in-process engine, when collected, tears down vLLM's
+        process-wide state (its parallel groups) that every engine of the process shares: one
+        collected while another runs (a sweep's jobs in one process, engines side by side in a
+        benchmark) would break that one. So the teardown is left to the last engine of the
+        process; the others are released without it."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        _ENGINES.discard(self)
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        finalizer = getattr(client, "_finalizer", None)
+        with scanning_safely():
+            if any(e.llm is not None for e in list(_ENGINES)) and finalizer is not None:
+                finalizer.detach()  # others run: their shared state stays
+            elif hasattr(client, "shutdown"):
+                client.shutdown()
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (at interpreter exit vLLM's modules may be gone already)
+            pass
 
     @staticmethod
     def _save(policy, folder: str) -> str | None:
