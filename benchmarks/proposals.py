@@ -68,6 +68,11 @@ ENGINE = {
     "vLLM bfloat16, correction=token_tis": ["proposal=vllm", "proposal.dtype=bfloat16", "optimizer.correction=token_tis"],
     "vLLM bfloat16, correction=sequence_mis": ["proposal=vllm", "proposal.dtype=bfloat16",
                                                "optimizer.correction=sequence_mis"],
+    # the faster paths of the step table (issue 40): each must land where the core loop does
+    "core loop, precision=bf16": ["precision=bf16"],
+    "vLLM float32, bypass": ["proposal=vllm", "proposal.bypass=true"],
+    "vLLM bfloat16 + precision=bf16, correction=sequence": ["proposal=vllm", "proposal.dtype=bfloat16", "precision=bf16",
+                                                            "optimizer.correction=sequence"],
 }
 
 

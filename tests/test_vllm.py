@@ -236,7 +236,7 @@ def test_proposal_auto_picks_the_engine_by_size(tmp_path, embedded_dir, capfd):
     assert isinstance(small.proposal, CurrentPolicy) and small.proposal_chosen == "policy"
     assert "proposal=auto: the policy's own sampling loop (0.5M parameters, under proposal.min_params=50M)" in \
         capfd.readouterr().err
-    big = Trainer(compose("proposal=auto", "proposal.min_params=0", *STEPS), tmp_path / "big")
+    big = Trainer(compose("proposal=auto", "proposal.min_params=0", "optimizer=grpo", *STEPS), tmp_path / "big")
     dtype = "bfloat16" if bf16_units(big.policy.device) else "float32"
     assert isinstance(big.proposal, VLLM) and big.proposal.cfg.dtype == dtype and big.proposal.llm is not None
     assert big.proposal_chosen == f"vllm-{dtype}" and big.fit()["proposal"] == f"vllm-{dtype}"
@@ -259,3 +259,17 @@ def test_an_engine_let_go_leaves_the_other_engines_of_the_process_running(tmp_pa
     second.proposal.close()  # the last: vLLM's own teardown
     third = Trainer(compose("proposal=vllm", *STEPS), tmp_path / "c")
     assert third.next_batch(4).mask.sum() > 0
+
+
+def test_proposal_auto_keeps_the_policys_loop_where_the_engine_loses_the_step(capfd):
+    """PPO and A2C in float32 need the trainer's pass for their values anyway: the engine made
+    that step slower in the step table, so auto keeps the policy's loop (no engine built)."""
+    from types import SimpleNamespace
+
+    from rlhf_plugins.proposals.auto import Auto
+    from rlhf_plugins.proposals.policy import CurrentPolicy
+
+    big = SimpleNamespace(parameter_count=lambda: 87_000_000, device=torch.device("cpu"))
+    chosen, name = Auto(Auto.Config()).choose(big, Sampling(1.0, {}), needs_values=True, bf16_training=False)
+    assert isinstance(chosen, CurrentPolicy) and name == "policy"
+    assert "the optimizer's values need the trainer's own pass" in capfd.readouterr().err

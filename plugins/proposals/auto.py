@@ -2,10 +2,13 @@
 
 Chosen once the policy is loaded (`choose`), from its size and what this machine has: vLLM
 where it is installed and can run the model, for a policy of at least `min_params` parameters
-(below that the engine's fixed costs outweigh its faster sampling: docs, "Speed"); its dtype
-bfloat16 where the device computes in it (a GPU with bf16, a CPU with bf16 units: avx512_bf16
-or AMX), float32 elsewhere; the policy's own loop otherwise. The choice and why is said in one
-line at the start and recorded in summary.json (`proposal`).
+(below that the engine's fixed costs outweigh its faster sampling: the step table, docs "vLLM
+as the rollout engine"); its dtype bfloat16 where the device computes in it (a GPU with bf16,
+a CPU with bf16 units: avx512_bf16 or AMX), float32 with `bypass` elsewhere; the policy's own
+loop otherwise, and for an optimizer with a value head (PPO, A2C) trained in float32, whose
+values need the trainer's pass anyway (the engine made that step 5-9% slower at 87M).
+`precision=auto` picks bf16 training by the same rule of size and units. The choice and why
+is said in one line at the start and recorded in summary.json (`proposal`).
 """
 
 from __future__ import annotations
@@ -34,21 +37,27 @@ class Auto:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def choose(self, policy, sampling: Sampling):
-        """The proposal for this policy, and a line that says which and why."""
+    def choose(self, policy, sampling: Sampling, needs_values: bool = False, bf16_training: bool = False):
+        """The proposal for this policy, and a line that says which and why. `needs_values`: the
+        optimizer trains a value head (PPO, A2C), whose values only the trainer's own pass gives;
+        `bf16_training`: the trainer computes in bf16 (precision)."""
         from rlhf_plugins.proposals.policy import CurrentPolicy
 
         n = policy.parameter_count()
+        dtype = "bfloat16" if bf16_units(policy.device) else "float32"
         why = ""
         if n < self.cfg.min_params:
             why = f"{n / 1e6:.1f}M parameters, under proposal.min_params={self.cfg.min_params / 1e6:g}M"
         elif importlib.util.find_spec("vllm") is None:
             why = "vLLM is not installed"
+        elif needs_values and not bf16_training:  # the step table: 1.05x-1.09x slower at 87M
+            why = ("the optimizer's values need the trainer's own pass over every batch, which in float32 costs more "
+                   "than the engine's faster sampling saves")
         if not why:
             from rlhf_plugins.proposals.vllm import VLLM
 
-            dtype = "bfloat16" if bf16_units(policy.device) else "float32"
-            engine = VLLM(VLLM.Config(dtype=dtype, kv_cache_mb=self.cfg.kv_cache_mb))
+            # float32: its log q is the policy's, measured: bypass takes it for log pi (GRPO, RLOO, REINFORCE, dm)
+            engine = VLLM(VLLM.Config(dtype=dtype, kv_cache_mb=self.cfg.kv_cache_mb, bypass=dtype == "float32"))
             try:
                 engine.start(policy, sampling)
             except ValueError as e:  # what the engine cannot run here: the policy's loop instead

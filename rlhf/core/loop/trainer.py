@@ -215,7 +215,8 @@ class Trainer:
         self.last_samples: list[dict[str, Any]] = []  # the last evaluation's saved samples
         self.proposal_chosen = ""  # proposal=auto: the proposal it chose
         if getattr(self.proposal, "chooses", False):
-            self.proposal, self.proposal_chosen = self.proposal.choose(self.policy, self.sampling)
+            self.proposal, self.proposal_chosen = self.proposal.choose(
+                self.policy, self.sampling, self.optimizer.needs_value_head, self.autocast_dtype is not None)
         self.source = sources.build(self.optimizer.consumes, sources.SourceContext(
             self.policy, self.reward, self.sampler, self.optimizer, self.train_prompts, cfg.data, cfg.seed, self.proposal,
             self.sampling, self.env))
