@@ -2,6 +2,7 @@
 
     python benchmarks/proposals.py run   proposals/   # every run (about 25 min on 2 cores), then the tables
     python benchmarks/proposals.py run   proposals/ --only stale   # one table's runs
+    python benchmarks/proposals.py run   proposals/ --only vllm --rows "core loop (policy);vLLM float32, bypass"
     python benchmarks/proposals.py table proposals/   # the tables of runs already made
 
 Hard toys (`+experiment=hard_toys reward.seed=N`): for each prompt pi* at beta 0.5 puts 0.75 on
@@ -98,10 +99,10 @@ def directory(out: Path, table: str, overrides: list[str]) -> Path:
     return out / table / "-".join(o.split("=", 1)[1].replace("/", "_").replace(",", "_").replace(":", "_") for o in overrides[1:])
 
 
-def run(out: Path, only: str | None) -> None:
+def run(out: Path, only: str | None, rows: list[str] | None = None) -> None:
     for table, name, overrides in runs():
         d = directory(out, table, overrides)
-        if (d / "summary.json").is_file() or only not in (None, table):
+        if (d / "summary.json").is_file() or only not in (None, table) or (rows and name not in rows):
             continue
         d.parent.mkdir(parents=True, exist_ok=True)
         with open(str(d) + ".log", "w") as log:
@@ -154,9 +155,10 @@ def main() -> None:
     p.add_argument("what", choices=("run", "table"))
     p.add_argument("out", type=Path)
     p.add_argument("--only", choices=("hard", "stale", "vllm"), help="run one table's runs (vllm: needs vLLM)")
+    p.add_argument("--rows", help="and of it only these rows (their names, separated by ';')")
     args = p.parse_args()
     if args.what == "run":
-        run(args.out, args.only)
+        run(args.out, args.only, args.rows.split(";") if args.rows else None)
     table(args.out)
 
 

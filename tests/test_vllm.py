@@ -237,10 +237,14 @@ def test_proposal_auto_picks_the_engine_by_size(tmp_path, embedded_dir, capfd):
     assert "proposal=auto: the policy's own sampling loop (0.5M parameters, under proposal.min_params=50M)" in \
         capfd.readouterr().err
     big = Trainer(compose("proposal=auto", "proposal.min_params=0", "optimizer=grpo", *STEPS), tmp_path / "big")
-    dtype = "bfloat16" if bf16_units(big.policy.device) else "float32"
-    assert isinstance(big.proposal, VLLM) and big.proposal.cfg.dtype == dtype and big.proposal.llm is not None
-    assert big.proposal_chosen == f"vllm-{dtype}" and big.fit()["proposal"] == f"vllm-{dtype}"
-
+    # float32 training: a float32 engine whose log q stands for the trainer's pass
+    assert isinstance(big.proposal, VLLM) and big.proposal.cfg.dtype == "float32" and big.proposal.cfg.bypass
+    assert big.proposal_chosen == "vllm-float32" and big.fit()["proposal"] == "vllm-float32"
+    big.proposal.close()
+    bf16 = Trainer(compose("proposal=auto", "proposal.min_params=0", "optimizer=grpo", "precision=bf16", *STEPS),
+                   tmp_path / "bf16")
+    dtype = "bfloat16" if bf16_units(bf16.policy.device) else "float32"  # bf16 training: bfloat16 on bf16 units
+    assert bf16.proposal.cfg.dtype == dtype and bf16.proposal.cfg.bypass == (dtype == "float32")
 
 
 def test_an_engine_let_go_leaves_the_other_engines_of_the_process_running(tmp_path, embedded_dir):

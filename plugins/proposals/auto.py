@@ -3,11 +3,12 @@
 Chosen once the policy is loaded (`choose`), from its size and what this machine has: vLLM
 where it is installed and can run the model, for a policy of at least `min_params` parameters
 (below that the engine's fixed costs outweigh its faster sampling: the step table, docs "vLLM
-as the rollout engine"); its dtype bfloat16 where the device computes in it (a GPU with bf16,
-a CPU with bf16 units: avx512_bf16 or AMX), float32 with `bypass` elsewhere; the policy's own
-loop otherwise, and for an optimizer with a value head (PPO, A2C) trained in float32, whose
-values need the trainer's pass anyway (the engine made that step 5-9% slower at 87M).
-`precision=auto` picks bf16 training by the same rule of size and units. The choice and why
+as the rollout engine"); its dtype bfloat16 when the trainer computes in bf16 (`precision=auto`
+picks that from 50M parameters on a GPU with bf16 or a CPU with bf16 units: avx512_bf16 or
+AMX), else float32 with `bypass` (its log q stands for the trainer's pass, which a bfloat16
+engine's cannot); the policy's own loop otherwise, and for an optimizer with a value head (PPO,
+A2C) trained in float32, whose values need the trainer's pass anyway (the engine made that
+step 5-9% slower at 87M). The choice and why
 is said in one line at the start and recorded in summary.json (`proposal`).
 """
 
@@ -44,7 +45,9 @@ class Auto:
         from rlhf_plugins.proposals.policy import CurrentPolicy
 
         n = policy.parameter_count()
-        dtype = "bfloat16" if bf16_units(policy.device) else "float32"
+        # bf16 training: a bfloat16 engine (the trainer's passes are bf16 anyway); float32 training: a float32
+        # engine whose log q stands for log pi (bypass), as a bfloat16 one needs the trainer's pass (the step table)
+        dtype = "bfloat16" if bf16_training and bf16_units(policy.device) else "float32"
         why = ""
         if n < self.cfg.min_params:
             why = f"{n / 1e6:.1f}M parameters, under proposal.min_params={self.cfg.min_params / 1e6:g}M"
