@@ -277,3 +277,18 @@ def test_proposal_auto_keeps_the_policys_loop_where_the_engine_loses_the_step(ca
     chosen, name = Auto(Auto.Config()).choose(big, Sampling(1.0, {}), needs_values=True, bf16_training=False)
     assert isinstance(chosen, CurrentPolicy) and name == "policy"
     assert "the optimizer's values need the trainer's own pass" in capfd.readouterr().err
+
+
+def test_make_pairs_samples_through_the_engine(tmp_path, embedded_dir):
+    """rlhf-make-pairs proposal=vllm: the engine draws the k samples of each prompt; the records
+    say so, and a file made by the engine is not continued by the core loop."""
+    out = tmp_path / "pairs.jsonl"
+    args = [f"pairs.out={out}", "pairs.samples=3", "pairs.batch_size=4", "data.n_train=8", "sampler.max_new_tokens=8"]
+    r = cli("rlhf-make-pairs", *args, "proposal=vllm", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 24 and all(row["proposal"] == "vllm" for row in rows)
+    assert len({row["chosen"] for row in rows} | {row["rejected"] for row in rows}) > 8  # sampled, not one text
+    out.write_text("".join(x + "\n" for x in out.read_text().splitlines()[:12]))  # half of it
+    r = cli("rlhf-make-pairs", *args, cwd=tmp_path, timeout=300)  # the core loop would continue another file
+    assert r.returncode == 1 and "was made with proposal=" in r.stderr, r.stderr[-2000:]

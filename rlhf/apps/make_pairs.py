@@ -19,6 +19,9 @@ and the command counts them. Prompts are sampled a block at a time, each block f
 of its own, and every block's lines are on disk (fsync'd) before the next is sampled: a
 killed or interrupted command loses at most the block it was sampling, and the same command
 continues the file where it stopped, writing the same pairs it would have written.
+`proposal=vllm` draws the samples with vLLM's engine (each request seeded: the same pairs
+again too); the records then say `"proposal": "vllm"`, and a file is only continued by the
+same proposal.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from rlhf.apps import hydra_setup
 from rlhf.apps.label import PreferenceFile, PreferenceFileError, label_prompts
 from rlhf.contracts import registry
 from rlhf.contracts.checks import require
+from rlhf.contracts.interfaces import Sampling
 from rlhf.core.model.policy import Policy
 from rlhf.core.parallel.distributed import pick_device
 from rlhf.core.rollout import collect, sampling
@@ -44,7 +48,7 @@ from rlhf.core.rollout.data import sample_queries, tokenize_prompts
 from rlhf.core.run.rundir import RunDirBusy
 
 # the settings a file's pairs were made with: continuing it with others would mix two designs
-SAME = ("policy", "who", "reward_config", "sampler", "data", "seed", "samples", "margin", "batch_size")
+SAME = ("policy", "who", "reward_config", "sampler", "data", "seed", "samples", "margin", "batch_size", "proposal")
 # the data settings that choose the prompts and their order
 DATA_FIELDS = ("prompts", "prompt_list", "text_field", "as_chat", "subset", "split", "n_train")
 
@@ -71,8 +75,9 @@ class PairMaker:
     """Samples and labels the pairs of prompt blocks; writes what the file lacks."""
 
     def __init__(self, policy, sampler, reward, prompts: list[list[int]], file: PreferenceFile, meta: dict,
-                 samples: int, margin: float, batch_size: int, seed: int):
+                 samples: int, margin: float, batch_size: int, seed: int, proposal=None):
         self.policy, self.sampler, self.reward, self.prompts, self.file = policy, sampler, reward, prompts, file
+        self.proposal = proposal  # an engine (proposal=vllm) draws the samples; None or the policy: the core loop
         self.meta, self.samples, self.margin, self.batch_size, self.seed = meta, samples, margin, batch_size, seed
         self.per_prompt = samples * (samples - 1) // 2
 
@@ -85,7 +90,11 @@ class PairMaker:
         queries = sample_queries(self.sampler, [self.prompts[i] for i in numbers], rng)
         torch.manual_seed(hash((self.seed, first)) % 2**62)
         rows = [q for q in queries for _ in range(self.samples)]  # k samples of each query, side by side
-        g = sampling.generate(self.policy, rows, self.sampler.generation_kwargs(), self.sampler.temperature)
+        if self.proposal is None or self.proposal.is_policy:
+            g = sampling.generate(self.policy, rows, self.sampler.generation_kwargs(), self.sampler.temperature)
+        else:
+            g = self.proposal.sample(self.policy, rows, Sampling(self.sampler.temperature, self.sampler.generation_kwargs()),
+                                     False, None)
         texts_q, texts_r = collect.decode(self.policy, g.input_ids, g.attention_mask, g.query_len)
         scores = collect.score(self.reward, texts_q, texts_r, self.policy.device, collect.columns_of(rows)).tolist()
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -154,6 +163,8 @@ def build(cfg: DictConfig) -> PairMaker:
     who = choices.get("reward") or str(cfg.reward.get("_target_", "reward")).rsplit(".", 1)[-1]
     meta = {"who": who, "policy": cfg.policy.path, "seed": s.seed, "samples": s.samples, "margin": s.margin,
             "batch_size": s.batch_size, "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+            # (recorded only when not the policy's loop: the files written before engines existed continue)
+            **({"proposal": choices["proposal"]} if choices.get("proposal", "policy") != "policy" else {}),
             "reward_config": OmegaConf.to_container(cfg.reward, resolve=True),
             "data": {k: OmegaConf.to_container(cfg.data, resolve=True)[k] for k in DATA_FIELDS}}
     meta["sampler"].pop("_target_", None)
@@ -164,7 +175,11 @@ def build(cfg: DictConfig) -> PairMaker:
         torch.set_num_threads(cfg.threads)
     policy = Policy.load_trained(OmegaConf.to_object(cfg.policy), pick_device(cfg.device))
     prompts = tokenize_prompts(policy.tokenizer, label_prompts(cfg.data))
-    return PairMaker(policy, sampler, reward, prompts, file, meta, s.samples, s.margin, s.batch_size, s.seed)
+    proposal, how = registry.instantiate("proposal", cfg.proposal), Sampling(sampler.temperature, sampler.generation_kwargs())
+    if getattr(proposal, "chooses", False):
+        proposal, _ = proposal.choose(policy, how)
+    getattr(proposal, "start", lambda *a: None)(policy, how)  # an engine is built now, refusing before any sample
+    return PairMaker(policy, sampler, reward, prompts, file, meta, s.samples, s.margin, s.batch_size, s.seed, proposal)
 
 
 @hydra.main(config_path="pkg://rlhf.conf", config_name="make_pairs", version_base="1.3")

@@ -190,6 +190,7 @@ class MakePairsRunConfig(SamplingRunConfig):
     """rlhf-make-pairs (`conf/make_pairs.yaml`)."""
 
     reward: Any = MISSING
+    proposal: Any = MISSING  # what draws the samples (proposal=vllm: the engine; recorded in the file's records)
     pairs: MakePairsSettings = field(default_factory=MakePairsSettings)
 
 
