@@ -79,6 +79,21 @@ def test_the_engines_log_q_is_the_trained_policys_after_every_sync(trained):
     assert gap(t, t.next_batch(16)) < 1e-4
 
 
+def test_the_evaluation_draws_through_a_float32_engine(trained, monkeypatch):
+    """A float32 engine's samples are the policy's: the evaluation draws through it too (a
+    bfloat16 engine's are q's: the core loop evaluates pi then)."""
+    t, _ = trained
+    calls = []
+    real = t.proposal.sample
+    monkeypatch.setattr(t.proposal, "sample", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    metrics = t.evaluate(1)
+    assert sum(calls) == len(t.eval_queries) and metrics["eval/kl"] == metrics["eval/kl"]  # (finite, not NaN)
+    monkeypatch.setattr(t.proposal.cfg, "dtype", "bfloat16")
+    calls.clear()
+    t.evaluate(1)
+    assert calls == []
+
+
 def test_the_engines_log_q_is_exact_under_top_k_and_top_p(trained):
     """vLLM's processed log-probs against the trainer's own logits filtered as the sampler
     filters them (temperature, top-k, then top-p)."""
@@ -132,8 +147,9 @@ def test_what_the_engine_cannot_do_is_refused_before_it_is_built(trained, monkey
     from rlhf_plugins.proposals import vllm
 
     monkeypatch.setattr(vllm, "available_bytes", lambda device: 300 << 20)  # a machine with 300 MiB free
-    with pytest.raises(ValueError, match=r"proposal=vllm needs 1\d\d\d MiB for its engine \(\d+ MiB of weights in float32, "
-                                         r"1024 MiB of KV cache\) and this machine has 300 MiB free: lower proposal.kv_cache_mb"):
+    refused = (r"proposal=vllm needs 1\d\d\d MiB for its engine \(\d+ MiB of weights in float32, 1024 MiB of KV cache, "
+               r"about 576 MiB of vLLM's own\) and this machine has 300 MiB free: lower proposal.kv_cache_mb")
+    with pytest.raises(ValueError, match=refused):
         VLLM(VLLM.Config(kv_cache_mb=1024)).start(t.policy, Sampling(1.0, t.sampler.generation_kwargs()))
     with pytest.raises(ValueError, match=r"proposal.bypass=true with proposal.dtype=bfloat16"):
         VLLM(VLLM.Config(dtype="bfloat16", bypass=True))

