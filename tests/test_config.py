@@ -171,7 +171,7 @@ def test_help_lists_groups_and_options(tmp_path):
     assert r.returncode == 0, r.stderr
     for line in ["optimizer: a2c, dm, dpo, grpo, ppo, reinforce, rloo, sft",
                  "reward: env, hard, learned_rm, lexicon, sentiment, sequence, table, verifiable, weighted", "sampler: length",
-                 "logger: jsonl, tensorboard, wandb", "proposal: explore, policy, stale",
+                 "logger: jsonl, tensorboard, wandb", "proposal: auto, explore, policy, stale",
                  "experiment: arithmetic, calculator, dpo_paper, episode_toy, frontier, hard_toys, imdb_ppo, quiz,",
                  "env: calculator, dice, gym, quiz",
                  "policy: embedded, gpt2, gpt2-imdb", "data: embedded, imdb, preferences"]:
