@@ -214,13 +214,17 @@ def test_a_minibatch_of_episodes_keeps_every_policy_token(toy):
 
 
 def test_the_calculator_computes_integer_arithmetic_and_nothing_else():
-    from rlhf_plugins.envs.calculator import CalculatorError, evaluate
+    from rlhf_plugins.envs.calculator import Calculator, CalculatorError, evaluate, same_integer
 
     assert evaluate("37*45") == 1665 and evaluate(" -(3 + 4) * 2 ") == -14 and evaluate("+5-7") == -2
     for bad in ["__import__('os').system('true')", "2**99", "7/2", "x+1", "1e3", "True+1", "(1).real", "9" * 13,
-                "999999*9999999", "", "1+" * 40 + "1", "[1][0]", "1;2"]:
+                "999999*9999999", "", "1+" * 40 + "1", "[1][0]", "1;2", "1\x00", "1if"]:
         with pytest.raises(CalculatorError):
             evaluate(bad)
+    with pytest.raises(ValueError, match=r"env.max_chars=10000 \(must be 1 to 256"):  # (the parser recurses on nesting)
+        Calculator(Calculator.Config(max_chars=10_000))
+    # a final answer is compared as text: a run of 5,000 digits is no int() (Python refuses past 4,300)
+    assert same_integer("0042", 42) and not same_integer("9" * 5000, 42)
 
 
 CALCULATOR = ["+experiment=calculator", "train.batch_size=8", "data.n_eval=48", "eval.samples=4"]

@@ -153,6 +153,8 @@ def test_what_the_engine_cannot_do_is_refused_before_it_is_built(trained, monkey
         VLLM(VLLM.Config(kv_cache_mb=1024)).start(t.policy, Sampling(1.0, t.sampler.generation_kwargs()))
     with pytest.raises(ValueError, match=r"proposal.bypass=true with proposal.dtype=bfloat16"):
         VLLM(VLLM.Config(dtype="bfloat16", bypass=True))
+    with pytest.raises(ValueError, match=r"proposal.bypass=true with sampler.top_k or top_p: the engine's log q is of the"):
+        VLLM(VLLM.Config(bypass=True)).start(t.policy, Sampling(1.0, {**t.sampler.generation_kwargs(), "top_k": 3}))
     assert fresh.llm is None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match=r"proposal=vllm needs vLLM, which is not installed: pip install"):
@@ -238,6 +240,9 @@ def test_full_fine_tuning_pushes_every_weight_once_and_bypass_stands_for_the_pas
     with pytest.warns(UserWarning, match=r"proposal.bypass: the engine's log q is .* nats a token from the policy's"):
         measured = t.next_batch(8)  # the 10th: measured, the gap found
     assert t.proposal.gap > BYPASS_GAP and not torch.equal(measured.logprobs, measured.proposal_logprobs)
+    assert t.proposal.state_dict() == {"batches": BYPASS_CHECK_EVERY + 1, "gap": t.proposal.gap}  # (in the checkpoint)
+    t.evaluate(1)  # an evaluation draws through the engine but is no training batch: the schedule stays
+    assert t.proposal.batches == BYPASS_CHECK_EVERY + 1
     assert not t.proposal.stands_for_policy()  # no bypass until a measured batch is within the gap again
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import warnings
 from dataclasses import dataclass
 
 from rlhf.contracts.checks import require
@@ -25,6 +26,7 @@ CALL = re.compile(r"<calc>(.*?)</calc>", re.S)
 TASK = re.compile(r"What is (-?\d+) ([+*-]) (-?\d+)\?")
 NUMBER = re.compile(r"-?\d+")
 LIMIT = 10**12  # the largest magnitude the calculator computes with
+MAX_CHARS = 256  # the longest expression env.max_chars may allow (Python's parser recurses on nesting)
 
 
 @register("env", "calculator")
@@ -41,7 +43,8 @@ class Calculator:
 
     def __init__(self, cfg: Config):
         require("env", [("env.turns", cfg.turns, cfg.turns >= 1, "at least 1"),
-                        ("env.max_chars", cfg.max_chars, cfg.max_chars >= 1, "at least 1")])
+                        ("env.max_chars", cfg.max_chars, 1 <= cfg.max_chars <= MAX_CHARS,
+                         f"1 to {MAX_CHARS} (a longer expression can exhaust the parser's recursion)")])
         self.cfg, self.max_turns = cfg, cfg.turns
 
     def make(self):
@@ -59,8 +62,10 @@ def evaluate(expression: str, max_chars: int = 64) -> int:
     if not text or len(text) > max_chars:
         raise CalculatorError(f"an expression of 1 to {max_chars} characters")
     try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ("1if" is a SyntaxWarning before it is an error)
+            tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # (a NUL byte is a ValueError on Python 3.10)
         raise CalculatorError("not an expression") from None
 
     def value(node: ast.AST) -> int:
@@ -81,14 +86,27 @@ def evaluate(expression: str, max_chars: int = 64) -> int:
 
 
 def task_answer(options: dict) -> int:
-    """The episode's answer: the data's `answer` field, else the sum its prompt asks."""
+    """The episode's answer: the data's `answer` field (an integer, as text or a number), else
+    what its prompt asks."""
     if options.get("answer") is not None:
-        return int(str(options["answer"]).strip())
+        given = options["answer"]
+        text = str(given).strip()
+        if isinstance(given, bool) or not re.fullmatch(r"-?\d{1,30}", text):
+            raise ValueError(f"env=calculator: the data's answer {given!r} is not an integer; its task's answers are "
+                             "integers (data.prompts=products gives them)")
+        return int(text)
     m = TASK.search(str(options.get("prompt", "")))
     if m is None:
         raise ValueError("env=calculator needs the task's answer: data.prompts=products (or arithmetic) gives it (an "
                          "`answer` field), or prompts that ask \"What is a * b?\" (or +, -)")
     return evaluate(m.group(1) + m.group(2) + m.group(3))
+
+
+def same_integer(text: str, value: int) -> bool:
+    """Whether a run of digits (with an optional minus) is `value`, without int() on the text."""
+    sign, digits = ("-", text[1:]) if text.startswith("-") else ("", text)
+    digits = digits.lstrip("0") or "0"
+    return (sign + digits if digits != "0" else "0") == str(value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,9 +130,10 @@ def _calculator_env():
 
         def step(self, action: str):
             call = CALL.search(action)
-            if call is None:  # the final answer
+            if call is None:  # the final answer: its last number, compared as text (a 5,000-digit one is no int())
                 numbers = NUMBER.findall(action)
-                return "", float(bool(numbers) and int(numbers[-1]) == self.answer), True, False, {}
+                right = bool(numbers) and same_integer(numbers[-1], self.answer)
+                return "", float(right), True, False, {}
             info = {"tool_call": True}
             if not self.cfg.enabled:
                 info["error"] = "disabled"

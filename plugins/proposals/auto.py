@@ -63,8 +63,8 @@ class Auto:
             engine = VLLM(VLLM.Config(dtype=dtype, kv_cache_mb=self.cfg.kv_cache_mb, bypass=dtype == "float32"))
             try:
                 engine.start(policy, sampling)
-            except ValueError as e:  # what the engine cannot run here: the policy's loop instead
-                why = str(e).splitlines()[0]
+            except Exception as e:  # noqa: BLE001  (what the engine cannot run here, or a broken install: the loop)
+                why = (str(e).splitlines() or [type(e).__name__])[0]
             else:
                 print(f"proposal=auto: vLLM in {dtype} ({n / 1e6:.0f}M parameters)", file=sys.stderr)
                 return engine, f"vllm-{dtype}"

@@ -23,6 +23,7 @@ GPU machine (README, "vLLM as the rollout engine").
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import tempfile
@@ -188,7 +189,14 @@ def available_bytes(device: torch.device) -> int:
         return int(torch.cuda.mem_get_info(device)[0])
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    free = int(psutil.virtual_memory().available)
+    try:  # a container's limit (cgroup v2), which the machine's figure does not show
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 _ENGINES: "weakref.WeakSet[VLLM]" = weakref.WeakSet()  # proposals of this process whose engine is built
@@ -231,7 +239,7 @@ class VLLM:
         self.adapted_only = False  # an update changes the adapters alone: a sync pushes the adapted layers only
         self.shared: str | None = None  # a tied output layer's name: the engine has the matrix once, synced once
         self.gap: float | None = None  # the last measured batch's largest |log q - log pi| a token (bypass's check)
-        self.batches = 0  # batches drawn: bypass measures the first and every BYPASS_CHECK_EVERY-th
+        self.batches = 0  # training batches bypass was asked about: it measures the first and every BYPASS_CHECK_EVERY-th
 
     # ------------------------------------------------------------------ set-up, before training
 
@@ -248,6 +256,9 @@ class VLLM:
         if other:
             raise ValueError(f"proposal=vllm cannot report the exact log q with sampler settings {other}; vLLM draws with "
                              "temperature, top_k, top_p and max_new_tokens only: unset the others")
+        if self.cfg.bypass and ((gen_kwargs.get("top_k") or 0) > 0 or gen_kwargs.get("top_p", 1.0) < 1.0):
+            raise ValueError("proposal.bypass=true with sampler.top_k or top_p: the engine's log q is of the truncated "
+                             "distribution, the policy's log pi of the whole one; unset them or proposal.bypass")
         if not gen_kwargs.get("do_sample", True) or gen_kwargs.get("temperature", 1.0) < MIN_TEMPERATURE:
             raise ValueError(f"proposal=vllm samples (greedy decoding has no log q to correct with): "
                              f"set sampler.temperature >= {MIN_TEMPERATURE:g} and sampler.do_sample=true")
@@ -300,7 +311,12 @@ class VLLM:
         finalizer = getattr(client, "_finalizer", None)
         with scanning_safely():
             if any(e.llm is not None for e in list(_ENGINES)) and finalizer is not None:
-                finalizer.detach()  # others run: their shared state stays
+                finalizer.detach()  # others run: their shared state stays; this one's own parts are released
+                core = getattr(client, "engine_core", None)
+                for part in (getattr(core, "model_executor", None), getattr(core, "scheduler", None)):
+                    if part is not None and hasattr(part, "shutdown"):
+                        part.shutdown()
+                gc.unfreeze()  # (vLLM froze the objects of its start-up: collectable again)
             elif hasattr(client, "shutdown"):
                 client.shutdown()
         if self.folder is not None:
@@ -342,11 +358,22 @@ class VLLM:
     # ------------------------------------------------------------------ every step
 
     def stands_for_policy(self) -> bool:
-        """Whether the last batch's log q is taken for the policy's log pi (the trainer's pass
-        skipped): with bypass, unless the batch is one to measure (the first, every
-        BYPASS_CHECK_EVERY-th) or the last measured gap was over BYPASS_GAP."""
+        """Whether this training batch's log q is taken for the policy's log pi (the trainer's
+        pass skipped): with bypass, unless the batch is one to measure (the first, every
+        BYPASS_CHECK_EVERY-th) or the last measured gap was over BYPASS_GAP. Asked once a
+        training batch (the count is in the checkpoint: a resumed run measures the batches the
+        run it continues would have)."""
+        if not self.cfg.bypass:
+            return False
+        self.batches += 1
         due = (self.batches - 1) % BYPASS_CHECK_EVERY == 0
-        return self.cfg.bypass and not due and self.gap is not None and self.gap <= BYPASS_GAP
+        return not due and self.gap is not None and self.gap <= BYPASS_GAP
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "gap": self.gap} if self.cfg.bypass else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches, self.gap = int(state.get("batches", 0)), state.get("gap")
 
     def observe_gap(self, gap: float) -> None:
         """A measured batch's largest |log q - log pi| a token: bypass resumes only under BYPASS_GAP
@@ -368,7 +395,6 @@ class VLLM:
         if self.sync_first:
             self.after_update(policy)
             self.sync_first = False
-        self.batches += 1
         offset = (rows or (0, len(queries)))[0]
         seed = int(torch.randint(2**30, (1,)))  # one draw of torch's generator a batch seeds every request
         params = [SamplingParams(temperature=float(gen_kwargs.get("temperature", 1.0)), top_k=int(gen_kwargs.get("top_k") or 0),
@@ -410,7 +436,8 @@ class VLLM:
             return {}
         t0 = time.perf_counter()
         dtype = torch.float32 if self.cfg.dtype == "float32" else torch.bfloat16
-        weights = [(k, v.to(dtype)) for k, v in merged_weights(policy.model, self.adapted_only).items() if k != self.shared]
+        weights = [(k, v.to(dtype) if v.is_floating_point() else v)
+                   for k, v in merged_weights(policy.model, self.adapted_only).items() if k != self.shared]
         with scanning_safely():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()

@@ -139,10 +139,11 @@ def line(c: dict, total: int) -> str:
             f"{c['skips']} with an empty response (left out)")
 
 
-def check_continues(file: PreferenceFile, meta: dict) -> None:
-    """A file made with other settings is not continued: it would mix two designs."""
+def check_continues(file: PreferenceFile, meta: dict, later: tuple[str, ...] = ()) -> None:
+    """A file made with other settings is not continued: it would mix two designs. `later`:
+    settings known only once the models are loaded (what proposal=auto picks), checked then."""
     for r in file.records[:1]:
-        differ = [k for k in SAME if r.get(k) != meta.get(k)]
+        differ = [k for k in SAME if k not in later and r.get(k) != meta.get(k)]
         if differ:
             k = differ[0]
             raise PreferenceFileError(
@@ -164,11 +165,11 @@ def build(cfg: DictConfig) -> PairMaker:
     meta = {"who": who, "policy": cfg.policy.path, "seed": s.seed, "samples": s.samples, "margin": s.margin,
             "batch_size": s.batch_size, "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
             # (recorded only when not the policy's loop: the files written before engines existed continue)
-            **({"proposal": choices["proposal"]} if choices.get("proposal", "policy") != "policy" else {}),
+            **({"proposal": choices["proposal"]} if choices.get("proposal", "policy") not in ("policy", "auto") else {}),
             "reward_config": OmegaConf.to_container(cfg.reward, resolve=True),
             "data": {k: OmegaConf.to_container(cfg.data, resolve=True)[k] for k in DATA_FIELDS}}
     meta["sampler"].pop("_target_", None)
-    check_continues(file, meta)
+    check_continues(file, meta, later=("proposal",) if choices.get("proposal") == "auto" else ())
     sampler = registry.instantiate("sampler", cfg.sampler)
     reward = registry.instantiate("reward", cfg.reward)
     if cfg.threads > 0:
@@ -177,7 +178,10 @@ def build(cfg: DictConfig) -> PairMaker:
     prompts = tokenize_prompts(policy.tokenizer, label_prompts(cfg.data))
     proposal, how = registry.instantiate("proposal", cfg.proposal), Sampling(sampler.temperature, sampler.generation_kwargs())
     if getattr(proposal, "chooses", False):
-        proposal, _ = proposal.choose(policy, how)
+        proposal, chosen = proposal.choose(policy, how)
+        if chosen != "policy":  # what auto chose is what the records say (a file is continued by the same)
+            meta["proposal"] = chosen
+        check_continues(file, meta)
     getattr(proposal, "start", lambda *a: None)(policy, how)  # an engine is built now, refusing before any sample
     return PairMaker(policy, sampler, reward, prompts, file, meta, s.samples, s.margin, s.batch_size, s.seed, proposal)
 

@@ -61,7 +61,7 @@ def evaluate(
         for i in range(0, len(queries), batch_size):
             if env is None:
                 batch = collect.collect(policy, reward, queries[i : i + batch_size], gen_kwargs, temperature,
-                                        with_values=False, proposal=proposal)
+                                        with_values=False, proposal=proposal, training=False)
             else:
                 from rlhf.contracts.interfaces import Sampling
                 from rlhf.core.rollout.episodes import play

@@ -84,6 +84,11 @@ def bf16_units(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
+    try:  # Linux says which units the CPU has (oneDNN's own check also says yes to AVX-512 without bf16)
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -72,10 +72,12 @@ def score(reward: RewardSource, queries: list[str], responses: list[str], device
 @torch.no_grad()
 def collect(
     policy: Policy, reward: RewardSource, queries: Sequence[list[int]], gen_kwargs: dict[str, Any], temperature: float,
-    with_values: bool = True, rows: tuple[int, int] | None = None, proposal: Any = None,
+    with_values: bool = True, rows: tuple[int, int] | None = None, proposal: Any = None, training: bool = True,
 ) -> Rollout:
     """Sample (from `proposal`, default the policy itself), then log pi of the current policy,
-    log pi_ref, the decoded texts and the reward source's scores."""
+    log pi_ref, the decoded texts and the reward source's scores. `training=False` (an
+    evaluation): the proposal's bypass is neither asked nor measured, so its schedule is the
+    training batches' alone."""
     with phase("sampling"):
         if proposal is None or proposal.is_policy:
             g = generate(policy, queries, gen_kwargs, temperature, with_values, rows)
@@ -91,13 +93,13 @@ def collect(
     off_policy = proposal is not None and not proposal.is_policy
     needs_values = with_values and policy.value_head is not None
     # bypass: an engine whose log q is the policy's (measured on its first batch) stands for the pass
-    bypass = off_policy and not needs_values and getattr(proposal, "stands_for_policy", lambda: False)()
+    bypass = off_policy and training and not needs_values and getattr(proposal, "stands_for_policy", lambda: False)()
     if bypass:
         logprobs = g.sampled_logprobs
     elif low_precision or off_policy or logprobs is None or (needs_values and values is None):
         with phase("behaviour"):
             logprobs, values, _ = policy.token_logprobs(input_ids, attention_mask, q, temperature, with_values=with_values)
-        if off_policy and hasattr(proposal, "observe_gap") and not low_precision:
+        if off_policy and training and hasattr(proposal, "observe_gap") and not low_precision:
             proposal.observe_gap(float(((g.sampled_logprobs - logprobs) * g.mask).abs().max()))
     with phase("reference"):
         ref_logprobs = policy.reference_logprobs(input_ids, attention_mask, q, temperature)
