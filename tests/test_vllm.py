@@ -240,6 +240,7 @@ def test_full_fine_tuning_pushes_every_weight_once_and_bypass_stands_for_the_pas
     with pytest.warns(UserWarning, match=r"proposal.bypass: the engine's log q is .* nats a token from the policy's"):
         measured = t.next_batch(8)  # the 10th: measured, the gap found
     assert t.proposal.gap > BYPASS_GAP and not torch.equal(measured.logprobs, measured.proposal_logprobs)
+    assert t.proposal.after_update(t.policy)["proposal/bypass_gap"] == t.proposal.gap  # in the step's row
     assert t.proposal.state_dict() == {"batches": BYPASS_CHECK_EVERY + 1, "gap": t.proposal.gap}  # (in the checkpoint)
     t.evaluate(1)  # an evaluation draws through the engine but is no training batch: the schedule stays
     assert t.proposal.batches == BYPASS_CHECK_EVERY + 1

@@ -35,6 +35,7 @@ SKIPPED_MINIBATCHES = "policy/skipped_minibatches"
 MISMATCH_KL = "mismatch/kl"
 MISMATCH_OUTSIDE = "mismatch/outside"
 MISMATCH_ESS = "mismatch/ess"
+PROPOSAL_BYPASS_GAP = "proposal/bypass_gap"
 PROPOSAL_SYNC_MB = "proposal/sync_mb"
 PROPOSAL_SYNC_S = "proposal/sync_s"
 STEP_S = "time/step_s"
@@ -102,6 +103,8 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     MISMATCH_KL: ("core", "a proposal q != pi: KL(q || pi) per token of the sampler that drew the batch"),
     MISMATCH_OUTSIDE: ("core", "the share of token ratios pi / q outside [0.5, 2]"),
     MISMATCH_ESS: ("core", "the batch's effective sample size under the sequence weights, as a share (1: on-policy)"),
+    PROPOSAL_BYPASS_GAP: ("core", "proposal.bypass: the last measured batch's largest |log q - log pi| a token (over 1e-4: "
+                                  "the trainer computes log pi itself)"),
     PROPOSAL_SYNC_MB: ("core", "proposal=vllm: MiB a sync pushed into the engine (with LoRA: the adapted layers only)"),
     PROPOSAL_SYNC_S: ("core", "proposal=vllm: seconds to push the updated weights into the engine"),
     STEP_S: ("core", "seconds the step took"),
