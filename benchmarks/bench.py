@@ -60,15 +60,23 @@ def model_path(name: str, out: Path) -> str:
 
     if name == "embedded":
         return policy_path()
+    layers, width = {"tiny": (2, 128), "small": (6, 384), "medium": (12, 768)}[name]
+    return gpt2_path(out / name, layers, width)
+
+
+def gpt2_path(path: Path, layers: int, width: int, vocab: int | None = None, positions: int = 256) -> str:
+    """A randomly initialised GPT-2 (heads of 64 dimensions, its output layer tied) saved at
+    `path` with the embedded tokenizer, whose ids are below any vocabulary of at least its size
+    (`vocab`: the tokenizer's by default)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    layers, width = {"tiny": (2, 128), "small": (6, 384), "medium": (12, 768)}[name]
+    from rlhf.embedded.build import policy_path
+
     tok = AutoTokenizer.from_pretrained(policy_path())
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=layers, n_embd=width,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab or len(tok), n_positions=positions, n_layer=layers, n_embd=width,
                                        n_head=width // 64, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id))
-    path = out / name
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import B as PROMPTS  # noqa: E402  (the same models, Trainer set-up and TRL set-up as bench.py)
-from bench import model_path, ours, prompt_texts, timed, trl_online  # noqa: E402
+from bench import gpt2_path, model_path, ours, prompt_texts, timed, trl_online  # noqa: E402
 
 B, NEW = 64, 64
 
@@ -127,23 +127,11 @@ CONFIGS = {  # the float32 core loop as the presets run it, then each faster pat
 
 def step_model(name: str, out: Path) -> str:
     """The embedded default, or a randomly initialised GPT-2 of MODELS (its output layer tied,
-    as GPT-2's is), on the embedded tokenizer (its ids are below either vocabulary)."""
+    as GPT-2's is, 1,024 positions), on the embedded tokenizer (its ids are below either vocabulary)."""
     if name == "embedded":
         return model_path("embedded", out)
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from rlhf.embedded.build import policy_path
-
     layers, width, vocab = MODELS[name]
-    tok = AutoTokenizer.from_pretrained(policy_path())
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab or len(tok), n_positions=1024, n_layer=layers, n_embd=width,
-                                       n_head=width // 64, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id))
-    path = out / name
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return gpt2_path(out / name, layers, width, vocab, positions=1024)
 
 
 def one_step(t) -> dict:

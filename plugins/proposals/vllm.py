@@ -31,6 +31,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -190,10 +191,11 @@ def available_bytes(device: torch.device) -> int:
     import psutil
 
     free = int(psutil.virtual_memory().available)
+    cgroup = Path("/sys/fs/cgroup")
     try:  # a container's limit (cgroup v2), which the machine's figure does not show
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            free = min(free, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
     except (OSError, ValueError):
         pass
     return free

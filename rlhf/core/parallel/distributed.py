@@ -12,6 +12,7 @@ device and which autocast precision this process uses.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -84,8 +85,16 @@ def bf16_units(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    try:  # Linux says which units the CPU has (oneDNN's own check also says yes to AVX-512 without bf16)
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    return _cpu_bf16_units()
+
+
+@functools.cache
+def _cpu_bf16_units() -> bool:
+    """This machine's CPU (read once): Linux says which units it has (oneDNN's own check also
+    says yes to AVX-512 without bf16); elsewhere, oneDNN's check."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         pass
